@@ -1,0 +1,1 @@
+//! deltasync consumer library (commands arrive with their issues).

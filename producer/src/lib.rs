@@ -1,0 +1,1 @@
+//! deltasync producer library (commands arrive with their issues).
