@@ -22,6 +22,8 @@
 //! - `digests` always equals the digest computed from scratch over the entries.
 //! - `apply` is all-or-nothing: an error leaves entries, digest and position as they were.
 //! - `seq` names the last part of a complete transaction; buffered parts never move it.
+//! - A part 1 arriving right after incomplete parts abandons them: a producer that crashed
+//!   mid-transaction recovers to the state before it and carries on with a new transaction.
 
 use crate::change::{Change, Key};
 use crate::digest::{bucket_of, entry_hash, BucketDigests, Digest, BUCKETS};
@@ -215,6 +217,12 @@ impl State {
                 seq: env.seq,
                 current: self.seq,
             });
+        }
+        if env.part == 1 && !self.pending.is_empty() {
+            // A new transaction right after incomplete parts: the producer stopped mid-way
+            // (crash) and never completed that transaction, so it never happened. The new
+            // transaction's digest is checked against the state without it.
+            self.pending.clear();
         }
         let expected_part = self.pending.last().map_or(1, |p| p.part + 1);
         let same_txn = self
@@ -476,6 +484,28 @@ mod tests {
         );
         assert_eq!(r, p);
         assert!(!r.has_pending_parts());
+    }
+
+    #[test]
+    fn a_new_transaction_after_incomplete_parts_abandons_them() {
+        let mut p = State::new(L);
+        let big: Vec<Change> = (0..4)
+            .map(|i| Change::put(format!("k{i}"), vec![0u8; 50]))
+            .collect();
+        let mut scratch = p.clone();
+        let abandoned = produce(&mut scratch, big, 60);
+        let mut r = State::new(L);
+        r.apply(&abandoned[0]).ok();
+        r.apply(&abandoned[1]).ok();
+        // The producer crashed after two parts; it restarts from `p` at sequence 2.
+        p.set_position(L, 2);
+        let next = produce(&mut p, vec![Change::put("x", &b"1"[..])], 1 << 20);
+        assert_eq!(
+            r.apply(&next[0]),
+            Ok(Applied::Committed { seq: 3, changes: 1 })
+        );
+        assert_eq!(r, p);
+        assert_eq!(r.get("k0"), None);
     }
 
     #[test]
