@@ -409,6 +409,30 @@ impl<'de, const N: usize> Deserialize<'de> for FixedBytes<N> {
     }
 }
 
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        FixedBytes::<32>::deserialize(d).map(|b| Digest(b.0))
+    }
+}
+
+impl Serialize for Lineage {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Lineage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Lineage, D::Error> {
+        FixedBytes::<16>::deserialize(d).map(|b| Lineage(b.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod digest;
 pub mod envelope;
 pub mod settings;
+pub mod snapshot;
 pub mod state;
 pub mod telemetry;
 

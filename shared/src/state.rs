@@ -182,6 +182,16 @@ impl State {
         self.digest()
     }
 
+    /// Removes every entry of `buckets` (a snapshot range about to be rebuilt).
+    pub fn clear_buckets(&mut self, buckets: std::ops::Range<usize>) {
+        for b in buckets {
+            self.len -= self.buckets[b].len();
+            self.buckets[b] = Arc::new(Bucket::default());
+            let d = self.digests.bucket(b);
+            self.digests.sub(b, d);
+        }
+    }
+
     /// Puts one entry (the unchecked path, for restoring snapshots).
     pub fn insert(&mut self, key: Key, value: Bytes) {
         self.apply_one(&Change::Put { key, value }, false);

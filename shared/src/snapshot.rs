@@ -1,0 +1,773 @@
+//! The snapshot format and its pure logic: cutting a state into content-addressed chunks
+//! along bucket ranges, delta segments on top of a base, and verified assembly. No I/O: the
+//! `store` module moves these bytes to and from the KV bucket.
+//!
+//! ## Layout in the bucket
+//!
+//! ```text
+//! latest                         -> Pointer { lineage, seq, manifest key }   (moved by CAS)
+//! manifest.<lineage>.<seq:020>   -> Manifest
+//! chunk.<sha256 of the chunk>    -> Chunk   { range, part, entries sorted by key }
+//! segment.<sha256 of the piece>  -> Segment { from_seq, to_seq, part, net changes }
+//!
+//! Manifest
+//!  ├─ lineage, seq, stream_seq, digest, entries, payload bytes, created_at_ms
+//!  ├─ base_seq                      the position the chunks were cut at
+//!  ├─ ranges[]                      contiguous bucket ranges covering 0..4096
+//!  │    ├─ first_bucket, end_bucket
+//!  │    ├─ digest                   of the range's entries at `seq`
+//!  │    └─ chunks[] {hash, bytes, entries}   the range's entries at `base_seq`
+//!  └─ segments[] {from_seq, to_seq, pieces[]}   net changes in (from_seq, to_seq], in order
+//! ```
+//!
+//! A snapshot is a *base* (chunks) plus zero or more *segments*. A segment holds the final
+//! value (or a delete) of every key changed in its sequence range; applying it to the state at
+//! any position inside that range gives the state at its end. So an incremental snapshot after
+//! 1% churn writes one small segment instead of rewriting chunks that the churn, spread
+//! uniformly over the hash space, would touch nearly all of; and a replica that fell a little
+//! behind catches up by fetching only the segments after its own position. When segments grow
+//! past a fraction of the base, the next snapshot writes a new base; chunks whose content did
+//! not change keep their hash and are not written again.
+//!
+//! ## Invariants
+//!
+//! - Every chunk and segment is named by the SHA-256 of its bytes; a reader checks the hash
+//!   of everything it fetches, then every range digest, then the state digest.
+//! - The manifest is written after everything it references, and `latest` is moved last, by
+//!   compare-and-set: a reader never sees a half-written snapshot.
+//! - Chunk and segment pieces stay below the configured maximum message size.
+
+use crate::change::{Change, Key};
+use crate::codec::{self, BytesIn, DecodeError, EncodeError, KeyIn, Kind};
+use crate::digest::{bucket_of, Digest, BUCKETS};
+use crate::envelope::Lineage;
+use crate::state::{diff, State};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::ops::Range;
+
+/// The bucket key of the pointer to the latest manifest.
+pub const LATEST_KEY: &str = "latest";
+
+/// Most segments stacked on one base before the next snapshot rebases.
+pub const MAX_SEGMENTS: usize = 32;
+
+/// Segments may reach this fraction of the base's bytes before the next snapshot rebases.
+pub const REBASE_FRACTION: f64 = 0.5;
+
+/// Bucket key of a manifest.
+pub fn manifest_key(lineage: Lineage, seq: u64) -> String {
+    format!("manifest.{}.{seq:020}", lineage.to_hex())
+}
+
+/// Bucket key of a chunk.
+pub fn chunk_key(hash: &[u8; 32]) -> String {
+    format!("chunk.{}", hex::encode(hash))
+}
+
+/// Bucket key of a segment piece.
+pub fn segment_key(hash: &[u8; 32]) -> String {
+    format!("segment.{}", hex::encode(hash))
+}
+
+/// SHA-256 of bytes, the content address of chunks and segment pieces.
+pub fn content_hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// What `latest` holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pointer {
+    pub lineage: Lineage,
+    pub seq: u64,
+    pub manifest: String,
+}
+
+/// One stored blob (chunk or segment piece): its content hash, size and entry count.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    #[serde(with = "serde_bytes")]
+    pub hash: [u8; 32],
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+/// A contiguous range of buckets and the chunks holding its base entries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRef {
+    pub first_bucket: u32,
+    pub end_bucket: u32,
+    /// Digest of the range's entries at the manifest's `seq` (base plus segments).
+    pub digest: Digest,
+    /// The range's entries at `base_seq`, split into pieces below the message size.
+    pub chunks: Vec<BlobRef>,
+}
+
+impl RangeRef {
+    /// The buckets covered.
+    pub fn buckets(&self) -> Range<usize> {
+        self.first_bucket as usize..self.end_bucket as usize
+    }
+}
+
+/// Net changes over a sequence range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    /// Exclusive start.
+    pub from_seq: u64,
+    /// Inclusive end.
+    pub to_seq: u64,
+    pub pieces: Vec<BlobRef>,
+}
+
+/// A snapshot's table of contents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub lineage: Lineage,
+    /// The envelope sequence the snapshot is a cut at.
+    pub seq: u64,
+    /// The stream sequence of envelope `seq` (0 when the stream held none yet): a replica
+    /// follows from `stream_seq + 1`.
+    pub stream_seq: u64,
+    pub digest: Digest,
+    pub entries: u64,
+    /// Key and value bytes of the state.
+    pub payload_bytes: u64,
+    pub created_at_ms: u64,
+    /// The position the base chunks were cut at.
+    pub base_seq: u64,
+    pub ranges: Vec<RangeRef>,
+    pub segments: Vec<SegmentRef>,
+    /// Bytes this snapshot wrote that earlier ones had not (informational).
+    pub bytes_written: u64,
+}
+
+impl Manifest {
+    /// Bytes of all chunks.
+    pub fn base_bytes(&self) -> u64 {
+        self.ranges
+            .iter()
+            .flat_map(|r| &r.chunks)
+            .map(|c| c.bytes)
+            .sum()
+    }
+
+    /// Bytes of all segments.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .flat_map(|s| &s.pieces)
+            .map(|c| c.bytes)
+            .sum()
+    }
+
+    /// Bytes a full download fetches.
+    pub fn total_bytes(&self) -> u64 {
+        self.base_bytes() + self.segment_bytes()
+    }
+
+    /// Keys of every blob the manifest references.
+    pub fn blob_keys(&self) -> impl Iterator<Item = String> + '_ {
+        let chunks = self
+            .ranges
+            .iter()
+            .flat_map(|r| &r.chunks)
+            .map(|c| chunk_key(&c.hash));
+        let segs = self
+            .segments
+            .iter()
+            .flat_map(|s| &s.pieces)
+            .map(|c| segment_key(&c.hash));
+        chunks.chain(segs)
+    }
+
+    /// Checks the structure: ranges contiguous over all buckets, segments contiguous from
+    /// `base_seq` to `seq`.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut next = 0u32;
+        for r in &self.ranges {
+            if r.first_bucket != next || r.end_bucket <= r.first_bucket {
+                return Err(format!(
+                    "range {}..{} is not contiguous",
+                    r.first_bucket, r.end_bucket
+                ));
+            }
+            next = r.end_bucket;
+        }
+        if next as usize != BUCKETS {
+            return Err(format!("ranges end at bucket {next}, not {BUCKETS}"));
+        }
+        let mut at = self.base_seq;
+        for s in &self.segments {
+            if s.from_seq != at || s.to_seq <= s.from_seq {
+                return Err(format!(
+                    "segment {}..{} does not follow {at}",
+                    s.from_seq, s.to_seq
+                ));
+            }
+            at = s.to_seq;
+        }
+        if at != self.seq {
+            return Err(format!(
+                "segments end at {at}, the manifest is at {}",
+                self.seq
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Encodes a pointer.
+pub fn encode_pointer(p: &Pointer) -> Result<Vec<u8>, EncodeError> {
+    codec::encode_body(Kind::Manifest, &("latest", p), 128)
+}
+
+/// Decodes a pointer.
+pub fn decode_pointer(b: &[u8]) -> Result<Pointer, DecodeError> {
+    let (tag, p): (String, Pointer) = codec::decode_body(Kind::Manifest, b)?;
+    if tag != "latest" {
+        return Err(DecodeError::Invalid {
+            kind: "snapshot pointer",
+            reason: format!("tag {tag:?}"),
+        });
+    }
+    Ok(p)
+}
+
+/// Encodes a manifest.
+pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>, EncodeError> {
+    codec::encode_body(Kind::Manifest, &("manifest", m), 4096)
+}
+
+/// Decodes and validates a manifest.
+pub fn decode_manifest(b: &[u8]) -> Result<Manifest, DecodeError> {
+    let (tag, m): (String, Manifest) = codec::decode_body(Kind::Manifest, b)?;
+    let invalid = |reason: String| DecodeError::Invalid {
+        kind: "snapshot manifest",
+        reason,
+    };
+    if tag != "manifest" {
+        return Err(invalid(format!("tag {tag:?}")));
+    }
+    m.validate().map_err(invalid)?;
+    Ok(m)
+}
+
+/// A decoded chunk: base entries of one bucket range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub first_bucket: u32,
+    pub end_bucket: u32,
+    pub entries: Vec<(Key, Bytes)>,
+}
+
+#[derive(Serialize)]
+struct ChunkOut<'a> {
+    first_bucket: u32,
+    end_bucket: u32,
+    part: u32,
+    entries: Vec<(&'a str, &'a serde_bytes::Bytes)>,
+}
+
+#[derive(Deserialize)]
+struct ChunkIn {
+    first_bucket: u32,
+    end_bucket: u32,
+    #[allow(dead_code)]
+    part: u32,
+    entries: Vec<(KeyIn, BytesIn)>,
+}
+
+/// A decoded segment piece: net changes over (from_seq, to_seq].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub from_seq: u64,
+    pub to_seq: u64,
+    pub changes: Vec<Change>,
+}
+
+#[derive(Serialize)]
+struct SegmentOut<'a> {
+    from_seq: u64,
+    to_seq: u64,
+    part: u32,
+    changes: codec::WireChanges<'a>,
+}
+
+#[derive(Deserialize)]
+struct SegmentIn {
+    from_seq: u64,
+    to_seq: u64,
+    #[allow(dead_code)]
+    part: u32,
+    changes: Vec<Change>,
+}
+
+/// Checks a fetched blob against its reference, then decodes it as a chunk of `range`.
+pub fn decode_chunk(bytes: &[u8], blob: &BlobRef, range: &RangeRef) -> Result<Chunk, DecodeError> {
+    check_blob(bytes, blob, "snapshot chunk")?;
+    let c: ChunkIn = codec::decode_body(Kind::Chunk, bytes)?;
+    let invalid = |reason: String| DecodeError::Invalid {
+        kind: "snapshot chunk",
+        reason,
+    };
+    if c.first_bucket != range.first_bucket || c.end_bucket != range.end_bucket {
+        return Err(invalid(format!(
+            "chunk covers buckets {}..{}, the manifest expects {}..{}",
+            c.first_bucket, c.end_bucket, range.first_bucket, range.end_bucket
+        )));
+    }
+    let buckets = range.buckets();
+    let mut entries = Vec::with_capacity(c.entries.len());
+    for (k, v) in c.entries {
+        let change = Change::Put {
+            key: k.0,
+            value: v.0,
+        };
+        change.validate().map_err(|e| invalid(e.to_string()))?;
+        if !buckets.contains(&bucket_of(change.key())) {
+            return Err(invalid(format!(
+                "key {:?} is outside the chunk's buckets",
+                change.key()
+            )));
+        }
+        if let Change::Put { key, value } = change {
+            entries.push((key, value));
+        }
+    }
+    Ok(Chunk {
+        first_bucket: c.first_bucket,
+        end_bucket: c.end_bucket,
+        entries,
+    })
+}
+
+/// Checks a fetched blob against its reference, then decodes it as a piece of `seg`.
+pub fn decode_segment(
+    bytes: &[u8],
+    blob: &BlobRef,
+    seg: &SegmentRef,
+) -> Result<Segment, DecodeError> {
+    check_blob(bytes, blob, "snapshot segment")?;
+    let s: SegmentIn = codec::decode_body(Kind::Segment, bytes)?;
+    let invalid = |reason: String| DecodeError::Invalid {
+        kind: "snapshot segment",
+        reason,
+    };
+    if s.from_seq != seg.from_seq || s.to_seq != seg.to_seq {
+        return Err(invalid(format!(
+            "segment covers {}..{}, the manifest expects {}..{}",
+            s.from_seq, s.to_seq, seg.from_seq, seg.to_seq
+        )));
+    }
+    for (index, c) in s.changes.iter().enumerate() {
+        c.validate()
+            .map_err(|e| invalid(format!("change {index}: {e}")))?;
+    }
+    Ok(Segment {
+        from_seq: s.from_seq,
+        to_seq: s.to_seq,
+        changes: s.changes,
+    })
+}
+
+fn check_blob(bytes: &[u8], blob: &BlobRef, kind: &'static str) -> Result<(), DecodeError> {
+    let hash = content_hash(bytes);
+    if hash != blob.hash {
+        return Err(DecodeError::Invalid {
+            kind,
+            reason: format!(
+                "content hash {} does not match the manifest's {}",
+                hex::encode(&hash[..8]),
+                hex::encode(&blob.hash[..8])
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A blob to store: its key and bytes.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub key: String,
+    pub bytes: Bytes,
+}
+
+/// A snapshot ready to store: the blobs it references (some may already be stored) and the
+/// manifest to write after them.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub blobs: Vec<Blob>,
+    pub manifest: Manifest,
+}
+
+/// The number of bucket ranges for a state of `payload` bytes: a power of two between 16
+/// and 4096 so ranges average at most `target` bytes. Powers of two keep range boundaries
+/// stable while the state grows, so unchanged chunks keep their hashes.
+pub fn range_count(payload: u64, target: usize) -> usize {
+    let wanted = payload.div_ceil(target.max(1) as u64).max(1) as usize;
+    wanted.next_power_of_two().clamp(16, BUCKETS)
+}
+
+/// Plans a snapshot of `state` (at `state.seq()`, envelope stored at `stream_seq`).
+///
+/// With `prev` (the previous manifest and the state it describes) of the same lineage, and
+/// segments still small, the plan stacks one new segment on prev's base; otherwise it cuts a
+/// new base. `max_blob` bounds every chunk and segment piece.
+pub fn plan(
+    state: &State,
+    stream_seq: u64,
+    prev: Option<(&Manifest, &State)>,
+    target: usize,
+    max_blob: usize,
+    created_at_ms: u64,
+) -> Result<Plan, EncodeError> {
+    let payload = state.payload_bytes() as u64;
+    let base = |blobs: &mut Vec<Blob>| -> Result<Vec<RangeRef>, EncodeError> {
+        let n = range_count(payload, target);
+        let width = BUCKETS / n;
+        let mut ranges = Vec::with_capacity(n);
+        for i in 0..n {
+            let buckets = i * width..(i + 1) * width;
+            let chunks = cut_chunks(state, buckets.clone(), max_blob, blobs)?;
+            ranges.push(RangeRef {
+                first_bucket: buckets.start as u32,
+                end_bucket: buckets.end as u32,
+                digest: state.bucket_digests().range(buckets),
+                chunks,
+            });
+        }
+        Ok(ranges)
+    };
+    let mut blobs = Vec::new();
+    let stacked = prev.filter(|(m, s)| {
+        m.lineage == state.lineage()
+            && s.lineage() == state.lineage()
+            && s.seq() == m.seq
+            && m.seq < state.seq()
+            && m.segments.len() < MAX_SEGMENTS
+            && (m.segment_bytes() as f64) < REBASE_FRACTION * m.base_bytes().max(1) as f64
+    });
+    let (base_seq, ranges, segments) = match stacked {
+        Some((m, prev_state)) => {
+            let changes = diff(prev_state, state);
+            let pieces = cut_segment(m.seq, state.seq(), &changes, max_blob, &mut blobs)?;
+            let mut segments = m.segments.clone();
+            segments.push(SegmentRef {
+                from_seq: m.seq,
+                to_seq: state.seq(),
+                pieces,
+            });
+            let mut ranges = m.ranges.clone();
+            for r in &mut ranges {
+                r.digest = state.bucket_digests().range(r.buckets());
+            }
+            (m.base_seq, ranges, segments)
+        }
+        None => (state.seq(), base(&mut blobs)?, Vec::new()),
+    };
+    let manifest = Manifest {
+        lineage: state.lineage(),
+        seq: state.seq(),
+        stream_seq,
+        digest: state.digest(),
+        entries: state.len() as u64,
+        payload_bytes: payload,
+        created_at_ms,
+        base_seq,
+        ranges,
+        segments,
+        bytes_written: 0,
+    };
+    Ok(Plan { blobs, manifest })
+}
+
+/// Cuts the entries of `buckets` into chunks below `max_blob`, sorted by key.
+fn cut_chunks(
+    state: &State,
+    buckets: Range<usize>,
+    max_blob: usize,
+    blobs: &mut Vec<Blob>,
+) -> Result<Vec<BlobRef>, EncodeError> {
+    let mut entries: Vec<(&Key, &Bytes)> = buckets
+        .clone()
+        .flat_map(|b| state.bucket(b).iter())
+        .collect();
+    entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut refs = Vec::new();
+    let mut start = 0;
+    let mut part = 0u32;
+    loop {
+        let mut end = start;
+        let mut size = 64;
+        while end < entries.len() {
+            let len = 10 + entries[end].0.len() + entries[end].1.len();
+            if end > start && size + len > max_blob {
+                break;
+            }
+            size += len;
+            end += 1;
+        }
+        let out = ChunkOut {
+            first_bucket: buckets.start as u32,
+            end_bucket: buckets.end as u32,
+            part,
+            entries: entries[start..end]
+                .iter()
+                .map(|(k, v)| (&***k, serde_bytes::Bytes::new(v)))
+                .collect(),
+        };
+        let bytes = codec::encode_body(Kind::Chunk, &out, size)?;
+        let hash = content_hash(&bytes);
+        refs.push(BlobRef {
+            hash,
+            bytes: bytes.len() as u64,
+            entries: (end - start) as u64,
+        });
+        blobs.push(Blob {
+            key: chunk_key(&hash),
+            bytes: bytes.into(),
+        });
+        start = end;
+        part += 1;
+        if start >= entries.len() {
+            return Ok(refs);
+        }
+    }
+}
+
+/// Cuts net changes into segment pieces below `max_blob`.
+fn cut_segment(
+    from_seq: u64,
+    to_seq: u64,
+    changes: &[Change],
+    max_blob: usize,
+    blobs: &mut Vec<Blob>,
+) -> Result<Vec<BlobRef>, EncodeError> {
+    let mut refs = Vec::new();
+    let mut start = 0;
+    let mut part = 0u32;
+    loop {
+        let mut end = start;
+        let mut size = 64;
+        while end < changes.len() {
+            let len = changes[end].encoded_len_bound();
+            if end > start && size + len > max_blob {
+                break;
+            }
+            size += len;
+            end += 1;
+        }
+        let out = SegmentOut {
+            from_seq,
+            to_seq,
+            part,
+            changes: codec::WireChanges(&changes[start..end]),
+        };
+        let bytes = codec::encode_body(Kind::Segment, &out, size)?;
+        let hash = content_hash(&bytes);
+        refs.push(BlobRef {
+            hash,
+            bytes: bytes.len() as u64,
+            entries: (end - start) as u64,
+        });
+        blobs.push(Blob {
+            key: segment_key(&hash),
+            bytes: bytes.into(),
+        });
+        start = end;
+        part += 1;
+        if start >= changes.len() {
+            return Ok(refs);
+        }
+    }
+}
+
+/// Whether `local` can catch up on `m` with segments alone: same lineage, and its position
+/// inside the segment chain. Returns the indexes of the segments to apply.
+pub fn catch_up_segments(local: &State, m: &Manifest) -> Option<Vec<usize>> {
+    if local.lineage() != m.lineage || local.seq() < m.base_seq || local.seq() > m.seq {
+        return None;
+    }
+    Some(
+        m.segments
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.to_seq > local.seq())
+            .map(|(i, _)| i)
+            .collect(),
+    )
+}
+
+/// Ranges of `m` whose digest differs from `local`'s.
+pub fn differing_ranges(local: &State, m: &Manifest) -> Vec<usize> {
+    m.ranges
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| local.bucket_digests().range(r.buckets()) != r.digest)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Applies segment changes, restricted to keys whose bucket `keep` accepts.
+pub fn apply_segment(state: &mut State, seg: &Segment, keep: impl Fn(usize) -> bool) {
+    let changes: Vec<Change> = seg
+        .changes
+        .iter()
+        .filter(|c| keep(bucket_of(c.key())))
+        .cloned()
+        .collect();
+    state.apply_changes(&changes);
+}
+
+/// Replaces the entries of `range` with a rebuilt chunk set's entries.
+pub fn replace_range(state: &mut State, range: &RangeRef, chunks: Vec<Chunk>) {
+    state.clear_buckets(range.buckets());
+    for c in chunks {
+        for (k, v) in c.entries {
+            state.insert(k, v);
+        }
+    }
+}
+
+/// Checks `state` against the manifest: every range digest, then the state digest.
+pub fn verify(state: &State, m: &Manifest) -> Result<(), String> {
+    if let Some(i) = differing_ranges(state, m).first() {
+        let r = &m.ranges[*i];
+        return Err(format!(
+            "buckets {}..{} have digest {} after assembly, the manifest records {}",
+            r.first_bucket,
+            r.end_bucket,
+            state.bucket_digests().range(r.buckets()),
+            r.digest
+        ));
+    }
+    if state.digest() != m.digest {
+        return Err(format!(
+            "state digest {} differs from the manifest's {}",
+            state.digest(),
+            m.digest
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Lineage = Lineage([4; 16]);
+
+    fn state_with(n: usize, value_len: usize) -> State {
+        let mut s = State::new(L);
+        let changes: Vec<Change> = (0..n)
+            .map(|i| Change::put(format!("key-{i:07}"), vec![i as u8; value_len]))
+            .collect();
+        s.apply_changes(&changes);
+        s.set_position(L, 10);
+        s
+    }
+
+    /// Assembles a full snapshot from a plan's blobs, as a reader would.
+    fn assemble(plan_blobs: &[Blob], m: &Manifest) -> State {
+        let get = |key: String| {
+            plan_blobs
+                .iter()
+                .find(|b| b.key == key)
+                .map(|b| b.bytes.clone())
+        };
+        let mut s = State::new(m.lineage);
+        for r in &m.ranges {
+            let chunks = r
+                .chunks
+                .iter()
+                .map(|c| decode_chunk(&get(chunk_key(&c.hash)).unwrap_or_default(), c, r))
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap_or_default();
+            replace_range(&mut s, r, chunks);
+        }
+        for seg in &m.segments {
+            for p in &seg.pieces {
+                if let Ok(piece) =
+                    decode_segment(&get(segment_key(&p.hash)).unwrap_or_default(), p, seg)
+                {
+                    apply_segment(&mut s, &piece, |_| true);
+                }
+            }
+        }
+        s.set_position(m.lineage, m.seq);
+        s
+    }
+
+    #[test]
+    fn a_base_snapshot_assembles_to_the_same_state_and_digests() {
+        let s = state_with(5000, 100);
+        let p = plan(&s, 10, None, 64 * 1024, 100 * 1024, 0).unwrap_or_else(|e| panic!("{e}"));
+        let m = decode_manifest(&encode_manifest(&p.manifest).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.blobs.iter().all(|b| b.bytes.len() <= 100 * 1024));
+        let r = assemble(&p.blobs, &m);
+        assert_eq!(r, s);
+        assert_eq!(verify(&r, &m), Ok(()));
+    }
+
+    #[test]
+    fn an_incremental_snapshot_writes_one_small_segment_and_assembles_exactly() {
+        let s1 = state_with(20_000, 100);
+        let p1 = plan(&s1, 10, None, 256 * 1024, 900 * 1024, 0).unwrap_or_else(|e| panic!("{e}"));
+        let mut s2 = s1.clone();
+        let churn: Vec<Change> = (0..200)
+            .map(|i| Change::put(format!("key-{:07}", i * 97), vec![7u8; 100]))
+            .collect();
+        s2.apply_changes(&churn);
+        s2.apply_changes(&[Change::delete("key-0000001")]);
+        s2.set_position(L, 20);
+        let p2 = plan(
+            &s2,
+            20,
+            Some((&p1.manifest, &s1)),
+            256 * 1024,
+            900 * 1024,
+            0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let written: usize = p2.blobs.iter().map(|b| b.bytes.len()).sum();
+        let full = p1.manifest.total_bytes() as usize;
+        assert!(written * 20 < full, "incremental wrote {written} of {full}");
+        let mut all = p1.blobs.clone();
+        all.extend(p2.blobs.clone());
+        let r = assemble(&all, &p2.manifest);
+        assert_eq!(r, s2);
+        assert_eq!(verify(&r, &p2.manifest), Ok(()));
+        // A replica at s1 catches up with the segment alone.
+        assert_eq!(catch_up_segments(&s1, &p2.manifest), Some(vec![0]));
+    }
+
+    #[test]
+    fn a_tampered_chunk_is_refused_by_its_hash() {
+        let s = state_with(100, 10);
+        let p = plan(&s, 10, None, 64 * 1024, 100 * 1024, 0).unwrap_or_else(|e| panic!("{e}"));
+        let r = &p.manifest.ranges[0];
+        let blob = p
+            .blobs
+            .iter()
+            .find(|b| b.key == chunk_key(&r.chunks[0].hash))
+            .map(|b| b.bytes.to_vec());
+        let mut bytes = blob.unwrap_or_default();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let err = decode_chunk(&bytes, &r.chunks[0], r)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("content hash"), "{err}");
+    }
+
+    #[test]
+    fn range_counts_are_powers_of_two_within_bounds() {
+        assert_eq!(range_count(0, 512 * 1024), 16);
+        assert_eq!(range_count(110_000_000, 512 * 1024), 256);
+        assert_eq!(range_count(u64::MAX / 2, 1), BUCKETS);
+    }
+}
