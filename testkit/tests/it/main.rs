@@ -1,0 +1,35 @@
+//! Integration tests of the testkit itself: real nats-server processes, checked with plain std
+//! TCP (the INFO line a server sends on connect) and the pure binary lookup.
+
+mod bin;
+mod cluster;
+mod server;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// Connects to 127.0.0.1:`port`, reads the first protocol line, checks that it is
+/// `INFO {...}` and returns the JSON.
+fn info(port: u16) -> serde_json::Value {
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("cannot connect to 127.0.0.1:{port}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set a read timeout");
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("no INFO line from 127.0.0.1:{port}: {e}"));
+    assert!(
+        line.starts_with("INFO {"),
+        "first line is not INFO: {line:?}"
+    );
+    let json = line["INFO ".len()..].trim_end();
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("INFO is not JSON ({e}): {json}"))
+}
+
+/// Whether anything accepts TCP connections on 127.0.0.1:`port`.
+fn accepts_connections(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
