@@ -1,0 +1,536 @@
+//! The snapshot store: writes and reads snapshots (see `snapshot` for the format) in the
+//! pipeline's KV bucket. Shared by the producer (writing), consumers (bootstrap and
+//! incremental re-snapshot) and the ops commands.
+//!
+//! Talks to JetStream: KV gets and puts, plain pipelined publishes to `$KV.<bucket>.<key>` for
+//! blobs, a direct get on the pipeline's stream to fence snapshot writers.
+//!
+//! ## Invariants
+//!
+//! - Blobs, then the manifest, then `latest` by compare-and-set: readers never see a
+//!   half-written snapshot, and a writer whose state is not part of the stream's history (a
+//!   zombie) cannot move `latest`, nor can any writer move it backwards in a lineage.
+//! - Everything read is verified (content hashes, range digests, state digest) before it is
+//!   handed out; a failed verification hands out nothing.
+
+use crate::history::{classify, Classified};
+use crate::names;
+use crate::settings::Settings;
+use crate::snapshot::{
+    self, apply_segment, catch_up_segments, decode_chunk, decode_manifest, decode_pointer,
+    decode_segment, differing_ranges, encode_manifest, encode_pointer, manifest_key, replace_range,
+    verify, Manifest, Pointer, LATEST_KEY,
+};
+use crate::state::State;
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use std::collections::HashSet;
+
+/// How many blob reads or writes are in flight at once.
+const CONCURRENCY: usize = 32;
+
+/// Why a snapshot could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bucket {bucket}: {source}")]
+    Bucket {
+        bucket: String,
+        source: async_nats::Error,
+    },
+    #[error("reading {key} from the snapshot bucket: {source}")]
+    Read {
+        key: String,
+        source: async_nats::Error,
+    },
+    #[error("the snapshot bucket has no {key} (referenced by a manifest)")]
+    Missing { key: String },
+    #[error("{key} in the snapshot bucket is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        source: crate::codec::DecodeError,
+    },
+    #[error("snapshot {manifest} does not verify: {reason}")]
+    Verify { manifest: String, reason: String },
+    #[error("writing {key} to the snapshot bucket: {source}")]
+    Write {
+        key: String,
+        source: async_nats::Error,
+    },
+    #[error("encoding a snapshot: {0}")]
+    Encode(#[from] crate::codec::EncodeError),
+    #[error(
+        "refusing to move the latest snapshot from {latest_lineage}:{latest_seq} back to {seq}"
+    )]
+    Stale {
+        latest_lineage: String,
+        latest_seq: u64,
+        seq: u64,
+    },
+    #[error("another writer moved the latest snapshot pointer meanwhile: {source}")]
+    Raced { source: async_nats::Error },
+    #[error("the state at {lineage}:{seq} is not the stream's history at stream sequence {stream_seq}: {reason}")]
+    NotInHistory {
+        lineage: String,
+        seq: u64,
+        stream_seq: u64,
+        reason: String,
+    },
+}
+
+/// A verified snapshot turned into a state.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Positioned at the manifest's lineage and sequence.
+    pub state: State,
+    pub manifest: Manifest,
+    /// Bytes downloaded.
+    pub bytes_fetched: u64,
+}
+
+/// What an incremental re-snapshot did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResyncReport {
+    pub bytes_fetched: u64,
+    pub segments_applied: usize,
+    pub ranges_rebuilt: usize,
+}
+
+/// Opens the pipeline's bucket.
+pub async fn bucket(js: &jetstream::Context, settings: &Settings) -> Result<kv::Store, StoreError> {
+    let bucket = names::bucket_name(&settings.pipeline);
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|e| StoreError::Bucket {
+            bucket,
+            source: e.into(),
+        })
+}
+
+async fn get(kv: &kv::Store, key: &str) -> Result<Option<Bytes>, StoreError> {
+    kv.get(key).await.map_err(|e| StoreError::Read {
+        key: key.to_string(),
+        source: e.into(),
+    })
+}
+
+async fn get_required(kv: &kv::Store, key: String) -> Result<Bytes, StoreError> {
+    get(kv, &key).await?.ok_or(StoreError::Missing { key })
+}
+
+/// Reads `latest` and its revision.
+pub async fn read_pointer(kv: &kv::Store) -> Result<Option<(Pointer, u64)>, StoreError> {
+    let entry = kv.entry(LATEST_KEY).await.map_err(|e| StoreError::Read {
+        key: LATEST_KEY.into(),
+        source: e.into(),
+    })?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let p = decode_pointer(&e.value).map_err(|source| StoreError::Corrupt {
+                key: LATEST_KEY.into(),
+                source,
+            })?;
+            Ok(Some((p, e.revision)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Reads and decodes one manifest.
+pub async fn read_manifest(kv: &kv::Store, key: &str) -> Result<Manifest, StoreError> {
+    let bytes = get_required(kv, key.to_string()).await?;
+    decode_manifest(&bytes).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The manifest `latest` points at.
+pub async fn latest_manifest(kv: &kv::Store) -> Result<Option<Manifest>, StoreError> {
+    match read_pointer(kv).await? {
+        Some((p, _)) => Ok(Some(read_manifest(kv, &p.manifest).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Every manifest in the bucket, oldest first.
+pub async fn list_manifests(kv: &kv::Store) -> Result<Vec<(String, Manifest)>, StoreError> {
+    let mut out = Vec::new();
+    for key in list_keys(kv)
+        .await?
+        .into_iter()
+        .filter(|k| k.starts_with("manifest."))
+    {
+        match read_manifest(kv, &key).await {
+            Ok(m) => out.push((key, m)),
+            Err(StoreError::Missing { .. }) => {} // removed meanwhile
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by_key(|(_, m)| (m.created_at_ms, m.seq));
+    Ok(out)
+}
+
+async fn list_keys(kv: &kv::Store) -> Result<Vec<String>, StoreError> {
+    let read = |e: async_nats::Error| StoreError::Read {
+        key: "(key listing)".into(),
+        source: e,
+    };
+    let keys = kv.keys().await.map_err(|e| read(e.into()))?;
+    keys.try_collect().await.map_err(|e| read(e.into()))
+}
+
+async fn fetch_all(kv: &kv::Store, keys: Vec<String>) -> Result<Vec<Bytes>, StoreError> {
+    futures::stream::iter(keys.into_iter().map(|k| get_required(kv, k)))
+        .buffered(CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// Loads the latest snapshot, verified. `None` when the bucket has none.
+pub async fn load_latest(
+    kv: &kv::Store,
+    _settings: &Settings,
+) -> Result<Option<Loaded>, StoreError> {
+    match latest_manifest(kv).await? {
+        Some(m) => Ok(Some(load(kv, m).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Loads a snapshot into a fresh state, verifying every blob, range and the state digest.
+pub async fn load(kv: &kv::Store, manifest: Manifest) -> Result<Loaded, StoreError> {
+    let mut state = State::new(manifest.lineage);
+    let all: Vec<usize> = (0..manifest.ranges.len()).collect();
+    let bytes_fetched = rebuild_ranges(kv, &mut state, &manifest, &all).await?;
+    state.set_position(manifest.lineage, manifest.seq);
+    verify(&state, &manifest).map_err(|reason| verify_err(&manifest, reason))?;
+    Ok(Loaded {
+        state,
+        manifest,
+        bytes_fetched,
+    })
+}
+
+fn verify_err(m: &Manifest, reason: String) -> StoreError {
+    StoreError::Verify {
+        manifest: manifest_key(m.lineage, m.seq),
+        reason,
+    }
+}
+
+/// Rebuilds `ranges` of `state` from their base chunks plus every segment (restricted to
+/// those ranges). Returns the bytes fetched.
+async fn rebuild_ranges(
+    kv: &kv::Store,
+    state: &mut State,
+    m: &Manifest,
+    ranges: &[usize],
+) -> Result<u64, StoreError> {
+    if ranges.is_empty() {
+        return Ok(0);
+    }
+    let mut fetched = 0;
+    let keys: Vec<(usize, usize, String)> = ranges
+        .iter()
+        .flat_map(|&r| {
+            m.ranges[r]
+                .chunks
+                .iter()
+                .enumerate()
+                .map(move |(c, b)| (r, c, snapshot::chunk_key(&b.hash)))
+        })
+        .collect();
+    let blobs = fetch_all(kv, keys.iter().map(|(_, _, k)| k.clone()).collect()).await?;
+    let mut per_range: Vec<Vec<snapshot::Chunk>> = vec![Vec::new(); m.ranges.len()];
+    for ((r, c, key), bytes) in keys.into_iter().zip(blobs) {
+        fetched += bytes.len() as u64;
+        let chunk = decode_chunk(&bytes, &m.ranges[r].chunks[c], &m.ranges[r])
+            .map_err(|source| StoreError::Corrupt { key, source })?;
+        per_range[r].push(chunk);
+    }
+    for &r in ranges {
+        replace_range(state, &m.ranges[r], std::mem::take(&mut per_range[r]));
+    }
+    let mut keep = vec![false; crate::digest::BUCKETS];
+    for &r in ranges {
+        for b in m.ranges[r].buckets() {
+            keep[b] = true;
+        }
+    }
+    let all: Vec<usize> = (0..m.segments.len()).collect();
+    fetched += apply_segments(kv, state, m, &all, |b| keep[b]).await?;
+    Ok(fetched)
+}
+
+/// Fetches and applies segments `which` of `m`, restricted to buckets `keep` accepts.
+async fn apply_segments(
+    kv: &kv::Store,
+    state: &mut State,
+    m: &Manifest,
+    which: &[usize],
+    keep: impl Fn(usize) -> bool + Copy,
+) -> Result<u64, StoreError> {
+    let keys: Vec<(usize, usize, String)> = which
+        .iter()
+        .flat_map(|&s| {
+            m.segments[s]
+                .pieces
+                .iter()
+                .enumerate()
+                .map(move |(p, b)| (s, p, snapshot::segment_key(&b.hash)))
+        })
+        .collect();
+    let blobs = fetch_all(kv, keys.iter().map(|(_, _, k)| k.clone()).collect()).await?;
+    let mut fetched = 0;
+    for ((s, p, key), bytes) in keys.into_iter().zip(blobs) {
+        fetched += bytes.len() as u64;
+        let seg = decode_segment(&bytes, &m.segments[s].pieces[p], &m.segments[s])
+            .map_err(|source| StoreError::Corrupt { key, source })?;
+        apply_segment(state, &seg, keep);
+    }
+    Ok(fetched)
+}
+
+/// Brings `local` to the manifest's state downloading as little as it can: the segments after
+/// its position when it is inside the manifest's segment chain, then the base chunks of any
+/// range whose digest still differs. On error `local` may be partly updated; the caller
+/// treats it as unverified (and must not commit it).
+pub async fn resync(
+    kv: &kv::Store,
+    local: &mut State,
+    m: &Manifest,
+) -> Result<ResyncReport, StoreError> {
+    let mut report = ResyncReport::default();
+    if let Some(segs) = catch_up_segments(local, m) {
+        report.bytes_fetched += apply_segments(kv, local, m, &segs, |_| true).await?;
+        report.segments_applied = segs.len();
+    }
+    let differing = differing_ranges(local, m);
+    report.ranges_rebuilt = differing.len();
+    report.bytes_fetched += rebuild_ranges(kv, local, m, &differing).await?;
+    local.set_position(m.lineage, m.seq);
+    verify(local, m).map_err(|reason| verify_err(m, reason))?;
+    Ok(report)
+}
+
+/// Writes a snapshot of `state` — a consistent cut whose envelope `state.seq()` is stored at
+/// `stream_seq` — and moves `latest` to it. `prev` is the previous snapshot and the state it
+/// describes (both kept by the writer), which lets this one be incremental.
+pub async fn write_snapshot(
+    js: &jetstream::Context,
+    settings: &Settings,
+    state: &State,
+    stream_seq: u64,
+    prev: Option<(&Manifest, &State)>,
+) -> Result<Manifest, StoreError> {
+    let kv = bucket(js, settings).await?;
+    check_in_history(js, settings, state, stream_seq).await?;
+    let (_, latest_rev) = check_not_stale(&kv, state).await?;
+
+    let target = settings.snapshot.chunk_target_bytes;
+    let max_blob = (settings.stream.max_message_bytes.max(4096) as usize).saturating_sub(16 * 1024);
+    let state_for_plan = state.clone();
+    let prev_owned = prev.map(|(m, s)| (m.clone(), s.clone()));
+    let created = crate::envelope::now_ms();
+    let plan = tokio::task::spawn_blocking(move || {
+        snapshot::plan(
+            &state_for_plan,
+            stream_seq,
+            prev_owned.as_ref().map(|(m, s)| (m, s)),
+            target,
+            max_blob,
+            created,
+        )
+    })
+    .await
+    .map_err(|e| StoreError::Write {
+        key: "(planning)".into(),
+        source: e.into(),
+    })??;
+
+    let known: HashSet<String> = prev
+        .map(|(m, _)| m.blob_keys().collect())
+        .unwrap_or_default();
+    let bucket_name = names::bucket_name(&settings.pipeline);
+    let fresh: Vec<snapshot::Blob> = plan
+        .blobs
+        .into_iter()
+        .filter(|b| !known.contains(&b.key))
+        .collect();
+    let written: u64 = fresh.iter().map(|b| b.bytes.len() as u64).sum();
+    futures::stream::iter(fresh.into_iter().map(|b| {
+        let subject = format!("$KV.{bucket_name}.{}", b.key);
+        async move {
+            let werr = |e: async_nats::Error| StoreError::Write {
+                key: b.key.clone(),
+                source: e,
+            };
+            let ack = js
+                .publish(subject, b.bytes)
+                .await
+                .map_err(|e| werr(e.into()))?;
+            ack.await.map_err(|e| werr(e.into()))?;
+            Ok::<(), StoreError>(())
+        }
+    }))
+    .buffer_unordered(CONCURRENCY)
+    .try_collect::<Vec<()>>()
+    .await?;
+
+    let mut manifest = plan.manifest;
+    manifest.bytes_written = written;
+    let key = manifest_key(manifest.lineage, manifest.seq);
+    let encoded = encode_manifest(&manifest)?;
+    kv.put(&key, encoded.into())
+        .await
+        .map_err(|e| StoreError::Write {
+            key: key.clone(),
+            source: e.into(),
+        })?;
+    let pointer = encode_pointer(&Pointer {
+        lineage: manifest.lineage,
+        seq: manifest.seq,
+        manifest: key,
+    })?;
+    match latest_rev {
+        Some(rev) => kv
+            .update(LATEST_KEY, pointer.into(), rev)
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Raced { source: e.into() })?,
+        None => kv
+            .create(LATEST_KEY, pointer.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Raced { source: e.into() })?,
+    }
+    if let Err(e) = gc(&kv, settings).await {
+        tracing::warn!(error = %e, "Snapshot garbage collection failed; it will be retried after the next snapshot");
+    }
+    Ok(manifest)
+}
+
+/// Fencing: the envelope at `stream_seq` must be `state`'s position in `state`'s lineage.
+async fn check_in_history(
+    js: &jetstream::Context,
+    settings: &Settings,
+    state: &State,
+    stream_seq: u64,
+) -> Result<(), StoreError> {
+    if state.seq() == 0 {
+        return Ok(()); // a new lineage's empty start: nothing to be part of yet
+    }
+    let not_in = |reason: String| StoreError::NotInHistory {
+        lineage: state.lineage().to_hex(),
+        seq: state.seq(),
+        stream_seq,
+        reason,
+    };
+    let name = names::stream_name(&settings.pipeline);
+    let stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| not_in(e.to_string()))?;
+    let msg = stream
+        .direct_get(stream_seq)
+        .await
+        .map_err(|e| not_in(e.to_string()))?;
+    match classify(&msg.payload) {
+        Classified::Envelope(e) if e.lineage == state.lineage() && e.seq == state.seq() => {
+            if e.is_last_part() && e.digest != state.digest() {
+                return Err(not_in(format!(
+                    "the envelope there records digest {}",
+                    e.digest
+                )));
+            }
+            Ok(())
+        }
+        Classified::Envelope(e) => Err(not_in(format!(
+            "the stream holds envelope {}:{} there",
+            e.lineage, e.seq
+        ))),
+        Classified::Foreign { reason } => Err(not_in(format!(
+            "the stream holds a foreign message there ({reason})"
+        ))),
+    }
+}
+
+/// Refuses to move `latest` backwards within a lineage; returns the pointer and revision.
+async fn check_not_stale(
+    kv: &kv::Store,
+    state: &State,
+) -> Result<(Option<Pointer>, Option<u64>), StoreError> {
+    match read_pointer(kv).await? {
+        Some((p, rev)) => {
+            if p.lineage == state.lineage() && p.seq >= state.seq() && p.seq > 0 {
+                return Err(StoreError::Stale {
+                    latest_lineage: p.lineage.to_hex(),
+                    latest_seq: p.seq,
+                    seq: state.seq(),
+                });
+            }
+            Ok((Some(p), Some(rev)))
+        }
+        None => Ok((None, None)),
+    }
+}
+
+/// What garbage collection removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub manifests_removed: usize,
+    pub blobs_removed: usize,
+}
+
+/// Removes manifests beyond the newest `snapshot.keep` once their successor is older than
+/// `snapshot.gc_grace` (a reader mid-download of one keeps working), then blobs no remaining
+/// manifest references that were written more than `gc_grace` ago.
+pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreError> {
+    let now = crate::envelope::now_ms();
+    let grace_ms = settings.snapshot.gc_grace.as_millis() as u64;
+    let keep = settings.snapshot.keep.max(1);
+    let latest = read_pointer(kv).await?.map(|(p, _)| p.manifest);
+    let manifests = list_manifests(kv).await?;
+    let mut report = GcReport::default();
+    let mut remaining = Vec::new();
+    let n = manifests.len();
+    for (i, (key, m)) in manifests.iter().enumerate() {
+        let successor_age = manifests
+            .get(i + 1)
+            .map(|(_, next)| now.saturating_sub(next.created_at_ms));
+        let removable = i + keep < n
+            && latest.as_deref() != Some(key.as_str())
+            && successor_age.is_some_and(|age| age > grace_ms);
+        if removable {
+            kv.purge(key).await.map_err(|e| StoreError::Write {
+                key: key.clone(),
+                source: e.into(),
+            })?;
+            report.manifests_removed += 1;
+        } else {
+            remaining.push(m);
+        }
+    }
+    let referenced: HashSet<String> = remaining.iter().flat_map(|m| m.blob_keys()).collect();
+    for key in list_keys(kv).await? {
+        if !(key.starts_with("chunk.") || key.starts_with("segment.")) || referenced.contains(&key)
+        {
+            continue;
+        }
+        let entry = kv.entry(&key).await.map_err(|e| StoreError::Read {
+            key: key.clone(),
+            source: e.into(),
+        })?;
+        let Some(entry) = entry else { continue };
+        let written_ms = (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        if now.saturating_sub(written_ms) > grace_ms {
+            kv.purge(&key).await.map_err(|e| StoreError::Write {
+                key: key.clone(),
+                source: e.into(),
+            })?;
+            report.blobs_removed += 1;
+        }
+    }
+    Ok(report)
+}
