@@ -501,7 +501,7 @@ pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreEr
             .map(|(_, next)| now.saturating_sub(next.created_at_ms));
         let removable = i + keep < n
             && latest.as_deref() != Some(key.as_str())
-            && successor_age.is_some_and(|age| age > grace_ms);
+            && successor_age.is_some_and(|age| age >= grace_ms);
         if removable {
             kv.purge(key).await.map_err(|e| StoreError::Write {
                 key: key.clone(),
@@ -524,7 +524,7 @@ pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreEr
         })?;
         let Some(entry) = entry else { continue };
         let written_ms = (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-        if now.saturating_sub(written_ms) > grace_ms {
+        if now.saturating_sub(written_ms) >= grace_ms {
             kv.purge(&key).await.map_err(|e| StoreError::Write {
                 key: key.clone(),
                 source: e.into(),

@@ -1,0 +1,361 @@
+//! Snapshots in the bucket and recovery from the stream, against a real nats-server: write,
+//! verified load, incremental writes and re-snapshots, fencing of writers, corruption, gc.
+//!
+//! Talks to nats-server through `deltasync_shared::{nats, store, history}`; publishes
+//! envelopes and tampers with the bucket through plain async-nats calls.
+
+use crate::support::{settings, unique_pipeline};
+use async_nats::jetstream::{self, kv};
+use deltasync_shared::codec::encode_envelope;
+use deltasync_shared::envelope::split_transaction;
+use deltasync_shared::history::{self, Classified};
+use deltasync_shared::settings::Settings;
+use deltasync_shared::snapshot::{chunk_key, LATEST_KEY};
+use deltasync_shared::store::{self, StoreError};
+use deltasync_shared::{names, nats, Change, Lineage, State};
+use deltasync_testkit::NatsServer;
+use std::time::Duration;
+
+struct Pipeline {
+    _server: NatsServer,
+    settings: Settings,
+    js: jetstream::Context,
+    kv: kv::Store,
+    /// The producer's state, and the stream sequence of its last envelope.
+    state: State,
+    stream_seq: u64,
+}
+
+impl Pipeline {
+    async fn start(prefix: &str) -> Pipeline {
+        let server = NatsServer::start();
+        let mut s = settings(&server.url(), &unique_pipeline(prefix));
+        s.snapshot.chunk_target_bytes = 64 * 1024;
+        let client = nats::connect(&s.nats).await.unwrap();
+        let js = nats::jetstream(client, &s.nats);
+        nats::ensure_stream(&js, &s).await.unwrap();
+        let kv = nats::ensure_bucket(&js, &s).await.unwrap();
+        Pipeline {
+            _server: server,
+            settings: s,
+            js,
+            kv,
+            state: State::new(Lineage::random()),
+            stream_seq: 0,
+        }
+    }
+
+    /// Commits a transaction as a producer would: apply, split, publish, await acks.
+    async fn commit(&mut self, changes: Vec<Change>, max_bytes: usize) -> Vec<u64> {
+        let digest = self.state.apply_changes(&changes);
+        let envs = split_transaction(
+            self.state.lineage(),
+            self.state.seq() + 1,
+            digest,
+            0,
+            changes,
+            max_bytes,
+        );
+        let mut seqs = Vec::new();
+        for e in &envs {
+            seqs.push(self.publish_raw(encode_envelope(e).unwrap()).await);
+        }
+        let last = envs.last().unwrap().seq;
+        let lineage = self.state.lineage();
+        self.state.set_position(lineage, last);
+        seqs
+    }
+
+    async fn publish_raw(&mut self, payload: Vec<u8>) -> u64 {
+        let subject = names::subject(&self.settings.pipeline);
+        let ack = self.js.publish(subject, payload.into()).await.unwrap();
+        let seq = ack.await.unwrap().sequence;
+        self.stream_seq = seq;
+        seq
+    }
+
+    async fn snapshot(
+        &self,
+        prev: Option<(&store::Loaded, &State)>,
+    ) -> deltasync_shared::snapshot::Manifest {
+        store::write_snapshot(
+            &self.js,
+            &self.settings,
+            &self.state,
+            self.stream_seq,
+            prev.map(|(l, s)| (&l.manifest, s)),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+fn puts(range: std::ops::Range<usize>, tag: u8) -> Vec<Change> {
+    range
+        .map(|i| Change::put(format!("key-{i:07}"), vec![tag; 100]))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_snapshot_written_to_the_bucket_loads_back_verified() {
+    let mut p = Pipeline::start("snap-load").await;
+    p.commit(puts(0..5000, 1), 256 * 1024).await;
+    p.commit(vec![Change::delete("key-0000007")], 1 << 20).await;
+    let m = p.snapshot(None).await;
+    assert_eq!((m.seq, m.stream_seq), (p.state.seq(), p.stream_seq));
+    assert!(m.ranges.iter().map(|r| r.chunks.len()).sum::<usize>() > 1);
+
+    let loaded = store::load_latest(&p.kv, &p.settings)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.state, p.state);
+    assert_eq!(loaded.state.digest(), p.state.digest());
+    assert_eq!(
+        (loaded.state.lineage(), loaded.state.seq()),
+        (p.state.lineage(), p.state.seq())
+    );
+    assert_eq!(loaded.bytes_fetched, m.total_bytes());
+}
+
+#[tokio::test]
+async fn an_incremental_snapshot_writes_a_small_fraction_and_a_replica_behind_fetches_only_it() {
+    let mut p = Pipeline::start("snap-incr").await;
+    p.commit(puts(0..20_000, 1), 512 * 1024).await;
+    let m1 = p.snapshot(None).await;
+    let s1 = p.state.clone();
+    let l1 = store::load(&p.kv, m1.clone()).await.unwrap();
+
+    // 1% churn, spread over the whole key space.
+    let churn: Vec<Change> = (0..200)
+        .map(|i| Change::put(format!("key-{:07}", i * 97), vec![2; 100]))
+        .collect();
+    p.commit(churn, 1 << 20).await;
+    let m2 = p.snapshot(Some((&l1, &s1))).await;
+    assert_eq!(m2.base_seq, m1.seq, "stacked on the same base");
+    assert!(
+        m2.bytes_written * 20 < m1.bytes_written,
+        "incremental wrote {} bytes, the full snapshot {}",
+        m2.bytes_written,
+        m1.bytes_written
+    );
+
+    // A replica at the first snapshot catches up by fetching the segment alone.
+    let mut replica = s1.clone();
+    let report = store::resync(&p.kv, &mut replica, &m2).await.unwrap();
+    assert_eq!(replica, p.state);
+    assert_eq!(report.ranges_rebuilt, 0);
+    assert_eq!(report.bytes_fetched, m2.segment_bytes());
+    assert!(report.bytes_fetched * 20 < m2.total_bytes());
+}
+
+#[tokio::test]
+async fn a_diverged_replica_rebuilds_only_the_ranges_that_differ() {
+    let mut p = Pipeline::start("snap-repair").await;
+    p.commit(puts(0..20_000, 1), 512 * 1024).await;
+    let m = p.snapshot(None).await;
+
+    let mut replica = p.state.clone();
+    replica.apply_changes(&[
+        Change::put("key-0000042", &b"tampered"[..]),
+        Change::delete("key-0001000"),
+    ]);
+    let report = store::resync(&p.kv, &mut replica, &m).await.unwrap();
+    assert_eq!(replica, p.state);
+    assert!(report.ranges_rebuilt <= 2, "{report:?}");
+    assert!(
+        report.bytes_fetched * 10 < m.total_bytes(),
+        "fetched {} of {}",
+        report.bytes_fetched,
+        m.total_bytes()
+    );
+}
+
+#[tokio::test]
+async fn a_writer_whose_state_is_not_in_the_stream_cannot_move_latest() {
+    let mut p = Pipeline::start("snap-fence").await;
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    p.snapshot(None).await;
+
+    // A zombie with another lineage claiming the same position.
+    let mut zombie = State::new(Lineage::random());
+    zombie.apply_changes(&puts(0..10, 9));
+    zombie.set_position(zombie.lineage(), p.state.seq());
+    let err = store::write_snapshot(&p.js, &p.settings, &zombie, p.stream_seq, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotInHistory { .. }), "{err}");
+
+    // The real writer cannot move latest backwards either.
+    let old = p.state.clone();
+    let old_stream_seq = p.stream_seq;
+    p.commit(puts(10..20, 1), 1 << 20).await;
+    p.snapshot(None).await;
+    let err = store::write_snapshot(&p.js, &p.settings, &old, old_stream_seq, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Stale { .. }), "{err}");
+    let latest = store::latest_manifest(&p.kv).await.unwrap().unwrap();
+    assert_eq!(latest.seq, p.state.seq());
+}
+
+#[tokio::test]
+async fn a_corrupted_or_missing_chunk_fails_the_load_naming_the_key() {
+    let mut p = Pipeline::start("snap-corrupt").await;
+    p.commit(puts(0..2000, 1), 512 * 1024).await;
+    let m = p.snapshot(None).await;
+    let key = chunk_key(&m.ranges[3].chunks[0].hash);
+
+    p.kv.put(&key, bytes::Bytes::from_static(b"garbage"))
+        .await
+        .unwrap();
+    let err = store::load_latest(&p.kv, &p.settings).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(&key), "{err}");
+
+    p.kv.purge(&key).await.unwrap();
+    let err = store::load_latest(&p.kv, &p.settings).await.unwrap_err();
+    assert!(matches!(err, StoreError::Missing { .. }), "{err}");
+    assert!(err.to_string().contains(&key), "{err}");
+}
+
+#[tokio::test]
+async fn recovery_is_the_snapshot_plus_the_tail_skipping_foreign_messages() {
+    let mut p = Pipeline::start("recover").await;
+    p.commit(puts(0..100, 1), 1 << 20).await;
+    p.snapshot(None).await;
+    p.commit(puts(50..150, 2), 1 << 20).await;
+    p.publish_raw(b"not an envelope".to_vec()).await;
+    p.commit(vec![Change::delete("key-0000001")], 1 << 20).await;
+
+    let rec = history::recover(&p.js, &p.settings).await.unwrap().unwrap();
+    assert_eq!(rec.state, p.state);
+    assert_eq!(
+        (rec.state.lineage(), rec.state.seq()),
+        (p.state.lineage(), p.state.seq())
+    );
+    assert_eq!(rec.foreign_messages, 1);
+    assert_eq!(rec.envelopes_applied, 2);
+    assert_eq!(rec.last_stream_seq, p.stream_seq);
+    assert_eq!(rec.abandoned_parts, 0);
+}
+
+#[tokio::test]
+async fn recovery_without_a_snapshot_replays_from_the_first_envelope_and_abandons_a_torn_transaction(
+) {
+    let mut p = Pipeline::start("recover-torn").await;
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    let before = p.state.clone();
+    // A transaction of several parts of which only the first two reached the stream.
+    let mut scratch = p.state.clone();
+    let changes = puts(10..40, 3);
+    let digest = scratch.apply_changes(&changes);
+    let parts = split_transaction(
+        p.state.lineage(),
+        p.state.seq() + 1,
+        digest,
+        0,
+        changes,
+        500,
+    );
+    assert!(parts.len() > 2);
+    for e in &parts[..2] {
+        p.publish_raw(encode_envelope(e).unwrap()).await;
+    }
+
+    let rec = history::recover(&p.js, &p.settings).await.unwrap().unwrap();
+    assert!(rec.manifest.is_none());
+    assert_eq!(rec.state, before);
+    assert_eq!(rec.abandoned_parts, 2);
+    assert_eq!(
+        rec.state.seq(),
+        before.seq() + 2,
+        "the next envelope follows the abandoned parts"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_pipeline_has_nothing_to_recover() {
+    let p = Pipeline::start("recover-empty").await;
+    assert!(history::recover(&p.js, &p.settings)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store::read_pointer(&p.kv).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_tail_opened_below_the_first_retained_message_reports_pruned() {
+    let mut p = Pipeline::start("tail-pruned").await;
+    for i in 0..5 {
+        p.commit(puts(i..i + 1, 1), 1 << 20).await;
+    }
+    let stream =
+        p.js.get_stream(names::stream_name(&p.settings.pipeline))
+            .await
+            .unwrap();
+    stream.purge().sequence(4).await.unwrap();
+    let err = history::Tail::open(&p.js, &p.settings, 2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            history::HistoryError::Pruned {
+                wanted: 2,
+                first: 4,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut tail = history::Tail::open(&p.js, &p.settings, 4).await.unwrap();
+    let item = tail
+        .next_within(Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(item.stream_seq, 4);
+    assert!(matches!(item.item, Classified::Envelope(ref e) if e.seq == 4));
+}
+
+#[tokio::test]
+async fn gc_removes_superseded_manifests_and_unreferenced_blobs_after_the_grace_period() {
+    let mut p = Pipeline::start("snap-gc").await;
+    p.settings.snapshot.keep = 1;
+    p.settings.snapshot.gc_grace = Duration::ZERO;
+    p.commit(puts(0..3000, 1), 512 * 1024).await;
+    let m1 = p.snapshot(None).await;
+    p.commit(puts(0..3000, 2), 512 * 1024).await; // every chunk changes
+    let m2 = p.snapshot(None).await;
+    // Garbage collection runs after every snapshot write; running it again finds nothing.
+    assert_eq!(
+        store::gc(&p.kv, &p.settings).await.unwrap(),
+        store::GcReport::default()
+    );
+    let keys: Vec<String> = store::list_manifests(&p.kv)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys.len(), 1);
+    assert!(p
+        .kv
+        .get(chunk_key(&m1.ranges[0].chunks[0].hash))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(p
+        .kv
+        .get(chunk_key(&m2.ranges[0].chunks[0].hash))
+        .await
+        .unwrap()
+        .is_some());
+    assert!(p.kv.get(LATEST_KEY).await.unwrap().is_some());
+    let loaded = store::load_latest(&p.kv, &p.settings)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.state, p.state);
+}
