@@ -17,6 +17,22 @@
 //! - Every server owns a temporary directory; on Drop the process is SIGKILLed and reaped
 //!   before the directory is removed.
 //!
+//! ```no_run
+//! use deltasync_testkit::{NatsCluster, NatsServer};
+//!
+//! let mut server = NatsServer::start(); // JetStream on, random port, temporary store
+//! let url = server.url(); // "nats://127.0.0.1:PORT": connect a client here
+//! server.kill9(); // crash; clients see the connection drop
+//! server.start_again(); // same store, same port: clients reconnect
+//!
+//! let mut cluster = NatsCluster::start(3);
+//! let urls = cluster.urls(); // connect with the whole list
+//! let leader = cluster.meta_leader().expect("formed");
+//! cluster.nodes[leader].stop();
+//! cluster.wait_for_meta_leader(std::time::Duration::from_secs(30));
+//! # let _ = (url, urls);
+//! ```
+//!
 //! ```text
 //! deltasync-nats-XXXXXX/     one per NatsServer (cluster: one per node)
 //! ├── store/                 -sd / {store_dir}; JetStream keeps its files in store/jetstream/
