@@ -16,7 +16,7 @@
 //!   one subject ([`names::subject`]), direct get allowed (consumers fetch by sequence).
 
 use crate::names;
-use crate::settings::{NatsSettings, Settings, StorageKind};
+use crate::settings::{redact_url, NatsSettings, Settings, StorageKind};
 use async_nats::jetstream::context::{
     CreateKeyValueError, CreateStreamError, GetStreamError, GetStreamErrorKind, KeyValueError,
     UpdateKeyValueError,
@@ -26,6 +26,8 @@ use async_nats::jetstream::{self, kv, ErrorCode};
 use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
 use std::fmt::Debug;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// KV history kept per key in the snapshot bucket. Manifests and chunks are content-addressed
@@ -145,7 +147,12 @@ pub enum NatsError {
 /// resolution slack). The returned client reconnects by itself after later disconnects.
 pub async fn connect(settings: &NatsSettings) -> Result<Client, NatsError> {
     let urls = settings.urls();
-    let url_list = urls.join(",");
+    // Never log credentials a URL may carry (validated settings carry none).
+    let url_list = urls
+        .iter()
+        .map(|u| redact_url(u))
+        .collect::<Vec<_>>()
+        .join(",");
     let connect_error = |source: ConnectError| NatsError::Connect {
         url: url_list.clone(),
         timeout: settings.connect_timeout,
@@ -154,7 +161,7 @@ pub async fn connect(settings: &NatsSettings) -> Result<Client, NatsError> {
     let mut addrs = Vec::with_capacity(urls.len());
     for url in &urls {
         let addr = ServerAddr::from_str(url).map_err(|err| NatsError::Connect {
-            url: url.clone(),
+            url: redact_url(url),
             timeout: settings.connect_timeout,
             source: ConnectError::with_source(ConnectErrorKind::ServerParse, err),
         })?;
@@ -192,7 +199,15 @@ async fn options(settings: &NatsSettings) -> Result<ConnectOptions, NatsError> {
     let mut options = ConnectOptions::new()
         .connection_timeout(settings.connect_timeout)
         .request_timeout(Some(settings.request_timeout))
-        .event_callback(|event| async move { log_event(event) });
+        .event_callback({
+            // The first `Connected` is the initial connection, logged by `connect`; later
+            // ones are reconnections.
+            let connected_once = Arc::new(AtomicBool::new(false));
+            move |event| {
+                let connected_once = Arc::clone(&connected_once);
+                async move { log_event(event, &connected_once) }
+            }
+        });
     if let Some(name) = &settings.client_name {
         options = options.name(name);
     }
@@ -228,9 +243,13 @@ async fn options(settings: &NatsSettings) -> Result<ConnectOptions, NatsError> {
     Ok(options)
 }
 
-fn log_event(event: Event) {
+fn log_event(event: Event, connected_once: &AtomicBool) {
     match event {
-        Event::Connected => tracing::info!("NATS connection (re)established"),
+        Event::Connected => {
+            if connected_once.swap(true, Ordering::Relaxed) {
+                tracing::info!("NATS connection re-established")
+            }
+        }
         Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
         Event::LameDuckMode => {
             tracing::warn!("NATS server entering lame duck mode; it will close the connection")

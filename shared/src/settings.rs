@@ -551,6 +551,16 @@ impl Settings {
             ));
         }
         for url in &urls {
+            let redacted = redact_url(url);
+            if redacted != *url {
+                return Err(SettingsError::invalid(
+                    "nats.url",
+                    format!(
+                        "{redacted:?} carries credentials, which would end up in logs; set \
+                         nats.user/nats.password or nats.token instead"
+                    ),
+                ));
+            }
             match async_nats::ServerAddr::from_str(url) {
                 Ok(addr) => {
                     let scheme = addr.into_inner().scheme().to_owned();
@@ -844,6 +854,19 @@ impl Settings {
         usize::try_from(self.stream.max_message_bytes)
             .unwrap_or(0)
             .saturating_sub(MESSAGE_OVERHEAD_MARGIN)
+    }
+}
+
+/// `url` with any user information (`user:password@`, `token@`) replaced by `***@`, for
+/// logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after_scheme + i);
+    match url[after_scheme..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..after_scheme], &url[after_scheme + at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -1453,6 +1476,22 @@ filter = "info,deltasync=debug"
         let mut s = Settings::default();
         s.nats.url = "tls://a:4222, b:4222".into();
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused_without_printing_them() {
+        let mut s = Settings::default();
+        s.nats.url = "nats://a:4222,nats://alice:hunter2@b:4222".into();
+        let err = s.validate().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("nats.url") && text.contains("***@b:4222"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert_eq!(redact_url("tls://tok@h:4222/x@y"), "tls://***@h:4222/x@y");
+        assert_eq!(redact_url("u:p@h:4222"), "***@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
     }
 
     #[test]
