@@ -1444,6 +1444,11 @@ filter = "info,deltasync=debug"
         assert_eq!(Secret::new("x").to_string(), "***");
         assert_eq!(serde_json::to_string(&Secret::new("x")).unwrap(), "\"***\"");
         assert_eq!(Secret::new("hunter2").expose(), "hunter2");
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            !json.contains("hunter2") && json.contains("\"password\":\"***\""),
+            "{json}"
+        );
     }
 
     #[test]
