@@ -70,7 +70,7 @@ impl Digest {
 
     /// `self + other` mod 2^256.
     #[must_use]
-    pub fn add(self, other: Digest) -> Digest {
+    pub fn wrapping_add(self, other: Digest) -> Digest {
         let (a, b) = (self.limbs(), other.limbs());
         let mut r = [0u64; 4];
         let mut carry = false;
@@ -85,7 +85,7 @@ impl Digest {
 
     /// `self - other` mod 2^256.
     #[must_use]
-    pub fn sub(self, other: Digest) -> Digest {
+    pub fn wrapping_sub(self, other: Digest) -> Digest {
         let (a, b) = (self.limbs(), other.limbs());
         let mut r = [0u64; 4];
         let mut borrow = false;
@@ -171,14 +171,14 @@ impl Default for BucketDigests {
 impl BucketDigests {
     /// Adds an entry's hash to `bucket`.
     pub fn add(&mut self, bucket: usize, h: Digest) {
-        self.buckets[bucket] = self.buckets[bucket].add(h);
-        self.total = self.total.add(h);
+        self.buckets[bucket] = self.buckets[bucket].wrapping_add(h);
+        self.total = self.total.wrapping_add(h);
     }
 
     /// Removes an entry's hash from `bucket`.
     pub fn sub(&mut self, bucket: usize, h: Digest) {
-        self.buckets[bucket] = self.buckets[bucket].sub(h);
-        self.total = self.total.sub(h);
+        self.buckets[bucket] = self.buckets[bucket].wrapping_sub(h);
+        self.total = self.total.wrapping_sub(h);
     }
 
     /// The state digest: the sum of all buckets.
@@ -200,7 +200,7 @@ impl BucketDigests {
     pub fn range(&self, range: std::ops::Range<usize>) -> Digest {
         self.buckets[range]
             .iter()
-            .fold(Digest::ZERO, |acc, d| acc.add(*d))
+            .fold(Digest::ZERO, |acc, d| acc.wrapping_add(*d))
     }
 
     /// Digests computed from scratch over `entries` (the reference the incremental path must
@@ -222,9 +222,9 @@ mod tests {
     fn addition_and_subtraction_wrap_around_2_pow_256() {
         let max = Digest([0xff; 32]);
         let one = Digest::from_limbs([1, 0, 0, 0]);
-        assert_eq!(max.add(one), Digest::ZERO);
-        assert_eq!(Digest::ZERO.sub(one), max);
-        let carry = Digest::from_limbs([u64::MAX, 0, 0, 0]).add(one);
+        assert_eq!(max.wrapping_add(one), Digest::ZERO);
+        assert_eq!(Digest::ZERO.wrapping_sub(one), max);
+        let carry = Digest::from_limbs([u64::MAX, 0, 0, 0]).wrapping_add(one);
         assert_eq!(carry, Digest::from_limbs([0, 1, 0, 0]));
     }
 
