@@ -1,0 +1,145 @@
+//! `deltasync-bench`: starts its own pinned nats-server on a free loopback port, runs every
+//! scenario against its baseline in the same run on the same server, checks each result,
+//! prints a table and writes BENCHMARKS.md and a JSON file.
+
+mod report;
+mod scenarios;
+
+use anyhow::Result;
+use clap::Parser;
+use report::{Context, Row};
+use scenarios::Sizes;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deltasync-bench",
+    about = "deltasync against raw JetStream and a plain KV watcher"
+)]
+struct Args {
+    /// Keys in the bootstrap, snapshot, digest and memory scenarios.
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: usize,
+    /// Changes in the throughput scenarios.
+    #[arg(long, default_value_t = 1_000_000)]
+    changes: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Tiny sizes that check correctness quickly (CI); figures are meaningless.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the Markdown table (not written with --quick unless given).
+    #[arg(long)]
+    markdown: Option<std::path::PathBuf>,
+    /// Where to write the figures as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Internal: build a replica of N keys and print its memory use (run as a child process).
+    #[arg(long, hide = true)]
+    memory_probe: Option<usize>,
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if let Some(keys) = args.memory_probe {
+        return scenarios::memory_probe(keys, args.value_bytes);
+    }
+    if args.quick {
+        args.keys = args.keys.min(20_000);
+        args.changes = args.changes.min(20_000);
+    }
+    let sizes = Sizes {
+        keys: args.keys,
+        changes: args.changes,
+        value_bytes: args.value_bytes,
+    };
+    let server = deltasync_testkit::NatsServer::start();
+    let url = server.url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut rows: Vec<Row> = Vec::new();
+    eprintln!("nats-server at {url}; sizes {sizes:?}");
+    rt.block_on(async {
+        scenarios::apply_memory(&url, sizes, &mut rows).await?;
+        scenarios::snapshots(&url, sizes, &mut rows).await?;
+        anyhow::Ok(())
+    })?;
+    scenarios::digest_cost(sizes, &mut rows)?;
+    scenarios::memory(sizes, &mut rows)?;
+    drop(server);
+
+    report::print(&rows);
+    let ctx = Context {
+        command: std::env::args().collect::<Vec<_>>().join(" ").replace(
+            &std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            "deltasync-bench",
+        ),
+        date: date(),
+        machine: machine(),
+        server: server_version(),
+        sizes: format!(
+            "{} keys, {} changes, {} B values",
+            sizes.keys, sizes.changes, sizes.value_bytes
+        ),
+    };
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, report::markdown(&ctx, &rows))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.json {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&serde_json::json!({"context": ctx, "rows": rows}))?,
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb / 1024 / 1024);
+    format!("{cores} cores, {mem} GiB, {cpu}")
+}
+
+fn server_version() -> String {
+    std::process::Command::new(deltasync_testkit::nats_server_bin())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
