@@ -1,1 +1,360 @@
-//! deltasync consumer library (commands arrive with their issues).
+//! deltasync consumer: keeps an exact replica of a pipeline's keyed state and never silently
+//! skips a change.
+//!
+//! A consumer bootstraps from the pipeline's latest snapshot (verified chunk by chunk, then
+//! range by range, then the whole digest), follows the envelope stream from the snapshot's
+//! position, applies each transaction all-or-nothing and checks the producer's digest after
+//! it, and commits its replica with its cursor in one local transaction (redb, with
+//! `--data-dir`). When the history it needs is gone (pruned, deleted), belongs to another
+//! lineage, or its replica diverged (digest mismatch, a replica changed on disk), it
+//! re-snapshots — downloading only the segments after its position or the bucket ranges whose
+//! digest differs — and says why, in logs and metrics.
+//!
+//! Talks to NATS JetStream (the stream and the snapshot bucket, through
+//! `deltasync_shared::{history, store}`; a per-replica durable consumer as a position marker,
+//! through [`marker`]), to the local disk ([`local`]) and to HTTP clients ([`http`]).
+//!
+//! ```text
+//!  lib.rs     Consumer, run(), options, errors
+//!  engine     start-up decision, following, commits, re-snapshots
+//!  local      the replica and cursor on disk (redb)
+//!  replica    the read handle: views, status, change batches
+//!  marker     the replica's position shown on the server
+//!  http       /healthz /readyz /metrics /v1/status /v1/keys /v1/state
+//!  ndjson     entries as NDJSON (dump, /v1/state, /v1/keys)
+//!  metrics    Prometheus metrics
+//! ```
+//!
+//! # Example
+//!
+//! A service that keeps a replica in memory, reads it concurrently, and reacts to changes:
+//!
+//! ```no_run
+//! use deltasync_consumer::{BatchKind, Consumer, Options, Storage};
+//! use deltasync_shared::settings::Settings;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn example() -> anyhow::Result<()> {
+//! let mut settings = Settings::default();
+//! settings.pipeline = "orders".into();
+//! let options = Options {
+//!     id: "pricing-service-1".into(),
+//!     storage: Storage::Memory,
+//!     http: None,
+//!     once: false,
+//! };
+//! let consumer = Consumer::new(settings, options)?;
+//! let replica = consumer.replica();
+//! let mut changes = replica.subscribe();
+//! let cancel = CancellationToken::new();
+//! let running = tokio::spawn(consumer.run(cancel.clone()));
+//!
+//! // Wait until the replica holds a verified state.
+//! replica
+//!     .wait_until(std::time::Duration::from_secs(30), |s| s.bootstrapped)
+//!     .await
+//!     .map_err(|s| anyhow::anyhow!("not bootstrapped: {s:?}"))?;
+//!
+//! // Consistent reads: one view is one sequence, whatever the consumer does meanwhile.
+//! let view = replica.view();
+//! println!("{} keys at sequence {}", view.len(), view.seq());
+//! if let Some(v) = view.get("order-42") {
+//!     println!("order-42 = {}", String::from_utf8_lossy(v));
+//! }
+//!
+//! // Informer-style reactions to committed changes, in sequence order.
+//! while let Ok(batch) = changes.recv().await {
+//!     match batch.kind {
+//!         BatchKind::Applied => println!("seq {}: {} changes", batch.seq, batch.changes.len()),
+//!         BatchKind::Resync { reason } => println!("re-snapshot ({reason}) to {}", batch.seq),
+//!     }
+//! #   break;
+//! }
+//! cancel.cancel();
+//! running.await??;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod engine;
+pub mod http;
+pub mod local;
+pub mod marker;
+pub mod metrics;
+pub mod ndjson;
+pub mod replica;
+
+pub use engine::Outcome;
+pub use local::Cursor;
+pub use replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord, Status, View};
+
+use deltasync_shared::history::HistoryError;
+use deltasync_shared::nats::NatsError;
+use deltasync_shared::settings::Settings;
+use deltasync_shared::store::StoreError;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Where a replica keeps its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// Memory only: every start bootstraps from the latest snapshot.
+    Memory,
+    /// A redb file in this directory, with the cursor: restarts resume from it.
+    Durable(PathBuf),
+}
+
+/// How to run one replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Stable identity; names the replica's durable consumer on the server.
+    pub id: String,
+    /// Memory or a data directory.
+    pub storage: Storage,
+    /// Address of the HTTP endpoint (port 0 picks a free one); off when `None`.
+    pub http: Option<SocketAddr>,
+    /// Catch up to the stream's head as it was at start, commit, and return.
+    pub once: bool,
+}
+
+impl Options {
+    /// The options the settings describe: `consumer.id` (else the host name),
+    /// `consumer.data_dir` (else memory), `consumer.http`.
+    pub fn from_settings(settings: &Settings) -> Options {
+        let c = &settings.consumer;
+        Options {
+            id: c.id.clone().unwrap_or_else(host_name),
+            storage: c.data_dir.clone().map_or(Storage::Memory, Storage::Durable),
+            http: c.http,
+            once: false,
+        }
+    }
+}
+
+/// This machine's host name (the default replica id), `consumer` when it cannot be read.
+pub fn host_name() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().trim().to_owned();
+    if name.is_empty() {
+        "consumer".to_owned()
+    } else {
+        name
+    }
+}
+
+/// Why a consumer stopped with an error. One variant per failing step.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error(
+        "pipeline {pipeline} is not set up on the server (no stream or snapshot bucket): {detail}"
+    )]
+    PipelineMissing { pipeline: String, detail: String },
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
+    #[error(transparent)]
+    Snapshot(#[from] StoreError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error("gave up after {attempts} re-snapshot attempts (reason {reason}): {detail}")]
+    ResyncFailed {
+        reason: Reason,
+        attempts: u32,
+        detail: String,
+    },
+    #[error(
+        "the latest snapshot is of lineage {found}, but the stream continues lineage {wanted}"
+    )]
+    SnapshotLineage { wanted: String, found: String },
+    #[error(
+        "the bucket has no snapshot and the stream's first envelope is {lineage}:{seq}, not \
+         envelope 1: there is nothing to start from"
+    )]
+    NoSnapshot { lineage: String, seq: u64 },
+    #[error(
+        "the bucket has no snapshot and the stream no envelope: the replica's history is gone"
+    )]
+    NoHistory,
+    #[error("the local store's writer failed: {0}")]
+    Writer(String),
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl ConsumerError {
+    fn resync_failed(reason: Reason, attempts: u32, last: &str) -> ConsumerError {
+        let detail = match reason {
+            Reason::Pruned => format!(
+                "the stream prunes envelopes before this replica reaches them, even from the \
+                 newest snapshot: it cannot keep up. Retain more history (stream.max_messages, \
+                 stream.max_age) or snapshot more often. Last error: {last}"
+            ),
+            _ => format!("last error: {last}"),
+        };
+        ConsumerError::ResyncFailed {
+            reason,
+            attempts,
+            detail,
+        }
+    }
+}
+
+/// One replica: create it, take its [`Replica`] handle, then [`run`](Consumer::run) it.
+#[derive(Debug)]
+pub struct Consumer {
+    settings: Settings,
+    options: Options,
+    replica: Replica,
+}
+
+impl Consumer {
+    /// Prepares a replica (no I/O yet).
+    pub fn new(settings: Settings, options: Options) -> Result<Consumer, ConsumerError> {
+        let replica = Replica::new(
+            &options.id,
+            &settings.pipeline,
+            matches!(options.storage, Storage::Durable(_)),
+            settings.consumer.max_ready_lag,
+        );
+        Ok(Consumer {
+            settings,
+            options,
+            replica,
+        })
+    }
+
+    /// The read handle; valid before, during and after `run`.
+    pub fn replica(&self) -> Replica {
+        self.replica.clone()
+    }
+
+    /// Runs the replica until `cancel` (or, with `once`, until caught up), then commits.
+    pub async fn run(self, cancel: CancellationToken) -> Result<Outcome, ConsumerError> {
+        let http_stop = CancellationToken::new();
+        let http = match self.options.http {
+            Some(addr) => {
+                let (listener, local) = http::bind(addr)
+                    .await
+                    .map_err(|source| ConsumerError::Http { addr, source })?;
+                tracing::info!(addr = %local, "HTTP endpoint listening");
+                self.replica.set_http_addr(local);
+                Some(tokio::spawn(http::serve(
+                    listener,
+                    self.replica.clone(),
+                    http_stop.clone(),
+                )))
+            }
+            None => None,
+        };
+        let result = self.follow(&cancel).await;
+        http_stop.cancel();
+        if let Some(h) = http {
+            let _ = h.await;
+        }
+        result
+    }
+
+    async fn follow(&self, cancel: &CancellationToken) -> Result<Outcome, ConsumerError> {
+        let pipeline = self.settings.pipeline.clone();
+        let store = match &self.options.storage {
+            Storage::Memory => local::LocalStore::Memory,
+            Storage::Durable(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    local::LocalStore::open_durable(&dir, &pipeline)
+                })
+                .await
+                .map_err(|e| ConsumerError::Writer(e.to_string()))??
+            }
+        };
+        let loaded = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.load())
+                .await
+                .map_err(|e| ConsumerError::Writer(e.to_string()))??
+        };
+        if let Some(l) = &loaded {
+            tracing::info!(
+                store = %store.describe(),
+                lineage = %l.cursor.lineage,
+                seq = l.cursor.seq,
+                stream_seq = l.cursor.stream_seq,
+                entries = l.state.len(),
+                "Local replica loaded"
+            );
+        }
+        let client = deltasync_shared::nats::connect(&self.settings.nats).await?;
+        let js = deltasync_shared::nats::jetstream(client.clone(), &self.settings.nats);
+        let Some(kv) = self.wait_for_pipeline(&js, cancel).await? else {
+            return Ok(Outcome {
+                cursor: loaded.map(|l| l.cursor).unwrap_or_default(),
+                bootstrapped: false,
+            });
+        };
+        let marker = marker::Marker::start(js.clone(), &self.settings, &self.options.id);
+        let engine = engine::Engine::new(
+            self.settings.clone(),
+            js,
+            kv,
+            store,
+            self.replica.clone(),
+            marker,
+            self.options.once,
+        );
+        let outcome = engine.run(loaded, cancel).await;
+        if let Err(e) = client.drain().await {
+            tracing::debug!(error = %e, "Draining the NATS connection failed");
+        }
+        outcome
+    }
+
+    /// Waits until the pipeline's stream and bucket exist (the producer creates them). With
+    /// `once`, does not wait. `None` when cancelled meanwhile.
+    async fn wait_for_pipeline(
+        &self,
+        js: &async_nats::jetstream::Context,
+        cancel: &CancellationToken,
+    ) -> Result<Option<async_nats::jetstream::kv::Store>, ConsumerError> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let found = match deltasync_shared::history::bounds(js, &self.settings).await {
+                Ok(_) => deltasync_shared::store::bucket(js, &self.settings)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match found {
+                Ok(kv) => return Ok(Some(kv)),
+                Err(detail) if self.options.once => {
+                    return Err(ConsumerError::PipelineMissing {
+                        pipeline: self.settings.pipeline.clone(),
+                        detail,
+                    })
+                }
+                Err(detail) => {
+                    tracing::warn!(pipeline = %self.settings.pipeline, %detail, "The pipeline is not set up yet; waiting for its producer");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Runs one replica as the settings and options say: what the binary calls.
+pub async fn run(
+    settings: Settings,
+    options: Options,
+    cancel: CancellationToken,
+) -> Result<Outcome, ConsumerError> {
+    Consumer::new(settings, options)?.run(cancel).await
+}

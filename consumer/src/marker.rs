@@ -1,0 +1,138 @@
+//! Makes each replica's position visible on the server for operators: one durable JetStream
+//! consumer per replica id (`names::consumer_name`) whose ack floor follows the replica's
+//! committed stream sequence, and which the server removes after `inactive_threshold`
+//! without the replica.
+//!
+//! Talks to JetStream: consumer create/update and consumer reset (nats-server 2.14, ADR-60).
+//! This is the only module of the crate that calls async-nats itself; the stream and the
+//! bucket are read through `deltasync_shared::{history, store}`.
+//!
+//! ## Invariants
+//!
+//! - The marker only ever moves to a position the engine has committed locally (the engine
+//!   calls [`Marker::committed`] after the commit is durable). It is informational: the local
+//!   cursor is authoritative, and a failure here is logged, never fatal.
+//! - The marker consumer is never pulled from: it costs the server no deliveries. Its ack
+//!   floor is set with a reset to `stream_seq + 1` (`DeliverPolicy::All` allows any reset).
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::ConsumerResetErrorKind;
+use async_nats::jetstream::{self};
+use deltasync_shared::names;
+use deltasync_shared::settings::Settings;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Fewest time between two resets: a busy replica commits far more often than operators look.
+const MIN_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The marker task's handle.
+#[derive(Debug)]
+pub struct Marker {
+    tx: watch::Sender<Option<u64>>,
+    task: JoinHandle<()>,
+}
+
+impl Marker {
+    /// Starts the marker of replica `id`.
+    pub fn start(js: jetstream::Context, settings: &Settings, id: &str) -> Marker {
+        let (tx, rx) = watch::channel(None);
+        let name = names::consumer_name(&settings.pipeline, id);
+        let stream = names::stream_name(&settings.pipeline);
+        let threshold = settings.consumer.inactive_threshold;
+        let task = tokio::spawn(run(js, stream, name, id.to_owned(), threshold, rx));
+        Marker { tx, task }
+    }
+
+    /// The replica committed up to `stream_seq`.
+    pub fn committed(&self, stream_seq: u64) {
+        self.tx.send_replace(Some(stream_seq));
+    }
+
+    /// Publishes the last position (bounded by `wait`) and stops.
+    pub async fn finish(self, wait: Duration) {
+        drop(self.tx);
+        let mut task = self.task;
+        if tokio::time::timeout(wait, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+async fn run(
+    js: jetstream::Context,
+    stream: String,
+    name: String,
+    id: String,
+    threshold: Duration,
+    mut rx: watch::Receiver<Option<u64>>,
+) {
+    // Keep-alive well inside the threshold, so a live replica's consumer is never removed.
+    let keepalive = if threshold.is_zero() {
+        Duration::from_secs(60)
+    } else {
+        (threshold / 3).clamp(Duration::from_millis(200), Duration::from_secs(60))
+    };
+    let mut created = false;
+    let mut last_sent: Option<u64> = None;
+    let mut tick = tokio::time::interval(keepalive);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (closed, keepalive_due) = tokio::select! {
+            r = rx.changed() => (r.is_err(), false),
+            _ = tick.tick() => (false, true),
+        };
+        let wanted = *rx.borrow_and_update();
+        if let Some(seq) = wanted {
+            if keepalive_due || last_sent != Some(seq) {
+                match publish(&js, &stream, &name, &id, threshold, seq, &mut created).await {
+                    Ok(()) => last_sent = Some(seq),
+                    Err(e) => {
+                        created = false;
+                        tracing::warn!(consumer = %name, stream_seq = seq, error = %e, "Could not show the replica's position on the server; will retry");
+                    }
+                }
+            }
+        }
+        if closed {
+            return;
+        }
+        tokio::time::sleep(MIN_INTERVAL).await;
+    }
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+    id: &str,
+    threshold: Duration,
+    seq: u64,
+    created: &mut bool,
+) -> Result<(), async_nats::Error> {
+    let s = js.get_stream(stream).await?;
+    if !*created {
+        s.create_consumer(pull::Config {
+            durable_name: Some(name.to_owned()),
+            description: Some(format!(
+                "deltasync replica {id}: position marker (never pulled)"
+            )),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::All,
+            inactive_threshold: threshold,
+            ..Default::default()
+        })
+        .await?;
+        *created = true;
+    }
+    match s.reset_consumer(name, Some(seq + 1)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ConsumerResetErrorKind::NotFound => {
+            // Removed meanwhile (inactivity while the replica was busy elsewhere): recreate.
+            *created = false;
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,176 @@
+//! The consumer's Prometheus metrics (prometheus-client), served at `/metrics` and read by
+//! `/v1/status`. Pure bookkeeping: no I/O.
+//!
+//! ```text
+//! deltasync_consumer_envelopes_applied_total           transactions applied (after their last part)
+//! deltasync_consumer_changes_applied_total             changes in them
+//! deltasync_consumer_envelopes_skipped_total{reason}   duplicate | stale
+//! deltasync_consumer_foreign_messages_total            stream messages that are not envelopes
+//! deltasync_consumer_sync_decisions_total{reason}      resume | bootstrap | pruned | lineage_changed
+//!                                                      | gap | digest_mismatch | corrupt_local
+//! deltasync_consumer_resyncs_total{reason}             re-snapshots done, by reason
+//! deltasync_consumer_snapshot_bytes_fetched_total      snapshot bytes downloaded
+//! deltasync_consumer_snapshot_seconds                  histogram of re-snapshot durations
+//! deltasync_consumer_apply_seconds                     histogram of decode-to-applied per envelope
+//! deltasync_consumer_commit_seconds                    histogram of durable commits
+//! deltasync_consumer_lag_messages                      stream messages after the committed position
+//! deltasync_consumer_seq                               committed envelope sequence
+//! deltasync_consumer_entries                           keys in the replica
+//! deltasync_consumer_ready                             1 when bootstrapped and within max lag
+//! ```
+
+use prometheus_client::encoding::text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// Every metric of one consumer. Cloning shares the underlying values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub(crate) envelopes_applied: Counter,
+    pub(crate) changes_applied: Counter,
+    pub(crate) envelopes_skipped: Family<Labels, Counter>,
+    pub(crate) foreign_messages: Counter,
+    pub(crate) decisions: Family<Labels, Counter>,
+    pub(crate) resyncs: Family<Labels, Counter>,
+    pub(crate) snapshot_bytes: Counter,
+    pub(crate) snapshot_seconds: Histogram,
+    pub(crate) apply_seconds: Histogram,
+    pub(crate) commit_seconds: Histogram,
+    pub(crate) lag: Gauge,
+    pub(crate) seq: Gauge,
+    pub(crate) entries: Gauge,
+    pub(crate) ready: Gauge,
+}
+
+fn reason(r: &str) -> Labels {
+    vec![("reason".to_owned(), r.to_owned())]
+}
+
+impl Metrics {
+    /// Fresh metrics and the registry that exposes them.
+    pub fn new() -> (Metrics, Registry) {
+        let m = Metrics {
+            envelopes_applied: Counter::default(),
+            changes_applied: Counter::default(),
+            envelopes_skipped: Family::default(),
+            foreign_messages: Counter::default(),
+            decisions: Family::default(),
+            resyncs: Family::default(),
+            snapshot_bytes: Counter::default(),
+            snapshot_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            apply_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 22)),
+            commit_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
+            lag: Gauge::default(),
+            seq: Gauge::default(),
+            entries: Gauge::default(),
+            ready: Gauge::default(),
+        };
+        let mut r = Registry::with_prefix("deltasync_consumer");
+        r.register(
+            "envelopes_applied",
+            "Transactions applied (counted at their last part)",
+            m.envelopes_applied.clone(),
+        );
+        r.register(
+            "changes_applied",
+            "Changes applied",
+            m.changes_applied.clone(),
+        );
+        r.register(
+            "envelopes_skipped",
+            "Envelopes skipped as duplicate or stale",
+            m.envelopes_skipped.clone(),
+        );
+        r.register(
+            "foreign_messages",
+            "Stream messages that are not valid envelopes, skipped",
+            m.foreign_messages.clone(),
+        );
+        r.register(
+            "sync_decisions",
+            "Start-up and resynchronisation decisions, by reason",
+            m.decisions.clone(),
+        );
+        r.register("resyncs", "Re-snapshots done, by reason", m.resyncs.clone());
+        r.register(
+            "snapshot_bytes_fetched",
+            "Snapshot bytes downloaded",
+            m.snapshot_bytes.clone(),
+        );
+        r.register(
+            "snapshot_seconds",
+            "Duration of re-snapshots (download, verify, commit)",
+            m.snapshot_seconds.clone(),
+        );
+        r.register(
+            "apply_seconds",
+            "Time to apply one envelope",
+            m.apply_seconds.clone(),
+        );
+        r.register(
+            "commit_seconds",
+            "Time of one durable commit of entries and cursor",
+            m.commit_seconds.clone(),
+        );
+        r.register(
+            "lag_messages",
+            "Stream messages after the committed position",
+            m.lag.clone(),
+        );
+        r.register("seq", "Committed envelope sequence", m.seq.clone());
+        r.register("entries", "Keys in the replica", m.entries.clone());
+        r.register(
+            "ready",
+            "1 when bootstrapped and within the allowed lag",
+            m.ready.clone(),
+        );
+        (m, r)
+    }
+
+    pub(crate) fn decision(&self, r: &str) {
+        self.decisions.get_or_create(&reason(r)).inc();
+    }
+
+    pub(crate) fn resync(&self, r: &str) {
+        self.resyncs.get_or_create(&reason(r)).inc();
+    }
+
+    pub(crate) fn skipped(&self, r: &str) {
+        self.envelopes_skipped.get_or_create(&reason(r)).inc();
+    }
+
+    /// How often each decision was taken, by reason.
+    pub fn decisions(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for r in crate::Reason::ALL {
+            if let Some(c) = self.decisions.get(&reason(r.as_str())) {
+                out.insert(r.as_str().to_owned(), c.get());
+            }
+        }
+        out
+    }
+
+    /// Re-snapshots done, by reason.
+    pub fn resyncs(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for r in crate::Reason::ALL {
+            if let Some(c) = self.resyncs.get(&reason(r.as_str())) {
+                out.insert(r.as_str().to_owned(), c.get());
+            }
+        }
+        out
+    }
+}
+
+/// The registry in Prometheus text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = text::encode(&mut out, registry);
+    out
+}

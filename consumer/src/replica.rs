@@ -1,0 +1,461 @@
+//! The replica handle a Rust service reads from: consistent views of the state, the status,
+//! and a stream of applied change batches — the way informer event handlers react to a
+//! Kubernetes cache. The engine is its only writer.
+//!
+//! Talks to nothing: the engine publishes into it, readers (HTTP, library users) read from it.
+//!
+//! ## Invariants
+//!
+//! - Nothing here is ahead of the local commit: a view, the status position and every change
+//!   batch are published only after the commit of the position they describe is durable
+//!   (immediately in memory mode).
+//! - A view is one `State` at one sequence: reading it never sees half a transaction, and it
+//!   never changes (the engine publishes a new one instead; `State` clones share unchanged
+//!   buckets, so a view costs a few pointer copies).
+//! - Change batches are delivered in sequence order. A subscriber that falls more than
+//!   [`EVENT_CAPACITY`] batches behind gets `RecvError::Lagged` and should re-read a view.
+
+use crate::local::Cursor;
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use deltasync_shared::{Change, Digest, Lineage, State};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+
+/// Change batches a subscriber may fall behind before it is told it lagged.
+pub const EVENT_CAPACITY: usize = 4096;
+
+/// Why the replica took the path it took; the label of logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The local cursor continues the retained history: follow from it.
+    Resume,
+    /// No local state: load the latest snapshot.
+    Bootstrap,
+    /// The envelopes after the position are no longer in the stream.
+    Pruned,
+    /// The stream or the latest snapshot belongs to another lineage.
+    LineageChanged,
+    /// An envelope is missing from the stream.
+    Gap,
+    /// The replica's digest after a transaction differs from the producer's.
+    DigestMismatch,
+    /// The local replica does not match its stored digest.
+    CorruptLocal,
+}
+
+impl Reason {
+    /// Every reason, in label order.
+    pub const ALL: [Reason; 7] = [
+        Reason::Resume,
+        Reason::Bootstrap,
+        Reason::Pruned,
+        Reason::LineageChanged,
+        Reason::Gap,
+        Reason::DigestMismatch,
+        Reason::CorruptLocal,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Resume => "resume",
+            Reason::Bootstrap => "bootstrap",
+            Reason::Pruned => "pruned",
+            Reason::LineageChanged => "lineage_changed",
+            Reason::Gap => "gap",
+            Reason::DigestMismatch => "digest_mismatch",
+            Reason::CorruptLocal => "corrupt_local",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a batch of changes came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchKind {
+    /// One transaction of the stream, applied.
+    Applied,
+    /// A re-snapshot: the changes turn the previous state into the snapshot's.
+    Resync { reason: Reason },
+}
+
+/// Changes the replica committed, with the sequence they lead to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeBatch {
+    /// The lineage of `seq`.
+    pub lineage: Lineage,
+    /// The position before (for a re-snapshot possibly in another lineage).
+    pub prev_seq: u64,
+    /// The position after.
+    pub seq: u64,
+    /// A transaction or a re-snapshot.
+    pub kind: BatchKind,
+    /// In order; applying them to the state at `prev_seq` gives the state at `seq`.
+    pub changes: Vec<Change>,
+}
+
+/// A consistent, immutable view of the replica at one committed sequence.
+#[derive(Clone, Debug)]
+pub struct View {
+    state: State,
+    stream_seq: u64,
+}
+
+impl View {
+    pub(crate) fn new(state: State, stream_seq: u64) -> View {
+        View { state, stream_seq }
+    }
+
+    /// The whole state (entries, digest, position).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The lineage.
+    pub fn lineage(&self) -> Lineage {
+        self.state.lineage()
+    }
+
+    /// The envelope sequence of the view.
+    pub fn seq(&self) -> u64 {
+        self.state.seq()
+    }
+
+    /// The stream sequence of that envelope.
+    pub fn stream_seq(&self) -> u64 {
+        self.stream_seq
+    }
+
+    /// The state digest.
+    pub fn digest(&self) -> Digest {
+        self.state.digest()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.state.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.state.is_empty()
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&Bytes> {
+        self.state.get(key)
+    }
+}
+
+/// The last re-snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResyncRecord {
+    pub reason: Reason,
+    /// When it completed, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The position before (0 when there was none).
+    pub from_seq: u64,
+    /// The snapshot's position.
+    pub seq: u64,
+    pub bytes_fetched: u64,
+    pub ranges_rebuilt: usize,
+    pub segments_applied: usize,
+    pub duration_ms: u64,
+}
+
+/// What `/v1/status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub id: String,
+    pub pipeline: String,
+    /// Whether commits reach a disk (`--data-dir`).
+    pub durable: bool,
+    /// Whether the replica holds a verified state.
+    pub bootstrapped: bool,
+    /// Bootstrapped and within `consumer.max_ready_lag`.
+    pub ready: bool,
+    /// Lineage of the committed position (hex).
+    pub lineage: String,
+    /// Committed envelope sequence.
+    pub seq: u64,
+    /// Its stream sequence.
+    pub stream_seq: u64,
+    /// State digest at `seq` (hex).
+    pub digest: String,
+    /// Stream messages after the committed position.
+    pub lag: u64,
+    /// Keys in the replica at `seq`.
+    pub entries: usize,
+    pub last_resync: Option<ResyncRecord>,
+    /// Start-up and resync decisions taken, by reason.
+    pub decisions: std::collections::BTreeMap<String, u64>,
+    pub envelopes_applied: u64,
+    pub changes_applied: u64,
+    pub foreign_messages: u64,
+    pub snapshot_bytes_fetched: u64,
+}
+
+#[derive(Debug, Default)]
+struct Position {
+    cursor: Cursor,
+    entries: usize,
+    bootstrapped: bool,
+    last_resync: Option<ResyncRecord>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: String,
+    pipeline: String,
+    durable: bool,
+    max_ready_lag: u64,
+    view: RwLock<Arc<View>>,
+    /// Set by a reader that found the view behind the committed position; the engine then
+    /// publishes a fresh one at its next commit.
+    view_wanted: AtomicBool,
+    position: Mutex<Position>,
+    lag: AtomicU64,
+    /// Bumped at every change of the status, for [`Replica::wait_until`].
+    changed: watch::Sender<u64>,
+    events: broadcast::Sender<Arc<ChangeBatch>>,
+    metrics: Metrics,
+    registry: prometheus_client::registry::Registry,
+    http_addr: std::sync::OnceLock<std::net::SocketAddr>,
+}
+
+/// A handle on a replica: cheap to clone, safe to share across tasks and threads.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    inner: Arc<Inner>,
+}
+
+impl Replica {
+    pub(crate) fn new(id: &str, pipeline: &str, durable: bool, max_ready_lag: u64) -> Replica {
+        let (metrics, registry) = Metrics::new();
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let empty = View::new(State::new(Lineage::default()), 0);
+        Replica {
+            inner: Arc::new(Inner {
+                id: id.to_owned(),
+                pipeline: pipeline.to_owned(),
+                durable,
+                max_ready_lag,
+                view: RwLock::new(Arc::new(empty)),
+                view_wanted: AtomicBool::new(false),
+                position: Mutex::new(Position::default()),
+                lag: AtomicU64::new(0),
+                changed: watch::channel(0).0,
+                events,
+                metrics,
+                registry,
+                http_addr: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The replica's id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The address the HTTP endpoint listens on, once it does.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.http_addr.get().copied()
+    }
+
+    pub(crate) fn set_http_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.inner.http_addr.set(addr);
+    }
+
+    /// The latest published view. It is at the committed position when the replica is caught
+    /// up; while it works through a backlog it may trail the committed position by up to about
+    /// a second (publishing a view on every commit would copy buckets the next transactions
+    /// touch). Asking marks the view wanted, and the next commit publishes a fresh one.
+    pub fn view(&self) -> Arc<View> {
+        let view = self.read_view();
+        let committed = self.position().cursor;
+        if view.seq() != committed.seq || view.lineage() != committed.lineage {
+            self.inner.view_wanted.store(true, Ordering::Relaxed);
+        }
+        view
+    }
+
+    fn read_view(&self) -> Arc<View> {
+        match self.inner.view.read() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The value of `key` in the latest view.
+    pub fn get(&self, key: &str) -> Option<Bytes> {
+        self.view().get(key).cloned()
+    }
+
+    /// Subscribes to committed change batches, from now on, in order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeBatch>> {
+        self.inner.events.subscribe()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::encode(&self.inner.registry)
+    }
+
+    fn position(&self) -> std::sync::MutexGuard<'_, Position> {
+        match self.inner.position.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Whether the replica holds a verified state within the allowed lag.
+    pub fn is_ready(&self) -> bool {
+        self.position().bootstrapped && self.lag() <= self.inner.max_ready_lag
+    }
+
+    /// Stream messages after the committed position.
+    pub fn lag(&self) -> u64 {
+        self.inner.lag.load(Ordering::Relaxed)
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        let (cursor, entries, bootstrapped, last_resync) = {
+            let p = self.position();
+            (p.cursor, p.entries, p.bootstrapped, p.last_resync.clone())
+        };
+        let lag = self.lag();
+        let m = &self.inner.metrics;
+        Status {
+            id: self.inner.id.clone(),
+            pipeline: self.inner.pipeline.clone(),
+            durable: self.inner.durable,
+            bootstrapped,
+            ready: bootstrapped && lag <= self.inner.max_ready_lag,
+            lineage: cursor.lineage.to_hex(),
+            seq: cursor.seq,
+            stream_seq: cursor.stream_seq,
+            digest: cursor.digest.to_hex(),
+            lag,
+            entries,
+            last_resync,
+            decisions: m.decisions(),
+            envelopes_applied: m.envelopes_applied.get(),
+            changes_applied: m.changes_applied.get(),
+            foreign_messages: m.foreign_messages.get(),
+            snapshot_bytes_fetched: m.snapshot_bytes.get(),
+        }
+    }
+
+    /// Waits until `done` holds for the status, re-checking at every change. Returns the
+    /// last status seen as `Err` when `timeout` passes first.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&Status) -> bool,
+    ) -> Result<Status, Box<Status>> {
+        let mut rx = self.inner.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return Ok(status);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return Err(Box::new(self.status())),
+            }
+        }
+    }
+
+    // ---- engine side ----
+
+    pub(crate) fn has_subscribers(&self) -> bool {
+        self.inner.events.receiver_count() > 0
+    }
+
+    pub(crate) fn take_view_wanted(&self) -> bool {
+        self.inner.view_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    fn bump(&self) {
+        self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Records a durable commit at `cursor` holding `entries` keys, with the view of it when
+    /// one was taken, and delivers its change batches.
+    pub(crate) fn committed(
+        &self,
+        cursor: Cursor,
+        entries: usize,
+        view: Option<State>,
+        batches: Vec<Arc<ChangeBatch>>,
+        bootstrapped: bool,
+    ) {
+        if let Some(state) = view {
+            let v = Arc::new(View::new(state, cursor.stream_seq));
+            match self.inner.view.write() {
+                Ok(mut g) => *g = v,
+                Err(poisoned) => *poisoned.into_inner() = v,
+            }
+        }
+        {
+            let mut p = self.position();
+            p.cursor = cursor;
+            p.entries = entries;
+            p.bootstrapped = bootstrapped;
+        }
+        let m = &self.inner.metrics;
+        m.seq.set(i64::try_from(cursor.seq).unwrap_or(i64::MAX));
+        m.entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.update_ready();
+        for b in batches {
+            // No receiver is not an error: nobody listens.
+            let _ = self.inner.events.send(b);
+        }
+        self.bump();
+    }
+
+    pub(crate) fn record_resync(&self, record: ResyncRecord) {
+        self.position().last_resync = Some(record);
+        self.bump();
+    }
+
+    pub(crate) fn set_lag(&self, lag: u64) {
+        let old = self.inner.lag.swap(lag, Ordering::Relaxed);
+        if old != lag {
+            self.inner
+                .metrics
+                .lag
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            self.update_ready();
+            self.bump();
+        }
+    }
+
+    fn update_ready(&self) {
+        self.inner.metrics.ready.set(i64::from(self.is_ready()));
+    }
+
+    /// The view's position, for the engine's decision to publish a fresh one.
+    pub(crate) fn view_seq(&self) -> (Lineage, u64) {
+        let v = self.read_view();
+        (v.lineage(), v.seq())
+    }
+}
