@@ -246,19 +246,24 @@ pub fn decode_envelope(input: &[u8]) -> Result<Envelope, DecodeError> {
             wire.part, wire.parts
         )));
     }
+    if wire
+        .seq
+        .checked_add(u64::from(wire.parts - wire.part))
+        .is_none()
+    {
+        return Err(invalid(format!(
+            "part {} of {} at sequence {} would end past the last sequence",
+            wire.part, wire.parts, wire.seq
+        )));
+    }
     if u64::from(wire.part) > wire.seq {
         return Err(invalid(format!(
             "part {} cannot be at sequence {}",
             wire.part, wire.seq
         )));
     }
-    if wire.changes.len() > MAX_CHANGES_PER_ENVELOPE {
-        return Err(invalid(format!(
-            "{} changes, the limit is {MAX_CHANGES_PER_ENVELOPE}",
-            wire.changes.len()
-        )));
-    }
-    for (index, c) in wire.changes.iter().enumerate() {
+    let changes = wire.changes.0;
+    for (index, c) in changes.iter().enumerate() {
         c.validate()
             .map_err(|source| DecodeError::InvalidChange { index, source })?;
     }
@@ -269,7 +274,7 @@ pub fn decode_envelope(input: &[u8]) -> Result<Envelope, DecodeError> {
         parts: wire.parts,
         digest: Digest(wire.digest.0),
         produced_at_ms: wire.produced_at_ms,
-        changes: wire.changes,
+        changes,
     })
 }
 
@@ -292,7 +297,40 @@ struct WireEnvelopeIn {
     parts: u32,
     digest: FixedBytes<32>,
     produced_at_ms: u64,
-    changes: Vec<Change>,
+    changes: ChangesIn,
+}
+
+/// An array of changes whose length is checked against [`MAX_CHANGES_PER_ENVELOPE`] before
+/// any element is decoded, so a message of millions of tiny changes is refused before it
+/// costs memory.
+pub(crate) struct ChangesIn(pub(crate) Vec<Change>);
+
+impl<'de> Deserialize<'de> for ChangesIn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ChangesIn, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ChangesIn;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an array of at most {MAX_CHANGES_PER_ENVELOPE} changes")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ChangesIn, A::Error> {
+                let hint = seq.size_hint().unwrap_or(0);
+                if hint > MAX_CHANGES_PER_ENVELOPE {
+                    return Err(de::Error::invalid_length(hint, &self));
+                }
+                // Preallocate no more than the input could hold (a change is at least 3 bytes).
+                let mut out = Vec::with_capacity(hint.min(64 * 1024));
+                while let Some(c) = seq.next_element::<Change>()? {
+                    if out.len() == MAX_CHANGES_PER_ENVELOPE {
+                        return Err(de::Error::invalid_length(out.len() + 1, &self));
+                    }
+                    out.push(c);
+                }
+                Ok(ChangesIn(out))
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 /// Serializes a slice of changes as an array of `[key, value|nil]` pairs.

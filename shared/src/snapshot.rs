@@ -301,7 +301,7 @@ struct SegmentIn {
     to_seq: u64,
     #[allow(dead_code)]
     part: u32,
-    changes: Vec<Change>,
+    changes: codec::ChangesIn,
 }
 
 /// Checks a fetched blob against its reference, then decodes it as a chunk of `range`.
@@ -361,14 +361,14 @@ pub fn decode_segment(
             s.from_seq, s.to_seq, seg.from_seq, seg.to_seq
         )));
     }
-    for (index, c) in s.changes.iter().enumerate() {
+    for (index, c) in s.changes.0.iter().enumerate() {
         c.validate()
             .map_err(|e| invalid(format!("change {index}: {e}")))?;
     }
     Ok(Segment {
         from_seq: s.from_seq,
         to_seq: s.to_seq,
-        changes: s.changes,
+        changes: s.changes.0,
     })
 }
 

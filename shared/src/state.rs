@@ -220,7 +220,8 @@ impl State {
             });
         }
         if env.seq < expected {
-            if env.seq == last || env.seq > self.seq {
+            if env.seq >= self.seq {
+                // The last committed envelope again, or a buffered part again.
                 return Err(ApplyError::Duplicate { seq: env.seq });
             }
             return Err(ApplyError::Stale {
@@ -228,15 +229,14 @@ impl State {
                 current: self.seq,
             });
         }
-        if env.part == 1 && !self.pending.is_empty() {
-            // A new transaction right after incomplete parts: the producer stopped mid-way
-            // (crash) and never completed that transaction, so it never happened. The new
-            // transaction's digest is checked against the state without it.
-            self.pending.clear();
-        }
-        let expected_part = self.pending.last().map_or(1, |p| p.part + 1);
-        let same_txn = self
-            .pending
+        // A part 1 right after incomplete parts starts a new transaction: the producer stopped
+        // mid-way (crash) and never completed the buffered one, so it never happened. The new
+        // transaction is checked against the state without it; the buffered parts are only
+        // dropped once the new transaction is accepted (an error changes nothing).
+        let abandon = env.part == 1 && !self.pending.is_empty();
+        let pending: &[Envelope] = if abandon { &[] } else { &self.pending };
+        let expected_part = pending.last().map_or(1, |p| p.part + 1);
+        let same_txn = pending
             .first()
             .is_none_or(|p| p.parts == env.parts && p.digest == env.digest);
         if env.part != expected_part || !same_txn {
@@ -248,6 +248,9 @@ impl State {
             });
         }
         if !env.is_last_part() {
+            if abandon {
+                self.pending.clear();
+            }
             self.pending.push(env.clone());
             return Ok(Applied::Buffered {
                 seq: env.seq,
@@ -256,10 +259,14 @@ impl State {
             });
         }
 
-        let pending = std::mem::take(&mut self.pending);
+        let buffered = if abandon {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.pending)
+        };
         self.undo.clear();
         let mut count = 0;
-        for c in pending
+        for c in buffered
             .iter()
             .flat_map(|p| p.changes.iter())
             .chain(env.changes.iter())
@@ -270,13 +277,16 @@ impl State {
         let actual = self.digest();
         if actual != env.digest {
             self.rollback();
-            self.pending = pending;
+            if !abandon {
+                self.pending = buffered;
+            }
             return Err(ApplyError::DigestMismatch {
                 seq: env.seq,
                 expected: env.digest,
                 actual,
             });
         }
+        self.pending.clear();
         self.undo.clear();
         self.seq = env.seq;
         Ok(Applied::Committed {
