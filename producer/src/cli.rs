@@ -1,0 +1,286 @@
+//! The `deltasync-producer` command line: flags, subcommands, and what each one runs. `main`
+//! parses, loads settings, sets up logging and the shutdown token, then calls [`run`]; tests
+//! call the same [`run`].
+//!
+//! Talks to the library only (producer, ingest, sources, ops, http) and prints results to
+//! stdout (logs go to stderr).
+
+use crate::http;
+use crate::ingest::{self, Input};
+use crate::ops;
+use crate::producer::{NewLineage, Producer};
+use crate::sources::orderbook::{self, OrderbookOptions};
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use deltasync_shared::settings::{Overrides, Settings, CONFIG_FILE_ENV};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// deltasync producer: publishes a keyed state's changes as gapless, digest-chained delta
+/// envelopes to NATS JetStream and keeps snapshots in a KV bucket.
+#[derive(Debug, Parser)]
+#[command(name = "deltasync-producer", version)]
+pub struct Cli {
+    /// Settings file (TOML); environment variables DELTASYNC_<SECTION>__<KEY> override it.
+    #[arg(long, global = true, env = CONFIG_FILE_ENV, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated (overrides nats.url).
+    #[arg(long, global = true, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Pipeline name (overrides `pipeline`).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub pipeline: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a source: produce its states until interrupted (or --cycles).
+    Run {
+        /// Which source.
+        #[arg(long, value_enum)]
+        source: Source,
+        /// HTTP address for /healthz, /readyz, /metrics, /v1/status (overrides producer.http).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<SocketAddr>,
+        /// Percentage of orders touched per cycle.
+        #[arg(long, default_value_t = 1.0, value_name = "PCT")]
+        churn: f64,
+        /// Orders in the book.
+        #[arg(long, default_value_t = 10_000, value_name = "N")]
+        orders: usize,
+        /// Tokens traded.
+        #[arg(long, default_value_t = 64, value_name = "N")]
+        tokens: usize,
+        /// Time between cycles (e.g. 500ms, 2s).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DUR")]
+        cycle_interval: Duration,
+        /// Stop after this many cycles.
+        #[arg(long, value_name = "N")]
+        cycles: Option<u64>,
+        /// Generator seed (the same seed gives the same book).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Publish NDJSON changes from PATH (or stdin): {"op":"put","key":K,"value":V},
+    /// {"op":"del","key":K}, {"txn":[...]}. Stops at the first bad line with an error naming
+    /// it; everything before it is published.
+    Ingest {
+        /// The file; stdin when absent or "-".
+        path: Option<PathBuf>,
+        /// HTTP address for /healthz, /readyz, /metrics, /v1/status (overrides producer.http).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<SocketAddr>,
+    },
+    /// Take a snapshot now: recover the pipeline's state and write it to the bucket.
+    Snapshot,
+    /// Start a NEW lineage. This breaks continuity: every consumer re-snapshots (reason
+    /// "lineage changed"). For a history that is lost or corrupt; stop the running producer
+    /// first.
+    NewLineage {
+        /// Confirm that continuity is to be broken.
+        #[arg(long)]
+        yes: bool,
+        /// Start the new lineage from the recovered state instead of an empty one.
+        #[arg(long)]
+        keep_state: bool,
+    },
+    /// Show the pipeline's status (stream extent, newest envelope, latest snapshot).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Sources `run` can drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Source {
+    /// A synthetic order book, produced as full states and published as diffs.
+    Orderbook,
+}
+
+impl Cli {
+    /// Loads the settings: defaults, `--config`, environment, then `--nats-url`/`--pipeline`.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(Settings::load(
+            self.config.as_deref(),
+            Overrides {
+                nats_url: self.nats_url.clone(),
+                pipeline: self.pipeline.clone(),
+            },
+        )?)
+    }
+}
+
+/// Runs the command until it completes or `shutdown` fires (then: no more input, every
+/// outstanding acknowledgement awaited, `Ok`).
+pub async fn run(
+    command: Command,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            source: Source::Orderbook,
+            http,
+            churn,
+            orders,
+            tokens,
+            cycle_interval,
+            cycles,
+            seed,
+        } => {
+            if !(0.0..=100.0).contains(&churn) {
+                bail!("--churn {churn} is not a percentage (0 to 100)");
+            }
+            let opts = OrderbookOptions {
+                orders,
+                churn_pct: churn,
+                tokens,
+                cycle_interval,
+                cycles,
+                seed,
+            };
+            with_producer(settings, http, shutdown, Work::Orderbook(opts)).await
+        }
+        Command::Ingest { path, http } => {
+            let input = match path {
+                Some(p) if p.as_os_str() != "-" => Input::File(p),
+                _ => Input::Stdin,
+            };
+            with_producer(settings, http, shutdown, Work::Ingest(input)).await
+        }
+        Command::Snapshot => {
+            let out = ops::snapshot_now(&settings).await?;
+            let s = &out.snapshot;
+            if out.written {
+                println!(
+                    "snapshot written: lineage {} seq {} (stream seq {}), {} keys, {} bytes ({} new)",
+                    s.lineage, s.seq, s.stream_seq, s.entries, s.total_bytes, s.bytes_written
+                );
+            } else {
+                println!(
+                    "the latest snapshot is already at the head: lineage {} seq {}",
+                    s.lineage, s.seq
+                );
+            }
+            Ok(())
+        }
+        Command::NewLineage { yes, keep_state } => {
+            if !yes {
+                bail!(
+                    "refusing to start a new lineage without --yes: it breaks continuity and every \
+                     consumer of pipeline {} re-snapshots",
+                    settings.pipeline
+                );
+            }
+            let from = if keep_state {
+                NewLineage::KeepState
+            } else {
+                NewLineage::Empty
+            };
+            let producer = Producer::start_new_lineage(settings, from).await?;
+            let status = producer.shutdown().await?;
+            println!(
+                "new lineage {} started on pipeline {} (consumers will re-snapshot)",
+                status.lineage, status.pipeline
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let s = ops::pipeline_status(&settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            println!("pipeline {}", s.pipeline);
+            match &s.stream {
+                Some(st) => println!(
+                    "stream   {}: stream seq {}..={}, {} messages, {} bytes",
+                    st.name, st.first_seq, st.last_seq, st.messages, st.bytes
+                ),
+                None => println!("stream   (none yet)"),
+            }
+            match &s.head {
+                Some(h) => println!(
+                    "head     lineage {} seq {} (part {}/{}) at stream seq {}, digest {}{}",
+                    h.lineage,
+                    h.seq,
+                    h.part,
+                    h.parts,
+                    h.stream_seq,
+                    h.digest,
+                    if s.foreign_after_head > 0 {
+                        format!(", {} foreign message(s) after it", s.foreign_after_head)
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => println!("head     (no envelope)"),
+            }
+            match &s.last_snapshot {
+                Some(m) => println!(
+                    "snapshot lineage {} seq {} (stream seq {}), {} keys, {} bytes, created at {} ms",
+                    m.lineage, m.seq, m.stream_seq, m.entries, m.total_bytes, m.created_at_ms
+                ),
+                None => println!("snapshot (none)"),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What runs inside a producer's life.
+enum Work {
+    Orderbook(OrderbookOptions),
+    Ingest(Input),
+}
+
+/// Starts a producer (and its HTTP endpoint when configured), runs `work`, then shuts the
+/// producer down awaiting every acknowledgement — also when `work` failed, so whatever it
+/// handed over before failing is durable.
+async fn with_producer(
+    settings: Settings,
+    http: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    work: Work,
+) -> anyhow::Result<()> {
+    let http_addr = http.or(settings.producer.http);
+    let pipeline = settings.pipeline.clone();
+    let producer = Producer::start(settings)
+        .await
+        .with_context(|| format!("starting the producer of pipeline {pipeline}"))?;
+    let http_stop = shutdown.child_token();
+    let server = match http_addr {
+        Some(addr) => Some(
+            http::spawn(addr, producer.observer(), http_stop.clone())
+                .await
+                .with_context(|| format!("binding the HTTP endpoint to {addr}"))?,
+        ),
+        None => None,
+    };
+    let result: anyhow::Result<()> = match work {
+        Work::Orderbook(opts) => orderbook::run(&producer, opts, shutdown.clone())
+            .await
+            .map(drop)
+            .map_err(Into::into),
+        Work::Ingest(input) => ingest::ingest(&producer, input, shutdown.clone())
+            .await
+            .map(drop)
+            .map_err(Into::into),
+    };
+    let stopped = producer.shutdown().await;
+    http_stop.cancel();
+    if let Some((_, task)) = server {
+        let _ = task.await;
+    }
+    result?;
+    stopped?;
+    Ok(())
+}

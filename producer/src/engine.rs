@@ -1,0 +1,397 @@
+//! The batching engine: owns the producer's `State`, groups submitted changes into envelopes
+//! (by count, bytes and linger), keeps explicit transactions atomic (one envelope, or a
+//! multi-part split), computes each envelope's digest, and schedules snapshot cuts.
+//!
+//! Talks to no server: it runs on its own thread (the CPU-bound half of the producer: state
+//! updates and digests) and hands envelopes, in order, to the publisher task over a bounded
+//! channel — which is where backpressure from the acknowledgement window reaches callers.
+//!
+//! ## Invariants
+//!
+//! - Envelopes leave the engine with consecutive sequences from the recovered position + 1;
+//!   the state's position is always the last envelope handed over.
+//! - A transaction's changes are applied to the state at once and its parts leave back to
+//!   back, nothing in between; its digest is the state's after all of it.
+//! - Changes submitted earlier are in envelopes before changes submitted later (a pending
+//!   batch is sealed before a transaction, a full state, a flush or a snapshot cut).
+
+use crate::error::ProducerError;
+use crate::producer::{CommitReceipt, Shared};
+use crate::publisher::{Notify, Outgoing};
+use crate::snapshots::{Schedule, SnapshotInfo, SnapshotJob};
+use deltasync_shared::envelope::{now_ms, split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
+use deltasync_shared::settings::Settings;
+use deltasync_shared::{diff, Change, State};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// What callers ask of the engine, in order.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Changes with no atomicity asked: batched freely.
+    Submit(Vec<Change>),
+    /// An atomic transaction.
+    Transaction {
+        changes: Vec<Change>,
+        reply: Option<oneshot::Sender<Result<CommitReceipt, ProducerError>>>,
+    },
+    /// A full state: commit the difference from the current one, atomically.
+    FullState {
+        state: Box<State>,
+        reply: Option<oneshot::Sender<Result<CommitReceipt, ProducerError>>>,
+    },
+    /// Answered when everything before is acknowledged.
+    Flush(oneshot::Sender<Result<crate::producer::Position, ProducerError>>),
+    /// Take a snapshot now.
+    Snapshot(oneshot::Sender<Result<SnapshotInfo, ProducerError>>),
+}
+
+/// The engine's state; see the module documentation.
+pub(crate) struct Engine {
+    state: State,
+    lineage: Lineage,
+    batch: Vec<Change>,
+    batch_bytes: usize,
+    /// When the pending batch must be sealed (first change + linger).
+    linger_until: Option<Instant>,
+    max_changes: usize,
+    max_bytes: usize,
+    linger: Duration,
+    out: mpsc::Sender<Outgoing>,
+    shared: Arc<Shared>,
+    schedule: Schedule,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("lineage", &self.lineage)
+            .field("seq", &self.state.seq())
+            .field("batch", &self.batch.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The publisher is gone: it failed (the cause is in `shared`) or shut down.
+struct Closed;
+
+impl Engine {
+    pub(crate) fn new(
+        settings: &Settings,
+        state: State,
+        schedule: Schedule,
+        out: mpsc::Sender<Outgoing>,
+        shared: Arc<Shared>,
+    ) -> Engine {
+        let p = &settings.producer;
+        Engine {
+            lineage: state.lineage(),
+            state,
+            batch: Vec::with_capacity(p.batch_max_changes.min(1 << 16)),
+            batch_bytes: 0,
+            linger_until: None,
+            max_changes: p.batch_max_changes,
+            max_bytes: p.batch_max_bytes,
+            linger: p.linger,
+            out,
+            shared,
+            schedule,
+        }
+    }
+
+    /// Serves commands until every sender is gone (then seals the last batch) or the
+    /// publisher fails.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        // A recovered position far enough past the latest snapshot is cut right away.
+        if self.maybe_snapshot().await.is_err() {
+            return;
+        }
+        loop {
+            let snapshot_at = self.schedule.deadline();
+            let wake = match (self.linger_until, snapshot_at) {
+                (Some(a), Some(b)) => Some(a.min(b.into())),
+                (a, b) => a.or(b.map(Instant::from)),
+            };
+            let cmd = tokio::select! {
+                biased;
+                cmd = rx.recv() => cmd,
+                () = sleep_until(wake) => {
+                    if self.linger_until.is_some_and(|t| Instant::now() >= t)
+                        && self.seal_batch().await.is_err()
+                    {
+                        return;
+                    }
+                    if self.maybe_snapshot().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(cmd) = cmd else {
+                let _ = self.seal_batch().await;
+                return;
+            };
+            if self.handle(cmd).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command) -> Result<(), Closed> {
+        match cmd {
+            Command::Submit(changes) => self.submit(changes).await,
+            Command::Transaction { changes, reply } => {
+                self.seal_batch().await?;
+                self.transaction(changes, reply).await?;
+                self.maybe_snapshot().await
+            }
+            Command::FullState { state, reply } => {
+                self.seal_batch().await?;
+                let changes = diff(&self.state, &state);
+                drop(state);
+                if changes.is_empty() {
+                    // Nothing to publish: answer once the current position is durable.
+                    let receipt = CommitReceipt::unchanged(self.state.seq(), self.state.digest());
+                    return self
+                        .send(Outgoing::Notify(Notify::Commit { receipt, reply }))
+                        .await;
+                }
+                self.transaction(changes, reply).await?;
+                self.maybe_snapshot().await
+            }
+            Command::Flush(reply) => {
+                self.seal_batch().await?;
+                self.send(Outgoing::Notify(Notify::Flush(reply))).await
+            }
+            Command::Snapshot(reply) => {
+                self.seal_batch().await?;
+                self.schedule.taken(&self.shared.snapshot_phase);
+                let job = SnapshotJob {
+                    cut: self.state.clone(),
+                    reply: Some(reply),
+                };
+                self.send(Outgoing::Notify(Notify::Snapshot(job))).await
+            }
+        }
+    }
+
+    /// Adds changes to the pending batch, sealing envelopes as the limits are reached.
+    async fn submit(&mut self, changes: Vec<Change>) -> Result<(), Closed> {
+        if self.batch.is_empty() && changes.len() <= self.max_changes {
+            let bytes: usize = changes.iter().map(Change::encoded_len_bound).sum();
+            if bytes <= self.max_bytes {
+                // The common case: a caller's chunk becomes the batch without copying.
+                self.batch = changes;
+                self.batch_bytes = bytes;
+                return self.after_add().await;
+            }
+        }
+        for c in changes {
+            let len = c.encoded_len_bound();
+            if !self.batch.is_empty() && self.batch_bytes + len > self.max_bytes {
+                self.seal_batch().await?;
+            }
+            self.batch_bytes += len;
+            self.batch.push(c);
+            if self.batch.len() >= self.max_changes {
+                self.seal_batch().await?;
+            }
+        }
+        self.after_add().await
+    }
+
+    async fn after_add(&mut self) -> Result<(), Closed> {
+        if self.batch.len() >= self.max_changes || self.batch_bytes >= self.max_bytes {
+            return self.seal_batch().await;
+        }
+        if !self.batch.is_empty() && self.linger_until.is_none() {
+            if self.linger.is_zero() {
+                return self.seal_batch().await;
+            }
+            self.linger_until = Some(Instant::now() + self.linger);
+        }
+        Ok(())
+    }
+
+    /// Publishes the pending batch as one envelope.
+    async fn seal_batch(&mut self) -> Result<(), Closed> {
+        self.linger_until = None;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let changes = std::mem::replace(
+            &mut self.batch,
+            Vec::with_capacity(self.max_changes.min(1 << 16)),
+        );
+        let bytes = std::mem::take(&mut self.batch_bytes);
+        let digest = self.state.apply_changes(&changes);
+        let seq = self.state.seq() + 1;
+        self.state.set_position(self.lineage, seq);
+        self.schedule.count(bytes as u64);
+        let env = Envelope {
+            lineage: self.lineage,
+            seq,
+            part: 1,
+            parts: 1,
+            digest,
+            produced_at_ms: now_ms(),
+            changes,
+        };
+        self.shared.produced(seq);
+        self.send(Outgoing::Envelope { env, notify: None }).await?;
+        self.maybe_snapshot().await
+    }
+
+    /// Publishes one atomic transaction (the pending batch is already sealed).
+    async fn transaction(
+        &mut self,
+        changes: Vec<Change>,
+        reply: Option<oneshot::Sender<Result<CommitReceipt, ProducerError>>>,
+    ) -> Result<(), Closed> {
+        let (parts, bytes) = count_parts(&changes, self.max_bytes);
+        if parts > MAX_TXN_PARTS as usize {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(ProducerError::TransactionTooLarge {
+                    changes: changes.len(),
+                    bytes,
+                    parts,
+                }));
+            }
+            return Ok(());
+        }
+        let n = changes.len();
+        let digest = self.state.apply_changes(&changes);
+        let first_seq = self.state.seq() + 1;
+        let envs = split_transaction(
+            self.lineage,
+            first_seq,
+            digest,
+            now_ms(),
+            changes,
+            self.max_bytes,
+        );
+        let last_seq = first_seq + envs.len() as u64 - 1;
+        self.state.set_position(self.lineage, last_seq);
+        self.shared.produced(last_seq);
+        let receipt = CommitReceipt {
+            first_seq,
+            last_seq,
+            parts: envs.len() as u32,
+            digest,
+            changes: n,
+            bytes: bytes as u64,
+            stream_seq: 0,
+        };
+        let mut notify = Some(Notify::Commit { receipt, reply });
+        let count = envs.len();
+        for (i, env) in envs.into_iter().enumerate() {
+            self.schedule.count(
+                env.changes
+                    .iter()
+                    .map(|c| c.encoded_len_bound() as u64)
+                    .sum(),
+            );
+            let notify = if i + 1 == count { notify.take() } else { None };
+            self.send(Outgoing::Envelope { env, notify }).await?;
+        }
+        Ok(())
+    }
+
+    /// Cuts a snapshot when one is due (always at a transaction boundary: the engine's state
+    /// never holds part of a transaction).
+    async fn maybe_snapshot(&mut self) -> Result<(), Closed> {
+        if !self.schedule.due(&self.shared.snapshot_phase) {
+            return Ok(());
+        }
+        self.schedule.taken(&self.shared.snapshot_phase);
+        let job = SnapshotJob {
+            cut: self.state.clone(),
+            reply: None,
+        };
+        self.send(Outgoing::Notify(Notify::Snapshot(job))).await
+    }
+
+    async fn send(&mut self, out: Outgoing) -> Result<(), Closed> {
+        match self.out.send(out).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(out)) => {
+                // The publisher stopped: answer whoever waits on this with its cause.
+                let err = self.shared.stopped_error();
+                let notify = match out {
+                    Outgoing::Envelope { notify, .. } => notify,
+                    Outgoing::Notify(n) => Some(n),
+                };
+                match notify {
+                    Some(Notify::Commit {
+                        reply: Some(reply), ..
+                    }) => {
+                        let _ = reply.send(Err(err));
+                    }
+                    Some(Notify::Flush(reply)) => {
+                        let _ = reply.send(Err(err));
+                    }
+                    Some(Notify::Snapshot(job)) => job.fail(err),
+                    _ => {}
+                }
+                Err(Closed)
+            }
+        }
+    }
+}
+
+/// How many parts `split_transaction` will cut `changes` into, and their encoded bytes.
+fn count_parts(changes: &[Change], max_bytes: usize) -> (usize, usize) {
+    let (mut parts, mut current, mut total) = (1usize, 0usize, 0usize);
+    let mut in_part = 0usize;
+    for c in changes {
+        let len = c.encoded_len_bound();
+        if in_part > 0 && current + len > max_bytes {
+            parts += 1;
+            current = 0;
+            in_part = 0;
+        }
+        current += len;
+        in_part += 1;
+        total += len;
+    }
+    (parts, total)
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_counted_as_split_transaction_cuts_them() {
+        let changes: Vec<Change> = (0..10)
+            .map(|i| Change::put(format!("k{i}"), vec![0u8; 100]))
+            .collect();
+        let (parts, bytes) = count_parts(&changes, 250);
+        let envs = split_transaction(
+            Lineage([1; 16]),
+            1,
+            deltasync_shared::Digest::ZERO,
+            0,
+            changes,
+            250,
+        );
+        assert_eq!(parts, envs.len());
+        assert_eq!(
+            bytes,
+            envs.iter()
+                .flat_map(|e| &e.changes)
+                .map(Change::encoded_len_bound)
+                .sum::<usize>()
+        );
+        assert_eq!(count_parts(&[], 250).0, 1);
+    }
+}

@@ -1,0 +1,591 @@
+//! NDJSON ingestion: parses change lines from a file or stdin and hands them to the producer,
+//! stopping at the first bad line with an error naming it.
+//!
+//! Talks to its input (a blocking reader on its own thread, so parsing runs beside the
+//! engine) and to a [`Producer`].
+//!
+//! ## Input
+//!
+//! ```text
+//! {"op":"put","key":"k1","value":{"any":"json"}}    value stored as its compact JSON bytes
+//! {"op":"del","key":"k1"}
+//! {"txn":[{"op":"put","key":"a","value":1},{"op":"del","key":"b"}]}   atomic
+//! ```
+//!
+//! Lines may also carry `seq` and `lineage` (what replay prints); they are ignored. Blank
+//! lines are skipped. Any other field is refused (a misspelt `vlaue` must not store nothing).
+//!
+//! ## Invariants
+//!
+//! - At the first bad line ingestion stops: every line before it is published and
+//!   acknowledged, nothing of the bad line (a whole transaction) or after it is.
+//! - Plain put/del lines are batched freely into envelopes; a `txn` line is one atomic
+//!   transaction.
+
+use crate::error::ProducerError;
+use crate::producer::{Position, Producer};
+use bytes::Bytes;
+use deltasync_shared::Change;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Changes parsed before they are handed to the producer in one piece.
+const CHUNK: usize = 4096;
+
+/// Where NDJSON comes from.
+pub enum Input {
+    /// Standard input.
+    Stdin,
+    /// A file.
+    File(PathBuf),
+    /// Any reader (tests, embedding).
+    Reader(Box<dyn Read + Send>),
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl Input {
+    /// How errors name it.
+    pub fn name(&self) -> String {
+        match self {
+            Input::Stdin => "stdin".into(),
+            Input::File(p) => p.display().to_string(),
+            Input::Reader(_) => "input".into(),
+        }
+    }
+}
+
+/// Why ingestion stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// A line is not a valid change; everything before it was published.
+    #[error("{input} line {line}: {reason} (lines before it are published and acknowledged; nothing of line {line} or after it is)")]
+    BadLine {
+        /// The input's name.
+        input: String,
+        /// 1-based line number.
+        line: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The input could not be read.
+    #[error("reading {input} after line {line}: {source}")]
+    Read {
+        /// The input's name.
+        input: String,
+        /// Lines read before the failure.
+        line: u64,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Publishing failed.
+    #[error(transparent)]
+    Producer(#[from] ProducerError),
+}
+
+/// What an ingestion did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IngestReport {
+    /// Lines read and published (blank lines included).
+    pub lines: u64,
+    /// Changes published.
+    pub changes: u64,
+    /// `txn` lines published.
+    pub transactions: u64,
+    /// From start to the last acknowledgement.
+    pub elapsed: Duration,
+    /// The durable position at the end.
+    pub position: Position,
+    /// Whether it stopped early because it was cancelled.
+    pub cancelled: bool,
+}
+
+impl IngestReport {
+    /// Changes per second.
+    pub fn rate(&self) -> f64 {
+        self.changes as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// What the parsing thread hands over; `line` is the last line the item covers.
+enum Item {
+    Changes { changes: Vec<Change>, line: u64 },
+    Txn { changes: Vec<Change>, line: u64 },
+    End { line: u64 },
+    Bad { line: u64, reason: String },
+    ReadFailed { line: u64, source: std::io::Error },
+}
+
+/// Reads `input` to its end (or to `cancel`) and publishes it through `producer`; returns
+/// once every envelope is acknowledged.
+pub async fn ingest(
+    producer: &Producer,
+    input: Input,
+    cancel: CancellationToken,
+) -> Result<IngestReport, IngestError> {
+    let started = Instant::now();
+    let name = input.name();
+    let (tx, mut rx) = mpsc::channel::<Item>(16);
+    // A plain thread, not the blocking pool: on cancellation it may sit in a read of stdin
+    // forever, and nothing waits for it (the runtime would wait for a blocking-pool task).
+    std::thread::Builder::new()
+        .name("deltasync-ingest".into())
+        .spawn(move || parse_input(input, &tx))
+        .map_err(|e| ProducerError::Internal(format!("cannot start the ingest thread: {e}")))?;
+    let (mut lines, mut changes, mut transactions) = (0u64, 0u64, 0u64);
+    let mut cancelled = false;
+    let mut failure = None;
+    loop {
+        let item = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                cancelled = true;
+                tracing::info!(changes, "Interrupted: no more input taken; awaiting acknowledgements");
+                break;
+            }
+            item = rx.recv() => item,
+        };
+        match item {
+            None => break,
+            Some(Item::Changes {
+                changes: chunk,
+                line,
+            }) => {
+                changes += chunk.len() as u64;
+                lines = line;
+                producer.submit_many(chunk).await?;
+            }
+            Some(Item::Txn { changes: txn, line }) => {
+                changes += txn.len() as u64;
+                transactions += 1;
+                lines = line;
+                // Not awaited one by one: the final flush covers it.
+                drop(producer.submit_transaction(txn).await?);
+            }
+            Some(Item::End { line }) => {
+                lines = line;
+                break;
+            }
+            Some(Item::Bad { line, reason }) => {
+                failure = Some(IngestError::BadLine {
+                    input: name.clone(),
+                    line,
+                    reason,
+                });
+                lines = line - 1;
+                break;
+            }
+            Some(Item::ReadFailed { line, source }) => {
+                failure = Some(IngestError::Read {
+                    input: name.clone(),
+                    line,
+                    source,
+                });
+                lines = line;
+                break;
+            }
+        }
+    }
+    // Closing the channel stops the parser at its next chunk.
+    drop(rx);
+    let position = producer.flush().await?;
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    let report = IngestReport {
+        lines,
+        changes,
+        transactions,
+        elapsed: started.elapsed(),
+        position,
+        cancelled,
+    };
+    tracing::info!(
+        lines,
+        changes,
+        transactions,
+        seq = position.seq,
+        elapsed = ?report.elapsed,
+        changes_per_second = report.rate() as u64,
+        "Ingested; every envelope acknowledged"
+    );
+    Ok(report)
+}
+
+/// The parsing thread: reads lines and sends chunks until the input ends, a line is bad,
+/// or the receiver is gone.
+fn parse_input(input: Input, tx: &mpsc::Sender<Item>) {
+    let reader: Box<dyn Read> = match input {
+        Input::Stdin => Box::new(std::io::stdin().lock()),
+        Input::File(path) => match std::fs::File::open(&path) {
+            Ok(f) => Box::new(f),
+            Err(source) => {
+                let _ = tx.blocking_send(Item::ReadFailed { line: 0, source });
+                return;
+            }
+        },
+        Input::Reader(r) => r,
+    };
+    parse_lines(BufReader::with_capacity(1 << 20, reader), tx);
+}
+
+fn parse_lines(mut reader: BufReader<Box<dyn Read>>, tx: &mpsc::Sender<Item>) {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk: Vec<Change> = Vec::with_capacity(CHUNK);
+    let mut line = 0u64;
+    let send = |item: Item| tx.blocking_send(item).is_ok();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(source) => {
+                if !chunk.is_empty() {
+                    send(Item::Changes {
+                        changes: std::mem::take(&mut chunk),
+                        line,
+                    });
+                }
+                send(Item::ReadFailed { line, source });
+                return;
+            }
+        }
+        line += 1;
+        match parse_line(&buf) {
+            Ok(Parsed::Blank) => {}
+            Ok(Parsed::Change(c)) => {
+                chunk.push(c);
+                // A full chunk goes now; so does a partial one when the next read may block
+                // (a live stdin must not hold lines back until more arrive).
+                if chunk.len() >= CHUNK || reader.buffer().is_empty() {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                    if !send(Item::Changes {
+                        changes: full,
+                        line,
+                    }) {
+                        return;
+                    }
+                }
+            }
+            Ok(Parsed::Txn(txn)) => {
+                if !chunk.is_empty()
+                    && !send(Item::Changes {
+                        changes: std::mem::take(&mut chunk),
+                        line: line - 1,
+                    })
+                {
+                    return;
+                }
+                if !send(Item::Txn { changes: txn, line }) {
+                    return;
+                }
+            }
+            Err(reason) => {
+                if !chunk.is_empty() {
+                    send(Item::Changes {
+                        changes: std::mem::take(&mut chunk),
+                        line: line - 1,
+                    });
+                }
+                send(Item::Bad { line, reason });
+                return;
+            }
+        }
+    }
+    if !chunk.is_empty()
+        && !send(Item::Changes {
+            changes: chunk,
+            line,
+        })
+    {
+        return;
+    }
+    send(Item::End { line });
+}
+
+/// One parsed line.
+#[derive(Debug, PartialEq)]
+pub enum Parsed {
+    /// Nothing but whitespace.
+    Blank,
+    /// A put or delete.
+    Change(Change),
+    /// An atomic transaction.
+    Txn(Vec<Change>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineFields<'a> {
+    #[serde(borrow)]
+    op: Option<&'a RawValue>,
+    #[serde(borrow)]
+    key: Option<&'a RawValue>,
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
+    #[serde(borrow)]
+    txn: Option<&'a RawValue>,
+    #[allow(dead_code)]
+    seq: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    lineage: Option<IgnoredAny>,
+}
+
+/// Parses one NDJSON line (without or with its line break); the error says what is wrong.
+pub fn parse_line(line: &[u8]) -> Result<Parsed, String> {
+    let trimmed = line.trim_ascii();
+    if trimmed.is_empty() {
+        return Ok(Parsed::Blank);
+    }
+    if trimmed[0] != b'{' {
+        return Err(match serde_json::from_slice::<IgnoredAny>(trimmed) {
+            Ok(_) => format!("expected a JSON object, got {}", kind_of_bytes(trimmed)),
+            Err(e) => invalid_json(&e),
+        });
+    }
+    let fields: LineFields<'_> = serde_json::from_slice(trimmed).map_err(|e| {
+        if e.is_data() {
+            json_message(&e)
+        } else {
+            invalid_json(&e)
+        }
+    })?;
+    match fields.txn {
+        Some(txn) => {
+            if fields.op.is_some() || fields.key.is_some() || fields.value.is_some() {
+                return Err("a `txn` line carries no `op`, `key` or `value` of its own".into());
+            }
+            let items: Vec<&RawValue> = serde_json::from_str(txn.get())
+                .map_err(|_| format!("`txn` must be an array, got {}", kind_of(txn)))?;
+            if items.is_empty() {
+                return Err("empty txn: a transaction needs at least one change".into());
+            }
+            let mut changes = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let at = |reason: String| format!("txn item {}: {reason}", i + 1);
+                if !item.get().starts_with('{') {
+                    return Err(at(format!("expected a JSON object, got {}", kind_of(item))));
+                }
+                let f: LineFields<'_> =
+                    serde_json::from_str(item.get()).map_err(|e| at(json_message(&e)))?;
+                if f.txn.is_some() {
+                    return Err(at("transactions do not nest".into()));
+                }
+                changes.push(change_of(&f).map_err(at)?);
+            }
+            Ok(Parsed::Txn(changes))
+        }
+        None => change_of(&fields).map(Parsed::Change),
+    }
+}
+
+fn change_of(f: &LineFields<'_>) -> Result<Change, String> {
+    let op = f.op.ok_or("missing `op` (\"put\" or \"del\") or `txn`")?;
+    let op: Cow<'_, str> = serde_json::from_str(op.get())
+        .map_err(|_| format!("`op` must be a string, got {}", kind_of(op)))?;
+    let key = |raw: Option<&RawValue>| -> Result<String, String> {
+        let raw = raw.ok_or("missing `key`")?;
+        serde_json::from_str::<Cow<'_, str>>(raw.get())
+            .map(Cow::into_owned)
+            .map_err(|_| format!("`key` must be a string, got {}", kind_of(raw)))
+    };
+    let change = match &*op {
+        "put" => {
+            let k = key(f.key)?;
+            let value = f
+                .value
+                .ok_or("missing `value` (any JSON value) for op \"put\"")?;
+            Change::put(k, compact(value.get()))
+        }
+        "del" => {
+            if f.value.is_some() {
+                return Err("op \"del\" takes no `value`".into());
+            }
+            Change::delete(key(f.key)?)
+        }
+        other => {
+            return Err(format!(
+                "unknown op {other:?} (expected \"put\" or \"del\")"
+            ))
+        }
+    };
+    change.validate().map_err(|e| e.to_string())?;
+    Ok(change)
+}
+
+/// The compact JSON bytes of a valid JSON text: whitespace outside strings removed, object
+/// key order kept.
+fn compact(json: &str) -> Bytes {
+    if !json
+        .bytes()
+        .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        return Bytes::copy_from_slice(json.as_bytes());
+    }
+    let mut out = Vec::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            if b == b'"' {
+                in_string = true;
+            }
+            out.push(b);
+        }
+    }
+    Bytes::from(out)
+}
+
+fn kind_of(raw: &RawValue) -> &'static str {
+    kind_of_bytes(raw.get().as_bytes())
+}
+
+fn kind_of_bytes(b: &[u8]) -> &'static str {
+    match b.first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+fn invalid_json(e: &serde_json::Error) -> String {
+    format!("invalid JSON at column {}: {}", e.column(), json_message(e))
+}
+
+/// serde_json's message without its "at line 1 column N" suffix (the line is ours to name).
+fn json_message(e: &serde_json::Error) -> String {
+    let full = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    full.strip_suffix(&suffix).unwrap_or(&full).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn change(line: &str) -> Change {
+        match parse_line(line.as_bytes()) {
+            Ok(Parsed::Change(c)) => c,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    fn error(line: &str) -> String {
+        match parse_line(line.as_bytes()) {
+            Err(e) => e,
+            other => panic!("{line} parsed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn puts_store_the_compact_json_of_any_value() {
+        assert_eq!(
+            change(r#"{"op":"put","key":"a","value":{"x": [1, 2], "s": "a b"}}"#),
+            Change::put("a", &br#"{"x":[1,2],"s":"a b"}"#[..])
+        );
+        assert_eq!(
+            change(r#"{"op":"put","key":"a","value":5}"#),
+            Change::put("a", &b"5"[..])
+        );
+        assert_eq!(
+            change(r#"{"op":"put","key":"a\"b","value":"v"}"#),
+            Change::put("a\"b", &br#""v""#[..])
+        );
+        assert_eq!(change(r#"{"op":"del","key":"a"}"#), Change::delete("a"));
+    }
+
+    #[test]
+    fn replay_fields_are_ignored_and_blank_lines_skipped() {
+        assert_eq!(
+            change(r#"{"seq":4,"lineage":"00ff","op":"del","key":"a"}"#),
+            Change::delete("a")
+        );
+        assert_eq!(parse_line(b"  \r\n"), Ok(Parsed::Blank));
+    }
+
+    #[test]
+    fn a_txn_is_parsed_whole() {
+        let parsed =
+            parse_line(br#"{"txn":[{"op":"put","key":"a","value":1},{"op":"del","key":"b"}]}"#);
+        assert_eq!(
+            parsed,
+            Ok(Parsed::Txn(vec![
+                Change::put("a", &b"1"[..]),
+                Change::delete("b")
+            ]))
+        );
+    }
+
+    #[test]
+    fn every_bad_line_kind_is_named() {
+        assert!(
+            error("{\"op\":").starts_with("invalid JSON"),
+            "{}",
+            error("{\"op\":")
+        );
+        assert!(error("not json").starts_with("invalid JSON"));
+        assert_eq!(error("[1]"), "expected a JSON object, got an array");
+        assert!(error(r#"{"op":"upsert","key":"a"}"#).contains("unknown op \"upsert\""));
+        assert_eq!(error(r#"{"op":"put","value":1}"#), "missing `key`");
+        assert_eq!(
+            error(r#"{"op":"put","key":1,"value":1}"#),
+            "`key` must be a string, got a number"
+        );
+        assert_eq!(
+            error(r#"{"op":5,"key":"a"}"#),
+            "`op` must be a string, got a number"
+        );
+        assert!(error(r#"{"op":"put","key":"a"}"#).contains("missing `value`"));
+        assert!(error(r#"{"key":"a"}"#).contains("missing `op`"));
+        assert!(
+            error(&format!(r#"{{"op":"del","key":"{}"}}"#, "k".repeat(1025)))
+                .contains("key is 1025 bytes")
+        );
+        let big = format!(
+            r#"{{"op":"put","key":"a","value":"{}"}}"#,
+            "v".repeat(512 * 1024)
+        );
+        assert!(
+            error(&big).contains("value of 524290 bytes"),
+            "{}",
+            error(&big)
+        );
+        assert_eq!(
+            error(r#"{"txn":[]}"#),
+            "empty txn: a transaction needs at least one change"
+        );
+        assert_eq!(
+            error(r#"{"txn":{}}"#),
+            "`txn` must be an array, got an object"
+        );
+        assert!(error(
+            r#"{"txn":[{"op":"put","key":"a","value":1},{"op":"put","key":2,"value":1}]}"#
+        )
+        .starts_with("txn item 2: `key` must be a string"));
+        assert!(error(r#"{"op":"put","key":"a","vlaue":1}"#).contains("unknown field `vlaue`"));
+    }
+}

@@ -1,0 +1,742 @@
+//! The producer handle: start-up (connect, create the stream and bucket, recover the
+//! pipeline's history), the calls a Rust program makes (commit, submit, full state, flush,
+//! snapshot, status, shutdown) and the shared status the HTTP endpoint reads.
+//!
+//! Talks to NATS only at start-up (through `deltasync_shared::{nats, history, store}`); after
+//! that it hands work to the batching engine (its own thread) and the publisher task.
+//!
+//! ```text
+//!  callers ──Command──▶ engine (thread: State, batching, digests, snapshot cuts)
+//!                          │ Outgoing (bounded: backpressure)
+//!                          ▼
+//!                       publisher task ──publish──▶ stream   (window of ack futures)
+//!                          │ cut + stream seq, once acknowledged
+//!                          ▼
+//!                       snapshot task ──────────▶ KV bucket
+//! ```
+//!
+//! ## Invariants
+//!
+//! - A restart continues the recovered lineage; a new lineage starts only on an empty
+//!   pipeline or through [`Producer::start_new_lineage`].
+//! - Commit receipts, flushes and snapshot answers come after the envelopes they stand for
+//!   are acknowledged by the stream.
+//! - Once the producer failed (fenced, history broken), every call returns that failure.
+
+use crate::engine::{Command, Engine};
+use crate::error::ProducerError;
+use crate::metrics::Metrics;
+use crate::publisher::{Acked, Publisher};
+use crate::snapshots::{self, Phase, Schedule, SnapshotInfo};
+use bytes::Bytes;
+use deltasync_shared::change::Key;
+use deltasync_shared::envelope::{now_ms, Lineage};
+use deltasync_shared::settings::Settings;
+use deltasync_shared::snapshot::Manifest;
+use deltasync_shared::{history, nats, store, Change, Digest, State};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Changes `submit` buffers before handing them to the engine in one message.
+const SUBMIT_CHUNK: usize = 1024;
+
+/// Commands queued for the engine before callers wait (each carries up to a few thousand
+/// changes).
+const COMMAND_QUEUE: usize = 64;
+
+/// What a committed transaction became, returned once it is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CommitReceipt {
+    /// Sequence of its first envelope.
+    pub first_seq: u64,
+    /// Sequence of its last envelope (the position a replica reaches with it). When
+    /// `parts` is 0 nothing was published and this is the position that was already current.
+    pub last_seq: u64,
+    /// Envelopes it took: 1, more for a multi-part transaction, 0 for a full state equal to
+    /// the current one.
+    pub parts: u32,
+    /// State digest after it.
+    #[serde(serialize_with = "hex_digest")]
+    pub digest: Digest,
+    /// Changes in it.
+    pub changes: usize,
+    /// Encoded bytes of its changes (an upper bound).
+    pub bytes: u64,
+    /// Stream sequence of its last envelope.
+    pub stream_seq: u64,
+}
+
+impl CommitReceipt {
+    pub(crate) fn unchanged(seq: u64, digest: Digest) -> CommitReceipt {
+        CommitReceipt {
+            first_seq: seq + 1,
+            last_seq: seq,
+            parts: 0,
+            digest,
+            changes: 0,
+            bytes: 0,
+            stream_seq: 0,
+        }
+    }
+}
+
+/// The durable position: the last envelope acknowledged by the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// The lineage.
+    pub lineage: Lineage,
+    /// Last envelope acknowledged.
+    pub seq: u64,
+    /// Its stream sequence.
+    pub stream_seq: u64,
+    /// State digest after the last complete transaction acknowledged.
+    pub digest: Digest,
+}
+
+/// Where the producer is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// Publishing.
+    Running,
+    /// Taking no more input, awaiting acknowledgements.
+    ShuttingDown,
+    /// Shut down cleanly.
+    Stopped,
+    /// Stopped by a failure (see `error`).
+    Failed,
+}
+
+/// The producer's status, as `/v1/status` and `status --json` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The lineage (hex).
+    pub lineage: String,
+    /// Last envelope acknowledged by the stream.
+    pub seq: u64,
+    /// Stream sequence of envelope `seq`.
+    pub stream_seq: u64,
+    /// State digest after the last complete transaction acknowledged (hex).
+    pub digest: String,
+    /// Last envelope handed to the publisher (≥ `seq`; the difference is in flight).
+    pub produced_seq: u64,
+    /// Foreign messages found in the stream since start (recovery included).
+    pub foreign_messages: u64,
+    /// The latest snapshot written (at start: the one recovery started from).
+    pub last_snapshot: Option<SnapshotInfo>,
+    /// Running, shutting down, stopped or failed.
+    pub phase: Lifecycle,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// State shared by the handle, the engine, the publisher, the snapshot task and HTTP.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub metrics: Metrics,
+    pub snapshot_phase: Phase,
+    status: Mutex<Status>,
+    lineage: Lineage,
+    failure: OnceLock<Arc<ProducerError>>,
+    ready: AtomicBool,
+}
+
+impl Shared {
+    fn status_lock(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn acknowledged(&self, acked: Acked) {
+        let mut s = self.status_lock();
+        s.seq = acked.seq;
+        s.stream_seq = acked.stream_seq;
+        if s.digest.is_empty() || acked.txn_seq == acked.seq {
+            s.digest = acked.digest.to_hex();
+        }
+    }
+
+    pub(crate) fn produced(&self, seq: u64) {
+        self.status_lock().produced_seq = seq;
+    }
+
+    pub(crate) fn foreign_message(&self) {
+        self.status_lock().foreign_messages += 1;
+    }
+
+    pub(crate) fn snapshot_written(&self, info: SnapshotInfo) {
+        self.status_lock().last_snapshot = Some(info);
+    }
+
+    pub(crate) fn position(&self) -> Position {
+        let s = self.status_lock();
+        Position {
+            lineage: self.lineage,
+            seq: s.seq,
+            stream_seq: s.stream_seq,
+            digest: Digest::from_hex(&s.digest).unwrap_or_default(),
+        }
+    }
+
+    /// Records the failure that ends the producer (the first one wins).
+    pub(crate) fn fail(&self, err: ProducerError) -> Arc<ProducerError> {
+        let cause = self.failure.get_or_init(|| Arc::new(err)).clone();
+        self.ready.store(false, Ordering::Release);
+        let mut s = self.status_lock();
+        s.phase = Lifecycle::Failed;
+        s.error = Some(cause.to_string());
+        cause
+    }
+
+    /// The error for a caller arriving after the producer stopped.
+    pub(crate) fn stopped_error(&self) -> ProducerError {
+        match self.failure.get() {
+            Some(cause) => ProducerError::shared(cause),
+            None => ProducerError::ShutDown,
+        }
+    }
+
+    fn set_phase(&self, phase: Lifecycle) {
+        let mut s = self.status_lock();
+        if s.phase != Lifecycle::Failed {
+            s.phase = phase;
+        }
+    }
+}
+
+/// A read-only view of a running producer for health checks, status and metrics (what the
+/// HTTP endpoint serves). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Observer(Arc<Shared>);
+
+impl Observer {
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.0.status_lock().clone()
+    }
+    /// Prometheus text exposition of the producer's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.0.metrics.render()
+    }
+    /// The metrics themselves.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+    /// Recovered and publishing (not failed, not shutting down).
+    pub fn ready(&self) -> bool {
+        self.0.ready.load(Ordering::Acquire)
+    }
+    /// Not failed.
+    pub fn healthy(&self) -> bool {
+        self.0.failure.get().is_none()
+    }
+}
+
+/// A commit handed over without waiting; await [`PendingCommit::wait`] for its receipt.
+#[derive(Debug)]
+pub struct PendingCommit {
+    rx: oneshot::Receiver<Result<CommitReceipt, ProducerError>>,
+    shared: Arc<Shared>,
+}
+
+impl PendingCommit {
+    /// Waits until the transaction is acknowledged by the stream.
+    pub async fn wait(self) -> Result<CommitReceipt, ProducerError> {
+        match self.rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.shared.stopped_error()),
+        }
+    }
+}
+
+/// How [`Producer::start_new_lineage`] starts the new history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewLineage {
+    /// From an empty state (works even when the old history cannot be recovered).
+    Empty,
+    /// From the state recovered from the old lineage (which must be recoverable).
+    KeepState,
+}
+
+/// Where a producer starts publishing.
+struct Begin {
+    state: State,
+    expected_last: u64,
+    acked: Acked,
+    manifest: Option<Manifest>,
+    foreign: u64,
+}
+
+/// The single writer of a pipeline's history.
+///
+/// Start it with [`Producer::start`], hand it changes, and shut it down to await the last
+/// acknowledgements:
+///
+/// ```no_run
+/// use deltasync_producer::{Change, Producer};
+/// use deltasync_shared::settings::{Overrides, Settings};
+///
+/// # async fn example() -> anyhow::Result<()> {
+/// let settings = Settings::load(None, Overrides {
+///     nats_url: Some("nats://127.0.0.1:4222".into()),
+///     pipeline: Some("orders".into()),
+/// })?;
+/// let producer = Producer::start(settings).await?;
+///
+/// // An atomic transaction: returns once the stream has stored it.
+/// let receipt = producer
+///     .commit(vec![Change::put("order/1", &b"{\"qty\":5}"[..]), Change::delete("order/0")])
+///     .await?;
+/// println!("envelopes {}..={} digest {}", receipt.first_seq, receipt.last_seq, receipt.digest);
+///
+/// // The throughput path: changes batched into envelopes by count, bytes and linger.
+/// for i in 0..100_000 {
+///     producer.submit(Change::put(format!("k{i}"), i.to_string())).await?;
+/// }
+/// producer.flush().await?; // everything submitted so far is durable
+///
+/// // The full-state path: hand over the whole state, the producer publishes the difference.
+/// producer
+///     .commit_full_state([("order/1", "{\"qty\":6}"), ("order/2", "{\"qty\":1}")])
+///     .await?;
+///
+/// producer.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Producer {
+    settings: Arc<Settings>,
+    commands: mpsc::Sender<Command>,
+    buffer: Mutex<Vec<Change>>,
+    shared: Arc<Shared>,
+    client: async_nats::Client,
+    publisher: JoinHandle<Result<Acked, ProducerError>>,
+    snapshotter: JoinHandle<()>,
+    engine: std::thread::JoinHandle<()>,
+}
+
+impl Producer {
+    /// Connects, creates or updates the stream and bucket, recovers the pipeline's state
+    /// (latest snapshot plus the envelopes after it) and continues its lineage; starts a new
+    /// lineage only when the pipeline has no history at all.
+    pub async fn start(settings: Settings) -> Result<Producer, ProducerError> {
+        let (client, js) = connect(&settings).await?;
+        let recovered = history::recover(&js, &settings)
+            .await
+            .map_err(|source| ProducerError::Recover { source })?;
+        let begin = match recovered {
+            Some(rec) => {
+                let seq = rec.state.seq();
+                tracing::info!(
+                    lineage = %rec.state.lineage(),
+                    seq,
+                    digest = %rec.state.digest(),
+                    keys = rec.state.len(),
+                    snapshot_seq = rec.manifest.as_ref().map(|m| m.seq),
+                    envelopes_after_snapshot = rec.envelopes_applied,
+                    foreign = rec.foreign_messages,
+                    abandoned_parts = rec.abandoned_parts,
+                    stream_seq = rec.last_stream_seq,
+                    "Recovered the pipeline; continuing its lineage"
+                );
+                Begin {
+                    acked: Acked {
+                        seq,
+                        stream_seq: rec.last_envelope_stream_seq,
+                        txn_seq: seq - rec.abandoned_parts,
+                        digest: rec.state.digest(),
+                    },
+                    expected_last: rec.last_stream_seq,
+                    state: rec.state,
+                    manifest: rec.manifest,
+                    foreign: rec.foreign_messages,
+                }
+            }
+            None => {
+                let bounds = history::bounds(&js, &settings)
+                    .await
+                    .map_err(|source| ProducerError::Recover { source })?;
+                let lineage = Lineage::random();
+                tracing::info!(%lineage, stream_seq = bounds.last_seq, "The pipeline has no history: starting a new lineage");
+                fresh(State::new(lineage), bounds.last_seq, None)
+            }
+        };
+        Producer::launch(settings, client, js, begin)
+    }
+
+    /// Starts a NEW lineage on the pipeline, whatever its history: an operator's decision
+    /// when continuity is broken for good (history lost or corrupt). Every consumer then
+    /// re-snapshots (reason "lineage changed"). Stop the old producer first: if it is still
+    /// publishing, whichever of the two publishes second is fenced.
+    ///
+    /// The new lineage starts at sequence 0 from an empty state or from the old lineage's
+    /// recovered state; a snapshot of that start is written before anything is published,
+    /// so consumers can restore it.
+    pub async fn start_new_lineage(
+        settings: Settings,
+        from: NewLineage,
+    ) -> Result<Producer, ProducerError> {
+        let (client, js) = connect(&settings).await?;
+        let lineage = Lineage::random();
+        let mut state = match from {
+            NewLineage::Empty => State::new(lineage),
+            NewLineage::KeepState => history::recover(&js, &settings)
+                .await
+                .map_err(|source| ProducerError::Recover { source })?
+                .map_or_else(|| State::new(lineage), |r| r.state),
+        };
+        state.set_position(lineage, 0);
+        let bounds = history::bounds(&js, &settings)
+            .await
+            .map_err(|source| ProducerError::Recover { source })?;
+        let manifest = store::write_snapshot(&js, &settings, &state, bounds.last_seq, None)
+            .await
+            .map_err(|source| ProducerError::Snapshot { seq: 0, source })?;
+        tracing::warn!(
+            %lineage,
+            keys = state.len(),
+            stream_seq = bounds.last_seq,
+            "Started a NEW lineage: continuity with the previous history is broken; consumers will re-snapshot"
+        );
+        Producer::launch(
+            settings,
+            client,
+            js,
+            fresh(state, bounds.last_seq, Some(manifest)),
+        )
+    }
+
+    fn launch(
+        settings: Settings,
+        client: async_nats::Client,
+        js: async_nats::jetstream::Context,
+        begin: Begin,
+    ) -> Result<Producer, ProducerError> {
+        let settings = Arc::new(settings);
+        let lineage = begin.state.lineage();
+        let shared = Arc::new(Shared {
+            metrics: Metrics::new(),
+            snapshot_phase: Phase::default(),
+            status: Mutex::new(Status {
+                pipeline: settings.pipeline.clone(),
+                lineage: lineage.to_hex(),
+                seq: begin.acked.seq,
+                stream_seq: begin.acked.stream_seq,
+                digest: begin.acked.digest.to_hex(),
+                produced_seq: begin.state.seq(),
+                foreign_messages: begin.foreign,
+                last_snapshot: begin.manifest.as_ref().map(SnapshotInfo::from),
+                phase: Lifecycle::Running,
+                error: None,
+            }),
+            lineage,
+            failure: OnceLock::new(),
+            ready: AtomicBool::new(false),
+        });
+        shared.metrics.foreign_messages.inc_by(begin.foreign);
+        shared.metrics.last_seq.set(begin.acked.seq);
+
+        let mut schedule = Schedule::new(&settings);
+        let since = match &begin.manifest {
+            Some(m) if m.lineage == lineage => begin.state.seq().saturating_sub(m.seq),
+            _ => begin.state.seq(),
+        };
+        let age = begin
+            .manifest
+            .as_ref()
+            .map(|m| Duration::from_millis(now_ms().saturating_sub(m.created_at_ms)));
+        schedule.resume(since, age);
+
+        let (out_tx, out_rx) = mpsc::channel(settings.producer.ack_window.max(16));
+        let (snap_tx, snap_rx) = mpsc::unbounded_channel();
+        let publisher = Publisher::new(
+            js.clone(),
+            &settings,
+            lineage,
+            begin.expected_last,
+            begin.acked,
+            shared.clone(),
+            snap_tx,
+        );
+        let publisher = tokio::spawn(publisher.run(out_rx));
+        let snapshotter = tokio::spawn(snapshots::run(
+            js,
+            settings.clone(),
+            shared.clone(),
+            snap_rx,
+        ));
+
+        let engine = Engine::new(&settings, begin.state, schedule, out_tx, shared.clone());
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| {
+                ProducerError::Internal(format!("cannot build the engine's runtime: {e}"))
+            })?;
+        let engine = std::thread::Builder::new()
+            .name(format!("deltasync-engine-{}", settings.pipeline))
+            .spawn(move || runtime.block_on(engine.run(cmd_rx)))
+            .map_err(|e| ProducerError::Internal(format!("cannot start the engine thread: {e}")))?;
+        shared.ready.store(true, Ordering::Release);
+        Ok(Producer {
+            settings,
+            commands: cmd_tx,
+            buffer: Mutex::new(Vec::new()),
+            shared,
+            client,
+            publisher,
+            snapshotter,
+            engine,
+        })
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The lineage it publishes.
+    pub fn lineage(&self) -> Lineage {
+        self.shared.lineage
+    }
+
+    /// Commits one atomic transaction and returns once it is durable (acknowledged by the
+    /// stream): one envelope, or consecutive parts a replica applies all or nothing when it
+    /// exceeds `producer.batch_max_bytes`. Changes submitted earlier come first.
+    ///
+    /// An empty transaction publishes one empty envelope (a marker in the history).
+    pub async fn commit(&self, changes: Vec<Change>) -> Result<CommitReceipt, ProducerError> {
+        self.submit_transaction(changes).await?.wait().await
+    }
+
+    /// Hands over one atomic transaction without waiting for it to be durable; the returned
+    /// handle waits. Transactions and submitted changes are published in the order handed
+    /// over.
+    pub async fn submit_transaction(
+        &self,
+        changes: Vec<Change>,
+    ) -> Result<PendingCommit, ProducerError> {
+        validate(&changes)?;
+        self.flush_buffer().await?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Transaction {
+            changes,
+            reply: Some(tx),
+        })
+        .await?;
+        Ok(PendingCommit {
+            rx,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Queues one change for publication, batched with others into envelopes (by
+    /// `producer.batch_max_changes`, `batch_max_bytes` and `linger`). Returns once queued;
+    /// waits only when the producer is `ack_window` envelopes behind (backpressure). Call
+    /// [`Producer::flush`] to wait until everything submitted is durable.
+    pub async fn submit(&self, change: Change) -> Result<(), ProducerError> {
+        change
+            .validate()
+            .map_err(|source| ProducerError::InvalidChange { index: 0, source })?;
+        let full = {
+            let mut buf = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
+            buf.push(change);
+            (buf.len() >= SUBMIT_CHUNK).then(|| std::mem::take(&mut *buf))
+        };
+        match full {
+            Some(chunk) => self.send(Command::Submit(chunk)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Queues many changes at once (the fastest path: no per-change work besides the limit
+    /// check); batched like [`Producer::submit`].
+    pub async fn submit_many(&self, changes: Vec<Change>) -> Result<(), ProducerError> {
+        validate(&changes)?;
+        self.flush_buffer().await?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.send(Command::Submit(changes)).await
+    }
+
+    /// Replaces the whole state: publishes, as one atomic transaction, the puts and deletes
+    /// that turn the current state into `entries` (the full-state path). Nothing is published
+    /// when they are equal. Hashing the new state costs about a microsecond per entry, in the
+    /// caller's task.
+    pub async fn commit_full_state<K, V>(
+        &self,
+        entries: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<CommitReceipt, ProducerError>
+    where
+        K: Into<Key>,
+        V: Into<Bytes>,
+    {
+        let mut state = State::new(self.lineage());
+        for (i, (k, v)) in entries.into_iter().enumerate() {
+            let c = Change::put(k, v);
+            c.validate()
+                .map_err(|source| ProducerError::InvalidChange { index: i, source })?;
+            if let Change::Put { key, value } = c {
+                state.insert(key, value);
+            }
+        }
+        self.commit_state(state).await
+    }
+
+    /// Like [`Producer::commit_full_state`], with the new state already built.
+    pub async fn commit_state(&self, state: State) -> Result<CommitReceipt, ProducerError> {
+        self.flush_buffer().await?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::FullState {
+            state: Box::new(state),
+            reply: Some(tx),
+        })
+        .await?;
+        PendingCommit {
+            rx,
+            shared: self.shared.clone(),
+        }
+        .wait()
+        .await
+    }
+
+    /// Publishes whatever is batched and waits until everything handed over so far is
+    /// acknowledged; returns the durable position.
+    pub async fn flush(&self) -> Result<Position, ProducerError> {
+        self.flush_buffer().await?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Flush(tx)).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(self.shared.stopped_error()))
+    }
+
+    /// Takes a snapshot now (a cut at the current position, written once that position is
+    /// durable) and returns it.
+    pub async fn snapshot(&self) -> Result<SnapshotInfo, ProducerError> {
+        self.flush_buffer().await?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Snapshot(tx)).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(self.shared.stopped_error()))
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.shared.status_lock().clone()
+    }
+
+    /// A view for health checks, status and metrics (see [`crate::http`]).
+    pub fn observer(&self) -> Observer {
+        Observer(self.shared.clone())
+    }
+
+    /// Stops taking input, publishes what is batched, awaits every outstanding
+    /// acknowledgement and the snapshot being written, and returns the final status.
+    pub async fn shutdown(self) -> Result<Status, ProducerError> {
+        self.shared.ready.store(false, Ordering::Release);
+        self.shared.set_phase(Lifecycle::ShuttingDown);
+        let flushed = self.flush_buffer().await;
+        let Producer {
+            commands,
+            shared,
+            client,
+            publisher,
+            snapshotter,
+            engine,
+            ..
+        } = self;
+        drop(commands);
+        let published = publisher
+            .await
+            .map_err(|e| ProducerError::Internal(format!("publisher task: {e}")))?;
+        snapshotter
+            .await
+            .map_err(|e| ProducerError::Internal(format!("snapshot task: {e}")))?;
+        tokio::task::spawn_blocking(move || engine.join())
+            .await
+            .map_err(|e| ProducerError::Internal(format!("engine thread: {e}")))?
+            .map_err(|_| ProducerError::Internal("the engine thread panicked".into()))?;
+        if let Err(e) = client.flush().await {
+            tracing::warn!(error = %e, "Flushing the NATS connection at shutdown failed");
+        }
+        flushed?;
+        let acked = published?;
+        shared.set_phase(Lifecycle::Stopped);
+        let status = shared.status_lock().clone();
+        tracing::info!(
+            seq = acked.seq,
+            stream_seq = acked.stream_seq,
+            "Producer shut down; every envelope acknowledged"
+        );
+        Ok(status)
+    }
+
+    async fn flush_buffer(&self) -> Result<(), ProducerError> {
+        let chunk = {
+            let mut buf = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
+            std::mem::take(&mut *buf)
+        };
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.send(Command::Submit(chunk)).await
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), ProducerError> {
+        if let Some(cause) = self.shared.failure.get() {
+            return Err(ProducerError::shared(cause));
+        }
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| self.shared.stopped_error())
+    }
+}
+
+fn fresh(state: State, stream_seq: u64, manifest: Option<Manifest>) -> Begin {
+    Begin {
+        acked: Acked {
+            seq: state.seq(),
+            stream_seq,
+            txn_seq: state.seq(),
+            digest: state.digest(),
+        },
+        expected_last: stream_seq,
+        state,
+        manifest,
+        foreign: 0,
+    }
+}
+
+fn validate(changes: &[Change]) -> Result<(), ProducerError> {
+    for (index, c) in changes.iter().enumerate() {
+        c.validate()
+            .map_err(|source| ProducerError::InvalidChange { index, source })?;
+    }
+    Ok(())
+}
+
+/// Connects and makes sure the stream and bucket exist with the settings' limits.
+pub(crate) async fn connect(
+    settings: &Settings,
+) -> Result<(async_nats::Client, async_nats::jetstream::Context), ProducerError> {
+    settings.validate()?;
+    snapshots::check_retention(settings)?;
+    let client = nats::connect(&settings.nats).await?;
+    let js = nats::jetstream(client.clone(), &settings.nats);
+    nats::ensure_stream(&js, settings).await?;
+    nats::ensure_bucket(&js, settings).await?;
+    Ok((client, js))
+}
+
+fn hex_digest<S: serde::Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&d.to_hex())
+}

@@ -1,0 +1,319 @@
+//! Snapshot scheduling and the background snapshot task: decides when the producer's state
+//! is cut (every N envelopes, every T, and before the stream's retention could prune the
+//! envelopes after the latest snapshot), and writes the cuts through `deltasync_shared::store`
+//! off the publishing path.
+//!
+//! Talks to the snapshot bucket through `store::write_snapshot`; receives cuts from the
+//! publisher once the envelope they end at is acknowledged.
+//!
+//! ## Invariants
+//!
+//! - A cut is a `State` clone (buckets shared copy-on-write) taken by the batching engine at a
+//!   transaction boundary; it is written only after its last envelope is acknowledged, with
+//!   that envelope's stream sequence, so the snapshot always names a stored envelope.
+//! - One snapshot is written at a time; publication never waits for one.
+//! - Between two snapshots the producer publishes at most half of `stream.max_messages`
+//!   envelopes and about half of `stream.max_bytes` bytes (while the previous snapshot is
+//!   still being written it can only warn): the stream's retention always covers the
+//!   distance from the latest snapshot to the head.
+
+use crate::error::ProducerError;
+use crate::producer::Shared;
+use deltasync_shared::settings::{Settings, MESSAGE_OVERHEAD_MARGIN};
+use deltasync_shared::snapshot::Manifest;
+use deltasync_shared::state::State;
+use deltasync_shared::store::{self, StoreError};
+use serde::Serialize;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Bytes counted per envelope on top of its changes (header, message overhead in the
+/// stream), so the byte trigger errs on the early side.
+pub(crate) const ENVELOPE_OVERHEAD_BYTES: u64 = 256;
+
+/// A written snapshot, as reported by status and `snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    /// Lineage of the cut (hex).
+    pub lineage: String,
+    /// Envelope sequence of the cut.
+    pub seq: u64,
+    /// Stream sequence of envelope `seq`; readers follow from the next one.
+    pub stream_seq: u64,
+    /// State digest at the cut (hex).
+    pub digest: String,
+    /// Keys in the state.
+    pub entries: u64,
+    /// When it was written (ms since the epoch).
+    pub created_at_ms: u64,
+    /// Bytes a full download fetches.
+    pub total_bytes: u64,
+    /// Bytes this snapshot wrote that earlier ones had not.
+    pub bytes_written: u64,
+}
+
+impl From<&Manifest> for SnapshotInfo {
+    fn from(m: &Manifest) -> Self {
+        SnapshotInfo {
+            lineage: m.lineage.to_hex(),
+            seq: m.seq,
+            stream_seq: m.stream_seq,
+            digest: m.digest.to_hex(),
+            entries: m.entries,
+            created_at_ms: m.created_at_ms,
+            total_bytes: m.total_bytes(),
+            bytes_written: m.bytes_written,
+        }
+    }
+}
+
+/// A cut waiting to be written, and who waits for it.
+#[derive(Debug)]
+pub(crate) struct SnapshotJob {
+    pub cut: State,
+    pub reply: Option<oneshot::Sender<Result<SnapshotInfo, ProducerError>>>,
+}
+
+impl SnapshotJob {
+    pub(crate) fn fail(self, err: ProducerError) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(Err(err));
+        } else {
+            tracing::warn!(seq = self.cut.seq(), error = %err, "Scheduled snapshot not written");
+        }
+    }
+}
+
+/// Phase of the background snapshot, shared between the engine (which schedules) and the
+/// snapshot task (which writes).
+#[derive(Debug, Default)]
+pub(crate) struct Phase(AtomicU8);
+
+const IDLE: u8 = 0;
+const RUNNING: u8 = 1;
+const RETRY: u8 = 2;
+
+impl Phase {
+    pub(crate) fn running(&self) -> bool {
+        self.0.load(Ordering::Acquire) == RUNNING
+    }
+    fn retry(&self) -> bool {
+        self.0.load(Ordering::Acquire) == RETRY
+    }
+    fn set(&self, v: u8) {
+        self.0.store(v, Ordering::Release);
+    }
+}
+
+/// When the next snapshot is due; owned by the batching engine.
+#[derive(Debug)]
+pub(crate) struct Schedule {
+    every_envelopes: u64,
+    every: Duration,
+    /// Half of `stream.max_messages` (None = unlimited).
+    half_messages: Option<u64>,
+    /// Half of `stream.max_bytes` (None = unlimited).
+    half_bytes: Option<u64>,
+    envelopes_since: u64,
+    bytes_since: u64,
+    /// When the first envelope after the latest snapshot was produced.
+    first_since: Option<Instant>,
+    warned: bool,
+}
+
+impl Schedule {
+    pub(crate) fn new(settings: &Settings) -> Schedule {
+        let half = |v: i64| (v > 0).then(|| (v as u64 / 2).max(1));
+        Schedule {
+            every_envelopes: settings.snapshot.every_envelopes,
+            every: settings.snapshot.every,
+            half_messages: half(settings.stream.max_messages),
+            half_bytes: half(settings.stream.max_bytes),
+            envelopes_since: 0,
+            bytes_since: 0,
+            first_since: None,
+            warned: false,
+        }
+    }
+
+    /// The recovered position is `envelopes` past the latest snapshot, which is `age` old
+    /// (no snapshot: `None`).
+    pub(crate) fn resume(&mut self, envelopes: u64, age: Option<Duration>) {
+        self.envelopes_since = envelopes;
+        if envelopes > 0 {
+            // The first of those envelopes is at most as old as the snapshot before it.
+            let age = age.unwrap_or(self.every);
+            self.first_since = Some(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
+        }
+    }
+
+    /// Counts one envelope of `bytes` encoded change bytes.
+    pub(crate) fn count(&mut self, bytes: u64) {
+        self.envelopes_since += 1;
+        self.bytes_since += bytes + ENVELOPE_OVERHEAD_BYTES;
+        if self.first_since.is_none() {
+            self.first_since = Some(Instant::now());
+        }
+    }
+
+    /// When the time trigger fires, if armed.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        if self.every.is_zero() {
+            return None;
+        }
+        self.first_since.map(|t| t + self.every)
+    }
+
+    /// Whether a snapshot should be cut now (the previous one is not running).
+    pub(crate) fn due(&mut self, phase: &Phase) -> bool {
+        if self.envelopes_since == 0 {
+            return false;
+        }
+        let by_count = self.every_envelopes > 0 && self.envelopes_since >= self.every_envelopes;
+        let by_retention = self
+            .half_messages
+            .is_some_and(|h| self.envelopes_since >= h)
+            || self.half_bytes.is_some_and(|h| self.bytes_since >= h);
+        let by_time = self.deadline().is_some_and(|d| Instant::now() >= d);
+        let due = by_count || by_retention || by_time || phase.retry();
+        if due && phase.running() {
+            if by_retention && !self.warned {
+                self.warned = true;
+                tracing::warn!(
+                    envelopes = self.envelopes_since,
+                    bytes = self.bytes_since,
+                    "Half the stream's retention published since the latest snapshot while the previous snapshot is still being written"
+                );
+            }
+            return false;
+        }
+        due
+    }
+
+    /// A cut was taken: start counting again.
+    pub(crate) fn taken(&mut self, phase: &Phase) {
+        self.envelopes_since = 0;
+        self.bytes_since = 0;
+        self.first_since = None;
+        self.warned = false;
+        phase.set(RUNNING);
+    }
+}
+
+/// Refuses settings under which the stream's retention cannot cover the distance between
+/// two snapshots (on top of `Settings::validate`).
+pub(crate) fn check_retention(settings: &Settings) -> Result<(), ProducerError> {
+    let invalid = |key: &str, reason: String| {
+        ProducerError::Settings(deltasync_shared::settings::SettingsError::Invalid {
+            key: key.to_owned(),
+            reason,
+        })
+    };
+    let s = &settings.stream;
+    if s.max_messages > 0 && s.max_messages < 2 {
+        return Err(invalid(
+            "stream.max_messages",
+            "must be at least 2: the stream keeps the envelopes between two snapshots".into(),
+        ));
+    }
+    let envelope = (settings.producer.batch_max_bytes + MESSAGE_OVERHEAD_MARGIN) as i64;
+    if s.max_bytes > 0 && s.max_bytes < 2 * envelope {
+        return Err(invalid(
+            "stream.max_bytes / producer.batch_max_bytes",
+            format!(
+                "stream.max_bytes {} cannot hold two full envelopes of {} bytes \
+                 (producer.batch_max_bytes + margin): a snapshot every envelope would still \
+                 let retention prune the envelope after it",
+                s.max_bytes, envelope
+            ),
+        ));
+    }
+    if !s.max_age.is_zero() && settings.snapshot.every.is_zero() {
+        return Err(invalid(
+            "snapshot.every / stream.max_age",
+            format!(
+                "stream.max_age {:?} prunes envelopes by age, so snapshots must be time-based \
+                 too: set snapshot.every to at most half of it",
+                s.max_age
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes cuts one at a time, keeping the previous one (manifest and state) so the next
+/// snapshot is incremental.
+pub(crate) async fn run(
+    js: async_nats::jetstream::Context,
+    settings: Arc<Settings>,
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<(SnapshotJob, u64)>,
+) {
+    let mut prev: Option<(Manifest, State)> = None;
+    while let Some((job, stream_seq)) = rx.recv().await {
+        let seq = job.cut.seq();
+        let started = Instant::now();
+        let result = store::write_snapshot(
+            &js,
+            &settings,
+            &job.cut,
+            stream_seq,
+            prev.as_ref().map(|(m, s)| (m, s)),
+        )
+        .await;
+        let m = &shared.metrics;
+        match result {
+            Ok(manifest) => {
+                m.snapshots.inc();
+                m.snapshot_bytes_written.inc_by(manifest.bytes_written);
+                m.snapshot_total_bytes.set(manifest.total_bytes() as i64);
+                let info = SnapshotInfo::from(&manifest);
+                tracing::info!(
+                    seq,
+                    stream_seq,
+                    entries = info.entries,
+                    total_bytes = info.total_bytes,
+                    bytes_written = info.bytes_written,
+                    took = ?started.elapsed(),
+                    "Snapshot stored"
+                );
+                shared.snapshot_written(info.clone());
+                shared.snapshot_phase.set(IDLE);
+                prev = Some((manifest, job.cut));
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(Ok(info));
+                }
+            }
+            Err(StoreError::Stale { latest_seq, .. }) if latest_seq >= seq => {
+                // The bucket already has a snapshot at or past this cut (an operator's
+                // `snapshot`, or one written before a restart): nothing to do.
+                tracing::info!(
+                    seq,
+                    latest_seq,
+                    "Snapshot not needed: the latest one is already at or past this cut"
+                );
+                shared.snapshot_phase.set(IDLE);
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(Err(ProducerError::Snapshot {
+                        seq,
+                        source: StoreError::Stale {
+                            latest_lineage: job.cut.lineage().to_hex(),
+                            latest_seq,
+                            seq,
+                        },
+                    }));
+                }
+            }
+            Err(source) => {
+                m.snapshot_failures.inc();
+                tracing::error!(seq, stream_seq, error = %source, "Snapshot failed; retrying with the next envelope");
+                shared.snapshot_phase.set(RETRY);
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(Err(ProducerError::Snapshot { seq, source }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Synthetic sources that drive a producer, one folder per source (`orderbook`).
+//!
+//! Talks to a [`crate::Producer`] only.
+
+pub mod orderbook;

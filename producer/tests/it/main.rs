@@ -1,0 +1,11 @@
+//! The producer's integration tests, one binary: every test starts its own nats-server (or
+//! cluster) through the testkit and uses its own pipeline names.
+
+mod fencing;
+mod http;
+mod ingest;
+mod publishing;
+mod recovery;
+mod shutdown;
+mod snapshots;
+mod support;
