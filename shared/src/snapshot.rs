@@ -490,10 +490,7 @@ fn cut_chunks(
     max_blob: usize,
     blobs: &mut Vec<Blob>,
 ) -> Result<Vec<BlobRef>, EncodeError> {
-    let mut entries: Vec<(&Key, &Bytes)> = buckets
-        .clone()
-        .flat_map(|b| state.bucket(b).iter())
-        .collect();
+    let mut entries: Vec<(&Key, &Bytes)> = buckets.clone().flat_map(|b| state.bucket(b)).collect();
     entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut refs = Vec::new();
     let mut start = 0;
