@@ -421,19 +421,21 @@ impl Engine {
         }
         self.committed = cursor;
         self.bootstrapped = true;
-        self.last_view_at = Instant::now();
-        self.replica.committed(
-            cursor,
-            self.state.len(),
-            Some(self.state.clone()),
-            Vec::new(),
-            true,
-        );
         match self.continuity(&cursor).await? {
             Continuity::Continues => {
                 self.decide(
                     Reason::Resume,
                     "the local cursor continues the retained history",
+                );
+                // The replica on disk is verified and continues the history: readers may use
+                // it while the engine catches up.
+                self.last_view_at = Instant::now();
+                self.replica.committed(
+                    cursor,
+                    self.state.len(),
+                    Some(self.state.clone()),
+                    Vec::new(),
+                    true,
                 );
                 Ok(())
             }
@@ -723,10 +725,12 @@ impl Engine {
         let latest = store::read_pointer(&self.kv).await?.map(|(p, _)| p.lineage);
         if latest != Some(env.lineage) && env.seq == 1 && env.part == 1 {
             // A new lineage starts from the empty state, and its first envelope is here.
-            self.decide(
-                reason,
-                "a new lineage starts in the stream: following it from its first envelope",
-            );
+            if self.bootstrapped {
+                self.decide(
+                    reason,
+                    "a new lineage starts in the stream: following it from its first envelope",
+                );
+            }
             self.start_lineage(env.lineage, stream_seq - 1, reason)
                 .await?;
             if let Step::Continue = self.on_envelope(env, stream_seq) {

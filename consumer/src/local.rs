@@ -398,11 +398,21 @@ pub fn for_each_entry(
     Ok(cursor)
 }
 
+/// Opens the file read-only. A file left by a crash needs redb's recovery first, which a
+/// read-only open cannot run: it is then opened for writing once (recovery restores the last
+/// committed transaction; no entry or cursor is changed) and opened read-only again.
 fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, LocalError> {
-    redb::ReadOnlyDatabase::open(path).map_err(|source| LocalError::Open {
+    let open_err = |source| LocalError::Open {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    match redb::ReadOnlyDatabase::open(path) {
+        Err(redb::DatabaseError::RepairAborted) => {
+            drop(redb::Database::open(path).map_err(open_err)?);
+            redb::ReadOnlyDatabase::open(path).map_err(open_err)
+        }
+        other => other.map_err(open_err),
+    }
 }
 
 /// Why `dump` failed.

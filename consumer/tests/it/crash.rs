@@ -1,0 +1,153 @@
+//! Crashes and fleets: a consumer process killed with SIGKILL in the middle of a backlog, and
+//! several replicas converging on the producer's digest.
+//!
+//! Talks to nats-server through the test producer in `support`; runs the
+//! `deltasync-consumer` binary as a child process and polls its HTTP status.
+
+use crate::support::*;
+use deltasync_consumer::{BatchKind, Reason};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_consumer(p: &Pipeline, id: &str, dir: &std::path::Path, port: u16) -> Killed {
+    let child = Command::new(env!("CARGO_BIN_EXE_deltasync-consumer"))
+        .args(["--nats-url", &p.settings.nats.url])
+        .args(["--pipeline", &p.settings.pipeline])
+        .arg("run")
+        .args(["--id", id])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        // Small, frequent commits: many commit points to be killed between.
+        .env("DELTASYNC_CONSUMER__COMMIT_EVERY_ENVELOPES", "2")
+        .env("DELTASYNC_CONSUMER__COMMIT_INTERVAL", "5ms")
+        .env_remove("DELTASYNC_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the consumer binary starts");
+    Killed(child)
+}
+
+async fn status_of(port: u16) -> Option<serde_json::Value> {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
+    tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (code, _, body) = http_get(addr, "/v1/status").await;
+    (code == 200).then(|| serde_json::from_slice(&body).ok())?
+}
+
+#[tokio::test]
+async fn a_consumer_killed_mid_apply_restarts_and_converges_with_no_change_applied_twice() {
+    logs();
+    let mut p = Pipeline::start("kill9", |_| {}).await;
+    p.commit(puts(0, 5000, 1)).await;
+    p.snapshot().await;
+    p.churn(1500, 200, 20_000, 2).await;
+    let last = p.state.seq();
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = deltasync_testkit::free_port();
+    let mut child = spawn_consumer(&p, "kill9-1", dir.path(), port);
+
+    // Kill it once it has committed part of the backlog.
+    let start = Instant::now();
+    let seen = loop {
+        assert!(start.elapsed() < DEADLINE, "the child never committed");
+        if let Some(s) = status_of(port).await {
+            let seq = s["seq"].as_u64().unwrap_or(0);
+            if seq > 1 {
+                break seq;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
+    assert!(
+        seen < last,
+        "killed mid-apply: status showed {seen} of {last}"
+    );
+    let committed = deltasync_consumer::local::read_cursor(dir.path())
+        .unwrap()
+        .expect("a committed cursor");
+    assert!(
+        committed.seq >= seen,
+        "the status never shows a position that is not durable ({} < {seen})",
+        committed.seq
+    );
+    assert!(committed.seq < last);
+
+    // Restart (in-process, to watch every batch it applies).
+    let consumer =
+        deltasync_consumer::Consumer::new(p.consumer_settings(), durable("kill9-1", dir.path()))
+            .unwrap();
+    let replica = consumer.replica();
+    let mut rx = replica.subscribe();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(consumer.run(cancel.clone()));
+    let mut applied = Vec::new();
+    while applied.last() != Some(&last) {
+        let b = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .expect("batches keep coming")
+            .unwrap();
+        assert_eq!(b.kind, BatchKind::Applied, "no re-snapshot after a crash");
+        applied.push(b.seq);
+    }
+    let expected: Vec<u64> = (committed.seq + 1..=last).collect();
+    assert_eq!(
+        applied, expected,
+        "every envelope after the durable cursor, each exactly once"
+    );
+    let s = replica
+        .wait_until(DEADLINE, |s| s.seq == last)
+        .await
+        .unwrap();
+    assert_eq!(s.decisions.get(Reason::Resume.as_str()), Some(&1));
+    assert_eq!(s.snapshot_bytes_fetched, 0);
+    assert_eq!(s.digest, p.state.digest().to_hex());
+    assert_same_state(&replica, &p);
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn three_consumers_converge_to_the_producers_digest() {
+    logs();
+    let mut p = Pipeline::start("three", |_| {}).await;
+    p.commit(puts(0, 3000, 1)).await;
+    p.snapshot().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let consumers = vec![
+        Running::start(p.consumer_settings(), durable("three-a", dirs[0].path())),
+        Running::start(p.consumer_settings(), durable("three-b", dirs[1].path())),
+        Running::start(p.consumer_settings(), ephemeral("three-c")),
+    ];
+    // The producer keeps going while they bootstrap and follow, with a snapshot mid-way.
+    for round in 0..4u8 {
+        p.churn(25, 40, 4000, 10 + round).await;
+        if round == 1 {
+            p.snapshot().await;
+        }
+        p.commit(vec![deltasync_shared::Change::delete(key(round as usize))])
+            .await;
+    }
+    for c in &consumers {
+        let s = c.wait_for(&p).await;
+        assert_eq!(s.digest, p.state.digest().to_hex(), "{}", s.id);
+        assert_same_state(&c.replica, &p);
+    }
+    for c in consumers {
+        c.stop().await;
+    }
+}

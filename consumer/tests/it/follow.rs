@@ -1,0 +1,169 @@
+//! Bootstrap, following, restart and `--once`, against a real nats-server.
+//!
+//! Talks to nats-server through the test producer in `support` and the consumer library.
+
+use crate::support::*;
+use deltasync_consumer::{BatchKind, Reason};
+use deltasync_shared::Change;
+use std::collections::BTreeMap;
+
+fn reasons(pairs: &[(Reason, u64)]) -> BTreeMap<String, u64> {
+    pairs
+        .iter()
+        .map(|(r, n)| (r.as_str().to_owned(), *n))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_new_replica_bootstraps_from_the_snapshot_then_follows_the_tail() {
+    logs();
+    let mut p = Pipeline::start("boot", |_| {}).await;
+    p.commit(puts(0, 3000, 1)).await;
+    p.churn(20, 50, 3000, 2).await;
+    let m = p.snapshot().await;
+    p.churn(30, 50, 3000, 3).await;
+    p.commit(vec![Change::delete(key(5))]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Running::start(p.consumer_settings(), durable("boot-1", dir.path()));
+    let s = c.wait_for(&p).await;
+    assert_eq!(s.digest, p.state.digest().to_hex());
+    assert_eq!(s.entries, p.state.len());
+    assert_eq!(s.decisions, reasons(&[(Reason::Bootstrap, 1)]));
+    assert_whole_snapshot(s.snapshot_bytes_fetched, &m);
+    assert_eq!(
+        s.envelopes_applied, 31,
+        "only the envelopes after the snapshot"
+    );
+    assert!(s.bootstrapped && s.ready);
+    let last = s.last_resync.unwrap();
+    assert_eq!((last.reason, last.seq), (Reason::Bootstrap, m.seq));
+    assert_same_state(&c.replica, &p);
+
+    // And it keeps following.
+    p.churn(10, 20, 3000, 4).await;
+    c.wait_for(&p).await;
+    assert_same_state(&c.replica, &p);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_resumes_from_the_local_cursor_without_downloading_a_snapshot() {
+    logs();
+    let mut p = Pipeline::start("resume", |_| {}).await;
+    p.commit(puts(0, 2000, 1)).await;
+    p.snapshot().await;
+    p.churn(10, 20, 2000, 2).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Running::start(p.consumer_settings(), durable("resume-1", dir.path()));
+    c.wait_for(&p).await;
+    let outcome = c.stop().await;
+    assert_eq!(outcome.cursor.seq, p.state.seq());
+
+    // More history and a newer snapshot while it is down.
+    p.churn(25, 20, 2000, 3).await;
+    p.snapshot().await;
+    p.churn(5, 20, 2000, 4).await;
+
+    let c = Running::start(p.consumer_settings(), durable("resume-1", dir.path()));
+    let s = c.wait_for(&p).await;
+    assert_eq!(s.snapshot_bytes_fetched, 0, "no snapshot downloaded");
+    assert_eq!(s.decisions, reasons(&[(Reason::Resume, 1)]));
+    assert_eq!(
+        s.envelopes_applied, 30,
+        "exactly the envelopes after the cursor"
+    );
+    assert!(s.last_resync.is_none());
+    assert_same_state(&c.replica, &p);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_ephemeral_replica_bootstraps_from_the_snapshot_at_every_start() {
+    logs();
+    let mut p = Pipeline::start("ephemeral", |_| {}).await;
+    p.commit(puts(0, 1000, 1)).await;
+    let m = p.snapshot().await;
+    p.churn(5, 10, 1000, 2).await;
+    for _ in 0..2 {
+        let c = Running::start(p.consumer_settings(), ephemeral("eph-1"));
+        let s = c.wait_for(&p).await;
+        assert_eq!(s.decisions, reasons(&[(Reason::Bootstrap, 1)]));
+        assert_whole_snapshot(s.snapshot_bytes_fetched, &m);
+        assert!(!s.durable);
+        assert_same_state(&c.replica, &p);
+        c.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn once_catches_up_to_the_head_at_start_commits_and_returns() {
+    logs();
+    let mut p = Pipeline::start("once", |_| {}).await;
+    p.commit(puts(0, 500, 1)).await;
+    p.snapshot().await;
+    p.churn(40, 10, 500, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = durable("once-1", dir.path());
+    options.once = true;
+    let outcome = Running::start(p.consumer_settings(), options.clone())
+        .join()
+        .await
+        .unwrap();
+    assert_eq!(outcome.cursor.seq, p.state.seq());
+    assert_eq!(outcome.cursor.digest, p.state.digest());
+    let on_disk = deltasync_consumer::local::read_cursor(dir.path())
+        .unwrap()
+        .unwrap();
+    assert_eq!(on_disk, outcome.cursor, "committed before returning");
+
+    // A second run with nothing new returns at once, at the same place.
+    let outcome = Running::start(p.consumer_settings(), options)
+        .join()
+        .await
+        .unwrap();
+    assert_eq!(outcome.cursor.seq, p.state.seq());
+}
+
+#[tokio::test]
+async fn subscribers_see_every_committed_transaction_in_order_and_multi_part_ones_whole() {
+    logs();
+    let mut p = Pipeline::start("events", |_| {}).await;
+    p.commit(puts(0, 100, 1)).await;
+    p.snapshot().await;
+    let c = Running::start(p.consumer_settings(), ephemeral("events-1"));
+    let mut rx = c.replica.subscribe();
+    c.wait_for(&p).await;
+    let from = p.state.seq();
+    p.churn(20, 5, 100, 2).await;
+    // One transaction split into several parts: delivered as one batch.
+    let parts = p.commit_split(puts(1000, 300, 3), 4 * 1024).await;
+    assert!(parts.len() > 3);
+    c.wait_for(&p).await;
+
+    let mut seqs = Vec::new();
+    let mut big = 0;
+    while seqs.last() != Some(&p.state.seq()) {
+        let b = rx.recv().await.unwrap();
+        if b.kind == BatchKind::Applied {
+            assert_eq!(
+                b.prev_seq
+                    + if b.changes.len() == 300 {
+                        parts.len() as u64
+                    } else {
+                        1
+                    },
+                b.seq
+            );
+            if b.changes.len() == 300 {
+                big += 1;
+            }
+            seqs.push(b.seq);
+        }
+    }
+    let expected: Vec<u64> = (from + 1..=from + 20).chain([p.state.seq()]).collect();
+    assert_eq!(seqs, expected);
+    assert_eq!(big, 1);
+    c.stop().await;
+}
