@@ -12,8 +12,10 @@
 //! - The marker only ever moves to a position the engine has committed locally (the engine
 //!   calls [`Marker::committed`] after the commit is durable). It is informational: the local
 //!   cursor is authoritative, and a failure here is logged, never fatal.
-//! - The marker consumer is never pulled from: it costs the server no deliveries. Its ack
-//!   floor is set with a reset to `stream_seq + 1` (`DeliverPolicy::All` allows any reset).
+//! - The marker consumer delivers nothing: its ack floor is set with a reset to
+//!   `stream_seq + 1` (`DeliverPolicy::All` allows any reset), and since the server counts
+//!   only pull requests as a pull consumer's activity, a running replica sends a no-wait pull
+//!   of at most one byte every third of `inactive_threshold` to keep it.
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::ConsumerResetErrorKind;
@@ -86,7 +88,11 @@ async fn run(
         let wanted = *rx.borrow_and_update();
         if let Some(seq) = wanted {
             if keepalive_due || last_sent != Some(seq) {
-                match publish(&js, &stream, &name, &id, threshold, seq, &mut created).await {
+                let r = publish(&js, &stream, &name, &id, threshold, seq, &mut created).await;
+                if r.is_ok() && keepalive_due {
+                    keep_alive(&js, &stream, &name).await;
+                }
+                match r {
                     Ok(()) => last_sent = Some(seq),
                     Err(e) => {
                         created = false;
@@ -113,17 +119,18 @@ async fn publish(
 ) -> Result<(), async_nats::Error> {
     let s = js.get_stream(stream).await?;
     if !*created {
-        s.create_consumer(pull::Config {
-            durable_name: Some(name.to_owned()),
-            description: Some(format!(
-                "deltasync replica {id}: position marker (never pulled)"
-            )),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::All,
-            inactive_threshold: threshold,
-            ..Default::default()
-        })
-        .await?;
+        let _: jetstream::consumer::Consumer<pull::Config> = s
+            .create_consumer(pull::Config {
+                durable_name: Some(name.to_owned()),
+                description: Some(format!(
+                    "deltasync replica {id}: position marker (delivers nothing)"
+                )),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::All,
+                inactive_threshold: threshold,
+                ..Default::default()
+            })
+            .await?;
         *created = true;
     }
     match s.reset_consumer(name, Some(seq + 1)).await {
@@ -134,5 +141,27 @@ async fn publish(
             Err(e.into())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The server counts only pull requests as a pull consumer's activity (a reset is not one):
+/// a no-wait pull of at most one byte shows the replica is alive without delivering anything.
+async fn keep_alive(js: &jetstream::Context, stream: &str, name: &str) {
+    let Ok(s) = js.get_stream(stream).await else {
+        return;
+    };
+    let consumer: jetstream::consumer::Consumer<pull::Config> = match s.get_consumer(name).await {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    let batch = consumer
+        .fetch()
+        .max_messages(1)
+        .max_bytes(1)
+        .messages()
+        .await;
+    if let Ok(mut batch) = batch {
+        let drain = async { while let Some(_m) = futures::StreamExt::next(&mut batch).await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
     }
 }

@@ -215,3 +215,41 @@ async fn each_replicas_committed_position_is_visible_on_the_server() {
     }
     c.stop().await;
 }
+
+#[tokio::test]
+async fn the_server_keeps_a_running_replicas_marker_and_removes_it_after_the_replica_is_gone() {
+    logs();
+    let mut p = Pipeline::start("inactive", |s| {
+        s.consumer.inactive_threshold = Duration::from_secs(2);
+    })
+    .await;
+    p.commit(puts(0, 10, 1)).await;
+    p.snapshot().await;
+    let c = Running::start(p.consumer_settings(), ephemeral("inactive-1"));
+    c.wait_for(&p).await;
+    let stream =
+        p.js.get_stream(names::stream_name(&p.settings.pipeline))
+            .await
+            .unwrap();
+    let name = names::consumer_name(&p.settings.pipeline, "inactive-1");
+    let start = std::time::Instant::now();
+    while stream.consumer_info(&name).await.is_err() {
+        assert!(start.elapsed() < DEADLINE, "the marker is created");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Idle for three thresholds: still there.
+    let idle_until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < idle_until {
+        assert!(
+            stream.consumer_info(&name).await.is_ok(),
+            "a live replica's marker is kept"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    c.stop().await;
+    let start = std::time::Instant::now();
+    while stream.consumer_info(&name).await.is_ok() {
+        assert!(start.elapsed() < DEADLINE, "the marker is removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

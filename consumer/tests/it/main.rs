@@ -12,3 +12,4 @@ mod api;
 mod crash;
 mod follow;
 mod resync;
+mod with_producer;
