@@ -27,6 +27,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+/// How soon a due time trigger is looked at again while a snapshot is still being written.
+const SNAPSHOT_RECHECK: Duration = Duration::from_millis(200);
+
 /// What callers ask of the engine, in order.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -89,7 +92,7 @@ impl Engine {
         Engine {
             lineage: state.lineage(),
             state,
-            batch: Vec::with_capacity(p.batch_max_changes.min(1 << 16)),
+            batch: Vec::new(),
             batch_bytes: 0,
             linger_until: None,
             max_changes: p.batch_max_changes,
@@ -109,10 +112,20 @@ impl Engine {
             return;
         }
         loop {
-            let snapshot_at = self.schedule.deadline();
+            // A time trigger that is due while the previous snapshot still runs is looked at
+            // again a little later, not in a busy loop.
+            let snapshot_at = self.schedule.deadline().map(|t| {
+                let t = Instant::from_std(t);
+                let now = Instant::now();
+                if t <= now {
+                    now + SNAPSHOT_RECHECK
+                } else {
+                    t
+                }
+            });
             let wake = match (self.linger_until, snapshot_at) {
-                (Some(a), Some(b)) => Some(a.min(b.into())),
-                (a, b) => a.or(b.map(Instant::from)),
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             let cmd = tokio::select! {
                 biased;

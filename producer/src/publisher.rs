@@ -65,6 +65,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+/// Most publishes in flight: async-nats's context allows 5,000 outstanding acks and would
+/// make `send_publish` wait for a permit that only polling the window's acks can free.
+const MAX_WINDOW: usize = 4096;
+
 /// What a caller waits for; answered when the envelope it is attached to is acknowledged.
 #[derive(Debug)]
 pub(crate) enum Notify {
@@ -196,7 +200,7 @@ impl Publisher {
             lineage,
             window: VecDeque::with_capacity(settings.producer.ack_window),
             acks: FuturesOrdered::new(),
-            window_size: settings.producer.ack_window,
+            window_size: settings.producer.ack_window.min(MAX_WINDOW),
             expected_last,
             scanned_upto: expected_last,
             acked,

@@ -2,6 +2,7 @@
 //! messages.
 
 use crate::support::{self, read_stream, replay};
+use async_nats::jetstream::context::PublishErrorKind;
 use bytes::Bytes;
 use deltasync_producer::publisher::envelope_message;
 use deltasync_producer::{Change, Producer};
@@ -146,33 +147,63 @@ async fn a_retried_publish_is_deduplicated_to_the_same_stream_sequence() {
     producer.shutdown().await.expect("shutdown");
 
     let mut state = State::new(lineage);
+    state.apply_changes(&[Change::put("a", "1")]);
     let digest = state.apply_changes(&[Change::put("b", "2")]);
     let env =
         split_transaction(lineage, 2, digest, 0, vec![Change::put("b", "2")], 1 << 20).remove(0);
     let payload = Bytes::from(encode_envelope(&env).expect("encode"));
     let js = support::js(&server.url()).await;
     let subject = names::subject(&pipeline);
-    let send = |payload: Bytes| {
+    let send = |msg: async_nats::jetstream::message::PublishMessage| {
         let js = js.clone();
         let subject = subject.clone();
-        async move {
-            js.send_publish(
-                subject,
-                envelope_message(payload, lineage, 2, first.stream_seq, false),
-            )
-            .await
-            .expect("send")
-            .await
-            .expect("ack")
-        }
+        async move { js.send_publish(subject, msg).await.expect("send").await }
     };
-    let once = send(payload.clone()).await;
-    let again = send(payload).await;
+    let once = send(envelope_message(
+        payload.clone(),
+        lineage,
+        2,
+        first.stream_seq,
+        false,
+    ))
+    .await
+    .expect("stored");
     assert!(!once.duplicate);
+
+    // The same message again (same id, same expected last sequence): nats-server 2.14 checks
+    // the expected last sequence first, so a stale retry can never store a second copy.
+    let stale = send(envelope_message(
+        payload.clone(),
+        lineage,
+        2,
+        first.stream_seq,
+        false,
+    ))
+    .await
+    .expect_err("a stale retry is refused");
+    assert_eq!(stale.kind(), PublishErrorKind::WrongLastSequence);
+
+    // A retry that expects the stream as it now is (what the publisher sends after reading
+    // the stream back) is deduplicated by its message id: same stream sequence, duplicate.
+    let again = send(envelope_message(
+        payload.clone(),
+        lineage,
+        2,
+        once.sequence,
+        false,
+    ))
+    .await
+    .expect("deduplicated");
     assert!(again.duplicate, "{again:?}");
     assert_eq!(again.sequence, once.sequence);
+    // And so is a bare retry with only the message id.
+    let bare = async_nats::jetstream::message::PublishMessage::build()
+        .payload(payload)
+        .message_id(names::msg_id(&lineage.to_hex(), 2));
+    let bare = send(bare).await.expect("deduplicated");
+    assert!(bare.duplicate && bare.sequence == once.sequence, "{bare:?}");
     let replayed = replay(&read_stream(&js, &pipeline).await);
-    assert_eq!(replayed.envelopes.len(), 2);
+    assert_eq!(replayed.envelopes.len(), 2, "one copy of envelope 2");
 
     // A producer restarted on the pipeline continues after the retried envelope.
     let producer = Producer::start(support::settings(&server.url(), &pipeline))
@@ -190,9 +221,12 @@ async fn a_retried_publish_is_deduplicated_to_the_same_stream_sequence() {
 async fn a_foreign_message_in_the_subject_is_counted_and_publishing_continues() {
     let server = NatsServer::start();
     let pipeline = support::pipeline("foreign");
-    let producer = Producer::start(support::settings(&server.url(), &pipeline))
-        .await
-        .expect("start");
+    let mut settings = support::settings(&server.url(), &pipeline);
+    // Small envelopes keep the ack window full, so foreign messages land between pipelined
+    // publishes.
+    settings.producer.batch_max_changes = 10;
+    settings.producer.ack_window = 256;
+    let producer = Producer::start(settings).await.expect("start");
     producer
         .commit(vec![Change::put("a", "1")])
         .await
@@ -223,17 +257,17 @@ async fn a_foreign_message_in_the_subject_is_counted_and_publishing_continues() 
         let js = js.clone();
         let subject = subject.clone();
         tokio::spawn(async move {
-            for i in 0..20 {
+            for i in 0..50 {
                 js.publish(subject.clone(), Bytes::from(format!("garbage {i}")))
                     .await
                     .expect("publish")
                     .await
                     .expect("ack");
-                tokio::time::sleep(Duration::from_millis(3)).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
     };
-    for i in 0..20_000 {
+    for i in 0..50_000 {
         producer
             .submit(Change::put(format!("k{}", i % 997), format!("{i}")))
             .await
@@ -247,12 +281,12 @@ async fn a_foreign_message_in_the_subject_is_counted_and_publishing_continues() 
         .commit(vec![Change::put("last", "x")])
         .await
         .expect("commit");
-    assert_eq!(producer.status().foreign_messages, 21);
+    assert_eq!(producer.status().foreign_messages, 51);
     let status = producer.shutdown().await.expect("shutdown");
     assert_eq!(status.seq, last.last_seq);
 
     let replayed = replay(&read_stream(&js, &pipeline).await);
-    assert_eq!(replayed.foreign, 21);
+    assert_eq!(replayed.foreign, 51);
     assert_eq!(replayed.envelopes.len() as u64, last.last_seq);
     assert_eq!(replayed.state.digest(), last.digest);
 }

@@ -15,28 +15,41 @@ async fn snapshots_are_written_every_n_envelopes_readable_and_verified() {
     settings.snapshot.every_envelopes = 10;
     let p = Producer::start(settings.clone()).await.expect("start");
     let mut last = None;
-    for i in 0..35 {
-        let changes = (0..20)
-            .map(|j| Change::put(format!("k{}", (i * 20 + j) % 300), format!("{i}")))
-            .collect();
-        last = Some(p.commit(changes).await.expect("commit"));
-    }
+    let mut round = async |from: u64, to: u64| {
+        for i in from..to {
+            let changes = (0..20)
+                .map(|j| Change::put(format!("k{}", (i * 20 + j) % 300), format!("{i}")))
+                .collect();
+            last = Some(p.commit(changes).await.expect("commit"));
+        }
+        // Every 10 envelopes a snapshot (one at a time: a trigger while one is being written
+        // waits for it).
+        eventually(
+            "a snapshot of the round",
+            Duration::from_secs(30),
+            async || p.status().last_snapshot.filter(|s| s.seq >= to),
+        )
+        .await
+    };
+    round(0, 10).await;
+    let snap = round(10, 20).await;
     let observer = p.observer();
-    let snap = eventually(
-        "a snapshot at envelope 30",
-        Duration::from_secs(30),
-        async || p.status().last_snapshot.filter(|s| s.seq >= 30),
-    )
-    .await;
     let text = observer.metrics_text();
     assert!(
-        text.contains("deltasync_producer_snapshots_total 3"),
+        text.contains("deltasync_producer_snapshots_total 2"),
         "{text}"
     );
     assert!(
         !text.contains("deltasync_producer_snapshot_bytes_written_total 0\n"),
         "{text}"
     );
+    for i in 20..25 {
+        last = Some(
+            p.commit(vec![Change::put(format!("x{i}"), "1")])
+                .await
+                .expect("commit"),
+        );
+    }
 
     // The latest snapshot loads, verifies, and is at the cut it names.
     let js = support::js(&server.url()).await;

@@ -24,6 +24,10 @@ pub fn pipeline(prefix: &str) -> String {
 
 /// Default settings pointed at `url`, with a short linger.
 pub fn settings(url: &str, pipeline: &str) -> Settings {
+    // Logs only when asked for (RUST_LOG=info); idempotent.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = deltasync_shared::telemetry::init(&Default::default());
+    }
     let mut s = Settings::default();
     s.pipeline = pipeline.to_owned();
     s.nats.url = url.to_owned();
@@ -34,7 +38,11 @@ pub fn settings(url: &str, pipeline: &str) -> Settings {
 
 /// A JetStream context for reading what the producer wrote.
 pub async fn js(url: &str) -> jetstream::Context {
-    let client = async_nats::connect(url)
+    let addrs: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|u| u.parse().expect("a server address"))
+        .collect();
+    let client = async_nats::connect(addrs)
         .await
         .expect("connect to the test server");
     jetstream::new(client)
