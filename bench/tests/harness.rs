@@ -1,0 +1,52 @@
+//! The demo and the benchmark harness run to completion at tiny sizes, so neither can rot.
+//! Both start their own nats-server (through the testkit: a missing binary fails the test with
+//! the install command) and check their own results: the demo exits non-zero unless every
+//! consumer converged to the producer's digest, the benchmark unless every scenario's
+//! digest check passed.
+
+use std::path::Path;
+use std::process::Command;
+
+fn run(exe: &str, args: &[&str]) {
+    // Resolving the server here makes a missing nats-server fail with the install command.
+    let server = deltasync_testkit::nats_server_bin();
+    let out = Command::new(exe)
+        .args(args)
+        .env("NATS_SERVER_BIN", &server)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {exe}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{exe} {args:?} failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+}
+
+#[test]
+fn the_demo_runs_a_short_pipeline_to_convergence() {
+    let demo = env!("CARGO_BIN_EXE_deltasync-demo");
+    let dir = Path::new(demo)
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    for bin in ["deltasync-producer", "deltasync-consumer"] {
+        assert!(
+            Path::new(&dir).join(bin).exists(),
+            "{bin} is not built next to {demo}: run the workspace tests (cargo test --workspace)"
+        );
+    }
+    run(
+        demo,
+        &["--duration", "3s", "--orders", "2000", "--bin-dir", &dir],
+    );
+}
+
+#[test]
+fn the_benchmark_harness_runs_at_tiny_sizes() {
+    run(
+        env!("CARGO_BIN_EXE_deltasync-bench"),
+        &["--quick", "--keys", "5000", "--changes", "5000"],
+    );
+}
