@@ -1,8 +1,11 @@
 //! Integration tests of the testkit itself: real nats-server processes, checked with plain std
-//! TCP (the INFO line a server sends on connect) and the pure binary lookup.
+//! TCP (the INFO line a server sends on connect) and the pure binary lookup; and of the
+//! deployment files (`deploy`): docker-compose.yml, the Dockerfile, the NATS cluster configs
+//! and deltasync.example.toml, against the settings loader and the binaries' parsers.
 
 mod bin;
 mod cluster;
+mod deploy;
 mod server;
 
 use std::io::{BufRead, BufReader};
