@@ -82,6 +82,7 @@ pub mod local;
 pub mod marker;
 pub mod metrics;
 pub mod ndjson;
+pub mod ops;
 pub mod replica;
 
 pub use engine::Outcome;

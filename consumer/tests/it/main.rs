@@ -11,5 +11,6 @@ mod support;
 mod api;
 mod crash;
 mod follow;
+mod ops;
 mod resync;
 mod with_producer;
