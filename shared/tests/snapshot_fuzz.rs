@@ -19,6 +19,8 @@
 //!                            buckets, every change within the limits
 //! huge length prefixes       Err within a second, peak RSS up by at most a few MiB, inside
 //!                            a child process with a 1 GiB address-space ceiling
+//! deep nesting (100 000)     Err, without overflowing a 2 MiB thread stack (libtest's and
+//!                            tokio's default), in the same kind of child process
 //! ```
 //!
 //! Failing cases proptest finds are kept in `proptest-regressions/snapshot_fuzz.txt`. The
