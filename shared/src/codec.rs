@@ -196,6 +196,9 @@ pub fn decode_body<T: serde::de::DeserializeOwned>(
 ) -> Result<T, DecodeError> {
     let body = check_header(kind, input)?;
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+    // Our formats nest about five deep; rmp-serde's default of 1024 levels overflows a 2 MiB
+    // thread stack in debug builds on hostile input (found by the snapshot fuzz tests).
+    de.set_max_depth(16);
     let value = T::deserialize(&mut de).map_err(|source| DecodeError::Body {
         kind: kind.name(),
         source,
