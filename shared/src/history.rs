@@ -160,6 +160,7 @@ impl Tail {
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: from,
                 },
+                max_batch: tail_batch(settings),
                 ..Default::default()
             })
             .await
@@ -222,6 +223,16 @@ impl Tail {
     ) -> Option<Result<StreamItem, HistoryError>> {
         tokio::time::timeout(wait, self.next()).await.ok().flatten()
     }
+}
+
+/// Messages one pull of a [`Tail`] may ask for. The ordered consumer's default (200) of
+/// messages up to `stream.max_message_bytes` each (1 MiB) overflows the server's pending limit
+/// per connection (64 MiB) while a reader works through a backlog of large envelopes, and the
+/// server cuts the connection as a slow consumer; 16 MiB in flight is plenty to keep a reader
+/// busy.
+fn tail_batch(settings: &Settings) -> i64 {
+    let max_message = i64::from(settings.stream.max_message_bytes).max(64 * 1024);
+    (16 * 1024 * 1024 / max_message).clamp(8, 200)
 }
 
 /// What recovery found.
