@@ -52,9 +52,6 @@ const READ_AHEAD: usize = 32;
 /// Items taken from the reader per turn of the event loop.
 const ITEMS_PER_TURN: usize = 256;
 
-/// Longest a published view trails the committed position while the engine is busy.
-const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
-
 /// How often the engine reads the stream's bounds (lag, idle end of `--once`).
 const TICK: Duration = Duration::from_secs(1);
 
@@ -142,6 +139,7 @@ enum Event {
     CommitDue,
     Item(Option<Result<StreamItem, HistoryError>>),
     Tick,
+    ViewWanted,
 }
 
 /// How the local cursor relates to the retained history.
@@ -188,7 +186,6 @@ pub(crate) struct Engine {
     /// The durable position.
     committed: Cursor,
     bootstrapped: bool,
-    last_view_at: Instant,
 
     /// Re-snapshot attempts since an envelope was last applied.
     resync_attempts: u32,
@@ -231,7 +228,6 @@ impl Engine {
             inflight: None,
             committed: Cursor::default(),
             bootstrapped: false,
-            last_view_at: Instant::now(),
             resync_attempts: 0,
             reread_at: None,
             lost: None,
@@ -267,7 +263,10 @@ impl Engine {
             return Ok(());
         }
         let target = if self.once {
-            let b = history::bounds(&self.js, &self.settings).await?;
+            let b = retrying("reading the stream's head", || async {
+                Ok(history::bounds(&self.js, &self.settings).await?)
+            })
+            .await?;
             tracing::info!(
                 head = b.last_seq,
                 from = self.accepted_stream_seq + 1,
@@ -300,6 +299,7 @@ impl Engine {
                 _ = sleep_until(deadline), if deadline.is_some() && self.inflight.is_none() => Event::CommitDue,
                 item = reader.rx.recv() => Event::Item(item),
                 _ = tick.tick() => Event::Tick,
+                _ = self.replica.view_requested() => Event::ViewWanted,
             };
             match event {
                 Event::Cancelled => {
@@ -314,7 +314,9 @@ impl Engine {
                     self.maybe_commit().await?;
                 }
                 Event::CommitDue => self.submit()?,
+                Event::ViewWanted => self.publish_view_if_idle(),
                 Event::Tick => {
+                    self.publish_view_if_idle();
                     if self.on_tick().await && target.is_some() {
                         tracing::info!(
                             seq = self.applied.seq,
@@ -421,7 +423,11 @@ impl Engine {
         }
         self.committed = cursor;
         self.bootstrapped = true;
-        match self.continuity(&cursor).await? {
+        let continuity = retrying("checking the local cursor against the stream", || {
+            self.continuity(&cursor)
+        })
+        .await?;
+        match continuity {
             Continuity::Continues => {
                 self.decide(
                     Reason::Resume,
@@ -429,7 +435,6 @@ impl Engine {
                 );
                 // The replica on disk is verified and continues the history: readers may use
                 // it while the engine catches up.
-                self.last_view_at = Instant::now();
                 self.replica.committed(
                     cursor,
                     self.state.len(),
@@ -722,7 +727,11 @@ impl Engine {
         } else {
             Reason::Bootstrap
         };
-        let latest = store::read_pointer(&self.kv).await?.map(|(p, _)| p.lineage);
+        let latest = retrying("reading the latest snapshot pointer", || async {
+            Ok(store::read_pointer(&self.kv).await?)
+        })
+        .await?
+        .map(|(p, _)| p.lineage);
         if latest != Some(env.lineage) && env.seq == 1 && env.part == 1 {
             // A new lineage starts from the empty state, and its first envelope is here.
             if self.bootstrapped {
@@ -832,14 +841,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether to publish a view with the next commit: when a reader asked for one, or when
+    /// caught up (the view then costs little: few buckets change after it). Not on every
+    /// commit of a backlog: every bucket the next transactions touch would be copied.
     fn want_view(&mut self) -> bool {
-        let wanted = self.replica.take_view_wanted()
-            || self.caught_up
-            || self.last_view_at.elapsed() >= VIEW_MAX_AGE;
-        if wanted {
-            self.last_view_at = Instant::now();
-        }
-        wanted
+        self.replica.take_view_wanted() || self.caught_up
     }
 
     fn finish_inflight(
@@ -881,6 +887,28 @@ impl Engine {
         self.replica
             .committed(cursor, entries, view, batches, self.bootstrapped);
         self.update_lag();
+    }
+
+    /// Publishes a view of the committed state when one is wanted (or the replica is caught
+    /// up) and nothing applied awaits its commit; otherwise the next commit publishes it.
+    fn publish_view_if_idle(&mut self) {
+        let idle = self.batch_txns == 0
+            && self.inflight.is_none()
+            && self.bootstrapped
+            && (self.state.lineage(), self.state.seq())
+                == (self.committed.lineage, self.committed.seq);
+        if !idle || self.replica.view_seq() == (self.committed.lineage, self.committed.seq) {
+            return;
+        }
+        if self.want_view() {
+            self.replica.committed(
+                self.committed,
+                self.state.len(),
+                Some(self.state.clone()),
+                Vec::new(),
+                true,
+            );
+        }
     }
 
     /// Commits everything applied and waits until it is durable.
@@ -955,7 +983,6 @@ impl Engine {
         self.lost = None;
         self.reread_at = None;
         self.bootstrapped = true;
-        self.last_view_at = Instant::now();
         let view = Some(self.state.clone());
         let entries = self.state.len();
         self.complete(cursor, entries, view, batches);
@@ -1135,6 +1162,30 @@ impl Engine {
         });
         tracing::info!(reason = reason.as_str(), %lineage, stream_seq, "Following a new lineage from its first envelope");
         Ok(())
+    }
+}
+
+/// Attempts at a NATS read outside a re-snapshot before giving up.
+const READ_ATTEMPTS: u32 = 5;
+
+/// Runs `f` until it succeeds, at most [`READ_ATTEMPTS`] times with backoff: a request timing
+/// out once (a busy server) must not stop a replica.
+async fn retrying<T, F, Fut>(what: &str, mut f: F) -> Result<T, ConsumerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ConsumerError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < READ_ATTEMPTS => {
+                tracing::warn!(attempt, error = %e, "{what} failed; retrying");
+                tokio::time::sleep(backoff(attempt + 1)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

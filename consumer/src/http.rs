@@ -26,6 +26,10 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Longest a read waits for a view at the committed position (the engine publishes one with
+/// its next commit when asked).
+const FRESH_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Bytes of NDJSON per chunk of a `/v1/state` response.
 const STATE_CHUNK: usize = 64 * 1024;
 
@@ -89,7 +93,7 @@ async fn status(State(r): State<Replica>) -> Response {
 }
 
 async fn key(State(r): State<Replica>, Path(key): Path<String>) -> Response {
-    let view = r.view();
+    let view = r.fresh_view(FRESH_VIEW_WAIT).await;
     match view.get(&key) {
         Some(v) => {
             let mut line = ndjson::line(&key, v);
@@ -116,7 +120,7 @@ fn add_position(resp: &mut Response, view: &crate::replica::View) {
 }
 
 async fn state(State(r): State<Replica>) -> Response {
-    let view = r.view();
+    let view = r.fresh_view(FRESH_VIEW_WAIT).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let v = view.clone();
     tokio::task::spawn_blocking(move || {

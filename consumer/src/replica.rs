@@ -223,6 +223,8 @@ struct Inner {
     /// Set by a reader that found the view behind the committed position; the engine then
     /// publishes a fresh one at its next commit.
     view_wanted: AtomicBool,
+    /// Wakes an idle engine when a view is wanted.
+    view_request: tokio::sync::Notify,
     position: Mutex<Position>,
     lag: AtomicU64,
     /// Bumped at every change of the status, for [`Replica::wait_until`].
@@ -252,6 +254,7 @@ impl Replica {
                 max_ready_lag,
                 view: RwLock::new(Arc::new(empty)),
                 view_wanted: AtomicBool::new(false),
+                view_request: tokio::sync::Notify::new(),
                 position: Mutex::new(Position::default()),
                 lag: AtomicU64::new(0),
                 changed: watch::channel(0).0,
@@ -277,17 +280,47 @@ impl Replica {
         let _ = self.inner.http_addr.set(addr);
     }
 
-    /// The latest published view. It is at the committed position when the replica is caught
-    /// up; while it works through a backlog it may trail the committed position by up to about
-    /// a second (publishing a view on every commit would copy buckets the next transactions
-    /// touch). Asking marks the view wanted, and the next commit publishes a fresh one.
+    /// The latest published view, at once. It is at the committed position when the replica
+    /// is caught up; while it works through a backlog it may trail the committed position
+    /// (publishing a view on every commit would copy every bucket the next transactions touch).
+    /// Asking marks a view wanted, and the next commit publishes a fresh one; use
+    /// [`Replica::fresh_view`] to wait for it.
     pub fn view(&self) -> Arc<View> {
         let view = self.read_view();
         let committed = self.position().cursor;
         if view.seq() != committed.seq || view.lineage() != committed.lineage {
-            self.inner.view_wanted.store(true, Ordering::Relaxed);
+            self.want_view();
         }
         view
+    }
+
+    /// A view at least as recent as the committed position at the time of the call: waits
+    /// for the next commit to publish one when the latest view trails (at most `timeout`, then
+    /// the latest view is returned).
+    pub async fn fresh_view(&self, timeout: Duration) -> Arc<View> {
+        let mut rx = self.inner.changed.subscribe();
+        let target = self.position().cursor;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let view = self.read_view();
+            let committed = self.position().cursor;
+            let current = (view.lineage(), view.seq()) == (committed.lineage, committed.seq);
+            let reached = view.lineage() == target.lineage && view.seq() >= target.seq;
+            if current || reached {
+                return view;
+            }
+            self.want_view();
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return self.read_view(),
+            }
+        }
+    }
+
+    fn want_view(&self) {
+        if !self.inner.view_wanted.swap(true, Ordering::Relaxed) {
+            self.inner.view_request.notify_one();
+        }
     }
 
     fn read_view(&self) -> Arc<View> {
@@ -388,6 +421,11 @@ impl Replica {
 
     pub(crate) fn has_subscribers(&self) -> bool {
         self.inner.events.receiver_count() > 0
+    }
+
+    /// Resolves when a reader wants a fresher view.
+    pub(crate) async fn view_requested(&self) {
+        self.inner.view_request.notified().await;
     }
 
     pub(crate) fn take_view_wanted(&self) -> bool {
