@@ -27,8 +27,13 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
     let bytes = input.len();
-    let mut settings = Settings::default();
-    settings.pipeline = "bench".into();
+    if std::env::var_os("PHASES").is_some() {
+        phases(&input);
+    }
+    let mut settings = Settings {
+        pipeline: "bench".into(),
+        ..Settings::default()
+    };
     settings.nats.url = server.url();
     let producer = Producer::start(settings).await?;
     let report = ingest::ingest(
@@ -48,4 +53,38 @@ async fn main() -> anyhow::Result<()> {
         status.digest
     );
     Ok(())
+}
+
+#[allow(dead_code)]
+fn phases(input: &[u8]) {
+    use deltasync_producer::ingest::{parse_line, Parsed};
+    let t = std::time::Instant::now();
+    let mut changes = Vec::with_capacity(1_000_000);
+    for line in input.split(|b| *b == b'\n') {
+        if let Ok(Parsed::Change(c)) = parse_line(line) {
+            changes.push(c);
+        }
+    }
+    let parse = t.elapsed();
+    let t = std::time::Instant::now();
+    let mut state = deltasync_shared::State::new(Default::default());
+    for chunk in changes.chunks(4096) {
+        state.apply_changes(chunk);
+    }
+    let apply = t.elapsed();
+    let t = std::time::Instant::now();
+    let mut bytes = 0;
+    for chunk in changes.chunks(4096) {
+        let env = deltasync_shared::envelope::split_transaction(
+            Default::default(),
+            1,
+            state.digest(),
+            0,
+            chunk.to_vec(),
+            1 << 30,
+        );
+        bytes += deltasync_shared::codec::encode_envelope(&env[0]).map_or(0, |b| b.len());
+    }
+    let encode = t.elapsed();
+    eprintln!("phases for {} changes: parse {parse:?}, apply {apply:?}, encode {encode:?} ({bytes} bytes)", changes.len());
 }

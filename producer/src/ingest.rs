@@ -25,7 +25,7 @@
 use crate::error::ProducerError;
 use crate::producer::{Position, Producer};
 use bytes::Bytes;
-use deltasync_shared::Change;
+use deltasync_shared::{Change, Key};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -393,27 +393,30 @@ pub fn parse_line(line: &[u8]) -> Result<Parsed, String> {
 
 fn change_of(f: &LineFields<'_>) -> Result<Change, String> {
     let op = f.op.ok_or("missing `op` (\"put\" or \"del\") or `txn`")?;
-    let op: Cow<'_, str> = serde_json::from_str(op.get())
-        .map_err(|_| format!("`op` must be a string, got {}", kind_of(op)))?;
-    let key = |raw: Option<&RawValue>| -> Result<String, String> {
+    let op_str =
+        json_str(op).ok_or_else(|| format!("`op` must be a string, got {}", kind_of(op)))?;
+    let key = |raw: Option<&RawValue>| -> Result<Key, String> {
         let raw = raw.ok_or("missing `key`")?;
-        serde_json::from_str::<Cow<'_, str>>(raw.get())
-            .map(Cow::into_owned)
-            .map_err(|_| format!("`key` must be a string, got {}", kind_of(raw)))
+        json_str(raw)
+            .map(|k| Key::from(&*k))
+            .ok_or_else(|| format!("`key` must be a string, got {}", kind_of(raw)))
     };
-    let change = match &*op {
+    let change = match &*op_str {
         "put" => {
             let k = key(f.key)?;
             let value = f
                 .value
                 .ok_or("missing `value` (any JSON value) for op \"put\"")?;
-            Change::put(k, compact(value.get()))
+            Change::Put {
+                key: k,
+                value: compact(value.get()),
+            }
         }
         "del" => {
             if f.value.is_some() {
                 return Err("op \"del\" takes no `value`".into());
             }
-            Change::delete(key(f.key)?)
+            Change::Delete { key: key(f.key)? }
         }
         other => {
             return Err(format!(
@@ -423,6 +426,18 @@ fn change_of(f: &LineFields<'_>) -> Result<Change, String> {
     };
     change.validate().map_err(|e| e.to_string())?;
     Ok(change)
+}
+
+/// The string a JSON value holds, borrowed when it has no escapes; `None` when the value is
+/// not a string.
+fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let s = raw.get();
+    let inner = s.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        // A valid JSON string without escapes is its own content.
+        return Some(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(s).ok().map(Cow::Owned)
 }
 
 /// The compact JSON bytes of a valid JSON text: whitespace outside strings removed, object

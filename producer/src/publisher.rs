@@ -484,6 +484,21 @@ impl Publisher {
             .map_err(|e| Retry::Again(e.into()))?
             .state
             .last_sequence;
+        if last < self.acked.stream_seq {
+            // The stream is shorter than what it acknowledged to us (a server lost
+            // acknowledged writes, or the stream was recreated): publishing on would leave a
+            // gap in the history.
+            return Err(Retry::Fatal(ProducerError::Broken {
+                stream: self.stream_name.clone(),
+                stream_seq: last,
+                reason: format!(
+                    "the stream's last sequence is {last} but it acknowledged envelope {} at \
+                     stream sequence {}: acknowledged envelopes were lost; restart the producer \
+                     to recover from what the stream holds",
+                    self.acked.seq, self.acked.stream_seq
+                ),
+            }));
+        }
         let mut foreign = 0u64;
         let mut s = self.scanned_upto + 1;
         while s <= last {

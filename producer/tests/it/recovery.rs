@@ -97,3 +97,47 @@ async fn kill_9_of_an_ingesting_producer_leaves_no_gap_and_a_restart_continues_t
     // Everything the killed run got into the stream is still there, and nothing twice.
     assert_eq!(after.state.len(), before.state.len() + 1_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_restart_mid_stream_loses_and_duplicates_nothing() {
+    let mut server = NatsServer::start();
+    let pipeline = support::pipeline("server-restart");
+    let mut settings = support::settings(&server.url(), &pipeline);
+    settings.producer.batch_max_changes = 50;
+    settings.nats.request_timeout = Duration::from_secs(2);
+    let producer = std::sync::Arc::new(Producer::start(settings).await.expect("start"));
+    let n = 30_000u64;
+    let feeder = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                producer
+                    .submit(Change::put(format!("k{i}"), format!("{i}")))
+                    .await
+                    .expect("submit");
+                if i % 500 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            producer.flush().await.expect("flush after the restart")
+        })
+    };
+    let js = support::js(&server.url()).await;
+    eventually(
+        "100 envelopes before the restart",
+        Duration::from_secs(30),
+        async || (last_stream_seq(&js, &pipeline).await >= 100).then_some(()),
+    )
+    .await;
+    server.kill9();
+    server.start_again();
+    let position = feeder.await.expect("feeder");
+    let producer = std::sync::Arc::into_inner(producer).expect("the only handle");
+    producer.shutdown().await.expect("shutdown");
+
+    let js = support::js(&server.url()).await;
+    let replayed = replay(&read_stream(&js, &pipeline).await);
+    assert_eq!(replayed.envelopes.len() as u64, position.seq);
+    assert_eq!(replayed.state.len() as u64, n);
+    assert_eq!(replayed.state.digest(), position.digest);
+}

@@ -28,8 +28,10 @@ pub fn settings(url: &str, pipeline: &str) -> Settings {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = deltasync_shared::telemetry::init(&Default::default());
     }
-    let mut s = Settings::default();
-    s.pipeline = pipeline.to_owned();
+    let mut s = Settings {
+        pipeline: pipeline.to_owned(),
+        ..Settings::default()
+    };
     s.nats.url = url.to_owned();
     s.stream.storage = StorageKind::File;
     s.producer.linger = Duration::from_millis(2);
