@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "deltasync-producer", version)]
 pub struct Cli {
-    /// Settings file (TOML); environment variables DELTASYNC_<SECTION>__<KEY> override it.
+    /// Settings file (TOML); environment variables `DELTASYNC_<SECTION>__<KEY>` override it.
     #[arg(long, global = true, env = CONFIG_FILE_ENV, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// NATS server URL(s), comma-separated (overrides nats.url).

@@ -3,7 +3,7 @@
 //! stream sequence it expects, and reconciles with the stream when a publish is refused.
 //!
 //! Talks to the pipeline's stream (pipelined publishes with headers, message reads by
-//! sequence on the stream leader, stream info); reports to the producer's [`Shared`] status
+//! sequence on the stream leader, stream info); reports to the producer's shared status
 //! and metrics, and hands snapshot cuts to the snapshot task once they are durable.
 //!
 //! ## Invariants
