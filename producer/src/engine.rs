@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-/// How soon a due time trigger is looked at again while a snapshot is still being written.
+/// How soon a due snapshot trigger is looked at again while a snapshot is still being written.
 const SNAPSHOT_RECHECK: Duration = Duration::from_millis(200);
 
 /// What callers ask of the engine, in order.
@@ -112,17 +112,23 @@ impl Engine {
             return;
         }
         loop {
-            // A time trigger that is due while the previous snapshot still runs is looked at
-            // again a little later, not in a busy loop.
-            let snapshot_at = self.schedule.deadline().map(|t| {
-                let t = Instant::from_std(t);
-                let now = Instant::now();
-                if t <= now {
-                    now + SNAPSHOT_RECHECK
-                } else {
-                    t
-                }
-            });
+            // A trigger that is due while the previous snapshot still runs is looked at again
+            // a little later, not in a busy loop. A count or retention trigger too: when the
+            // input stops, no further envelope would look at it, and the latest snapshot could
+            // stay behind what the stream retains, so that no replica could start from it.
+            let snapshot_at = if self.schedule.owed() {
+                Some(Instant::now() + SNAPSHOT_RECHECK)
+            } else {
+                self.schedule.deadline().map(|t| {
+                    let t = Instant::from_std(t);
+                    let now = Instant::now();
+                    if t <= now {
+                        now + SNAPSHOT_RECHECK
+                    } else {
+                        t
+                    }
+                })
+            };
             let wake = match (self.linger_until, snapshot_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

@@ -295,9 +295,17 @@ impl Publisher {
             notify: notify.into_iter().collect(),
         };
         drop(env);
-        let ack = self
+        let ack = match self
             .publish(&flight, self.expected_last, !self.window.is_empty())
-            .await?;
+            .await
+        {
+            Ok(ack) => ack,
+            Err(e) => {
+                // Kept in the window so its waiters get the cause when the publisher stops.
+                self.window.push_back(flight);
+                return Err(e);
+            }
+        };
         self.expected_last += 1;
         self.acks.push_back(ack);
         self.window.push_back(flight);

@@ -166,16 +166,30 @@ impl Schedule {
         self.first_since.map(|t| t + self.every)
     }
 
+    /// Whether the count or the retention trigger has fired: a snapshot is owed, whether or not
+    /// the previous one is still being written (the engine then looks again shortly, instead
+    /// of waiting for the next envelope, which may never come).
+    pub(crate) fn owed(&self) -> bool {
+        self.envelopes_since > 0 && (self.by_count() || self.by_retention())
+    }
+
+    fn by_count(&self) -> bool {
+        self.every_envelopes > 0 && self.envelopes_since >= self.every_envelopes
+    }
+
+    fn by_retention(&self) -> bool {
+        self.half_messages
+            .is_some_and(|h| self.envelopes_since >= h)
+            || self.half_bytes.is_some_and(|h| self.bytes_since >= h)
+    }
+
     /// Whether a snapshot should be cut now (the previous one is not running).
     pub(crate) fn due(&mut self, phase: &Phase) -> bool {
         if self.envelopes_since == 0 {
             return false;
         }
-        let by_count = self.every_envelopes > 0 && self.envelopes_since >= self.every_envelopes;
-        let by_retention = self
-            .half_messages
-            .is_some_and(|h| self.envelopes_since >= h)
-            || self.half_bytes.is_some_and(|h| self.bytes_since >= h);
+        let by_count = self.by_count();
+        let by_retention = self.by_retention();
         let by_time = self.deadline().is_some_and(|d| Instant::now() >= d);
         let due = by_count || by_retention || by_time || phase.retry();
         if due && phase.running() {
