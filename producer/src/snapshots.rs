@@ -331,3 +331,32 @@ pub(crate) async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_trigger_stays_owed_while_the_previous_snapshot_is_written() {
+        let mut settings = Settings::default();
+        settings.snapshot.every_envelopes = 10;
+        let mut schedule = Schedule::new(&settings);
+        let phase = Phase::default();
+        for _ in 0..9 {
+            schedule.count(100);
+        }
+        assert!(!schedule.owed());
+        schedule.count(100);
+        assert!(schedule.owed());
+        phase.set(RUNNING);
+        assert!(!schedule.due(&phase), "not cut while the previous one runs");
+        assert!(
+            schedule.owed(),
+            "still owed: the engine looks again shortly"
+        );
+        phase.set(IDLE);
+        assert!(schedule.due(&phase));
+        schedule.taken(&phase);
+        assert!(!schedule.owed());
+    }
+}
