@@ -12,4 +12,6 @@
 
 mod support;
 
+mod cluster;
+mod retention;
 mod server_restart;
