@@ -328,6 +328,33 @@ pub async fn write_snapshot(
     check_in_history(js, settings, state, stream_seq).await?;
     let (_, latest_rev) = check_not_stale(&kv, state).await?;
 
+    // The previous snapshot's blobs are not written again while they are in the bucket. One
+    // that is gone (purged, lost) would stay referenced by every snapshot stacked on that base,
+    // and no replica could load them: cut a new base instead, writing whatever is missing.
+    let present: HashSet<String> = match prev {
+        Some(_) => list_keys(&kv).await?.into_iter().collect(),
+        None => HashSet::new(),
+    };
+    let known: HashSet<String> = prev
+        .map(|(m, _)| m.blob_keys().filter(|k| present.contains(k)).collect())
+        .unwrap_or_default();
+    let prev = match prev {
+        Some((m, s)) => {
+            let missing: Vec<String> = m.blob_keys().filter(|k| !present.contains(k)).collect();
+            if missing.is_empty() {
+                Some((m, s))
+            } else {
+                tracing::warn!(
+                    missing = missing.len(),
+                    first = %missing[0],
+                    prev_seq = m.seq,
+                    "Blobs of the previous snapshot are missing from the bucket; cutting a new base that writes them again"
+                );
+                None
+            }
+        }
+        None => None,
+    };
     let target = settings.snapshot.chunk_target_bytes;
     let max_blob = (settings.stream.max_message_bytes.max(4096) as usize).saturating_sub(16 * 1024);
     let state_for_plan = state.clone();
@@ -349,9 +376,6 @@ pub async fn write_snapshot(
         source: e.into(),
     })??;
 
-    let known: HashSet<String> = prev
-        .map(|(m, _)| m.blob_keys().collect())
-        .unwrap_or_default();
     let bucket_name = names::bucket_name(&settings.pipeline);
     let fresh: Vec<snapshot::Blob> = plan
         .blobs
