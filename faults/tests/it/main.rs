@@ -13,5 +13,6 @@
 mod support;
 
 mod cluster;
+mod damage;
 mod retention;
 mod server_restart;
