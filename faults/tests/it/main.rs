@@ -14,5 +14,6 @@ mod support;
 
 mod cluster;
 mod damage;
+mod producer_kill;
 mod retention;
 mod server_restart;
