@@ -76,6 +76,7 @@
 //! # }
 //! ```
 
+pub mod cli;
 pub mod engine;
 pub mod http;
 pub mod local;

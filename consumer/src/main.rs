@@ -2,66 +2,56 @@
 //! token (Ctrl-C, SIGTERM), then calls the library's `run` — or `dump`, which needs no NATS.
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use deltasync_consumer::{Options, Storage};
-use deltasync_shared::settings::{Overrides, Settings, CONFIG_FILE_ENV};
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use deltasync_consumer::cli::{Cli, Command, RunArgs};
+use deltasync_consumer::{ops, Options, Storage};
+use deltasync_shared::settings::{Overrides, Settings};
 use tokio_util::sync::CancellationToken;
 
-/// Keeps an exact replica of a deltasync pipeline.
-#[derive(Parser, Debug)]
-#[command(name = "deltasync-consumer", version)]
-struct Cli {
-    /// Settings file (TOML); environment variables DELTASYNC_<SECTION>__<KEY> override it.
-    #[arg(long, global = true, env = CONFIG_FILE_ENV)]
-    config: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated (overrides nats.url).
-    #[arg(long, global = true)]
-    nats_url: Option<String>,
-    /// Pipeline name (overrides pipeline).
-    #[arg(long, global = true)]
-    pipeline: Option<String>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Follow the pipeline and keep the replica.
-    Run(RunArgs),
-    /// Print a replica as NDJSON sorted by key, from its data directory (no NATS needed).
-    Dump {
-        /// The replica's data directory.
-        #[arg(long)]
-        data_dir: PathBuf,
-    },
-}
-
-#[derive(Args, Debug)]
-struct RunArgs {
-    /// Replica id (names its durable consumer); default consumer.id, else the host name.
-    #[arg(long)]
-    id: Option<String>,
-    /// Keep the replica and its cursor in this directory (restarts resume from it).
-    #[arg(long, conflicts_with = "ephemeral")]
-    data_dir: Option<PathBuf>,
-    /// Keep the replica in memory only (bootstrap from the snapshot at every start).
-    #[arg(long)]
-    ephemeral: bool,
-    /// HTTP address for health, readiness, metrics, status and reads.
-    #[arg(long)]
-    http: Option<SocketAddr>,
-    /// Catch up to the stream's head as it was at start, commit, exit.
-    #[arg(long)]
-    once: bool,
-}
-
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = <Cli as clap::Parser>::parse();
     let result = match cli.command {
         Command::Dump { ref data_dir } => dump(data_dir),
         Command::Run(ref args) => run(&cli, args),
+        Command::Replay { from_seq, to_seq } => with_settings(&cli, |settings| async move {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let s = ops::replay(&settings, from_seq, to_seq, &mut out, progress).await?;
+            if progress {
+                eprintln!(
+                    "replayed {} transactions ({}..{})",
+                    s.transactions, s.first_seq, s.last_seq
+                );
+            }
+            Ok(())
+        }),
+        Command::Rebuild {
+            at_seq,
+            ref data_dir,
+        } => with_settings(&cli, |settings| async move {
+            let s = ops::rebuild(&settings, at_seq, data_dir).await?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }),
+        Command::Verify { from_seq } => with_settings(&cli, |settings| async move {
+            let r = ops::verify(&settings, from_seq).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            match r.divergence {
+                None => Ok(()),
+                Some(d) => {
+                    anyhow::bail!("the history diverges at envelope {}: {}", d.seq, d.reason)
+                }
+            }
+        }),
+        Command::Status { json } => with_settings(&cli, |settings| async move {
+            let s = ops::status(&settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", ops::render_status(&s));
+            }
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -85,6 +75,28 @@ fn dump(data_dir: &std::path::Path) -> anyhow::Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Loads the settings, sets up logging and runs an operator command on a runtime.
+fn with_settings<F, Fut>(cli: &Cli, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let settings = Settings::load(
+        cli.config.as_deref(),
+        Overrides {
+            nats_url: cli.nats_url.clone(),
+            pipeline: cli.pipeline.clone(),
+        },
+    )
+    .context("loading settings")?;
+    deltasync_shared::telemetry::init(&settings.log).context("setting up logging")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(f(settings))
 }
 
 fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
