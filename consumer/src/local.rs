@@ -46,6 +46,11 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// File name of the replica inside the data directory.
 pub const FILE_NAME: &str = "replica.redb";
 
+/// redb's page cache. Its default (1 GiB) fills with most of the file next to the replica that
+/// is already in memory; measured here, 64 MiB made no difference to durable apply throughput
+/// (the OS page cache serves the misses) and saved ~40 MB at 430k keys.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 const CURSOR_KEY: &str = "cursor";
 const PIPELINE_KEY: &str = "pipeline";
 const CURSOR_VERSION: u8 = 1;
@@ -188,10 +193,13 @@ impl LocalStore {
             source,
         })?;
         let path = dir.join(FILE_NAME);
-        let db = redb::Database::create(&path).map_err(|source| LocalError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| LocalError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let werr = |e: redb::Error| LocalError::Write {
             path: path.clone(),
             source: e,

@@ -120,3 +120,51 @@ async fn a_consumer_killed_mid_apply_restarts_and_converges_with_no_change_appli
     cancel.cancel();
     handle.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn sigterm_finishes_the_envelope_in_hand_commits_and_exits_zero() {
+    logs();
+    let mut p = Pipeline::start("sigterm", |_| {}).await;
+    p.commit(puts(0, 2000, 1)).await;
+    p.snapshot().await;
+    p.churn(800, 200, 20_000, 2).await;
+    let last = p.state.seq();
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = deltasync_testkit::free_port();
+    let mut child = spawn_consumer(&p, "sigterm-1", dir.path(), port);
+    let start = Instant::now();
+    let seen = loop {
+        assert!(start.elapsed() < DEADLINE, "the child never committed");
+        if let Some(s) = status_of(port).await {
+            let seq = s["seq"].as_u64().unwrap_or(0);
+            if seq > 1 {
+                break seq;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child.0),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let committed = deltasync_consumer::local::read_cursor(dir.path())
+        .unwrap()
+        .expect("a committed cursor");
+    assert!(committed.seq >= seen && committed.seq <= last);
+    eprintln!(
+        "SIGTERM at committed {seen}; exit committed {} of {last}",
+        committed.seq
+    );
+
+    // What it committed is whole: a restart resumes from it and converges.
+    let c = Running::start(p.consumer_settings(), durable("sigterm-1", dir.path()));
+    let s = c.wait_for(&p).await;
+    assert_eq!(s.decisions.get(Reason::Resume.as_str()), Some(&1));
+    assert_eq!(s.envelopes_applied, last - committed.seq);
+    assert_same_state(&c.replica, &p);
+    c.stop().await;
+}
