@@ -12,6 +12,7 @@
 
 mod support;
 
+mod chaos;
 mod cluster;
 mod damage;
 mod producer_kill;

@@ -290,7 +290,8 @@ pub fn random_txn(rng: &mut Rng, keys: u64, big_pct: u64) -> Vec<Change> {
 #[derive(Debug)]
 pub struct LoadReport {
     pub producer: Producer,
-    /// The first commit error, if any (the load stops at it).
+    /// The first commit error, if any (the load stops at it), with the transaction whose
+    /// outcome is therefore unknown.
     pub error: Option<(Vec<Change>, ProducerError)>,
 }
 
@@ -298,42 +299,60 @@ pub struct LoadReport {
 /// error), applying every acknowledged one to `model`.
 pub struct Load {
     pub stop: CancellationToken,
-    handle: JoinHandle<LoadReport>,
+    producer: Arc<Producer>,
+    handle: JoinHandle<Option<(Vec<Change>, ProducerError)>>,
 }
 
 impl Load {
     pub fn start(producer: Producer, model: Arc<Mutex<Model>>, seed: u64, keys: u64) -> Load {
+        Load::start_with(producer, model, seed, keys, 2)
+    }
+
+    /// Like `start`; `big_pct` percent of the transactions are large (see `random_txn`).
+    pub fn start_with(
+        producer: Producer,
+        model: Arc<Mutex<Model>>,
+        seed: u64,
+        keys: u64,
+        big_pct: u64,
+    ) -> Load {
         let stop = CancellationToken::new();
         let token = stop.clone();
+        let producer = Arc::new(producer);
+        let p = producer.clone();
         let handle = tokio::spawn(async move {
             let mut rng = Rng::new(seed);
             while !token.is_cancelled() {
-                let txn = random_txn(&mut rng, keys, 2);
-                match producer.commit(txn.clone()).await {
+                let txn = random_txn(&mut rng, keys, big_pct);
+                match p.commit(txn.clone()).await {
                     Ok(_) => model.lock().unwrap().apply(&txn),
-                    Err(e) => {
-                        return LoadReport {
-                            producer,
-                            error: Some((txn, e)),
-                        }
-                    }
+                    Err(e) => return Some((txn, e)),
                 }
             }
-            LoadReport {
-                producer,
-                error: None,
-            }
+            None
         });
-        Load { stop, handle }
+        Load {
+            stop,
+            producer,
+            handle,
+        }
+    }
+
+    /// The producer, for calls beside the load (snapshots, status).
+    pub fn producer(&self) -> &Producer {
+        &self.producer
     }
 
     /// Stops the load and returns the producer.
     pub async fn finish(self) -> LoadReport {
         self.stop.cancel();
-        tokio::time::timeout(DEADLINE, self.handle)
+        let error = tokio::time::timeout(DEADLINE, self.handle)
             .await
             .expect("the load task stops")
-            .expect("the load task does not panic")
+            .expect("the load task does not panic");
+        let producer = Arc::try_unwrap(self.producer)
+            .unwrap_or_else(|_| panic!("the load task holds the only other handle"));
+        LoadReport { producer, error }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -479,6 +498,12 @@ impl InProcess {
             .expect("the consumer stops")
             .expect("the consumer task does not panic")
             .expect("the consumer stops without error")
+    }
+
+    /// Cancels and returns how it ended.
+    pub async fn stop_result(self) -> Result<Outcome, deltasync_consumer::ConsumerError> {
+        self.cancel.cancel();
+        self.join().await
     }
 
     /// Waits for the consumer to end by itself (an error).
