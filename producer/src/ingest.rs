@@ -447,7 +447,7 @@ fn compact(json: &str) -> Bytes {
         .bytes()
         .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
     {
-        return Bytes::copy_from_slice(json.as_bytes());
+        return value_bytes(json.as_bytes().to_vec());
     }
     let mut out = Vec::with_capacity(json.len());
     let (mut in_string, mut escaped) = (false, false);
@@ -468,7 +468,14 @@ fn compact(json: &str) -> Bytes {
             out.push(b);
         }
     }
-    Bytes::from(out)
+    value_bytes(out)
+}
+
+/// Owner-backed bytes: cloning them (the engine does, into its state) is a reference count
+/// increment, where a `Vec`-backed `Bytes` would allocate on its first clone — on the
+/// engine's thread, the producer's bottleneck.
+fn value_bytes(v: Vec<u8>) -> Bytes {
+    Bytes::from_owner(v)
 }
 
 fn kind_of(raw: &RawValue) -> &'static str {
