@@ -33,14 +33,15 @@
 //! ## Reconciling
 //!
 //! When the envelope at the front of the window is refused (wrong last sequence or message
-//! id) or its acknowledgement is lost (timeout, broken connection), the publisher awaits every
-//! outstanding acknowledgement, then reads the stream from the last message it knows. Its
-//! own envelopes found there, in order and byte for byte, count as acknowledged; foreign
-//! messages (not decodable as envelopes) are logged at error level, counted, and skipped; any
-//! other valid envelope means another producer writes this pipeline, and this one stops,
-//! fenced. Then it publishes the envelopes still missing again, with the same message ids,
-//! expecting the stream's new last sequence. A duplicate acknowledgement (same message id
-//! seen before) is accepted only if the stored message is byte-for-byte this one.
+//! id) or its acknowledgement is lost (timeout, broken connection, no responders while a
+//! server restarts), the publisher awaits every outstanding acknowledgement, then reads the
+//! stream from the last message it knows. Its own envelopes found there, in order and byte for
+//! byte, count as acknowledged; foreign messages (not decodable as envelopes) are logged at
+//! error level, counted, and skipped; any other valid envelope means another producer writes
+//! this pipeline, and this one stops, fenced. Then it publishes the envelopes still missing
+//! again, with the same message ids, expecting the stream's new last sequence. A duplicate
+//! acknowledgement (same message id seen before) is accepted only if the stored message is
+//! byte-for-byte this one.
 
 use crate::error::ProducerError;
 use crate::metrics::Metrics;
@@ -379,10 +380,14 @@ impl Publisher {
                 ),
             }),
             Err(e) => match e.kind() {
+                // `StreamNotFound` is the server's "no responders": nothing took the message,
+                // as while a nats-server shuts down or JetStream is not up yet after a restart.
+                // Reconciling retries until the stream answers (or `retry_for` runs out).
                 PublishErrorKind::WrongLastSequence
                 | PublishErrorKind::WrongLastMessageId
                 | PublishErrorKind::TimedOut
-                | PublishErrorKind::BrokenPipe => self.reconcile(seq, Some(e)).await,
+                | PublishErrorKind::BrokenPipe
+                | PublishErrorKind::StreamNotFound => self.reconcile(seq, Some(e)).await,
                 _ => Err(ProducerError::Publish {
                     stream: self.stream_name.clone(),
                     seq,
