@@ -19,7 +19,7 @@ const LINES: u64 = 40_000;
 const TXN_EVERY: u64 = 97;
 
 fn line(i: u64) -> String {
-    if i % TXN_EVERY == 0 {
+    if i.is_multiple_of(TXN_EVERY) {
         format!(
             r#"{{"txn":[{{"op":"put","key":"big{i}","value":{{"i":{i}}}}},{{"op":"put","key":"big{i}-t","value":true}}]}}"#
         )
@@ -42,7 +42,7 @@ fn model_of(n: u64) -> Model {
     for i in 0..n {
         m.entries
             .insert(format!("big{i}"), Bytes::from(format!(r#"{{"i":{i}}}"#)));
-        if i % TXN_EVERY == 0 {
+        if i.is_multiple_of(TXN_EVERY) {
             m.entries
                 .insert(format!("big{i}-t"), Bytes::from_static(b"true"));
         }

@@ -517,7 +517,10 @@ impl InProcess {
 
 /// Environment for child processes: the settings `settings` holds that flags do not carry.
 fn settings_env(cmd: &mut Command, s: &Settings) {
+    // The settings loader refuses unknown DELTASYNC_* variables: the suite's own stay here.
     cmd.env_remove("DELTASYNC_CONFIG")
+        .env_remove("DELTASYNC_CHAOS_SEED")
+        .env_remove("DELTASYNC_CHAOS_SECS")
         .env(
             "DELTASYNC_NATS__CONNECT_TIMEOUT",
             format!("{}ms", s.nats.connect_timeout.as_millis()),
