@@ -116,7 +116,9 @@ impl Engine {
             // a little later, not in a busy loop. A count or retention trigger too: when the
             // input stops, no further envelope would look at it, and the latest snapshot could
             // stay behind what the stream retains, so that no replica could start from it.
-            let snapshot_at = if self.schedule.owed() {
+            let phase = &self.shared.snapshot_phase;
+            let snapshot_at = if self.schedule.owed() || phase.running() || phase.retry() {
+                // While one is written, look now and then whether it failed (then cut again).
                 Some(Instant::now() + SNAPSHOT_RECHECK)
             } else {
                 self.schedule.deadline().map(|t| {

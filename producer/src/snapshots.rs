@@ -29,6 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+/// Pause after a failed snapshot before the next attempt.
+const SNAPSHOT_RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// Bytes counted per envelope on top of its changes (header, message overhead in the
 /// stream), so the byte trigger errs on the early side.
 pub(crate) const ENVELOPE_OVERHEAD_BYTES: u64 = 256;
@@ -99,7 +102,7 @@ impl Phase {
     pub(crate) fn running(&self) -> bool {
         self.0.load(Ordering::Acquire) == RUNNING
     }
-    fn retry(&self) -> bool {
+    pub(crate) fn retry(&self) -> bool {
         self.0.load(Ordering::Acquire) == RETRY
     }
     fn set(&self, v: u8) {
@@ -185,13 +188,18 @@ impl Schedule {
 
     /// Whether a snapshot should be cut now (the previous one is not running).
     pub(crate) fn due(&mut self, phase: &Phase) -> bool {
+        if phase.retry() {
+            // The last snapshot failed: cut again, even with no envelope since (the failed
+            // cut's envelopes are still not covered by a snapshot).
+            return true;
+        }
         if self.envelopes_since == 0 {
             return false;
         }
         let by_count = self.by_count();
         let by_retention = self.by_retention();
         let by_time = self.deadline().is_some_and(|d| Instant::now() >= d);
-        let due = by_count || by_retention || by_time || phase.retry();
+        let due = by_count || by_retention || by_time;
         if due && phase.running() {
             if by_retention && !self.warned {
                 self.warned = true;
@@ -322,11 +330,13 @@ pub(crate) async fn run(
             }
             Err(source) => {
                 m.snapshot_failures.inc();
-                tracing::error!(seq, stream_seq, error = %source, "Snapshot failed; retrying with the next envelope");
-                shared.snapshot_phase.set(RETRY);
+                tracing::error!(seq, stream_seq, error = %source, retry_in = ?SNAPSHOT_RETRY_AFTER, "Snapshot failed; retrying");
                 if let Some(reply) = job.reply {
                     let _ = reply.send(Err(ProducerError::Snapshot { seq, source }));
                 }
+                // The engine cuts again once the phase says so (it looks while one runs).
+                tokio::time::sleep(SNAPSHOT_RETRY_AFTER).await;
+                shared.snapshot_phase.set(RETRY);
             }
         }
     }
@@ -358,5 +368,26 @@ mod tests {
         assert!(schedule.due(&phase));
         schedule.taken(&phase);
         assert!(!schedule.owed());
+    }
+
+    #[test]
+    fn a_failed_snapshot_is_cut_again_even_without_new_envelopes() {
+        let mut settings = Settings::default();
+        settings.snapshot.every_envelopes = 10;
+        let mut schedule = Schedule::new(&settings);
+        let phase = Phase::default();
+        for _ in 0..10 {
+            schedule.count(100);
+        }
+        assert!(schedule.due(&phase));
+        schedule.taken(&phase);
+        assert!(!schedule.due(&phase), "running");
+        phase.set(RETRY);
+        assert!(
+            schedule.due(&phase),
+            "the failed cut is retried although nothing was published"
+        );
+        schedule.taken(&phase);
+        assert!(phase.running());
     }
 }
