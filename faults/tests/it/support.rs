@@ -521,6 +521,7 @@ fn settings_env(cmd: &mut Command, s: &Settings) {
     cmd.env_remove("DELTASYNC_CONFIG")
         .env_remove("DELTASYNC_CHAOS_SEED")
         .env_remove("DELTASYNC_CHAOS_SECS")
+        .env("NO_COLOR", "1")
         .env(
             "DELTASYNC_NATS__CONNECT_TIMEOUT",
             format!("{}ms", s.nats.connect_timeout.as_millis()),
@@ -641,10 +642,6 @@ impl ChildConsumer {
             }
             std::thread::sleep(POLL);
         }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
     }
 
     /// The exit status, if the process ended by itself.
