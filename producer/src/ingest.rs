@@ -10,6 +10,7 @@
 //! {"op":"put","key":"k1","value":{"any":"json"}}    value stored as its compact JSON bytes
 //! {"op":"del","key":"k1"}
 //! {"txn":[{"op":"put","key":"a","value":1},{"op":"del","key":"b"}]}   atomic
+//! {"op":"put","key":"k2","value_b64":"AJ+Slg=="}     bytes that are not JSON (as replay prints them)
 //! ```
 //!
 //! Lines may also carry `seq` and `lineage` (what replay prints); they are ignored. Blank
@@ -24,6 +25,7 @@
 
 use crate::error::ProducerError;
 use crate::producer::{Position, Producer};
+use base64::Engine as _;
 use bytes::Bytes;
 use deltasync_shared::{Change, Key};
 use serde::de::IgnoredAny;
@@ -333,14 +335,24 @@ struct LineFields<'a> {
     op: Option<&'a RawValue>,
     #[serde(borrow)]
     key: Option<&'a RawValue>,
-    #[serde(borrow)]
+    /// Present-but-null is a value (`null`), not a missing one: hence `present`.
+    #[serde(borrow, default, deserialize_with = "present")]
     value: Option<&'a RawValue>,
+    /// Bytes that are not JSON, base64 (RFC 4648, padded), as `replay` prints them.
+    #[serde(borrow, default, deserialize_with = "present")]
+    value_b64: Option<&'a RawValue>,
     #[serde(borrow)]
     txn: Option<&'a RawValue>,
     #[allow(dead_code)]
     seq: Option<IgnoredAny>,
     #[allow(dead_code)]
     lineage: Option<IgnoredAny>,
+}
+
+/// A field that is present, whatever its JSON value (serde maps a JSON `null` to `None` for a
+/// plain `Option`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue as Deserialize<'de>>::deserialize(d).map(Some)
 }
 
 /// Parses one NDJSON line (without or with its line break); the error says what is wrong.
@@ -364,7 +376,11 @@ pub fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     })?;
     match fields.txn {
         Some(txn) => {
-            if fields.op.is_some() || fields.key.is_some() || fields.value.is_some() {
+            if fields.op.is_some()
+                || fields.key.is_some()
+                || fields.value.is_some()
+                || fields.value_b64.is_some()
+            {
                 return Err("a `txn` line carries no `op`, `key` or `value` of its own".into());
             }
             let items: Vec<&RawValue> = serde_json::from_str(txn.get())
@@ -404,16 +420,30 @@ fn change_of(f: &LineFields<'_>) -> Result<Change, String> {
     let change = match &*op_str {
         "put" => {
             let k = key(f.key)?;
-            let value = f
-                .value
-                .ok_or("missing `value` (any JSON value) for op \"put\"")?;
-            Change::Put {
-                key: k,
-                value: compact(value.get()),
-            }
+            let value = match (f.value, f.value_b64) {
+                (Some(v), None) => compact(v.get()),
+                (None, Some(b64)) => {
+                    let text = json_str(b64).ok_or_else(|| {
+                        format!("`value_b64` must be a string, got {}", kind_of(b64))
+                    })?;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(text.as_bytes())
+                        .map_err(|e| format!("`value_b64` is not base64: {e}"))?;
+                    value_bytes(bytes)
+                }
+                (Some(_), Some(_)) => {
+                    return Err("op \"put\" takes `value` or `value_b64`, not both".into())
+                }
+                (None, None) => {
+                    return Err(
+                        "missing `value` (any JSON value) or `value_b64` for op \"put\"".into(),
+                    )
+                }
+            };
+            Change::Put { key: k, value }
         }
         "del" => {
-            if f.value.is_some() {
+            if f.value.is_some() || f.value_b64.is_some() {
                 return Err("op \"del\" takes no `value`".into());
             }
             Change::Delete { key: key(f.key)? }
@@ -521,6 +551,27 @@ mod tests {
             Err(e) => e,
             other => panic!("{line} parsed: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_null_value_is_stored_as_null_not_refused_as_missing() {
+        assert_eq!(
+            change(r#"{"op":"put","key":"a","value":null}"#),
+            Change::put("a", &b"null"[..])
+        );
+    }
+
+    #[test]
+    fn value_b64_carries_bytes_that_are_not_json() {
+        assert_eq!(
+            change(r#"{"op":"put","key":"bin","value_b64":"AJ+Slg=="}"#),
+            Change::put("bin", &[0u8, 159, 146, 150][..])
+        );
+        assert!(error(r#"{"op":"put","key":"k","value_b64":"***"}"#).contains("not base64"));
+        assert!(
+            error(r#"{"op":"put","key":"k","value":1,"value_b64":"AA=="}"#).contains("not both")
+        );
+        assert!(error(r#"{"op":"del","key":"k","value_b64":"AA=="}"#).contains("takes no `value`"));
     }
 
     #[test]

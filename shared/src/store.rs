@@ -326,7 +326,7 @@ pub async fn write_snapshot(
 ) -> Result<Manifest, StoreError> {
     let kv = bucket(js, settings).await?;
     check_in_history(js, settings, state, stream_seq).await?;
-    let (_, latest_rev) = check_not_stale(&kv, state).await?;
+    let (_, latest_rev) = check_not_stale(&kv, state, stream_seq).await?;
 
     // The previous snapshot's blobs are not written again while they are in the bucket. One
     // that is gone (purged, lost) would stay referenced by every snapshot stacked on that base,
@@ -484,20 +484,31 @@ async fn check_in_history(
 async fn check_not_stale(
     kv: &kv::Store,
     state: &State,
+    stream_seq: u64,
 ) -> Result<(Option<Pointer>, Option<u64>), StoreError> {
-    match read_pointer(kv).await? {
-        Some((p, rev)) => {
-            if p.lineage == state.lineage() && p.seq >= state.seq() && p.seq > 0 {
-                return Err(StoreError::Stale {
-                    latest_lineage: p.lineage.to_hex(),
-                    latest_seq: p.seq,
-                    seq: state.seq(),
-                });
-            }
-            Ok((Some(p), Some(rev)))
-        }
-        None => Ok((None, None)),
+    let Some((p, rev)) = read_pointer(kv).await? else {
+        return Ok((None, None));
+    };
+    let stale = |latest_seq: u64| StoreError::Stale {
+        latest_lineage: p.lineage.to_hex(),
+        latest_seq,
+        seq: state.seq(),
+    };
+    if p.lineage == state.lineage() && p.seq >= state.seq() && p.seq > 0 {
+        return Err(stale(p.seq));
     }
+    // Another lineage: only a position later in the stream may replace it (an operator's new
+    // lineage starts at the stream's head; a zombie of the old lineage is behind it).
+    if p.lineage != state.lineage() {
+        match read_manifest(kv, &p.manifest).await {
+            Ok(m) if m.stream_seq > stream_seq => return Err(stale(m.seq)),
+            Ok(_) => {}
+            // A latest pointer whose manifest is gone or corrupt protects nothing.
+            Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((Some(p), Some(rev)))
 }
 
 /// What garbage collection removed.

@@ -197,6 +197,20 @@ async fn a_writer_whose_state_is_not_in_the_stream_cannot_move_latest() {
     assert!(matches!(err, StoreError::Stale { .. }), "{err}");
     let latest = store::latest_manifest(&p.kv).await.unwrap().unwrap();
     assert_eq!(latest.seq, p.state.seq());
+
+    // An operator starts a new lineage at the stream's head; the old lineage's writer (a
+    // zombie that has not published since) cannot move latest back to the old lineage.
+    let zombie = p.state.clone();
+    let zombie_stream_seq = p.stream_seq;
+    p.state = State::new(Lineage::random());
+    p.commit(puts(0..5, 7), 1 << 20).await;
+    p.snapshot(None).await;
+    let err = store::write_snapshot(&p.js, &p.settings, &zombie, zombie_stream_seq, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Stale { .. }), "{err}");
+    let latest = store::latest_manifest(&p.kv).await.unwrap().unwrap();
+    assert_eq!(latest.lineage, p.state.lineage());
 }
 
 #[tokio::test]
