@@ -189,10 +189,7 @@ async fn garbage_truncated_and_wrong_version_messages_are_counted_logged_and_ski
     // Both replicas follow the stream before anything is injected (one envelope per txn).
     let now = model.lock().unwrap().txns;
     for c in [&durable, &memory] {
-        c.replica
-            .wait_until(DEADLINE, |st| st.bootstrapped && st.seq >= now)
-            .await
-            .unwrap_or_else(|st| panic!("not following: {st:#?}"));
+        c.wait_following(now, "before the garbage").await;
     }
 
     let js = js(&server.url()).await;

@@ -23,7 +23,7 @@ async fn a_stopped_replica_whose_position_was_pruned_resnapshots_with_reason_pru
     let started = Instant::now();
     let server = NatsServer::start();
     let s = settings(&server.url(), &unique("pruned"), |s| {
-        s.stream.max_messages = 100;
+        s.stream.max_messages = 200;
         s.snapshot.every_envelopes = 50;
     });
     let producer = Producer::start(s.clone()).await.unwrap();
@@ -32,7 +32,11 @@ async fn a_stopped_replica_whose_position_was_pruned_resnapshots_with_reason_pru
     let dir = tempfile::tempdir().unwrap();
     let c = InProcess::durable(s.clone(), "pruned-1", dir.path());
     wait_for_commits(&model, &load, 100, "commits while the replica follows").await;
+    // One envelope per transaction here.
+    let committed = model.lock().unwrap().txns;
+    c.wait_following(committed, "before the stop").await;
     let stopped_at = c.stop().await.cursor;
+    assert!(stopped_at.seq >= committed);
 
     // Far more than the stream retains while the replica is down.
     wait_for_commits(&model, &load, 400, "commits while the replica is down").await;
@@ -51,16 +55,19 @@ async fn a_stopped_replica_whose_position_was_pruned_resnapshots_with_reason_pru
     let model = model.lock().unwrap().clone();
     let checked = c.check(&p, &model, "after a pruned position").await;
     let st = c.replica.status();
-    assert_eq!(decided(&st, Reason::Pruned), 1, "{:?}", st.decisions);
+    // More than one when the latest snapshot was itself already behind retention (the
+    // producer can only warn while a snapshot is being written on a busy machine).
+    assert!(decided(&st, Reason::Pruned) >= 1, "{:?}", st.decisions);
     assert_eq!(decided(&st, Reason::Resume), 0, "{:?}", st.decisions);
     assert_eq!(
         st.last_resync.as_ref().map(|r| r.reason),
         Some(Reason::Pruned)
     );
-    assert!(c
-        .replica
-        .metrics_text()
-        .contains(r#"deltasync_consumer_resyncs_total{reason="pruned"} 1"#));
+    let metric = format!(
+        r#"deltasync_consumer_resyncs_total{{reason="pruned"}} {}"#,
+        decided(&st, Reason::Pruned)
+    );
+    assert!(c.replica.metrics_text().contains(&metric), "{metric}");
     c.stop().await;
     report.producer.shutdown().await.unwrap();
     eprintln!(

@@ -470,6 +470,14 @@ impl InProcess {
         }
     }
 
+    /// Waits until the replica holds a verified state at envelope `seq` or later.
+    pub async fn wait_following(&self, seq: u64, context: &str) -> Status {
+        self.replica
+            .wait_until(DEADLINE, |st| st.bootstrapped && st.seq >= seq)
+            .await
+            .unwrap_or_else(|st| panic!("{context}: not following up to {seq}: {st:#?}"))
+    }
+
     /// Checks the replica's view against the model and the producer's position: same
     /// sequence, digest and entries. Returns the entries checked.
     pub async fn check(&self, p: &Position, model: &Model, context: &str) -> usize {
