@@ -14,6 +14,10 @@ use deltasync_shared::settings::Settings;
 use deltasync_shared::store::{self, StoreError};
 use serde::Serialize;
 
+/// Attempts of `snapshot` when another writer (a running producer) moves `latest` between its
+/// read of the pointer and its compare-and-set.
+const RACE_ATTEMPTS: u32 = 3;
+
 /// How far back `status` looks from the stream's end for the last envelope.
 const STATUS_LOOKBACK: u64 = 1000;
 
@@ -42,15 +46,32 @@ pub async fn snapshot_now(settings: &Settings) -> Result<SnapshotOutcome, Produc
         });
     };
     let seq = rec.state.seq();
-    match store::write_snapshot(
-        &js,
-        settings,
-        &rec.state,
-        rec.last_envelope_stream_seq,
-        None,
-    )
-    .await
-    {
+    // A running producer may move `latest` between our read of it and our compare-and-set:
+    // write again, and the next attempt finds the pointer at or past this cut (`Stale`,
+    // nothing to do) or still behind it (written).
+    let mut attempts = 0;
+    let written = loop {
+        attempts += 1;
+        match store::write_snapshot(
+            &js,
+            settings,
+            &rec.state,
+            rec.last_envelope_stream_seq,
+            None,
+        )
+        .await
+        {
+            Err(StoreError::Raced { .. }) if attempts < RACE_ATTEMPTS => {
+                tracing::info!(
+                    seq,
+                    attempts,
+                    "Another writer moved the latest snapshot meanwhile; writing again"
+                );
+            }
+            other => break other,
+        }
+    };
+    match written {
         Ok(m) => Ok(SnapshotOutcome {
             snapshot: SnapshotInfo::from(&m),
             written: true,
