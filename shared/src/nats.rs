@@ -40,16 +40,19 @@ pub const BUCKET_HISTORY: i64 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     /// The initial connection failed (unreachable, refused, timed out, TLS, authentication).
-    #[error("cannot connect to NATS at {url} (connect timeout {timeout:?}): {source}")]
+    #[error("cannot connect to NATS at {url} (connect timeout {timeout:?}): {source}{hint}")]
     Connect {
         /// The server address(es) tried, comma-separated.
         url: String,
         /// `nats.connect_timeout`.
         timeout: Duration,
         /// async-nats's error; `kind()` tells refused/timed out (`Io`, `TimedOut`) from
-        /// `AuthorizationViolation`, `Tls`, `ServerParse`, ...
+        /// `AuthorizationViolation`, `Tls`, `ServerParse`, ... (a certificate the client does
+        /// not trust is reported as `Io`).
         #[source]
         source: ConnectError,
+        /// Which settings to look at, when the failure says (`; ...`), else empty.
+        hint: &'static str,
     },
     /// `nats.creds_file` could not be read or parsed.
     #[error("cannot read NATS credentials file {path}: {source}")]
@@ -156,6 +159,7 @@ pub async fn connect(settings: &NatsSettings) -> Result<Client, NatsError> {
     let connect_error = |source: ConnectError| NatsError::Connect {
         url: url_list.clone(),
         timeout: settings.connect_timeout,
+        hint: connect_hint(&source),
         source,
     };
     let mut addrs = Vec::with_capacity(urls.len());
@@ -164,6 +168,7 @@ pub async fn connect(settings: &NatsSettings) -> Result<Client, NatsError> {
             url: redact_url(url),
             timeout: settings.connect_timeout,
             source: ConnectError::with_source(ConnectErrorKind::ServerParse, err),
+            hint: "",
         })?;
         addrs.push(addr);
     }
@@ -192,6 +197,29 @@ pub async fn connect(settings: &NatsSettings) -> Result<Client, NatsError> {
         }
         Ok(Err(source)) => Err(connect_error(source)),
         Err(_elapsed) => Err(connect_error(ConnectError::new(ConnectErrorKind::TimedOut))),
+    }
+}
+
+/// The settings to check after a failed connect, when the failure tells (authentication and
+/// TLS failures); async-nats reports certificate problems as I/O errors carrying rustls's text.
+fn connect_hint(source: &ConnectError) -> &'static str {
+    let text = source.to_string();
+    if source.kind() == ConnectErrorKind::AuthorizationViolation {
+        "; the server refused the credentials: check nats.user/nats.password, nats.token, \
+         nats.nkey_seed or nats.creds_file"
+    } else if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        "; the server's TLS certificate is not signed by a trusted CA: set nats.tls.ca_file \
+         to the CA that signed it"
+    } else if text.contains("NotValidForName") {
+        "; the server's TLS certificate does not name the host in nats.url: connect by a name \
+         (or IP address) the certificate holds"
+    } else if text.contains("CertificateRequired") {
+        "; the server requires a client certificate: set nats.tls.cert_file and \
+         nats.tls.key_file"
+    } else if source.kind() == ConnectErrorKind::Tls || text.contains("certificate") {
+        "; TLS failed: check nats.tls and whether the server expects tls:// or nats://"
+    } else {
+        ""
     }
 }
 
@@ -239,6 +267,9 @@ async fn options(settings: &NatsSettings) -> Result<ConnectOptions, NatsError> {
     }
     if tls.required {
         options = options.require_tls(true);
+    }
+    if let Some(prefix) = &settings.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
     }
     Ok(options)
 }

@@ -117,6 +117,11 @@ pub struct NatsSettings {
     pub request_timeout: Duration,
     /// Connection name shown by the server's monitoring (`connz`); defaults to the binary's.
     pub client_name: Option<String>,
+    /// Prefix of the subjects replies come back on (`_INBOX` when unset). Give each role its
+    /// own, e.g. `_INBOX_orders_consumer`, and allow it only `<prefix>.>` to subscribe: then it
+    /// cannot listen to the replies (stream reads, snapshot downloads) of other clients in the
+    /// account. See `docs/permissions.md`.
+    pub inbox_prefix: Option<String>,
 }
 
 impl Default for NatsSettings {
@@ -132,6 +137,7 @@ impl Default for NatsSettings {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             client_name: None,
+            inbox_prefix: None,
         }
     }
 }
@@ -618,11 +624,28 @@ impl Settings {
             }
         }
         if let Some(seed) = &nats.nkey_seed {
-            if !seed.expose().starts_with('S') {
-                return Err(SettingsError::invalid(
-                    "nats.nkey_seed",
-                    "is not an nkey seed (seeds start with `S`, e.g. `SU...` for a user)",
-                ));
+            // Never quote the seed itself in the error.
+            match nkeys::KeyPair::from_seed(seed.expose()) {
+                Err(err) => {
+                    return Err(SettingsError::invalid(
+                        "nats.nkey_seed",
+                        format!(
+                            "is not an nkey seed ({:?}); a user's seed starts with `SU`",
+                            err.kind()
+                        ),
+                    ))
+                }
+                Ok(pair) if pair.key_pair_type() != nkeys::KeyPairType::User => {
+                    return Err(SettingsError::invalid(
+                        "nats.nkey_seed",
+                        format!(
+                            "is the seed of {:?} key; clients authenticate with a user's seed \
+                             (`SU...`)",
+                            pair.key_pair_type()
+                        ),
+                    ))
+                }
+                Ok(_) => {}
             }
         }
         require_file("nats.creds_file", nats.creds_file.as_deref())?;
@@ -659,6 +682,23 @@ impl Settings {
         if let Some(name) = &nats.client_name {
             if name.trim().is_empty() {
                 return Err(SettingsError::invalid("nats.client_name", "is empty"));
+            }
+        }
+        if let Some(prefix) = &nats.inbox_prefix {
+            let bad_token = prefix.split('.').any(|token| {
+                token.is_empty()
+                    || token == "*"
+                    || token == ">"
+                    || token.chars().any(|c| c.is_whitespace() || c.is_control())
+            });
+            if bad_token {
+                return Err(SettingsError::invalid(
+                    "nats.inbox_prefix",
+                    format!(
+                        "{prefix:?} is not a subject prefix: dot-separated non-empty tokens \
+                         without `*`, `>` or whitespace, e.g. `_INBOX_orders_consumer`"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -1449,6 +1489,42 @@ filter = "info,deltasync=debug"
             !json.contains("hunter2") && json.contains("\"password\":\"***\""),
             "{json}"
         );
+    }
+
+    #[test]
+    fn an_nkey_seed_must_be_a_user_seed_and_is_never_quoted() {
+        let user = nkeys::KeyPair::new_user().seed().unwrap();
+        let mut s = Settings::default();
+        s.nats.nkey_seed = Some(Secret::new(user));
+        s.validate().unwrap();
+        let account = nkeys::KeyPair::new_account().seed().unwrap();
+        for bad in ["SUNOTASEED", "not-a-seed", "", account.as_str()] {
+            let mut s = Settings::default();
+            s.nats.nkey_seed = Some(Secret::new(bad));
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("`nats.nkey_seed`"), "{err}");
+            if !bad.is_empty() {
+                assert!(!err.contains(bad), "the seed is quoted: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_inbox_prefix_must_be_a_literal_subject_prefix() {
+        for good in ["_INBOX_orders_consumer", "_I.orders.c1", "x"] {
+            let mut s = Settings::default();
+            s.nats.inbox_prefix = Some(good.to_owned());
+            s.validate().unwrap();
+        }
+        for bad in ["", "a..b", "a.*", "a.>", ">", "a b", ".a", "a."] {
+            assert_eq!(
+                invalid_key(|s| s.nats.inbox_prefix = Some(bad.to_owned())),
+                "nats.inbox_prefix",
+                "{bad:?}"
+            );
+        }
+        let s = load_env(&[("DELTASYNC_NATS__INBOX_PREFIX", "_INBOX_p_c")]).unwrap();
+        assert_eq!(s.nats.inbox_prefix.as_deref(), Some("_INBOX_p_c"));
     }
 
     #[test]

@@ -13,4 +13,5 @@
 mod support;
 
 mod nats_setup;
+mod security;
 mod snapshots;
