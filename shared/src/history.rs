@@ -16,6 +16,7 @@ use crate::envelope::Envelope;
 use crate::settings::Settings;
 use crate::snapshot::Manifest;
 use crate::state::{ApplyError, State};
+use crate::store::StoreError;
 use crate::{names, store};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
@@ -235,6 +236,34 @@ fn tail_batch(settings: &Settings) -> i64 {
     (16 * 1024 * 1024 / max_message).clamp(8, 200)
 }
 
+/// The newest older snapshot that loads and whose following envelopes are still retained;
+/// `None` (replay the stream from its start) when there is none. The stream's first envelope
+/// must then be envelope 1, which `recover` checks; otherwise the original error stands.
+async fn fallback_snapshot(
+    kv: &async_nats::jetstream::kv::Store,
+    b: Bounds,
+    original: StoreError,
+) -> Result<Option<store::Loaded>, HistoryError> {
+    let manifests = store::list_manifests(kv).await?;
+    for (key, m) in manifests.into_iter().rev() {
+        if b.messages > 0 && m.stream_seq + 1 < b.first_seq {
+            continue; // its tail is pruned
+        }
+        match store::load(kv, m).await {
+            Ok(l) => {
+                tracing::warn!(manifest = %key, "Recovering from an older snapshot");
+                return Ok(Some(l));
+            }
+            Err(e) => tracing::error!(manifest = %key, error = %e, "Snapshot unusable too"),
+        }
+    }
+    if b.messages > 0 && b.first_seq == 1 {
+        tracing::warn!("Recovering by replaying the whole stream");
+        return Ok(None);
+    }
+    Err(original.into())
+}
+
 /// What recovery found.
 #[derive(Debug)]
 pub struct Recovered {
@@ -264,7 +293,18 @@ pub async fn recover(
 ) -> Result<Option<Recovered>, HistoryError> {
     let b = bounds(js, settings).await?;
     let kv = store::bucket(js, settings).await?;
-    let loaded = store::load_latest(&kv, settings).await?;
+    let loaded = match store::load_latest(&kv, settings).await {
+        Ok(l) => l,
+        Err(
+            e @ (StoreError::Corrupt { .. }
+            | StoreError::Missing { .. }
+            | StoreError::Verify { .. }),
+        ) => {
+            tracing::error!(error = %e, "The latest snapshot is damaged; recovering from an older snapshot or the stream");
+            fallback_snapshot(&kv, b, e).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (mut state, from, manifest) = match loaded {
         Some(l) => (Some(l.state), l.manifest.stream_seq + 1, Some(l.manifest)),
         None if b.messages == 0 => return Ok(None),

@@ -164,6 +164,9 @@ pub async fn list_manifests(kv: &kv::Store) -> Result<Vec<(String, Manifest)>, S
         match read_manifest(kv, &key).await {
             Ok(m) => out.push((key, m)),
             Err(StoreError::Missing { .. }) => {} // removed meanwhile
+            Err(e @ StoreError::Corrupt { .. }) => {
+                tracing::error!(error = %e, "Skipping a corrupt snapshot manifest");
+            }
             Err(e) => return Err(e),
         }
     }

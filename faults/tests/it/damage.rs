@@ -365,9 +365,6 @@ async fn a_message_removed_from_the_middle_of_the_stream_is_resnapshotted_past()
 }
 
 #[tokio::test]
-#[ignore = "DEFECT (reported): recovery reads only the latest snapshot; one missing or corrupt \
-            chunk in it stops the producer from starting (and `snapshot`), although the stream \
-            still holds the whole history. Run with --ignored"]
 async fn a_producer_restarted_over_a_damaged_latest_snapshot_recovers_from_the_stream() {
     logs();
     let server = NatsServer::start();
