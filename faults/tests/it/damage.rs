@@ -157,8 +157,8 @@ async fn a_damaged_chunk(damage: ChunkDamage) {
 
 #[tokio::test]
 #[ignore = "DEFECT (reported): an overwritten chunk keeps its key, so the running producer's \
-            later snapshots keep referencing it and a new replica can never bootstrap; a \
-            restarted producer cannot recover either. Run with --ignored"]
+            later snapshots keep referencing it and no new replica can bootstrap until the \
+            producer restarts (its first snapshot rewrites every blob). Run with --ignored"]
 async fn an_overwritten_snapshot_chunk_never_reaches_a_replica_and_the_next_snapshot_heals() {
     logs();
     a_damaged_chunk(ChunkDamage::Overwritten).await;
