@@ -110,7 +110,43 @@ fn main() {
         &expected.1.to_hex()[..16]
     );
 
-    // The core alone: decode + State::apply, no NATS, no commits.
+    // The core alone, split: decode only, then State::apply only (pre-decoded), then both.
+    let t = Instant::now();
+    let decoded: Vec<_> = payloads
+        .iter()
+        .map(|p| decode_envelope(p).unwrap())
+        .collect();
+    let decode = t.elapsed();
+    let mut state = State::new(expected.0);
+    let t = Instant::now();
+    for env in &decoded {
+        state.apply(env).unwrap();
+    }
+    let apply = t.elapsed();
+    drop(decoded);
+    drop(state);
+    let t = Instant::now();
+    let n = a.changes.min(200_000);
+    let mut sink = 0u8;
+    for i in 0..n {
+        let k = format!("instrument-{i:08}");
+        sink ^= deltasync_shared::digest::entry_hash(&k, &[b'v'; 64]).0[0];
+    }
+    let hash = t.elapsed();
+    println!(
+        "  decode only:                {:>6.2} s  {:>10.0} changes/s",
+        decode.as_secs_f64(),
+        a.changes as f64 / decode.as_secs_f64()
+    );
+    println!(
+        "  State::apply only:          {:>6.2} s  {:>10.0} changes/s",
+        apply.as_secs_f64(),
+        a.changes as f64 / apply.as_secs_f64()
+    );
+    println!(
+        "  entry_hash (SHA-256) only:  {:>6.2} µs per entry ({sink})",
+        hash.as_secs_f64() * 1e6 / n as f64
+    );
     let t = Instant::now();
     let mut state = State::new(expected.0);
     for p in &payloads {
