@@ -401,6 +401,9 @@ impl Engine {
         let cursor = local.cursor;
         let intact = local.intact();
         let computed = local.computed;
+        if let Some(reason) = &local.cursor_error {
+            tracing::error!(store = %self.store.describe(), %reason, "The local replica's cursor is unreadable");
+        }
         self.state = local.state;
         self.applied = cursor;
         self.accepted_stream_seq = cursor.stream_seq;

@@ -23,6 +23,7 @@
 //!  http       /healthz /readyz /metrics /v1/status /v1/keys /v1/state
 //!  ndjson     entries as NDJSON (dump, /v1/state, /v1/keys)
 //!  metrics    Prometheus metrics
+//!  cli, ops   command line; operator commands (replay, rebuild, verify, status)
 //! ```
 //!
 //! # Example

@@ -164,12 +164,14 @@ pub struct LoadedReplica {
     /// The digest recomputed from the entries; differs from `cursor.digest` when the file was
     /// changed behind the replica's back.
     pub computed: Digest,
+    /// Why the stored cursor could not be read (then `cursor` is the default).
+    pub cursor_error: Option<String>,
 }
 
 impl LoadedReplica {
-    /// Whether the entries match the stored digest.
+    /// Whether the entries match the stored digest (and the cursor was readable).
     pub fn intact(&self) -> bool {
-        self.computed == self.cursor.digest
+        self.cursor_error.is_none() && self.computed == self.cursor.digest
     }
 }
 
@@ -255,10 +257,12 @@ impl LocalStore {
         let Some(raw) = meta.get(CURSOR_KEY).map_err(|e| rerr(e.into()))? else {
             return Ok(None);
         };
-        let cursor = Cursor::decode(raw.value()).map_err(|reason| LocalError::BadCursor {
-            path: path.clone(),
-            reason,
-        })?;
+        // An unreadable cursor leaves the entries usable: the replica is then repaired like
+        // any replica whose entries do not match their cursor.
+        let (cursor, cursor_error) = match Cursor::decode(raw.value()) {
+            Ok(c) => (c, None),
+            Err(reason) => (Cursor::default(), Some(reason)),
+        };
         let entries = txn.open_table(ENTRIES).map_err(|e| rerr(e.into()))?;
         let mut state = State::new(cursor.lineage);
         for row in entries.iter().map_err(|e| rerr(e.into()))? {
@@ -271,6 +275,7 @@ impl LocalStore {
             state,
             cursor,
             computed,
+            cursor_error,
         }))
     }
 
@@ -494,6 +499,34 @@ mod tests {
         assert_eq!(loaded.state.get("b"), None);
         drop(store);
         assert_eq!(read_cursor(dir.path()).unwrap(), Some(cursor));
+    }
+
+    #[test]
+    fn an_unreadable_cursor_keeps_the_entries_and_marks_the_replica_for_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+        let mut s = State::new(Lineage([1; 16]));
+        let changes = vec![Change::put("a", &b"1"[..])];
+        s.apply_changes(&changes);
+        s.set_position(Lineage([1; 16]), 1);
+        store
+            .commit(&[batch(1, changes)], &Cursor::of(&s, 1))
+            .unwrap();
+        drop(store);
+        {
+            let db = redb::Database::open(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(CURSOR_KEY, &b"garbage"[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+        let loaded = store.load().unwrap().unwrap();
+        assert!(!loaded.intact());
+        assert!(loaded.cursor_error.unwrap().contains("7 bytes"));
+        assert_eq!(loaded.state.len(), 1);
     }
 
     #[test]
