@@ -262,17 +262,22 @@ impl Engine {
         if cancel.is_cancelled() {
             return Ok(());
         }
+        // The head as it is now: the lag (and readiness) are right from the start, and it is
+        // where `--once` stops.
+        let head = retrying("reading the stream's head", || async {
+            Ok(history::bounds(&self.js, &self.settings).await?)
+        })
+        .await?
+        .last_seq;
+        self.known_last_seq = self.known_last_seq.max(head);
+        self.update_lag();
         let target = if self.once {
-            let b = retrying("reading the stream's head", || async {
-                Ok(history::bounds(&self.js, &self.settings).await?)
-            })
-            .await?;
             tracing::info!(
-                head = b.last_seq,
+                head,
                 from = self.accepted_stream_seq + 1,
                 "Catching up to the stream's head (--once)"
             );
-            Some(b.last_seq)
+            Some(head)
         } else {
             None
         };

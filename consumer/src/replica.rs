@@ -497,3 +497,50 @@ impl Replica {
         (v.lineage(), v.seq())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ready_means_bootstrapped_and_within_the_allowed_lag() {
+        let r = Replica::new("r", "p", false, 10);
+        assert!(!r.is_ready(), "not bootstrapped");
+        let mut s = State::new(Lineage([1; 16]));
+        s.apply_changes(&[Change::put("k", &b"v"[..])]);
+        s.set_position(Lineage([1; 16]), 3);
+        let cursor = Cursor::of(&s, 7);
+        r.committed(cursor, 1, Some(s.clone()), Vec::new(), true);
+        assert!(r.is_ready());
+        r.set_lag(11);
+        assert!(!r.is_ready());
+        assert!(r.metrics_text().contains("deltasync_consumer_ready 0"));
+        r.set_lag(10);
+        assert!(r.is_ready());
+        let st = r.status();
+        assert_eq!((st.seq, st.stream_seq, st.entries, st.lag), (3, 7, 1, 10));
+        assert_eq!(r.get("k").unwrap().as_ref(), b"v");
+    }
+
+    #[tokio::test]
+    async fn a_reader_asking_for_a_view_marks_it_wanted_and_gets_the_next_one() {
+        let r = Replica::new("r", "p", false, 10);
+        let mut s = State::new(Lineage([1; 16]));
+        s.set_position(Lineage([1; 16]), 1);
+        r.committed(Cursor::of(&s, 1), 0, Some(s.clone()), Vec::new(), true);
+        // Committed without a view: the published one trails.
+        s.apply_changes(&[Change::put("k", &b"v"[..])]);
+        s.set_position(Lineage([1; 16]), 2);
+        r.committed(Cursor::of(&s, 2), 1, None, Vec::new(), true);
+        assert_eq!(r.view().seq(), 1);
+        assert!(r.take_view_wanted());
+        let waiter = {
+            let r = r.clone();
+            tokio::spawn(async move { r.fresh_view(Duration::from_secs(10)).await })
+        };
+        tokio::task::yield_now().await;
+        r.committed(Cursor::of(&s, 2), 1, Some(s.clone()), Vec::new(), true);
+        assert_eq!(waiter.await.unwrap().seq(), 2);
+    }
+}
