@@ -65,6 +65,7 @@ fn main() -> Result<()> {
         scenarios::snapshots(&url, sizes, &mut rows).await?;
         anyhow::Ok(())
     })?;
+    scenarios::wire_bytes(args.quick, &mut rows)?;
     scenarios::digest_cost(sizes, &mut rows)?;
     scenarios::memory(sizes, &mut rows)?;
     drop(server);

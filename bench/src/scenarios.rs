@@ -560,3 +560,61 @@ pub fn memory(sizes: Sizes, rows: &mut Vec<Row>) -> Result<()> {
     });
     Ok(())
 }
+
+/// Wire bytes per cycle of the order-book source at 1%, 5% and 20% churn: the envelopes a
+/// commit of each cycle's diff encodes, against a full snapshot of the same state every cycle.
+/// Checks that the state rebuilt from the diffs has the book's digest after every cycle.
+pub fn wire_bytes(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
+    use deltasync_producer::sources::orderbook::{Orderbook, OrderbookOptions};
+    let (orders, cycles) = if quick { (2_000, 3) } else { (10_000, 20) };
+    let max_bytes = Settings::default().producer.batch_max_bytes;
+    for (churn, target) in [(1.0, Some(0.015)), (5.0, Some(0.07)), (20.0, None)] {
+        let mut book = Orderbook::new(OrderbookOptions {
+            orders,
+            churn_pct: churn,
+            seed: 42,
+            ..OrderbookOptions::default()
+        });
+        let mut prev = book.to_state();
+        let mut replica = prev.clone();
+        let (mut delta, mut full) = (0u64, 0u64);
+        for _ in 0..cycles {
+            book.step();
+            let next = book.to_state();
+            let changes = deltasync_shared::diff(&prev, &next);
+            let digest = replica.apply_changes(&changes);
+            let envs = split_transaction(
+                replica.lineage(),
+                replica.seq() + 1,
+                digest,
+                now_ms(),
+                changes,
+                max_bytes,
+            );
+            for e in &envs {
+                delta += encode_envelope(e)?.len() as u64;
+            }
+            let lineage = replica.lineage();
+            replica.set_position(lineage, envs.last().map_or(replica.seq(), |e| e.seq));
+            ensure!(
+                replica.digest() == next.digest(),
+                "order book at {churn}% churn: the replica's digest differs from the book's"
+            );
+            full += book.full_bytes();
+            prev = next;
+        }
+        let ratio = delta as f64 / full.max(1) as f64;
+        rows.push(Row {
+            scenario: format!("wire bytes per cycle, order book {orders} orders, {churn}% churn"),
+            ours: bytes(delta as f64 / cycles as f64),
+            baseline: format!("{} (full snapshot)", bytes(full as f64 / cycles as f64)),
+            ratio: format!("{:.2}% of full", ratio * 100.0),
+            target: target.map_or("—".into(), |t| format!("≤ {:.1}% of full", t * 100.0)),
+            met: target.is_none_or(|t| ratio <= t),
+            check: format!("replica digest equals the book's after each of {cycles} cycles"),
+            figures: json!({"churn_pct": churn, "orders": orders, "cycles": cycles,
+                "delta_bytes": delta, "full_bytes": full, "ratio": ratio}),
+        });
+    }
+    Ok(())
+}
