@@ -68,8 +68,10 @@ pub fn key(i: usize) -> String {
 
 /// Settings for a benchmark pipeline on `url`.
 pub fn settings(url: &str, pipeline: &str) -> Result<Settings> {
-    let mut s = Settings::default();
-    s.pipeline = pipeline.to_string();
+    let mut s = Settings {
+        pipeline: pipeline.to_string(),
+        ..Settings::default()
+    };
     s.nats.url = url.to_string();
     s.nats.request_timeout = Duration::from_secs(30);
     s.stream.max_messages = -1;
