@@ -361,15 +361,21 @@ async fn a_three_node_cluster_accepts_an_r3_stream_and_bucket() {
         assert_eq!(info.config.num_replicas, 3, "{name}");
     }
 
-    // The R3 stream takes writes.
-    let ack = js
-        .send_publish(
+    // The R3 stream takes writes. Right after a cluster forms, the stream's leader may not
+    // answer yet (no responders, reported as StreamNotFound): retry with a message id, so a
+    // retried publish that did land is deduplicated rather than stored twice.
+    let ack = eventually("a publish to the R3 stream", deadline, || async {
+        js.send_publish(
             names::subject(&s.pipeline),
-            async_nats::jetstream::message::PublishMessage::build().payload("x".into()),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload("x".into())
+                .message_id("only-once"),
         )
         .await
-        .unwrap()
+        .map_err(|e| e.to_string())?
         .await
-        .unwrap();
+        .map_err(|e| e.to_string())
+    })
+    .await;
     assert_eq!(ack.sequence, 1);
 }
