@@ -52,6 +52,11 @@ const READ_AHEAD: usize = 32;
 /// Items taken from the reader per turn of the event loop.
 const ITEMS_PER_TURN: usize = 256;
 
+/// Changes the engine accumulates while a commit is being written before it waits for that
+/// commit: with large envelopes, `4 × commit_every_envelopes` transactions would hold millions
+/// of changes (and their old values) in memory twice over.
+const MAX_ACCUMULATED_CHANGES: usize = 256 * 1024;
+
 /// How often the engine reads the stream's bounds (lag, idle end of `--once`).
 const TICK: Duration = Duration::from_secs(1);
 
@@ -181,6 +186,8 @@ pub(crate) struct Engine {
     /// Transactions applied and not yet handed to the store.
     batch: Vec<Arc<ChangeBatch>>,
     batch_txns: usize,
+    /// Changes in those transactions (bounds the memory a backlog can hold).
+    batch_changes: usize,
     batch_started: Option<Instant>,
     inflight: Option<Inflight>,
     /// The durable position.
@@ -224,6 +231,7 @@ impl Engine {
             parts_kept: true,
             batch: Vec::new(),
             batch_txns: 0,
+            batch_changes: 0,
             batch_started: None,
             inflight: None,
             committed: Cursor::default(),
@@ -656,6 +664,7 @@ impl Engine {
                 };
                 self.accepted_stream_seq = stream_seq;
                 self.batch_txns += 1;
+                self.batch_changes += changes;
                 self.batch_started.get_or_insert_with(Instant::now);
                 self.resync_attempts = 0;
                 self.reread_at = None;
@@ -811,7 +820,9 @@ impl Engine {
             return Ok(());
         }
         if self.inflight.is_some() {
-            if self.batch_txns < every.saturating_mul(4) {
+            if self.batch_txns < every.saturating_mul(4)
+                && self.batch_changes < MAX_ACCUMULATED_CHANGES
+            {
                 return Ok(()); // keep accumulating while the store writes
             }
             let r = wait_inflight(&mut self.inflight).await;
@@ -829,6 +840,7 @@ impl Engine {
         let entries = self.state.len();
         let batches = std::mem::take(&mut self.batch);
         self.batch_txns = 0;
+        self.batch_changes = 0;
         self.batch_started = None;
         let view = self.want_view().then(|| self.state.clone());
         if self.store.is_durable() {
