@@ -492,46 +492,20 @@ fn cut_chunks(
 ) -> Result<Vec<BlobRef>, EncodeError> {
     let mut entries: Vec<(&Key, &Bytes)> = buckets.clone().flat_map(|b| state.bucket(b)).collect();
     entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let mut refs = Vec::new();
-    let mut start = 0;
-    let mut part = 0u32;
-    loop {
-        let mut end = start;
-        let mut size = 64;
-        while end < entries.len() {
-            let len = 10 + entries[end].0.len() + entries[end].1.len();
-            if end > start && size + len > max_blob {
-                break;
-            }
-            size += len;
-            end += 1;
-        }
+    let len_of = |(k, v): &(&Key, &Bytes)| 10 + k.len() + v.len();
+    let encode = |part: u32, piece: &[(&Key, &Bytes)], hint: usize| {
         let out = ChunkOut {
             first_bucket: buckets.start as u32,
             end_bucket: buckets.end as u32,
             part,
-            entries: entries[start..end]
+            entries: piece
                 .iter()
                 .map(|(k, v)| (&***k, serde_bytes::Bytes::new(v)))
                 .collect(),
         };
-        let bytes = codec::encode_body(Kind::Chunk, &out, size)?;
-        let hash = content_hash(&bytes);
-        refs.push(BlobRef {
-            hash,
-            bytes: bytes.len() as u64,
-            entries: (end - start) as u64,
-        });
-        blobs.push(Blob {
-            key: chunk_key(&hash),
-            bytes: bytes.into(),
-        });
-        start = end;
-        part += 1;
-        if start >= entries.len() {
-            return Ok(refs);
-        }
-    }
+        codec::encode_body(Kind::Chunk, &out, hint)
+    };
+    cut_pieces(&entries, max_blob, len_of, encode, chunk_key, blobs)
 }
 
 /// Cuts net changes into segment pieces below `max_blob`.
@@ -542,27 +516,50 @@ fn cut_segment(
     max_blob: usize,
     blobs: &mut Vec<Blob>,
 ) -> Result<Vec<BlobRef>, EncodeError> {
+    let encode = |part: u32, piece: &[Change], hint: usize| {
+        let out = SegmentOut {
+            from_seq,
+            to_seq,
+            part,
+            changes: codec::WireChanges(piece),
+        };
+        codec::encode_body(Kind::Segment, &out, hint)
+    };
+    cut_pieces(
+        changes,
+        max_blob,
+        Change::encoded_len_bound,
+        encode,
+        segment_key,
+        blobs,
+    )
+}
+
+/// Splits `items` into consecutive pieces of at most `max_blob` estimated bytes (at least one
+/// item each, at least one piece), encodes each, and records it as a content-addressed blob.
+fn cut_pieces<T>(
+    items: &[T],
+    max_blob: usize,
+    len_of: impl Fn(&T) -> usize,
+    encode: impl Fn(u32, &[T], usize) -> Result<Vec<u8>, EncodeError>,
+    key_of: fn(&[u8; 32]) -> String,
+    blobs: &mut Vec<Blob>,
+) -> Result<Vec<BlobRef>, EncodeError> {
     let mut refs = Vec::new();
     let mut start = 0;
     let mut part = 0u32;
     loop {
         let mut end = start;
         let mut size = 64;
-        while end < changes.len() {
-            let len = changes[end].encoded_len_bound();
+        while end < items.len() {
+            let len = len_of(&items[end]);
             if end > start && size + len > max_blob {
                 break;
             }
             size += len;
             end += 1;
         }
-        let out = SegmentOut {
-            from_seq,
-            to_seq,
-            part,
-            changes: codec::WireChanges(&changes[start..end]),
-        };
-        let bytes = codec::encode_body(Kind::Segment, &out, size)?;
+        let bytes = encode(part, &items[start..end], size)?;
         let hash = content_hash(&bytes);
         refs.push(BlobRef {
             hash,
@@ -570,12 +567,12 @@ fn cut_segment(
             entries: (end - start) as u64,
         });
         blobs.push(Blob {
-            key: segment_key(&hash),
+            key: key_of(&hash),
             bytes: bytes.into(),
         });
         start = end;
         part += 1;
-        if start >= changes.len() {
+        if start >= items.len() {
             return Ok(refs);
         }
     }
