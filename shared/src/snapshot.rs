@@ -619,9 +619,7 @@ pub fn apply_segment(state: &mut State, seg: &Segment, keep: impl Fn(usize) -> b
 pub fn replace_range(state: &mut State, range: &RangeRef, chunks: Vec<Chunk>) {
     state.clear_buckets(range.buckets());
     for c in chunks {
-        for (k, v) in c.entries {
-            state.insert(k, v);
-        }
+        state.insert_many(c.entries);
     }
 }
 

@@ -26,7 +26,7 @@
 //!   mid-transaction recovers to the state before it and carries on with a new transaction.
 
 use crate::change::{Change, Key};
-use crate::digest::{bucket_of, entry_hash, BucketDigests, Digest, BUCKETS};
+use crate::digest::{bucket_of, entry_hashes, BucketDigests, Digest, BUCKETS};
 use crate::envelope::{Envelope, Lineage};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -104,6 +104,9 @@ pub struct State {
     pending: Vec<Envelope>,
     /// Undo log reused across transactions: (key, value before).
     undo: Vec<(Key, Option<Entry>)>,
+    /// Entry hashes of the puts being applied, computed in one multi-buffer pass before the
+    /// map is touched (reused across calls).
+    hashes: Vec<Digest>,
 }
 
 impl State {
@@ -117,6 +120,7 @@ impl State {
             len: 0,
             pending: Vec::new(),
             undo: Vec::new(),
+            hashes: Vec::new(),
         }
     }
 
@@ -196,9 +200,7 @@ impl State {
     /// Applies changes with no position or digest check and returns the new digest: the
     /// producer's path (it is the source of truth) and snapshot restore's.
     pub fn apply_changes(&mut self, changes: &[Change]) -> Digest {
-        for c in changes {
-            self.apply_one(c, false);
-        }
+        self.apply_all(changes.iter(), false);
         self.digest()
     }
 
@@ -214,7 +216,16 @@ impl State {
 
     /// Puts one entry (the unchecked path, for restoring snapshots).
     pub fn insert(&mut self, key: Key, value: Bytes) {
-        self.apply_one(&Change::Put { key, value }, false);
+        self.apply_changes(&[Change::Put { key, value }]);
+    }
+
+    /// Puts many entries (the unchecked path, for restoring snapshots): hashed in batches.
+    pub fn insert_many(&mut self, entries: Vec<(Key, Bytes)>) {
+        let changes: Vec<Change> = entries
+            .into_iter()
+            .map(|(key, value)| Change::Put { key, value })
+            .collect();
+        self.apply_changes(&changes);
     }
 
     /// Applies one envelope of this state's lineage after checking position and digest.
@@ -285,15 +296,13 @@ impl State {
             std::mem::take(&mut self.pending)
         };
         self.undo.clear();
-        let mut count = 0;
-        for c in buffered
-            .iter()
-            .flat_map(|p| p.changes.iter())
-            .chain(env.changes.iter())
-        {
-            self.apply_one(c, true);
-            count += 1;
-        }
+        let count = self.apply_all(
+            buffered
+                .iter()
+                .flat_map(|p| p.changes.iter())
+                .chain(env.changes.iter()),
+            true,
+        );
         let actual = self.digest();
         if actual != env.digest {
             self.rollback();
@@ -315,13 +324,45 @@ impl State {
         })
     }
 
+    /// Applies changes in order, maintaining the digest; records old entries when `log` is
+    /// set. The puts' entry hashes are computed first, in one multi-buffer pass. Returns the
+    /// number of changes.
+    fn apply_all<'a>(
+        &mut self,
+        changes: impl Iterator<Item = &'a Change> + Clone,
+        log: bool,
+    ) -> usize {
+        let mut hashes = std::mem::take(&mut self.hashes);
+        hashes.clear();
+        entry_hashes(
+            changes.clone().filter_map(|c| match c {
+                Change::Put { key, value } => Some((&**key, &value[..])),
+                Change::Delete { .. } => None,
+            }),
+            &mut hashes,
+        );
+        let mut next = hashes.iter().copied();
+        let mut count = 0;
+        for c in changes {
+            let hash = match c {
+                Change::Put { .. } => next.next(),
+                Change::Delete { .. } => None,
+            };
+            self.apply_one(c, hash, log);
+            count += 1;
+        }
+        self.hashes = hashes;
+        count
+    }
+
     /// Applies one change, maintaining the digest; records the old entry when `log` is set.
-    fn apply_one(&mut self, change: &Change, log: bool) {
+    /// `hash` is the put's entry hash (from `apply_all`'s batch).
+    fn apply_one(&mut self, change: &Change, hash: Option<Digest>, log: bool) {
         let b = bucket_of(change.key());
         let bucket = Arc::make_mut(&mut self.buckets[b]);
         let old = match change {
             Change::Put { key, value } => {
-                let hash = entry_hash(key, value);
+                let hash = hash.unwrap_or_else(|| crate::digest::entry_hash(key, value));
                 self.digests.add(b, hash);
                 let old = bucket.insert(
                     key.clone(),
