@@ -63,6 +63,12 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long `--once` waits with nothing more to read before it calls the stream's head read.
 const ONCE_IDLE: Duration = Duration::from_secs(2);
 
+/// How long the reader may deliver nothing while the stream holds messages after the engine's
+/// position before it is reopened there. An ordered consumer can go quiet without an error:
+/// after the stream leader of an R3 cluster was killed, one kept receiving heartbeats but no
+/// messages for 20–36 s (about 1 run in 3 of the fault suite). The tick's bounds read sees it.
+const READER_STALL: Duration = Duration::from_secs(5);
+
 /// What `run` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
@@ -117,6 +123,16 @@ struct Inflight {
     view: Option<State>,
     batches: Vec<Arc<ChangeBatch>>,
     started: Instant,
+}
+
+/// What a tick asks the loop to do next.
+#[derive(Debug, PartialEq, Eq)]
+enum Tick {
+    Continue,
+    /// `--once` has nothing more to read.
+    Done,
+    /// The reader delivered nothing for `READER_STALL` while the stream held more: reopen it.
+    ReaderStalled,
 }
 
 /// What an item asks the loop to do next.
@@ -289,7 +305,7 @@ impl Engine {
         } else {
             None
         };
-        let mut reader = Reader::open(&self.js, &self.settings, self.accepted_stream_seq + 1);
+        let mut reader = self.open_reader(self.accepted_stream_seq + 1);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let interval = self.settings.consumer.commit_interval;
@@ -330,16 +346,30 @@ impl Engine {
                 Event::ViewWanted => self.publish_view_if_idle(),
                 Event::Tick => {
                     self.publish_view_if_idle();
-                    if self.on_tick().await && target.is_some() {
-                        tracing::info!(
-                            seq = self.applied.seq,
-                            "Nothing more to read: the stream's head was reached (--once)"
-                        );
-                        return Ok(());
+                    match self.on_tick().await {
+                        Tick::Done if target.is_some() => {
+                            tracing::info!(
+                                seq = self.applied.seq,
+                                "Nothing more to read: the stream's head was reached (--once)"
+                            );
+                            return Ok(());
+                        }
+                        Tick::ReaderStalled => {
+                            let from = self.accepted_stream_seq + 1;
+                            tracing::warn!(
+                                from,
+                                head = self.known_last_seq,
+                                silent_for = ?self.last_item_at.elapsed(),
+                                "The stream reader delivered nothing while the stream holds more; reopening it"
+                            );
+                            self.replica.metrics().reader_stalls.inc();
+                            reader = self.open_reader(from);
+                        }
+                        Tick::Done | Tick::Continue => {}
                     }
                 }
                 Event::Item(None) => {
-                    reader = Reader::open(&self.js, &self.settings, self.accepted_stream_seq + 1);
+                    reader = self.open_reader(self.accepted_stream_seq + 1);
                 }
                 Event::Item(Some(first)) => {
                     let mut next = Some(first);
@@ -356,27 +386,19 @@ impl Engine {
                                 }
                             }
                             Step::Reopen { from } => {
-                                reader = Reader::open(&self.js, &self.settings, from);
+                                reader = self.open_reader(from);
                                 break;
                             }
                             Step::Resync { reason, want } => {
                                 drop(reader);
                                 self.resync(reason, want, cancel).await?;
-                                reader = Reader::open(
-                                    &self.js,
-                                    &self.settings,
-                                    self.accepted_stream_seq + 1,
-                                );
+                                reader = self.open_reader(self.accepted_stream_seq + 1);
                                 break;
                             }
                             Step::LineageChange { env, stream_seq } => {
                                 drop(reader);
                                 self.lineage_change(env, stream_seq, cancel).await?;
-                                reader = Reader::open(
-                                    &self.js,
-                                    &self.settings,
-                                    self.accepted_stream_seq + 1,
-                                );
+                                reader = self.open_reader(self.accepted_stream_seq + 1);
                                 break;
                             }
                         }
@@ -773,21 +795,30 @@ impl Engine {
         self.resync(reason, Some(env.lineage), cancel).await
     }
 
-    async fn on_tick(&mut self) -> bool {
+    /// Opens the stream reader at `from`; its silence is measured from now.
+    fn open_reader(&mut self, from: u64) -> Reader {
+        self.last_item_at = Instant::now();
+        Reader::open(&self.js, &self.settings, from)
+    }
+
+    async fn on_tick(&mut self) -> Tick {
         match history::bounds(&self.js, &self.settings).await {
             Ok(b) => {
                 self.known_last_seq = b.last_seq;
                 self.update_lag();
-                if !self.once {
-                    return false;
-                }
                 let read_all = b.last_seq <= self.read_stream_seq.max(self.accepted_stream_seq);
-                let idle = self.caught_up && self.last_item_at.elapsed() >= ONCE_IDLE;
-                read_all || idle
+                let silent = self.last_item_at.elapsed();
+                if self.once && (read_all || (self.caught_up && silent >= ONCE_IDLE)) {
+                    Tick::Done
+                } else if !read_all && silent >= READER_STALL {
+                    Tick::ReaderStalled
+                } else {
+                    Tick::Continue
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Reading the stream's bounds failed");
-                false
+                Tick::Continue
             }
         }
     }

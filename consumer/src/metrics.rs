@@ -35,6 +35,7 @@ pub struct Metrics {
     pub(crate) changes_applied: Counter,
     pub(crate) envelopes_skipped: Family<Labels, Counter>,
     pub(crate) foreign_messages: Counter,
+    pub(crate) reader_stalls: Counter,
     pub(crate) decisions: Family<Labels, Counter>,
     pub(crate) resyncs: Family<Labels, Counter>,
     pub(crate) snapshot_bytes: Counter,
@@ -59,6 +60,7 @@ impl Metrics {
             changes_applied: Counter::default(),
             envelopes_skipped: Family::default(),
             foreign_messages: Counter::default(),
+            reader_stalls: Counter::default(),
             decisions: Family::default(),
             resyncs: Family::default(),
             snapshot_bytes: Counter::default(),
@@ -90,6 +92,11 @@ impl Metrics {
             "foreign_messages",
             "Stream messages that are not valid envelopes, skipped",
             m.foreign_messages.clone(),
+        );
+        r.register(
+            "reader_stalls",
+            "Stream readers reopened because they delivered nothing while the stream held more",
+            m.reader_stalls.clone(),
         );
         r.register(
             "sync_decisions",

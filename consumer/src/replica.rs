@@ -202,6 +202,8 @@ pub struct Status {
     pub envelopes_applied: u64,
     pub changes_applied: u64,
     pub foreign_messages: u64,
+    /// Times the stream reader was reopened because it went silent while the stream held more.
+    pub reader_stalls: u64,
     pub snapshot_bytes_fetched: u64,
 }
 
@@ -392,6 +394,7 @@ impl Replica {
             envelopes_applied: m.envelopes_applied.get(),
             changes_applied: m.changes_applied.get(),
             foreign_messages: m.foreign_messages.get(),
+            reader_stalls: m.reader_stalls.get(),
             snapshot_bytes_fetched: m.snapshot_bytes.get(),
         }
     }

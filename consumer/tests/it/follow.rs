@@ -167,3 +167,45 @@ async fn subscribers_see_every_committed_transaction_in_order_and_multi_part_one
     assert_eq!(big, 1);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_reader_that_goes_silent_while_the_stream_holds_more_is_reopened() {
+    // An ordered consumer can stop delivering without an error (seen after an R3 stream
+    // leader was killed: heartbeats, no messages). Pausing it on the server reproduces that
+    // exactly: the engine must notice from the stream's bounds and read from a new one.
+    logs();
+    let mut p = Pipeline::start("stall", |_| {}).await;
+    p.commit(puts(0, 100, 1)).await;
+    let c = Running::start(p.consumer_settings(), ephemeral("stall-1"));
+    c.wait_for(&p).await;
+
+    let stream =
+        p.js.get_stream(deltasync_shared::names::stream_name(&p.settings.pipeline))
+            .await
+            .unwrap();
+    let mut infos = stream.consumers();
+    let mut paused = Vec::new();
+    while let Some(info) = futures::StreamExt::next(&mut infos).await {
+        let info = info.unwrap();
+        if info.config.durable_name.is_none() {
+            let until = async_nats::datetime::add_std_duration(
+                async_nats::datetime::now(),
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
+            let r = stream.pause_consumer(&info.name, until).await.unwrap();
+            assert!(r.paused, "{} paused", info.name);
+            paused.push(info.name);
+        }
+    }
+    assert!(!paused.is_empty(), "the ordered consumer reading the stream is found");
+
+    p.churn(5, 10, 100, 2).await;
+    let s = c.wait_for(&p).await;
+    assert!(
+        s.reader_stalls >= 1,
+        "caught up through a reopened reader: {s:#?}"
+    );
+    assert_same_state(&c.replica, &p);
+    c.stop().await;
+}
