@@ -2,6 +2,7 @@
 //! scenario against its baseline in the same run on the same server, checks each result,
 //! prints a table and writes BENCHMARKS.md and a JSON file.
 
+mod pipeline;
 mod report;
 mod scenarios;
 
@@ -25,6 +26,13 @@ struct Args {
     /// Value size in bytes.
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
+    /// Seconds each side of the latency scenario offers 10k changes/s.
+    #[arg(long, default_value_t = 10.0)]
+    latency_secs: f64,
+    /// Seconds the producer publishes without a snapshot, for the rate it is compared with
+    /// while one is written.
+    #[arg(long, default_value_t = 2.0)]
+    window_secs: f64,
     /// Tiny sizes that check correctness quickly (CI); figures are meaningless.
     #[arg(long)]
     quick: bool,
@@ -47,7 +55,13 @@ fn main() -> Result<()> {
     if args.quick {
         args.keys = args.keys.min(20_000);
         args.changes = args.changes.min(20_000);
+        args.latency_secs = args.latency_secs.min(1.0);
+        args.window_secs = args.window_secs.min(0.3);
     }
+    let timing = pipeline::Timing {
+        latency: std::time::Duration::from_secs_f64(args.latency_secs.max(0.0)),
+        window: std::time::Duration::from_secs_f64(args.window_secs.max(0.0)),
+    };
     let sizes = Sizes {
         keys: args.keys,
         changes: args.changes,
@@ -61,6 +75,12 @@ fn main() -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     eprintln!("nats-server at {url}; sizes {sizes:?}");
     rt.block_on(async {
+        let ingested = pipeline::producer_ingest(&url, sizes, &mut rows).await?;
+        pipeline::consumer_memory(&ingested, &mut rows).await?;
+        pipeline::consumer_durable(&ingested, &mut rows).await?;
+        drop(ingested);
+        pipeline::latency(&url, sizes, timing, &mut rows).await?;
+        pipeline::snapshot_during(&url, sizes, timing, &mut rows).await?;
         scenarios::apply_memory(&url, sizes, &mut rows).await?;
         scenarios::snapshots(&url, sizes, &mut rows).await?;
         anyhow::Ok(())

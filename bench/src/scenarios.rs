@@ -460,7 +460,8 @@ pub async fn apply_memory(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Resul
     let raw_rate = sizes.changes as f64 / raw;
     let rel = ours_rate / raw_rate;
     rows.push(Row {
-        scenario: "consumer apply, memory, digest verified".into(),
+        scenario: "apply, memory, digest verified: shared Tail + State::apply, no consumer engine"
+            .into(),
         ours: rate(ours_rate, "changes"),
         baseline: format!("{} (raw ordered read)", rate(raw_rate, "changes")),
         ratio: format!("{rel:.2}× raw"),
