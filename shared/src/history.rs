@@ -91,30 +91,17 @@ pub struct StreamItem {
     pub item: Classified,
 }
 
-/// The stream's current bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
-    pub first_seq: u64,
-    pub last_seq: u64,
-    pub messages: u64,
-    pub bytes: u64,
-}
+/// The stream's current bounds (one stream info request; see [`nats::stream_bounds`]).
+pub use crate::nats::StreamBounds as Bounds;
 
 /// Reads the stream's bounds.
 pub async fn bounds(js: &jetstream::Context, settings: &Settings) -> Result<Bounds, HistoryError> {
-    let name = names::stream_name(&settings.pipeline);
-    let err = |source: async_nats::Error| HistoryError::Stream {
-        stream: name.clone(),
-        source,
-    };
-    let stream = js.get_stream(&name).await.map_err(|e| err(e.into()))?;
-    let info = stream.get_info().await.map_err(|e| err(e.into()))?;
-    Ok(Bounds {
-        first_seq: info.state.first_sequence,
-        last_seq: info.state.last_sequence,
-        messages: info.state.messages,
-        bytes: info.state.bytes,
-    })
+    crate::nats::stream_bounds(js, settings)
+        .await
+        .map_err(|e| HistoryError::Stream {
+            stream: names::stream_name(&settings.pipeline),
+            source: e.into(),
+        })
 }
 
 /// Follows the stream from a stream sequence, in order, forever (or until dropped).
