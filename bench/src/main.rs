@@ -74,20 +74,36 @@ fn main() -> Result<()> {
         .build()?;
     let mut rows: Vec<Row> = Vec::new();
     eprintln!("nats-server at {url}; sizes {sizes:?}");
+    let started = std::time::Instant::now();
+    let done = |rows: &[Row]| {
+        if let Some(r) = rows.last() {
+            eprintln!("[{:6.1} s] {}", started.elapsed().as_secs_f64(), r.scenario);
+        }
+    };
     rt.block_on(async {
         let ingested = pipeline::producer_ingest(&url, sizes, &mut rows).await?;
+        done(&rows);
         pipeline::consumer_memory(&ingested, &mut rows).await?;
+        done(&rows);
         pipeline::consumer_durable(&ingested, &mut rows).await?;
+        done(&rows);
         drop(ingested);
         pipeline::latency(&url, sizes, timing, &mut rows).await?;
+        done(&rows);
         pipeline::snapshot_during(&url, sizes, timing, &mut rows).await?;
+        done(&rows);
         scenarios::apply_memory(&url, sizes, &mut rows).await?;
+        done(&rows);
         scenarios::snapshots(&url, sizes, &mut rows).await?;
+        done(&rows);
         anyhow::Ok(())
     })?;
     scenarios::wire_bytes(args.quick, &mut rows)?;
+    done(&rows);
     scenarios::digest_cost(sizes, &mut rows)?;
+    done(&rows);
     scenarios::memory(sizes, &mut rows)?;
+    done(&rows);
     drop(server);
 
     report::print(&rows);

@@ -160,6 +160,9 @@ pub async fn publish_windowed(
 
 /// Bootstrap of `keys` keys to a verified replica vs a plain KV watcher over the same keys;
 /// then the full and incremental snapshot, and re-snapshots, on the same data.
+// `as_ref` spells entries for both forms a `State` has had (`(&Key, &Bytes)`, `(&str, &[u8])`)
+// while that change is under way.
+#[allow(clippy::useless_asref)]
 pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<()> {
     let s = settings(url, "bench-snap")?;
     let (js, kv) = open(&s).await?;
@@ -197,7 +200,12 @@ pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(
         .await?;
     let payloads: Vec<(String, Bytes)> = state
         .iter()
-        .map(|(k, v)| (format!("$KV.bench_kv_baseline.{k}"), v.clone()))
+        .map(|(k, v)| {
+            (
+                format!("$KV.bench_kv_baseline.{k}"),
+                Bytes::copy_from_slice(v.as_ref()),
+            )
+        })
         .collect();
     let mut acks = futures::stream::FuturesUnordered::new();
     for (subject, v) in payloads {
@@ -328,6 +336,9 @@ pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(
 }
 
 /// Digest cost per change on a state of 1k keys vs one of `keys` keys.
+// `as_ref` spells entries for both forms a `State` has had (`(&Key, &Bytes)`, `(&str, &[u8])`)
+// while that change is under way.
+#[allow(clippy::useless_asref)]
 pub fn digest_cost(sizes: Sizes, rows: &mut Vec<Row>) -> Result<()> {
     let mut rng = Rng::new(11);
     let n = sizes.changes.clamp(10_000, 500_000);
@@ -346,7 +357,11 @@ pub fn digest_cost(sizes: Sizes, rows: &mut Vec<Row>) -> Result<()> {
             state.apply_changes(b);
         }
         per_change.push(t.elapsed().as_secs_f64() / n as f64);
-        let scratch = BucketDigests::from_entries(state.iter().map(|(k, v)| (&**k, &v[..])));
+        let scratch = BucketDigests::from_entries(
+            state
+                .iter()
+                .map(|(k, v)| -> (&str, &[u8]) { (k.as_ref(), v.as_ref()) }),
+        );
         ensure!(
             scratch.total() == state.digest(),
             "incremental digest differs from scratch"

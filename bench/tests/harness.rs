@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-fn run(exe: &str, args: &[&str]) {
+fn run(exe: &str, args: &[&str]) -> String {
     // Resolving the server here makes a missing nats-server fail with the install command.
     let server = deltasync_testkit::nats_server_bin();
     let out = Command::new(exe)
@@ -22,6 +22,7 @@ fn run(exe: &str, args: &[&str]) {
         "{exe} {args:?} failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
+    stdout.into_owned()
 }
 
 #[test]
@@ -45,8 +46,41 @@ fn the_demo_runs_a_short_pipeline_to_convergence() {
 
 #[test]
 fn the_benchmark_harness_runs_at_tiny_sizes() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let json = dir.path().join("bench.json");
+    let json_arg = json.display().to_string();
     run(
         env!("CARGO_BIN_EXE_deltasync-bench"),
-        &["--quick", "--keys", "5000", "--changes", "5000"],
+        &[
+            "--quick",
+            "--keys",
+            "5000",
+            "--changes",
+            "5000",
+            "--json",
+            &json_arg,
+        ],
     );
+    let text = std::fs::read_to_string(&json).expect("the benchmark writes its JSON");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("the JSON parses");
+    let scenarios: Vec<&str> = v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["scenario"].as_str())
+        .collect();
+    // The scenarios that go through the producer and consumer libraries ran (each exits the
+    // benchmark with an error when its check fails).
+    for wanted in [
+        "producer ingest of 5000 changes",
+        "consumer apply, memory, digest verified (consumer library",
+        "consumer apply, durable (redb)",
+        "end-to-end latency, commit → applied",
+        "publish rate during a full snapshot of 5000 keys",
+    ] {
+        assert!(
+            scenarios.iter().any(|s| s.starts_with(wanted)),
+            "no row {wanted:?} in {scenarios:?}"
+        );
+    }
 }
