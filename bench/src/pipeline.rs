@@ -812,7 +812,13 @@ pub async fn snapshot_during(
     let p = producer.clone();
     let snap = tokio::spawn(async move { p.snapshot().await });
     let (n_during, during) = pump(&producer, &pool, &mut order, cap, || snap.is_finished()).await?;
-    let info = snap.await.context("snapshot task")??;
+    // Bounded, so a snapshot that never completes fails the run instead of hanging it.
+    let snapshot_wait =
+        Duration::from_secs(120) + Duration::from_secs((sizes.keys / 10_000) as u64);
+    let info = tokio::time::timeout(snapshot_wait, snap)
+        .await
+        .with_context(|| format!("the snapshot did not complete within {snapshot_wait:?}"))?
+        .context("snapshot task")??;
     for &i in &order {
         model.apply_changes(&pool[i]);
     }
