@@ -1,20 +1,46 @@
-//! Writes N small NDJSON put lines to stdout (the ingest benchmark's input):
+//! Writes N NDJSON put lines to stdout (the ingest benchmark's input), each value a JSON
+//! object of `--value-bytes` bytes (default 100, the benchmark target's value size):
 //! `cargo run --release -p deltasync-producer --example gen_ndjson -- 1000000 > /tmp/1m.ndjson`
+//! (`-- 1000000 --value-bytes 24` for small values).
 
 use std::io::Write;
 
 fn main() -> std::io::Result<()> {
-    let n: u64 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
+    let mut n: u64 = 1_000_000;
+    let mut value_bytes: usize = 100;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+        if arg == "--value-bytes" {
+            value_bytes = args
+                .next()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| bad("--value-bytes takes a number of bytes"))?;
+        } else {
+            n = arg
+                .parse()
+                .map_err(|_| bad("usage: gen_ndjson [N] [--value-bytes B]"))?;
+        }
+    }
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    let mut value = Vec::with_capacity(value_bytes + 64);
     for i in 0..n {
-        writeln!(
-            out,
-            r#"{{"op":"put","key":"key-{i:08}","value":{{"n":{i},"p":"{:x}"}}}}"#,
+        // `{"n":<i>,"p":"<hex, padded with '.' to value_bytes>"}`
+        value.clear();
+        write!(
+            value,
+            r#"{{"n":{i},"p":"{:x}"#,
             i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40
         )?;
+        let fill = value_bytes.saturating_sub(value.len() + 2);
+        value.resize(value.len() + fill, b'.');
+        value.extend_from_slice(br#""}"#);
+        out.write_all(br#"{"op":"put","key":"key-"#)?;
+        write!(out, "{i:08}")?;
+        out.write_all(br#"","value":"#)?;
+        out.write_all(&value)?;
+        out.write_all(b"}\n")?;
     }
     out.flush()
 }

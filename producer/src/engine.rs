@@ -210,6 +210,9 @@ impl Engine {
             }
         }
         for c in changes {
+            if self.batch.capacity() == 0 {
+                self.batch.reserve(self.max_changes.min(1 << 16));
+            }
             let len = c.encoded_len_bound();
             if !self.batch.is_empty() && self.batch_bytes + len > self.max_bytes {
                 self.seal_batch().await?;
@@ -242,10 +245,9 @@ impl Engine {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let changes = std::mem::replace(
-            &mut self.batch,
-            Vec::with_capacity(self.max_changes.min(1 << 16)),
-        );
+        // Not replaced by a preallocated vector: the next batch is usually a caller's chunk,
+        // taken as it is (see `submit`), and a fresh allocation would only be freed again.
+        let changes = std::mem::take(&mut self.batch);
         let bytes = std::mem::take(&mut self.batch_bytes);
         let digest = self.state.apply_changes(&changes);
         let seq = self.state.seq() + 1;

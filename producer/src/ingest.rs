@@ -27,6 +27,7 @@ use crate::error::ProducerError;
 use crate::producer::{Position, Producer};
 use base64::Engine as _;
 use bytes::Bytes;
+use deltasync_shared::change::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use deltasync_shared::{Change, Key};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
@@ -361,6 +362,14 @@ pub fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     if trimmed.is_empty() {
         return Ok(Parsed::Blank);
     }
+    if let Some(change) = parse_plain(trimmed) {
+        return Ok(Parsed::Change(change));
+    }
+    parse_general(trimmed)
+}
+
+/// Any line, through serde (`trimmed` is not blank).
+fn parse_general(trimmed: &[u8]) -> Result<Parsed, String> {
     if trimmed[0] != b'{' {
         return Err(match serde_json::from_slice::<IgnoredAny>(trimmed) {
             Ok(_) => format!("expected a JSON object, got {}", kind_of_bytes(trimmed)),
@@ -405,6 +414,201 @@ pub fn parse_line(line: &[u8]) -> Result<Parsed, String> {
         }
         None => change_of(&fields).map(Parsed::Change),
     }
+}
+
+/// The fast path for the common lines, `{"op":"put","key":K,"value":V}` and
+/// `{"op":"del","key":K}` written compactly (no whitespace outside strings) with a key free
+/// of escapes: parsed in one pass without serde. `None` for anything else, valid or not —
+/// [`parse_line`]'s general path then decides, with its error messages. Whatever it accepts,
+/// the general path accepts too and turns into the same change.
+fn parse_plain(line: &[u8]) -> Option<Change> {
+    // Valid UTF-8 as a whole, so every piece cut at an ASCII byte is valid too.
+    std::str::from_utf8(line).ok()?;
+    let rest = line.strip_prefix(br#"{"op":""#)?;
+    let (put, rest) = match rest.strip_prefix(br#"put","key":""#) {
+        Some(r) => (true, r),
+        None => (false, rest.strip_prefix(br#"del","key":""#)?),
+    };
+    // The key ends at its closing quote; an escape or a control character (which JSON
+    // refuses in strings) sends the line to the general path.
+    let end = string_stop(rest, 0);
+    if rest.get(end) != Some(&b'"') || end > MAX_KEY_BYTES {
+        return None;
+    }
+    let key = std::str::from_utf8(&rest[..end]).ok()?;
+    let rest = &rest[end + 1..];
+    if put {
+        let value = rest.strip_prefix(br#","value":"#)?.strip_suffix(b"}")?;
+        if value.len() > MAX_VALUE_BYTES || json_value_end(value)? != value.len() {
+            return None;
+        }
+        Some(Change::Put {
+            key: Key::from(key),
+            value: value_bytes(value.to_vec()),
+        })
+    } else {
+        (rest == b"}").then(|| Change::Delete {
+            key: Key::from(key),
+        })
+    }
+}
+
+/// Where the JSON value starting at `v[0]` ends, when it is valid JSON (RFC 8259, as
+/// serde_json reads it) with no whitespace outside its strings and at most 64 levels of
+/// nesting; `None` otherwise (not necessarily invalid: the general path decides).
+fn json_value_end(v: &[u8]) -> Option<usize> {
+    const MAX_DEPTH: usize = 64;
+    // Open containers: `true` for an object.
+    let mut stack = [false; MAX_DEPTH];
+    let mut depth = 0;
+    let mut i = 0;
+    'value: loop {
+        match *v.get(i)? {
+            open @ (b'{' | b'[') => {
+                let object = open == b'{';
+                i += 1;
+                if v.get(i) == Some(if object { &b'}' } else { &b']' }) {
+                    i += 1;
+                } else {
+                    if depth == MAX_DEPTH {
+                        return None;
+                    }
+                    stack[depth] = object;
+                    depth += 1;
+                    if object {
+                        i = member_name_end(v, i)?;
+                    }
+                    continue 'value;
+                }
+            }
+            b'"' => i = json_string_end(v, i)?,
+            b't' => i = literal_end(v, i, b"true")?,
+            b'f' => i = literal_end(v, i, b"false")?,
+            b'n' => i = literal_end(v, i, b"null")?,
+            b'-' | b'0'..=b'9' => i = json_number_end(v, i)?,
+            _ => return None,
+        }
+        // A value ended: close containers, or go on after a comma.
+        loop {
+            if depth == 0 {
+                return Some(i);
+            }
+            let object = stack[depth - 1];
+            match *v.get(i)? {
+                b',' => {
+                    i += 1;
+                    if object {
+                        i = member_name_end(v, i)?;
+                    }
+                    continue 'value;
+                }
+                b'}' if object => {}
+                b']' if !object => {}
+                _ => return None,
+            }
+            i += 1;
+            depth -= 1;
+        }
+    }
+}
+
+/// After `"name":` starting at `v[i]`.
+fn member_name_end(v: &[u8], i: usize) -> Option<usize> {
+    let i = json_string_end(v, i)?;
+    (*v.get(i)? == b':').then_some(i + 1)
+}
+
+/// After the string starting at `v[i]` (its opening quote).
+fn json_string_end(v: &[u8], mut i: usize) -> Option<usize> {
+    if *v.get(i)? != b'"' {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = string_stop(v, i);
+        match *v.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => match *v.get(i + 1)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                b'u' => {
+                    if !v.get(i + 2..i + 6)?.iter().all(u8::is_ascii_hexdigit) {
+                        return None;
+                    }
+                    i += 6;
+                }
+                _ => return None,
+            },
+            _ => return None,
+        }
+    }
+}
+
+/// The first index from `i` holding a byte that stops a JSON string scan — `"`, `\` or a
+/// control character — or `v.len()`; eight bytes at a time.
+fn string_stop(v: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    /// High bit set in the bytes of `x` below `n` (n ≤ 128); exact for the lowest such byte.
+    fn below(x: u64, n: u8) -> u64 {
+        x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH
+    }
+    while let Some(word) = v.get(i..i + 8) {
+        let mut w = [0; 8];
+        w.copy_from_slice(word);
+        let x = u64::from_le_bytes(w);
+        let hits = below(x ^ (ONES * u64::from(b'"')), 1)
+            | below(x ^ (ONES * u64::from(b'\\')), 1)
+            | below(x, 0x20);
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < v.len() && !matches!(v[i], b'"' | b'\\' | 0..=0x1f) {
+        i += 1;
+    }
+    i
+}
+
+/// After the number starting at `v[i]`: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+fn json_number_end(v: &[u8], mut i: usize) -> Option<usize> {
+    let digits = |v: &[u8], i: usize| {
+        v.get(i..)
+            .map_or(0, |r| r.iter().take_while(|b| b.is_ascii_digit()).count())
+    };
+    if v.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    match *v.get(i)? {
+        b'0' => i += 1,
+        b'1'..=b'9' => i += digits(v, i),
+        _ => return None,
+    }
+    if v.get(i) == Some(&b'.') {
+        let n = digits(v, i + 1);
+        if n == 0 {
+            return None;
+        }
+        i += 1 + n;
+    }
+    if matches!(v.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(v.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let n = digits(v, i);
+        if n == 0 {
+            return None;
+        }
+        i += n;
+    }
+    // A digit right after a leading zero ("01") is not JSON.
+    (!v.get(i).is_some_and(u8::is_ascii_digit)).then_some(i)
+}
+
+fn literal_end(v: &[u8], i: usize, word: &[u8]) -> Option<usize> {
+    let end = i + word.len();
+    (v.get(i..end)? == word).then_some(end)
 }
 
 fn change_of(f: &LineFields<'_>) -> Result<Change, String> {
@@ -611,6 +815,117 @@ mod tests {
                 Change::delete("b")
             ]))
         );
+    }
+
+    /// Lines the fast path may take: whenever it does, the general path gives the same.
+    const TRICKY: &[&str] = &[
+        r#"{"op":"put","key":"k","value":{"n":1,"p":"9e3779...."}}"#,
+        r#"{"op":"put","key":"k","value":[1,-2.5e+3,0,-0,0.0,1E9,true,false,null,"",{},[]]}"#,
+        r#"{"op":"put","key":"k","value":{"a":{"b":[{"c":"\"\\\/\b\f\n\r\t\u00e9"}]}}}"#,
+        r#"{"op":"put","key":"k","value":"a b\u12"}"#,
+        r#"{"op":"put","key":"k","value":"\x"}"#,
+        r#"{"op":"put","key":"k","value":01}"#,
+        r#"{"op":"put","key":"k","value":1.}"#,
+        r#"{"op":"put","key":"k","value":1e}"#,
+        r#"{"op":"put","key":"k","value":-}"#,
+        r#"{"op":"put","key":"k","value":.5}"#,
+        r#"{"op":"put","key":"k","value":tru}"#,
+        r#"{"op":"put","key":"k","value":nulll}"#,
+        r#"{"op":"put","key":"k","value":{"a"}}"#,
+        r#"{"op":"put","key":"k","value":{"a":}}"#,
+        r#"{"op":"put","key":"k","value":{"a":1,}}"#,
+        r#"{"op":"put","key":"k","value":[1,]}"#,
+        r#"{"op":"put","key":"k","value":[1}}"#,
+        r#"{"op":"put","key":"k","value":{1:2}}"#,
+        r#"{"op":"put","key":"k","value":1}}"#,
+        r#"{"op":"put","key":"k","value":1 }"#,
+        r#"{"op":"put","key":"k","value":"é ü"}"#,
+        r#"{"op":"put","key":"ké","value":{ "a": 1 }}"#,
+        r#"{"op":"put","key":"k\"","value":1}"#,
+        r#"{"op":"put","key":"k","value":1,"seq":3}"#,
+        r#"{"op":"put","key":"k"}"#,
+        r#"{"op":"put","key":"k","value":"x","value":"y"}"#,
+        r#"{"op":"del","key":"k"}"#,
+        r#"{"op":"del","key":"k","value":1}"#,
+        r#"{"op":"del","key":"k"}}"#,
+        r#"{"op":"del","key":""}"#,
+        "{\"op\":\"put\",\"key\":\"k\",\"value\":\"a\tb\"}",
+        "{\"op\":\"put\",\"key\":\"k\x01\",\"value\":1}",
+    ];
+
+    fn agrees(line: &[u8]) {
+        if let Some(fast) = parse_plain(line) {
+            assert_eq!(
+                parse_general(line),
+                Ok(Parsed::Change(fast)),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_general_one() {
+        for line in TRICKY {
+            agrees(line.as_bytes());
+        }
+        // Random mutations of valid lines: every byte changed, removed or repeated.
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let alphabet = b"{}[]\",:.-+eE019tfnulsr\\u a\x01\xc3\xa9";
+        for line in TRICKY {
+            let line = line.as_bytes();
+            for _ in 0..2000 {
+                let mut m = line.to_vec();
+                for _ in 0..1 + (rng % 3) {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let at = (rng % m.len() as u64) as usize;
+                    let b = alphabet[((rng >> 32) % alphabet.len() as u64) as usize];
+                    match (rng >> 8) % 3 {
+                        0 => m[at] = b,
+                        1 => {
+                            m.remove(at);
+                        }
+                        _ => m.insert(at, b),
+                    }
+                }
+                agrees(&m);
+            }
+        }
+    }
+
+    #[test]
+    fn string_stop_finds_the_first_quote_backslash_or_control_byte() {
+        for len in 0..20 {
+            for at in 0..=len {
+                for stop in [b'"', b'\\', 0, 0x1f] {
+                    // Bytes around the stops that must not stop the scan.
+                    let mut v: Vec<u8> = (0..len)
+                        .map(|i| [b'a', 0x20, 0x7f, 0xc3, 0xff][i % 5])
+                        .collect();
+                    if at < len {
+                        v[at] = stop;
+                        v.extend_from_slice(b"\"\\\x01");
+                    }
+                    for from in 0..=at.min(v.len()) {
+                        assert_eq!(string_stop(&v, from), at, "{v:?} from {from}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_path_takes_the_common_lines() {
+        for line in [
+            r#"{"op":"put","key":"key-00000001","value":{"n":1,"p":"9e3779.."}}"#,
+            r#"{"op":"put","key":"k","value":{"x":[1,2],"s":"a b","e":"\"q\""}}"#,
+            r#"{"op":"put","key":"k","value":-12.5e-3}"#,
+            r#"{"op":"del","key":"k"}"#,
+        ] {
+            assert!(parse_plain(line.as_bytes()).is_some(), "{line}");
+        }
     }
 
     #[test]
