@@ -198,7 +198,10 @@ async fn a_reader_that_goes_silent_while_the_stream_holds_more_is_reopened() {
             paused.push(info.name);
         }
     }
-    assert!(!paused.is_empty(), "the ordered consumer reading the stream is found");
+    assert!(
+        !paused.is_empty(),
+        "the ordered consumer reading the stream is found"
+    );
 
     p.churn(5, 10, 100, 2).await;
     let s = c.wait_for(&p).await;
