@@ -246,7 +246,7 @@ fn parse_input(input: Input, tx: &mpsc::Sender<Item>) {
 
 fn parse_lines(mut reader: BufReader<Box<dyn Read>>, tx: &mpsc::Sender<Item>) {
     let mut buf = Vec::with_capacity(256);
-    let mut chunk: Vec<Change> = Vec::with_capacity(CHUNK);
+    let mut chunk = Chunk::default();
     let mut line = 0u64;
     let send = |item: Item| tx.blocking_send(item).is_ok();
     loop {
@@ -257,7 +257,7 @@ fn parse_lines(mut reader: BufReader<Box<dyn Read>>, tx: &mpsc::Sender<Item>) {
             Err(source) => {
                 if !chunk.is_empty() {
                     send(Item::Changes {
-                        changes: std::mem::take(&mut chunk),
+                        changes: chunk.take(),
                         line,
                     });
                 }
@@ -266,26 +266,35 @@ fn parse_lines(mut reader: BufReader<Box<dyn Read>>, tx: &mpsc::Sender<Item>) {
             }
         }
         line += 1;
-        match parse_line(&buf) {
-            Ok(Parsed::Blank) => {}
-            Ok(Parsed::Change(c)) => {
-                chunk.push(c);
+        let trimmed = buf.trim_ascii();
+        let parsed = match parse_plain(trimmed) {
+            Some(plain) => {
+                chunk.push_plain(plain);
+                None
+            }
+            None => Some(parse_line(trimmed)),
+        };
+        match parsed {
+            None | Some(Ok(Parsed::Change(_))) => {
+                if let Some(Ok(Parsed::Change(c))) = parsed {
+                    chunk.changes.push(c);
+                }
                 // A full chunk goes now; so does a partial one when the next read may block
                 // (a live stdin must not hold lines back until more arrive).
-                if chunk.len() >= CHUNK || reader.buffer().is_empty() {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-                    if !send(Item::Changes {
-                        changes: full,
+                if (chunk.len() >= CHUNK || reader.buffer().is_empty())
+                    && !send(Item::Changes {
+                        changes: chunk.take(),
                         line,
-                    }) {
-                        return;
-                    }
+                    })
+                {
+                    return;
                 }
             }
-            Ok(Parsed::Txn(txn)) => {
+            Some(Ok(Parsed::Blank)) => {}
+            Some(Ok(Parsed::Txn(txn))) => {
                 if !chunk.is_empty()
                     && !send(Item::Changes {
-                        changes: std::mem::take(&mut chunk),
+                        changes: chunk.take(),
                         line: line - 1,
                     })
                 {
@@ -295,10 +304,10 @@ fn parse_lines(mut reader: BufReader<Box<dyn Read>>, tx: &mpsc::Sender<Item>) {
                     return;
                 }
             }
-            Err(reason) => {
+            Some(Err(reason)) => {
                 if !chunk.is_empty() {
                     send(Item::Changes {
-                        changes: std::mem::take(&mut chunk),
+                        changes: chunk.take(),
                         line: line - 1,
                     });
                 }
@@ -309,13 +318,71 @@ fn parse_lines(mut reader: BufReader<Box<dyn Read>>, tx: &mpsc::Sender<Item>) {
     }
     if !chunk.is_empty()
         && !send(Item::Changes {
-            changes: chunk,
+            changes: chunk.take(),
             line,
         })
     {
         return;
     }
     send(Item::End { line });
+}
+
+/// Changes parsed and not yet handed over.
+///
+/// The values of plain puts are copied into one buffer per chunk and handed over as slices
+/// of it: one allocation (made and freed on different threads) per chunk instead of one or
+/// two per value. Nothing holds the slices longer than the envelope they are encoded into —
+/// the state copies the entries it keeps — so a buffer lives about as long as its chunk.
+#[derive(Default)]
+struct Chunk {
+    changes: Vec<Change>,
+    values: Vec<u8>,
+    /// The plain puts: their index in `changes` and where their value is in `values`.
+    slices: Vec<(usize, std::ops::Range<usize>)>,
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    fn push_plain(&mut self, plain: Plain<'_>) {
+        let key = Key::from(plain.key);
+        match plain.value {
+            Some(v) => {
+                let at = self.values.len();
+                self.values.extend_from_slice(v);
+                self.slices
+                    .push((self.changes.len(), at..self.values.len()));
+                // The value is filled in by `take`.
+                self.changes.push(Change::Put {
+                    key,
+                    value: Bytes::new(),
+                });
+            }
+            None => self.changes.push(Change::Delete { key }),
+        }
+    }
+
+    /// The changes so far, values filled in; leaves the chunk empty.
+    fn take(&mut self) -> Vec<Change> {
+        let room = self.values.len() + self.values.len() / 8;
+        let values = Bytes::from(std::mem::replace(
+            &mut self.values,
+            Vec::with_capacity(room),
+        ));
+        let mut changes = std::mem::replace(&mut self.changes, Vec::with_capacity(CHUNK));
+        for (i, range) in self.slices.drain(..) {
+            if let Some(Change::Put { value, .. }) = changes.get_mut(i) {
+                *value = values.slice(range);
+            }
+        }
+        changes
+    }
 }
 
 /// One parsed line.
@@ -362,8 +429,8 @@ pub fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     if trimmed.is_empty() {
         return Ok(Parsed::Blank);
     }
-    if let Some(change) = parse_plain(trimmed) {
-        return Ok(Parsed::Change(change));
+    if let Some(plain) = parse_plain(trimmed) {
+        return Ok(Parsed::Change(plain.into_change()));
     }
     parse_general(trimmed)
 }
@@ -421,7 +488,7 @@ fn parse_general(trimmed: &[u8]) -> Result<Parsed, String> {
 /// of escapes: parsed in one pass without serde. `None` for anything else, valid or not —
 /// [`parse_line`]'s general path then decides, with its error messages. Whatever it accepts,
 /// the general path accepts too and turns into the same change.
-fn parse_plain(line: &[u8]) -> Option<Change> {
+fn parse_plain(line: &[u8]) -> Option<Plain<'_>> {
     // Valid UTF-8 as a whole, so every piece cut at an ASCII byte is valid too.
     std::str::from_utf8(line).ok()?;
     let rest = line.strip_prefix(br#"{"op":""#)?;
@@ -442,14 +509,32 @@ fn parse_plain(line: &[u8]) -> Option<Change> {
         if value.len() > MAX_VALUE_BYTES || json_value_end(value)? != value.len() {
             return None;
         }
-        Some(Change::Put {
-            key: Key::from(key),
-            value: value_bytes(value.to_vec()),
+        Some(Plain {
+            key,
+            value: Some(value),
         })
     } else {
-        (rest == b"}").then(|| Change::Delete {
-            key: Key::from(key),
-        })
+        (rest == b"}").then_some(Plain { key, value: None })
+    }
+}
+
+/// A line [`parse_plain`] took, borrowed from it.
+struct Plain<'a> {
+    key: &'a str,
+    /// The value's compact JSON; `None` for a delete.
+    value: Option<&'a [u8]>,
+}
+
+impl Plain<'_> {
+    fn into_change(self) -> Change {
+        let key = Key::from(self.key);
+        match self.value {
+            Some(v) => Change::Put {
+                key,
+                value: Bytes::copy_from_slice(v),
+            },
+            None => Change::Delete { key },
+        }
     }
 }
 
@@ -633,7 +718,7 @@ fn change_of(f: &LineFields<'_>) -> Result<Change, String> {
                     let bytes = base64::engine::general_purpose::STANDARD
                         .decode(text.as_bytes())
                         .map_err(|e| format!("`value_b64` is not base64: {e}"))?;
-                    value_bytes(bytes)
+                    Bytes::from(bytes)
                 }
                 (Some(_), Some(_)) => {
                     return Err("op \"put\" takes `value` or `value_b64`, not both".into())
@@ -681,7 +766,7 @@ fn compact(json: &str) -> Bytes {
         .bytes()
         .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
     {
-        return value_bytes(json.as_bytes().to_vec());
+        return Bytes::copy_from_slice(json.as_bytes());
     }
     let mut out = Vec::with_capacity(json.len());
     let (mut in_string, mut escaped) = (false, false);
@@ -702,14 +787,7 @@ fn compact(json: &str) -> Bytes {
             out.push(b);
         }
     }
-    value_bytes(out)
-}
-
-/// Owner-backed bytes: cloning them (the engine does, into its state) is a reference count
-/// increment, where a `Vec`-backed `Bytes` would allocate on its first clone — on the
-/// engine's thread, the producer's bottleneck.
-fn value_bytes(v: Vec<u8>) -> Bytes {
-    Bytes::from_owner(v)
+    Bytes::from(out)
 }
 
 fn kind_of(raw: &RawValue) -> &'static str {
@@ -857,7 +935,7 @@ mod tests {
         if let Some(fast) = parse_plain(line) {
             assert_eq!(
                 parse_general(line),
-                Ok(Parsed::Change(fast)),
+                Ok(Parsed::Change(fast.into_change())),
                 "{}",
                 String::from_utf8_lossy(line)
             );
@@ -914,6 +992,46 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn chunks_carry_every_change_in_order_with_its_own_value() {
+        let mut input = String::new();
+        let mut expected = Vec::new();
+        for i in 0..10_000 {
+            let line = match i % 7 {
+                0 => format!(r#"{{"op":"put","key":"k{i}","value": {{"spaced": {i}}}}}"#),
+                1 => format!(r#"{{"op":"del","key":"k{}"}}"#, i - 1),
+                2 => String::new(),
+                _ => format!(
+                    r#"{{"op":"put","key":"k{i}","value":{{"n":{i},"s":"{}"}}}}"#,
+                    "x".repeat(i % 50)
+                ),
+            };
+            if let Ok(Parsed::Change(c)) = parse_line(line.as_bytes()) {
+                expected.push(c);
+            }
+            input.push_str(&line);
+            input.push('\n');
+        }
+        let (tx, mut rx) = mpsc::channel(1024);
+        let reader: Box<dyn Read> = Box::new(std::io::Cursor::new(input.into_bytes()));
+        parse_lines(BufReader::with_capacity(4096, reader), &tx);
+        drop(tx);
+        let mut got = Vec::new();
+        let mut chunks = 0;
+        while let Some(item) = rx.blocking_recv() {
+            match item {
+                Item::Changes { changes, .. } => {
+                    chunks += 1;
+                    got.extend(changes);
+                }
+                Item::End { line } => assert_eq!(line, 10_000),
+                _ => panic!("unexpected item"),
+            }
+        }
+        assert!(chunks > 2, "{chunks} chunks");
+        assert_eq!(got, expected);
     }
 
     #[test]
