@@ -203,7 +203,7 @@ pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(
         .map(|(k, v)| {
             (
                 format!("$KV.bench_kv_baseline.{k}"),
-                Bytes::copy_from_slice(v.as_ref()),
+                Bytes::copy_from_slice(v),
             )
         })
         .collect();

@@ -367,8 +367,8 @@ pub async fn rebuild(
         changes: state
             .iter()
             .map(|(k, v)| Change::Put {
-                key: k.clone(),
-                value: v.clone(),
+                key: k.into(),
+                value: bytes::Bytes::copy_from_slice(v),
             })
             .collect(),
     };

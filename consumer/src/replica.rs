@@ -152,7 +152,7 @@ impl View {
     }
 
     /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&Bytes> {
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.state.get(key)
     }
 }
@@ -334,7 +334,7 @@ impl Replica {
 
     /// The value of `key` in the latest view.
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.view().get(key).cloned()
+        self.view().get(key).map(Bytes::copy_from_slice)
     }
 
     /// Subscribes to committed change batches, from now on, in order.

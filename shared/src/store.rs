@@ -13,22 +13,32 @@
 //! - Everything read is verified (content hashes, range digests, state digest) before it is
 //!   handed out; a failed verification hands out nothing.
 
+use crate::change::Change;
+use crate::codec::DecodeError;
 use crate::history::{classify, Classified};
 use crate::names;
 use crate::settings::Settings;
 use crate::snapshot::{
-    self, apply_segment, catch_up_segments, decode_chunk, decode_manifest, decode_pointer,
-    decode_segment, differing_ranges, encode_manifest, encode_pointer, manifest_key, replace_range,
-    verify, Manifest, Pointer, LATEST_KEY,
+    self, apply_segment, catch_up_segments, decode_manifest, decode_pointer, differing_ranges,
+    encode_manifest, encode_pointer, manifest_key, verify, Manifest, Pointer, LATEST_KEY,
 };
 use crate::state::State;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashSet;
+use std::sync::Arc;
 
 /// How many blob reads or writes are in flight at once.
 const CONCURRENCY: usize = 32;
+
+/// Most fetched blobs checked and decoded by one blocking task: one per lane of the widest
+/// multi-buffer SHA-256 kernel (16 on AVX-512), so their content hashes cost one pass.
+const DECODE_BATCH: usize = 16;
+
+/// Decoding tasks in flight while the state applies earlier results: with the applier, that
+/// keeps both cores of a small machine busy without queueing much decoded data.
+const DECODE_TASKS: usize = 2;
 
 /// Why a snapshot could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -183,13 +193,6 @@ async fn list_keys(kv: &kv::Store) -> Result<Vec<String>, StoreError> {
     keys.try_collect().await.map_err(|e| read(e.into()))
 }
 
-async fn fetch_all(kv: &kv::Store, keys: Vec<String>) -> Result<Vec<Bytes>, StoreError> {
-    futures::stream::iter(keys.into_iter().map(|k| get_required(kv, k)))
-        .buffered(CONCURRENCY)
-        .try_collect()
-        .await
-}
-
 /// Loads the latest snapshot, verified. `None` when the bucket has none.
 pub async fn load_latest(
     kv: &kv::Store,
@@ -203,11 +206,19 @@ pub async fn load_latest(
 
 /// Loads a snapshot into a fresh state, verifying every blob, range and the state digest.
 pub async fn load(kv: &kv::Store, manifest: Manifest) -> Result<Loaded, StoreError> {
+    let started = std::time::Instant::now();
     let mut state = State::new(manifest.lineage);
     let all: Vec<usize> = (0..manifest.ranges.len()).collect();
     let bytes_fetched = rebuild_ranges(kv, &mut state, &manifest, &all).await?;
     state.set_position(manifest.lineage, manifest.seq);
     verify(&state, &manifest).map_err(|reason| verify_err(&manifest, reason))?;
+    tracing::debug!(
+        seq = manifest.seq,
+        entries = state.len(),
+        bytes_fetched,
+        ms = started.elapsed().as_millis() as u64,
+        "Snapshot loaded"
+    );
     Ok(Loaded {
         state,
         manifest,
@@ -233,36 +244,47 @@ async fn rebuild_ranges(
     if ranges.is_empty() {
         return Ok(0);
     }
-    let mut fetched = 0;
-    let keys: Vec<(usize, usize, String)> = ranges
-        .iter()
-        .flat_map(|&r| {
-            m.ranges[r]
-                .chunks
-                .iter()
-                .enumerate()
-                .map(move |(c, b)| (r, c, snapshot::chunk_key(&b.hash)))
-        })
-        .collect();
-    let blobs = fetch_all(kv, keys.iter().map(|(_, _, k)| k.clone()).collect()).await?;
-    let mut per_range: Vec<Vec<snapshot::Chunk>> = vec![Vec::new(); m.ranges.len()];
-    for ((r, c, key), bytes) in keys.into_iter().zip(blobs) {
-        fetched += bytes.len() as u64;
-        let chunk = decode_chunk(&bytes, &m.ranges[r].chunks[c], &m.ranges[r])
-            .map_err(|source| StoreError::Corrupt { key, source })?;
-        per_range[r].push(chunk);
-    }
-    for &r in ranges {
-        replace_range(state, &m.ranges[r], std::mem::take(&mut per_range[r]));
-    }
     let mut keep = vec![false; crate::digest::BUCKETS];
     for &r in ranges {
+        state.clear_buckets(m.ranges[r].buckets());
         for b in m.ranges[r].buckets() {
             keep[b] = true;
         }
     }
+    let blobs: Vec<(usize, usize)> = ranges
+        .iter()
+        .flat_map(|&r| (0..m.ranges[r].chunks.len()).map(move |c| (r, c)))
+        .collect();
+    let keys = blobs
+        .iter()
+        .map(|&(r, c)| snapshot::chunk_key(&m.ranges[r].chunks[c].hash))
+        .collect();
+    let shared = Arc::new(m.ranges.clone());
+    let decode = move |batch: &[(usize, &[u8])]| {
+        let refs: Vec<_> = batch
+            .iter()
+            .map(|&(i, bytes)| {
+                let (r, c) = blobs[i];
+                (bytes, &shared[r].chunks[c], &shared[r])
+            })
+            .collect();
+        // Changes for `apply_changes`, built here rather than on the applying thread.
+        snapshot::decode_chunks(&refs)
+            .into_iter()
+            .map(|chunk| {
+                let entries = chunk?.entries.into_iter();
+                Ok(entries
+                    .map(|(key, value)| Change::Put { key, value })
+                    .collect::<Vec<_>>())
+            })
+            .collect()
+    };
+    let apply = |state: &mut State, changes: &Vec<Change>| {
+        state.apply_changes(changes);
+    };
+    let mut fetched = fetch_and_apply(kv, state, keys, decode, apply).await?;
     let all: Vec<usize> = (0..m.segments.len()).collect();
-    fetched += apply_segments(kv, state, m, &all, |b| keep[b]).await?;
+    fetched += apply_segments(kv, state, m, &all, move |b| keep[b]).await?;
     Ok(fetched)
 }
 
@@ -272,27 +294,133 @@ async fn apply_segments(
     state: &mut State,
     m: &Manifest,
     which: &[usize],
-    keep: impl Fn(usize) -> bool + Copy,
+    keep: impl Fn(usize) -> bool + Send + 'static,
 ) -> Result<u64, StoreError> {
-    let keys: Vec<(usize, usize, String)> = which
+    let pieces: Vec<(usize, usize)> = which
         .iter()
-        .flat_map(|&s| {
-            m.segments[s]
-                .pieces
-                .iter()
-                .enumerate()
-                .map(move |(p, b)| (s, p, snapshot::segment_key(&b.hash)))
-        })
+        .flat_map(|&s| (0..m.segments[s].pieces.len()).map(move |p| (s, p)))
         .collect();
-    let blobs = fetch_all(kv, keys.iter().map(|(_, _, k)| k.clone()).collect()).await?;
-    let mut fetched = 0;
-    for ((s, p, key), bytes) in keys.into_iter().zip(blobs) {
-        fetched += bytes.len() as u64;
-        let seg = decode_segment(&bytes, &m.segments[s].pieces[p], &m.segments[s])
-            .map_err(|source| StoreError::Corrupt { key, source })?;
-        apply_segment(state, &seg, keep);
+    let keys = pieces
+        .iter()
+        .map(|&(s, p)| snapshot::segment_key(&m.segments[s].pieces[p].hash))
+        .collect();
+    let shared = Arc::new(m.segments.clone());
+    let decode = move |batch: &[(usize, &[u8])]| {
+        let refs: Vec<_> = batch
+            .iter()
+            .map(|&(i, bytes)| {
+                let (s, p) = pieces[i];
+                (bytes, &shared[s].pieces[p], &shared[s])
+            })
+            .collect();
+        snapshot::decode_segments(&refs)
+    };
+    let apply = move |state: &mut State, seg: &snapshot::Segment| apply_segment(state, seg, &keep);
+    fetch_and_apply(kv, state, keys, decode, apply).await
+}
+
+/// Fetches the blobs `keys`, checks and decodes them with `decode` on blocking threads, and
+/// applies what they decode to `state` with `apply`, in the order of `keys`, on another
+/// blocking thread. Returns the bytes fetched.
+///
+/// ```text
+/// fetch (CONCURRENCY gets in flight, in order)
+///   -> batches of up to DECODE_BATCH ready blobs -> decode (DECODE_TASKS batches at once)
+///   -> apply (one thread owning the state) -> drop (yet another thread)
+/// ```
+///
+/// The stages overlap, so a load costs about its slowest stage, applying, rather than their
+/// sum; a batch's content hashes are computed together with multi-buffer SHA-256, and the
+/// applying thread neither builds nor frees what it applies. `decode` gets
+/// `(index in keys, bytes)` pairs and returns one result per blob; the first failure (a
+/// fetch or a decode, in the order of `keys`) stops the pipeline. `state` is moved to the
+/// applying thread meanwhile: on error it holds what was applied before the failure, and if
+/// this future is dropped midway it is left empty (callers treat both as unverified).
+async fn fetch_and_apply<T: Send + 'static>(
+    kv: &kv::Store,
+    state: &mut State,
+    keys: Vec<String>,
+    decode: impl Fn(&[(usize, &[u8])]) -> Vec<Result<T, DecodeError>> + Send + Sync + 'static,
+    mut apply: impl FnMut(&mut State, &T) + Send + 'static,
+) -> Result<u64, StoreError> {
+    if keys.is_empty() {
+        return Ok(0);
     }
-    Ok(fetched)
+    let keys = Arc::new(keys);
+    let decode = Arc::new(decode);
+    let mut owned = std::mem::replace(state, State::new(state.lineage()));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<T>>(DECODE_TASKS);
+    let (garbage, applied) = std::sync::mpsc::channel::<Vec<T>>();
+    tokio::task::spawn_blocking(move || applied.into_iter().for_each(drop));
+    let applier = tokio::task::spawn_blocking(move || {
+        while let Some(items) = rx.blocking_recv() {
+            for item in &items {
+                apply(&mut owned, item);
+            }
+            // Freeing a batch costs the applying thread about as much as converting it.
+            garbage.send(items).ok();
+        }
+        owned
+    });
+    let pipeline = async {
+        let mut fetched = 0u64;
+        let mut decoded = futures::stream::iter(0..keys.len())
+            .map(|i| {
+                let key = keys[i].clone();
+                async move { get_required(kv, key).await.map(|bytes| (i, bytes)) }
+            })
+            .buffered(CONCURRENCY)
+            .ready_chunks(DECODE_BATCH)
+            .map(|batch| {
+                let (keys, decode) = (keys.clone(), decode.clone());
+                async move {
+                    let batch = batch.into_iter().collect::<Result<Vec<_>, _>>()?;
+                    let bytes: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
+                    let items = tokio::task::spawn_blocking(move || {
+                        let refs: Vec<(usize, &[u8])> =
+                            batch.iter().map(|(i, b)| (*i, &b[..])).collect();
+                        decode(&refs)
+                            .into_iter()
+                            .zip(&batch)
+                            .map(|(r, (i, _))| {
+                                r.map_err(|source| StoreError::Corrupt {
+                                    key: keys[*i].clone(),
+                                    source,
+                                })
+                            })
+                            .collect::<Result<Vec<T>, StoreError>>()
+                    })
+                    .await
+                    .map_err(|e| StoreError::Read {
+                        key: "(decoding snapshot blobs)".into(),
+                        source: e.into(),
+                    })??;
+                    Ok::<_, StoreError>((bytes, items))
+                }
+            })
+            .buffered(DECODE_TASKS);
+        while let Some(next) = decoded.next().await {
+            let (bytes, items) = next?;
+            fetched += bytes;
+            if tx.send(items).await.is_err() {
+                break; // the applier panicked: its join below says so
+            }
+        }
+        Ok::<u64, StoreError>(fetched)
+    }
+    .await;
+    drop(tx);
+    match applier.await {
+        Ok(applied) => *state = applied,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => {
+            return Err(StoreError::Read {
+                key: "(applying snapshot blobs)".into(),
+                source: e.into(),
+            })
+        }
+    }
+    pipeline
 }
 
 /// Brings `local` to the manifest's state downloading as little as it can: the segments after

@@ -216,7 +216,7 @@ fn check_digests_equal(
 
 /// The state's digests equal the ones computed from scratch over its entries.
 fn check_digest(state: &State) -> Result<(), TestCaseError> {
-    let scratch = BucketDigests::from_entries(state.iter().map(|(k, v)| (&**k, &v[..])));
+    let scratch = BucketDigests::from_entries(state.iter());
     check_digests_equal(state.bucket_digests(), &scratch)
 }
 
@@ -363,7 +363,10 @@ impl Producer {
 
 /// What a replica of small keys shows: digest, length, position and every small key's value.
 fn fingerprint(state: &State) -> (Digest, usize, u64, Vec<Option<Bytes>>) {
-    let values = SMALL_KEYS.iter().map(|k| state.get(k).cloned()).collect();
+    let values = SMALL_KEYS
+        .iter()
+        .map(|k| state.get(k).map(Bytes::copy_from_slice))
+        .collect();
     (state.digest(), state.len(), state.seq(), values)
 }
 
@@ -508,7 +511,7 @@ proptest! {
         let mut model = Model::new();
         let mut hashes = Hashes::default();
         for c in &changes {
-            let (before, had) = (state.digest(), state.get(c.key()).cloned());
+            let (before, had) = (state.digest(), state.get(c.key()).map(Bytes::copy_from_slice));
             let after = state.apply_changes(std::slice::from_ref(c));
             prop_assert_eq!(after, state.digest());
             apply_to_model(&mut model, std::slice::from_ref(c));
@@ -538,7 +541,7 @@ proptest! {
         let mut entries: Vec<Change> = state
             .sorted_entries()
             .into_iter()
-            .map(|(k, v)| Change::Put { key: k.clone(), value: v.clone() })
+            .map(|(k, v)| Change::put(k, Bytes::copy_from_slice(v)))
             .collect();
         entries.reverse();
         reversed.apply_changes(&entries);

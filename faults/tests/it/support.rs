@@ -232,7 +232,7 @@ impl Differences {
 
 /// Asserts that `state` holds exactly the model's entries; returns the entries checked.
 pub fn assert_matches_model(what: &str, state: &State, model: &Model, context: &str) -> usize {
-    let d = model.differences(state.iter().map(|(k, v)| (&**k, v.as_ref())));
+    let d = model.differences(state.iter());
     assert_eq!(
         d.lost(),
         0,
