@@ -42,9 +42,29 @@ struct Args {
     /// Where to write the figures as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Runs only these scenarios (comma-separated), for profiling one of them; the consumer
+    /// apply rows read what the ingest scenario wrote, so it runs with them. Not with
+    /// --markdown: BENCHMARKS.md holds the whole table of one run.
+    #[arg(long, value_delimiter = ',', conflicts_with = "markdown")]
+    only: Vec<Scenario>,
     /// Internal: build a replica of N keys and print its memory use (run as a child process).
     #[arg(long, hide = true)]
     memory_probe: Option<usize>,
+}
+
+/// The scenarios, as `--only` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Ingest,
+    ApplyMemory,
+    ApplyDurable,
+    Latency,
+    SnapshotDuring,
+    TailApply,
+    Snapshots,
+    WireBytes,
+    DigestCost,
+    Memory,
 }
 
 fn main() -> Result<()> {
@@ -80,30 +100,51 @@ fn main() -> Result<()> {
             eprintln!("[{:6.1} s] {}", started.elapsed().as_secs_f64(), r.scenario);
         }
     };
+    let runs = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
     rt.block_on(async {
-        let ingested = pipeline::producer_ingest(&url, sizes, &mut rows).await?;
-        done(&rows);
-        pipeline::consumer_memory(&ingested, &mut rows).await?;
-        done(&rows);
-        pipeline::consumer_durable(&ingested, &mut rows).await?;
-        done(&rows);
-        drop(ingested);
-        pipeline::latency(&url, sizes, timing, &mut rows).await?;
-        done(&rows);
-        pipeline::snapshot_during(&url, sizes, timing, &mut rows).await?;
-        done(&rows);
-        scenarios::apply_memory(&url, sizes, &mut rows).await?;
-        done(&rows);
-        scenarios::snapshots(&url, sizes, &mut rows).await?;
-        done(&rows);
+        use Scenario::*;
+        if runs(Ingest) || runs(ApplyMemory) || runs(ApplyDurable) {
+            let ingested = pipeline::producer_ingest(&url, sizes, &mut rows).await?;
+            done(&rows);
+            if runs(ApplyMemory) {
+                pipeline::consumer_memory(&ingested, &mut rows).await?;
+                done(&rows);
+            }
+            if runs(ApplyDurable) {
+                pipeline::consumer_durable(&ingested, &mut rows).await?;
+                done(&rows);
+            }
+        }
+        if runs(Latency) {
+            pipeline::latency(&url, sizes, timing, &mut rows).await?;
+            done(&rows);
+        }
+        if runs(SnapshotDuring) {
+            pipeline::snapshot_during(&url, sizes, timing, &mut rows).await?;
+            done(&rows);
+        }
+        if runs(TailApply) {
+            scenarios::apply_memory(&url, sizes, &mut rows).await?;
+            done(&rows);
+        }
+        if runs(Snapshots) {
+            scenarios::snapshots(&url, sizes, &mut rows).await?;
+            done(&rows);
+        }
         anyhow::Ok(())
     })?;
-    scenarios::wire_bytes(args.quick, &mut rows)?;
-    done(&rows);
-    scenarios::digest_cost(sizes, &mut rows)?;
-    done(&rows);
-    scenarios::memory(sizes, &mut rows)?;
-    done(&rows);
+    if runs(Scenario::WireBytes) {
+        scenarios::wire_bytes(args.quick, &mut rows)?;
+        done(&rows);
+    }
+    if runs(Scenario::DigestCost) {
+        scenarios::digest_cost(sizes, &mut rows)?;
+        done(&rows);
+    }
+    if runs(Scenario::Memory) {
+        scenarios::memory(sizes, &mut rows)?;
+        done(&rows);
+    }
     drop(server);
 
     report::print(&rows);
