@@ -164,7 +164,9 @@ fn main() -> Result<()> {
         ),
     };
     if let Some(path) = &args.markdown {
-        std::fs::write(path, report::markdown(&ctx, &rows))?;
+        let existing = std::fs::read_to_string(path).ok();
+        let text = report::with_notes(&report::markdown(&ctx, &rows), existing.as_deref());
+        std::fs::write(path, text)?;
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &args.json {

@@ -67,6 +67,24 @@ pub fn markdown(ctx: &Context, rows: &[Row]) -> String {
     s
 }
 
+/// The line after which BENCHMARKS.md holds hand-written notes (why a target is missed, the
+/// plan): a new run replaces the table above it and keeps everything from it on.
+pub const NOTES_MARKER: &str =
+    "<!-- Notes below are kept when deltasync-bench rewrites the table. -->";
+
+/// The new table followed by the notes of `existing` (the file being replaced), if it has
+/// any; a file without the marker gets an empty notes section.
+pub fn with_notes(table: &str, existing: Option<&str>) -> String {
+    let notes = existing
+        .and_then(|old| old.find(NOTES_MARKER).map(|at| &old[at..]))
+        .unwrap_or(NOTES_MARKER);
+    let mut out = table.trim_end().to_string();
+    out.push_str("\n\n");
+    out.push_str(notes.trim_end());
+    out.push('\n');
+    out
+}
+
 /// The table for a terminal.
 pub fn print(rows: &[Row]) {
     println!(
@@ -113,5 +131,31 @@ pub fn secs(s: f64) -> String {
         format!("{s:.2} s")
     } else {
         format!("{:.1} ms", s * 1e3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_table_keeps_the_notes_and_drops_the_old_table() {
+        let old = format!("# Benchmarks\n\nold table\n\n{NOTES_MARKER}\n\n## Why\n\nreasons\n");
+        let out = with_notes("# Benchmarks\n\nnew table\n", Some(&old));
+        assert_eq!(
+            out,
+            format!("# Benchmarks\n\nnew table\n\n{NOTES_MARKER}\n\n## Why\n\nreasons\n")
+        );
+        assert!(!out.contains("old table"));
+    }
+
+    #[test]
+    fn a_file_without_notes_gets_the_marker_only() {
+        for existing in [None, Some("# Benchmarks\n\nhand-edited, no marker\n")] {
+            assert_eq!(
+                with_notes("table\n", existing),
+                format!("table\n\n{NOTES_MARKER}\n")
+            );
+        }
     }
 }
