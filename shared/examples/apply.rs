@@ -1,13 +1,15 @@
 //! Times `State::apply_changes` of random puts in batches of 1000 on states of several sizes:
-//! the core of the benchmark's digest-cost row, alone, for profiling (`perf record`).
+//! the core of the benchmark's digest-cost row, alone, for profiling (`perf record`). With
+//! `--verified`, a replica applies the same batches as envelopes (`State::apply`: position
+//! and digest checked, all or nothing), as the consumer does.
 //!
 //! ```text
-//! cargo run --release -p deltasync-shared --example apply -- [keys ...] [--changes N] [--value-bytes B]
+//! cargo run --release -p deltasync-shared --example apply -- [keys ...] [--changes N] [--value-bytes B] [--verified]
 //! ```
 
 use deltasync_shared::change::Change;
 use deltasync_shared::digest::BucketDigests;
-use deltasync_shared::envelope::Lineage;
+use deltasync_shared::envelope::{Envelope, Lineage};
 use deltasync_shared::state::State;
 use std::time::Instant;
 
@@ -39,7 +41,7 @@ fn key(i: usize) -> String {
 
 fn main() -> Result<(), Error> {
     let mut sizes = Vec::new();
-    let (mut changes, mut value_bytes) = (500_000usize, 100usize);
+    let (mut changes, mut value_bytes, mut verified) = (500_000usize, 100usize, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -47,6 +49,7 @@ fn main() -> Result<(), Error> {
             "--value-bytes" => {
                 value_bytes = args.next().ok_or("--value-bytes needs a number")?.parse()?
             }
+            "--verified" => verified = true,
             n => sizes.push(n.parse::<usize>().map_err(|e| format!("{n}: {e}"))?),
         }
     }
@@ -56,16 +59,24 @@ fn main() -> Result<(), Error> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for size in sizes {
         let t = Instant::now();
-        let mut state = State::new(Lineage::random());
+        let lineage = Lineage::random();
+        let mut state = State::new(lineage);
+        // With --verified, the producer's state: built alike, separately, so that the
+        // replica's allocations are its own.
+        let mut producer = verified.then(|| State::new(lineage));
         let mut batch = Vec::with_capacity(10_000);
-        for i in 0..size {
-            batch.push(Change::put(key(i), rng.bytes(value_bytes)));
-            if batch.len() == 10_000 {
+        for i in 0..=size {
+            if i < size {
+                batch.push(Change::put(key(i), rng.bytes(value_bytes)));
+            }
+            if batch.len() == 10_000 || i == size {
                 state.apply_changes(&batch);
+                if let Some(p) = producer.as_mut() {
+                    p.apply_changes(&batch);
+                }
                 batch.clear();
             }
         }
-        state.apply_changes(&batch);
         let built = t.elapsed();
         let batches: Vec<Vec<Change>> = (0..changes.div_ceil(1000))
             .map(|_| {
@@ -74,11 +85,33 @@ fn main() -> Result<(), Error> {
                     .collect()
             })
             .collect();
-        let t = Instant::now();
-        for b in &batches {
-            state.apply_changes(b);
-        }
-        let took = t.elapsed();
+        let took = if let Some(mut producer) = producer {
+            let envelopes: Vec<Envelope> = batches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| Envelope {
+                    lineage,
+                    seq: i as u64 + 1,
+                    part: 1,
+                    parts: 1,
+                    digest: producer.apply_changes(b),
+                    produced_at_ms: 0,
+                    changes: b.clone(),
+                })
+                .collect();
+            drop(producer);
+            let t = Instant::now();
+            for e in &envelopes {
+                state.apply(e).map_err(|e| format!("apply: {e}"))?;
+            }
+            t.elapsed()
+        } else {
+            let t = Instant::now();
+            for b in &batches {
+                state.apply_changes(b);
+            }
+            t.elapsed()
+        };
         let n = batches.len() * 1000;
         let scratch = BucketDigests::from_entries(state.iter()).total();
         if scratch != state.digest() {

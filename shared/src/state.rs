@@ -33,6 +33,9 @@
 //!
 //! - `digests` always equals the digest computed from scratch over the entries.
 //! - `apply` is all-or-nothing: an error leaves entries, digest and position as they were.
+//!   It predicts the digest after a transaction from the old entries' cached hashes before
+//!   writing anything, so a mismatch is refused without touching the tables and a match is
+//!   written without an undo log.
 //! - `seq` names the last part of a complete transaction; buffered parts never move it.
 //! - A part 1 arriving right after incomplete parts abandons them: a producer that crashed
 //!   mid-transaction recovers to the state before it and carries on with a new transaction.
@@ -151,6 +154,50 @@ fn remove(bucket: &mut Bucket, hash: u64, key: &[u8]) -> Option<Entry> {
         .map(|o| o.remove().0)
 }
 
+/// The latest change of each key in a batch: open addressing over a power-of-two table at
+/// most half full, of (table hash, 1 + index of the change); 0 marks a free slot. Keys are
+/// compared through the caller's closure, so two keys with the same hash stay apart.
+struct Latest {
+    table: Vec<(u64, usize)>,
+    mask: usize,
+}
+
+impl Latest {
+    /// An empty map for up to `n` changes, in `table`'s allocation.
+    fn new(mut table: Vec<(u64, usize)>, n: usize) -> Latest {
+        let size = (2 * n).next_power_of_two().max(16);
+        table.clear();
+        table.resize(size, (0, 0));
+        Latest {
+            table,
+            mask: size - 1,
+        }
+    }
+
+    /// Records change `i` as the latest of its key (hash `h`; `same_key(j)` tells whether
+    /// change `j` has the same key); returns the key's previous latest change.
+    fn replace(&mut self, h: u64, i: usize, same_key: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut at = (h as usize) & self.mask;
+        loop {
+            match self.table[at] {
+                (_, 0) => {
+                    self.table[at] = (h, i + 1);
+                    return None;
+                }
+                (x, j) if x == h && same_key(j - 1) => {
+                    self.table[at].1 = i + 1;
+                    return Some(j - 1);
+                }
+                _ => at = (at + 1) & self.mask,
+            }
+        }
+    }
+
+    fn into_inner(self) -> Vec<(u64, usize)> {
+        self.table
+    }
+}
+
 /// Whether two buckets hold the same entries.
 fn buckets_equal(a: &Bucket, b: &Bucket) -> bool {
     a.len() == b.len()
@@ -207,8 +254,6 @@ pub struct State {
     len: usize,
     /// Parts of the transaction in progress (their sequences follow `seq` without a gap).
     pending: Vec<Envelope>,
-    /// Undo log reused across transactions: (key, entry before).
-    undo: Vec<(Key, Option<Entry>)>,
     /// Entry hashes of the puts being applied, computed in one multi-buffer pass before the
     /// map is touched (reused across calls).
     hashes: Vec<Digest>,
@@ -217,6 +262,9 @@ pub struct State {
     /// Digest bucket and table hash of each change being applied, from the look-up pass
     /// (reused across calls).
     slots: Vec<(u16, u64)>,
+    /// The table of `Latest`, and each change's index in `hashes` (reused across calls).
+    seen: Vec<(u64, usize)>,
+    rank: Vec<usize>,
 }
 
 impl State {
@@ -229,10 +277,11 @@ impl State {
             digests: BucketDigests::default(),
             len: 0,
             pending: Vec::new(),
-            undo: Vec::new(),
             hashes: Vec::new(),
             scratch: Vec::new(),
             slots: Vec::new(),
+            seen: Vec::new(),
+            rank: Vec::new(),
         }
     }
 
@@ -316,7 +365,8 @@ impl State {
     /// Applies changes with no position or digest check and returns the new digest: the
     /// producer's path (it is the source of truth) and snapshot restore's.
     pub fn apply_changes(&mut self, changes: &[Change]) -> Digest {
-        self.apply_all(changes.iter(), false);
+        self.look_up(changes.iter());
+        self.write(changes.iter());
         self.digest()
     }
 
@@ -411,28 +461,30 @@ impl State {
         } else {
             std::mem::take(&mut self.pending)
         };
-        self.undo.clear();
-        let count = self.apply_all(
-            buffered
-                .iter()
-                .flat_map(|p| p.changes.iter())
-                .chain(env.changes.iter()),
-            true,
-        );
-        let actual = self.digest();
-        if actual != env.digest {
-            self.rollback();
+        let changes = buffered
+            .iter()
+            .flat_map(|p| p.changes.iter())
+            .chain(env.changes.iter());
+        // The digest after the transaction is known before anything is written, so a
+        // mismatch changes nothing and a match needs no undo log.
+        let after = self.predict(changes.clone());
+        if after != env.digest {
             if !abandon {
                 self.pending = buffered;
             }
             return Err(ApplyError::DigestMismatch {
                 seq: env.seq,
                 expected: env.digest,
-                actual,
+                actual: after,
             });
         }
+        let count = self.write(changes);
+        debug_assert_eq!(
+            self.digest(),
+            after,
+            "the predicted digest is the written one"
+        );
         self.pending.clear();
-        self.undo.clear();
         self.seq = env.seq;
         Ok(Applied::Committed {
             seq: env.seq,
@@ -440,43 +492,88 @@ impl State {
         })
     }
 
-    /// Applies changes in order, maintaining the digest; records old entries when `log` is
-    /// set. Returns the number of changes.
+    /// Looks at a batch of changes before any is written: computes the puts' entry hashes
+    /// (one multi-buffer pass) and every key's digest bucket and table hash, and looks every
+    /// key up. [`State::write`] then applies the batch.
     ///
-    /// Three passes before the tables are changed: the puts' entry hashes, in one
-    /// multi-buffer pass; every key's digest bucket and table hash; then a look-up of every
-    /// key, whose result is dropped. The look-ups depend on nothing but their key and do
-    /// little else, so the CPU overlaps their cache misses (table control bytes, slot, the old
-    /// entry: three or four misses a change once the state outgrows the cache), where the
-    /// writing pass alone waits for them one change after the other. On the 2-core Xeon
-    /// here, a batch of 1000 random puts into 1M keys of 100 B went from 870–945 to 573–587
-    /// ns a change; at 1k and 10k keys the pass costs nothing measurable
-    /// (`cargo run --release -p deltasync-shared --example apply`).
-    fn apply_all<'a>(
-        &mut self,
-        changes: impl Iterator<Item = &'a Change> + Clone,
-        log: bool,
-    ) -> usize {
-        let mut hashes = std::mem::take(&mut self.hashes);
-        hashes.clear();
+    /// The look-ups depend on nothing but their key and do little else, so the CPU overlaps
+    /// their cache misses (table control bytes, slot, the old entry: three or four misses a
+    /// change once the state outgrows the cache), where the writing pass alone waits for them
+    /// one change after the other. On the 2-core Xeon here, a batch of 1000 random puts into
+    /// 1M keys of 100 B went from 870–945 to 573–587 ns a change; at 1k and 10k keys the pass
+    /// costs nothing measurable (`cargo run --release -p deltasync-shared --example apply`).
+    fn look_up<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) {
+        self.hash_batch(changes.clone());
+        for (c, &(b, h)) in changes.zip(&self.slots) {
+            let key = c.key().as_bytes();
+            let bucket = &self.buckets[usize::from(b)];
+            std::hint::black_box(bucket.find(h, |e| e.key_bytes() == key));
+        }
+    }
+
+    /// [`State::look_up`], returning the digest the state will have after the batch: the
+    /// current digest, minus each change's old entry hash (the table's for a key's first
+    /// change in the batch, the previous change's new one for a key that repeats), plus each
+    /// put's new one.
+    fn predict<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) -> Digest {
+        self.hash_batch(changes.clone());
+        let changes: Vec<&Change> = changes.collect();
+        let mut latest = Latest::new(std::mem::take(&mut self.seen), changes.len());
+        let mut rank = std::mem::take(&mut self.rank);
+        rank.clear();
+        let mut puts = 0;
+        let mut after = self.digest();
+        for (i, (c, &(b, h))) in changes.iter().zip(&self.slots).enumerate() {
+            let key = c.key().as_bytes();
+            let previous = latest.replace(h, i, |j| changes[j].key().as_bytes() == key);
+            let old = match previous {
+                Some(j) => match changes[j] {
+                    Change::Put { .. } => self.hashes.get(rank[j]).copied(),
+                    Change::Delete { .. } => None,
+                },
+                None => self.buckets[usize::from(b)]
+                    .find(h, |e| e.key_bytes() == key)
+                    .map(Entry::hash),
+            };
+            if let Some(old) = old {
+                after = after.wrapping_sub(old);
+            }
+            rank.push(puts);
+            if let Change::Put { .. } = c {
+                if let Some(new) = self.hashes.get(puts) {
+                    after = after.wrapping_add(*new);
+                }
+                puts += 1;
+            }
+        }
+        self.seen = latest.into_inner();
+        self.rank = rank;
+        after
+    }
+
+    /// The puts' entry hashes into `hashes`, every change's digest bucket and table hash into
+    /// `slots`.
+    fn hash_batch<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) {
+        self.hashes.clear();
         entry_hashes(
             changes.clone().filter_map(|c| match c {
                 Change::Put { key, value } => Some((&**key, &value[..])),
                 Change::Delete { .. } => None,
             }),
-            &mut hashes,
+            &mut self.hashes,
         );
-        let mut slots = std::mem::take(&mut self.slots);
-        slots.clear();
-        slots.extend(changes.clone().map(|c| {
+        self.slots.clear();
+        self.slots.extend(changes.map(|c| {
             let key = c.key();
             (bucket_of(key) as u16, key_hash(key.as_bytes()))
         }));
-        for (c, &(b, h)) in changes.clone().zip(&slots) {
-            let key = c.key().as_bytes();
-            let bucket = &self.buckets[usize::from(b)];
-            std::hint::black_box(bucket.find(h, |e| e.key_bytes() == key));
-        }
+    }
+
+    /// Applies the batch [`State::look_up`] or [`State::predict`] just looked at, in order,
+    /// maintaining the digest. Returns the number of changes.
+    fn write<'a>(&mut self, changes: impl Iterator<Item = &'a Change>) -> usize {
+        let hashes = std::mem::take(&mut self.hashes);
+        let slots = std::mem::take(&mut self.slots);
         let mut next = hashes.iter().copied();
         let mut count = 0;
         for (c, &(b, h)) in changes.zip(&slots) {
@@ -484,7 +581,7 @@ impl State {
                 Change::Put { .. } => next.next(),
                 Change::Delete { .. } => None,
             };
-            self.apply_one(c, usize::from(b), h, hash, log);
+            self.apply_one(c, usize::from(b), h, hash);
             count += 1;
         }
         self.hashes = hashes;
@@ -492,10 +589,9 @@ impl State {
         count
     }
 
-    /// Applies one change, maintaining the digest; records the old entry when `log` is set.
-    /// `b` is the key's digest bucket, `h` its table hash, `hash` the put's entry hash (from
-    /// `apply_all`'s batch).
-    fn apply_one(&mut self, change: &Change, b: usize, h: u64, hash: Option<Digest>, log: bool) {
+    /// Applies one change, maintaining the digest. `b` is the key's digest bucket, `h` its
+    /// table hash, `hash` the put's entry hash (from the batch's `hash_batch`).
+    fn apply_one(&mut self, change: &Change, b: usize, h: u64, hash: Option<Digest>) {
         let bucket = Arc::make_mut(&mut self.buckets[b]);
         let old = match change {
             Change::Put { key, value } => {
@@ -517,37 +613,6 @@ impl State {
         };
         if let Some(e) = &old {
             self.digests.sub(b, e.hash());
-        }
-        if log {
-            let key = match change {
-                Change::Put { key, .. } | Change::Delete { key } => key.clone(),
-            };
-            self.undo.push((key, old));
-        }
-    }
-
-    /// Undoes the logged changes in reverse order.
-    fn rollback(&mut self) {
-        let undo = std::mem::take(&mut self.undo);
-        for (key, old) in undo.into_iter().rev() {
-            let b = bucket_of(&key);
-            let bucket = Arc::make_mut(&mut self.buckets[b]);
-            let restoring = old.is_some();
-            if let Some(e) = &old {
-                self.digests.add(b, e.hash());
-            }
-            let current = match old {
-                Some(e) => put(bucket, key_hash(key.as_bytes()), e),
-                None => remove(bucket, key_hash(key.as_bytes()), key.as_bytes()),
-            };
-            if let Some(e) = &current {
-                self.digests.sub(b, e.hash());
-            }
-            match (restoring, current.is_some()) {
-                (true, false) => self.len += 1,
-                (false, true) => self.len -= 1,
-                _ => {}
-            }
         }
     }
 }
@@ -605,6 +670,60 @@ mod tests {
     use crate::envelope::split_transaction;
 
     const L: Lineage = Lineage([5; 16]);
+
+    #[test]
+    fn the_latest_change_of_a_key_is_found_even_when_keys_share_a_hash() {
+        let keys = ["a", "b", "a", "c", "b", "a"];
+        let mut latest = Latest::new(Vec::new(), keys.len());
+        let mut got = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            // Every key gets the same hash.
+            got.push(latest.replace(7, i, |j| keys[j] == *k));
+        }
+        assert_eq!(got, [None, None, Some(0), None, Some(1), Some(2)]);
+        // A hash of 0 is a hash like any other (the free-slot mark is the index).
+        let mut zero = Latest::new(latest.into_inner(), 2);
+        assert_eq!(zero.replace(0, 0, |_| true), None);
+        assert_eq!(zero.replace(0, 1, |j| j == 0), Some(0));
+    }
+
+    #[test]
+    fn a_transaction_rewriting_its_own_keys_is_predicted_exactly() {
+        let mut producer = State::new(L);
+        let mut replica = State::new(L);
+        let first = vec![Change::put("k", vec![1]), Change::put("gone", vec![2])];
+        for e in produce(&mut producer, first, 1 << 20) {
+            replica.apply(&e).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let churn = vec![
+            Change::put("k", vec![3]),
+            Change::delete("k"),
+            Change::put("k", vec![4]),
+            Change::delete("gone"),
+            Change::put("gone", vec![2]),
+            Change::delete("never"),
+            Change::put("new", vec![5]),
+            Change::put("new", vec![5]),
+        ];
+        let mut envs = produce(&mut producer, churn, 1 << 20);
+        let good = envs.remove(0);
+        let mut bad = good.clone();
+        bad.digest.0[0] ^= 1;
+        let before = replica.clone();
+        assert_eq!(
+            replica.apply(&bad),
+            Err(ApplyError::DigestMismatch {
+                seq: bad.seq,
+                expected: bad.digest,
+                actual: producer.digest(),
+            })
+        );
+        assert!(replica == before && replica.seq() == before.seq());
+        assert!(replica.apply(&good).is_ok());
+        assert!(replica == producer);
+        assert_eq!(replica.get("k"), Some(&[4u8][..]));
+        assert_eq!(replica.len(), 3);
+    }
 
     /// Builds the envelopes a producer would for `changes`, advancing `producer`.
     fn produce(producer: &mut State, changes: Vec<Change>, max_bytes: usize) -> Vec<Envelope> {
@@ -671,7 +790,7 @@ mod tests {
     }
 
     #[test]
-    fn a_digest_mismatch_rolls_the_whole_transaction_back() {
+    fn a_digest_mismatch_leaves_the_whole_transaction_unapplied() {
         let mut r = State::new(L);
         r.apply_changes(&[Change::put("a", &b"1"[..]), Change::put("b", &b"2"[..])]);
         let before = r.clone();
