@@ -16,7 +16,8 @@
 //! ```
 //!
 //! Each entry is one allocation holding its entry hash, key and value, so an update reads
-//! one allocation (key comparison and the old hash share it), writes one and frees one; the
+//! one allocation (key comparison and the old hash share it), writes one and frees one (or,
+//! for a value of the same length in an entry no clone shares, rewrites it in place); the
 //! table itself holds only 16-byte fat pointers. With 16-byte keys and 100-byte values an
 //! entry costs a 176-byte heap chunk plus ~23 bytes of table at the usual load, ~1.8× its
 //! raw bytes (a `HashMap<Arc<str>, (Bytes, Digest)>` took 2.9×: an 80-byte slot, a key
@@ -39,7 +40,9 @@
 //! - `seq` names the last part of a complete transaction; buffered parts never move it.
 //! - A part 1 arriving right after incomplete parts abandons them: a producer that crashed
 //!   mid-transaction recovers to the state before it and carries on with a new transaction.
-//! - An entry's bytes are immutable once built; its key bytes are the UTF-8 of a `str`.
+//! - An entry's key never changes and its key bytes are the UTF-8 of a `str`. Its hash and
+//!   value are rewritten in place only while no clone of the state holds the entry (a put of
+//!   a value of the same length); a shared entry is replaced, never changed.
 
 use crate::change::{Change, Key};
 use crate::digest::{bucket_of, entry_hashes, BucketDigests, Digest, BUCKETS};
@@ -84,6 +87,17 @@ impl Entry {
         scratch.extend_from_slice(key.as_bytes());
         scratch.extend_from_slice(value);
         Entry(Arc::from(&scratch[..]))
+    }
+
+    /// Rewrites the value (of the same length) and hash in place when no clone of the state
+    /// shares this entry; returns the old hash, or `None` (nothing changed) when shared.
+    fn overwrite(&mut self, hash: Digest, value: &[u8]) -> Option<Digest> {
+        let at = self.value_at();
+        let bytes = Arc::get_mut(&mut self.0)?;
+        let old = bytes[..KEY_LEN_AT].try_into().ok().map(Digest)?;
+        bytes[..KEY_LEN_AT].copy_from_slice(&hash.0);
+        bytes.get_mut(at..)?.copy_from_slice(value);
+        Some(old)
     }
 
     /// `entry_hash(key, value)`.
@@ -132,18 +146,6 @@ impl fmt::Debug for Entry {
 /// The entry of `key` in `bucket`.
 fn find<'a>(bucket: &'a Bucket, key: &[u8]) -> Option<&'a Entry> {
     bucket.find(key_hash(key), |e| e.key_bytes() == key)
-}
-
-/// Puts `entry` in `bucket`, returning the entry it replaces. `hash` is `key_hash` of its key.
-fn put(bucket: &mut Bucket, hash: u64, entry: Entry) -> Option<Entry> {
-    let key = entry.key_bytes();
-    match bucket.entry(hash, |e| e.key_bytes() == key, |e| key_hash(e.key_bytes())) {
-        Slot::Occupied(mut o) => Some(std::mem::replace(o.get_mut(), entry)),
-        Slot::Vacant(v) => {
-            v.insert(entry);
-            None
-        }
-    }
 }
 
 /// Removes the entry of `key` from `bucket`. `hash` is `key_hash(key)`.
@@ -597,11 +599,30 @@ impl State {
             Change::Put { key, value } => {
                 let hash = hash.unwrap_or_else(|| crate::digest::entry_hash(key, value));
                 self.digests.add(b, hash);
-                let old = put(bucket, h, Entry::new(&mut self.scratch, hash, key, value));
-                if old.is_none() {
-                    self.len += 1;
+                let k = key.as_bytes();
+                match bucket.entry(h, |e| e.key_bytes() == k, |e| key_hash(e.key_bytes())) {
+                    Slot::Occupied(mut o) => {
+                        let e = o.get_mut();
+                        // A value of the old one's length replaces it in the same allocation
+                        // when nothing else holds the entry: no allocation, no free.
+                        let same_len = e.0.len() == KEY_AT + k.len() + value.len();
+                        match same_len.then(|| e.overwrite(hash, value)).flatten() {
+                            Some(old) => {
+                                self.digests.sub(b, old);
+                                None
+                            }
+                            None => Some(std::mem::replace(
+                                e,
+                                Entry::new(&mut self.scratch, hash, key, value),
+                            )),
+                        }
+                    }
+                    Slot::Vacant(v) => {
+                        v.insert(Entry::new(&mut self.scratch, hash, key, value));
+                        self.len += 1;
+                        None
+                    }
                 }
-                old
             }
             Change::Delete { key } => {
                 let old = remove(bucket, h, key.as_bytes());
@@ -670,6 +691,26 @@ mod tests {
     use crate::envelope::split_transaction;
 
     const L: Lineage = Lineage([5; 16]);
+
+    #[test]
+    fn a_same_length_put_never_changes_what_a_clone_sees() {
+        let mut s = State::new(L);
+        s.apply_changes(&[Change::put("k", vec![1; 8]), Change::put("j", vec![2; 8])]);
+        let cut = s.clone();
+        // Shared with `cut`: replaced, not rewritten.
+        s.apply_changes(&[Change::put("k", vec![3; 8])]);
+        assert_eq!(cut.get("k"), Some(&[1u8; 8][..]));
+        assert_eq!(s.get("k"), Some(&[3u8; 8][..]));
+        drop(cut);
+        // Its own now: rewritten in place, digest maintained.
+        let before = s.get("k").map(<[u8]>::as_ptr);
+        s.apply_changes(&[Change::put("k", vec![4; 8])]);
+        assert_eq!(s.get("k").map(<[u8]>::as_ptr), before);
+        assert_eq!(s.get("k"), Some(&[4u8; 8][..]));
+        let scratch = BucketDigests::from_entries(s.iter()).total();
+        assert_eq!(s.digest(), scratch);
+        assert_eq!(s.len(), 2);
+    }
 
     #[test]
     fn the_latest_change_of_a_key_is_found_even_when_keys_share_a_hash() {
