@@ -16,7 +16,7 @@ use deltasync_shared::settings::{Settings, StorageKind};
 use deltasync_shared::{names, nats, store, Change, Lineage, State};
 use futures::StreamExt;
 use serde_json::json;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Sizes of one run.
@@ -221,19 +221,25 @@ pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(
     while let Some(r) = acks.next().await {
         r?;
     }
+    // What a plain KV watcher's user keeps: a map, with nothing to verify it against. The
+    // check (a state built from the map, its digest) runs after the clock stops.
     let t = Instant::now();
     let mut watch = kvb.watch_with_history(">").await?;
-    let mut seen = HashSet::with_capacity(sizes.keys);
-    let mut baseline_state = State::new(state.lineage());
+    let mut seen: HashMap<String, Bytes> = HashMap::with_capacity(sizes.keys);
     while seen.len() < sizes.keys {
         let entry = tokio::time::timeout(Duration::from_secs(30), watch.next())
             .await
             .context("KV watcher stalled")?
             .context("KV watcher ended")??;
-        baseline_state.insert(entry.key.as_str().into(), entry.value.clone());
-        seen.insert(entry.key);
+        seen.insert(entry.key, entry.value);
     }
     let baseline = t.elapsed().as_secs_f64();
+    let mut baseline_state = State::new(state.lineage());
+    baseline_state.insert_many(
+        seen.into_iter()
+            .map(|(k, v)| (k.as_str().into(), v))
+            .collect(),
+    );
     ensure!(
         baseline_state.digest() == state.digest(),
         "KV watcher state differs"

@@ -382,6 +382,19 @@ impl State {
         }
     }
 
+    /// Makes room for `entries` more entries spread over `buckets` (a snapshot range about to
+    /// be loaded), so its tables are sized once instead of growing step by step; each step
+    /// reads every entry again to rehash its key.
+    pub fn reserve_buckets(&mut self, buckets: std::ops::Range<usize>, entries: usize) {
+        let n = buckets.len().max(1);
+        // The mean, plus an eighth for buckets fuller than the mean.
+        let per_bucket = entries.div_ceil(n);
+        let per_bucket = per_bucket + per_bucket / 8;
+        for b in buckets {
+            Arc::make_mut(&mut self.buckets[b]).reserve(per_bucket, |e| key_hash(e.key_bytes()));
+        }
+    }
+
     /// Puts one entry (the unchecked path, for restoring snapshots).
     pub fn insert(&mut self, key: Key, value: Bytes) {
         self.apply_changes(&[Change::Put { key, value }]);

@@ -247,6 +247,14 @@ async fn rebuild_ranges(
     let mut keep = vec![false; crate::digest::BUCKETS];
     for &r in ranges {
         state.clear_buckets(m.ranges[r].buckets());
+        // As the manifest says, but never more than one per byte: a damaged count must not
+        // reserve memory its chunks could never fill.
+        let entries: u64 = m.ranges[r]
+            .chunks
+            .iter()
+            .map(|c| c.entries.min(c.bytes))
+            .sum();
+        state.reserve_buckets(m.ranges[r].buckets(), usize::try_from(entries).unwrap_or(0));
         for b in m.ranges[r].buckets() {
             keep[b] = true;
         }
