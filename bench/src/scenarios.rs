@@ -418,8 +418,12 @@ pub fn envelopes(sizes: Sizes, rng: &mut Rng) -> (State, Vec<Bytes>) {
     (p, out)
 }
 
-/// Raw JetStream publish of envelope bytes vs reading them back: the baselines of the
-/// producer and consumer rows. Returns (publish time, raw read time, in-memory apply time).
+/// How long a reader may stay silent before the scenario fails (instead of hanging the run).
+const STALL: Duration = Duration::from_secs(30);
+
+/// In-memory apply without the consumer engine: the shared `Tail` (ordered consumer and
+/// decoding) feeding `State::apply` with every digest verified, against a raw ordered read of
+/// the same messages.
 pub async fn apply_memory(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<()> {
     let s = settings(url, "bench-apply")?;
     let (js, _kv) = open(&s).await?;
@@ -445,7 +449,10 @@ pub async fn apply_memory(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Resul
     let mut n = 0u64;
     let mut raw_bytes = 0usize;
     while n < last {
-        let m = msgs.next().await.context("raw reader ended")??;
+        let m = tokio::time::timeout(STALL, msgs.next())
+            .await
+            .with_context(|| format!("raw reader stalled after {n} of {last} messages"))?
+            .context("raw reader ended")??;
         raw_bytes += m.payload.len();
         n += 1;
     }
@@ -461,7 +468,10 @@ pub async fn apply_memory(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Resul
     let mut replica = State::new(producer.lineage());
     let mut applied = 0u64;
     while applied < last {
-        let item = tail.next().await.context("tail ended")??;
+        let item = tokio::time::timeout(STALL, tail.next())
+            .await
+            .with_context(|| format!("the tail stalled after {applied} of {last} envelopes"))?
+            .context("tail ended")??;
         match item.item {
             Classified::Envelope(e) => {
                 replica
