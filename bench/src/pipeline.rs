@@ -139,13 +139,7 @@ fn put_chunks(
 
 /// The digest of `state` computed again from its entries alone.
 fn scratch_digest(state: &State) -> Digest {
-    // Spelled for both entry forms a `State` has had (`(&Key, &Bytes)`, `(&str, &[u8])`)
-    // while that change is under way.
-    #[allow(clippy::useless_asref)]
-    let entries = state
-        .iter()
-        .map(|(k, v)| -> (&str, &[u8]) { (k.as_ref(), v.as_ref()) });
-    BucketDigests::from_entries(entries).total()
+    BucketDigests::from_entries(state.iter()).total()
 }
 
 /// Producer ingest: `changes` puts handed to the producer library in chunks of 4096 with

@@ -363,11 +363,7 @@ pub fn digest_cost(sizes: Sizes, rows: &mut Vec<Row>) -> Result<()> {
             state.apply_changes(b);
         }
         per_change.push(t.elapsed().as_secs_f64() / n as f64);
-        let scratch = BucketDigests::from_entries(
-            state
-                .iter()
-                .map(|(k, v)| -> (&str, &[u8]) { (k.as_ref(), v.as_ref()) }),
-        );
+        let scratch = BucketDigests::from_entries(state.iter());
         ensure!(
             scratch.total() == state.digest(),
             "incremental digest differs from scratch"
