@@ -341,14 +341,24 @@ pub fn decode_chunk(bytes: &[u8], blob: &BlobRef, range: &RangeRef) -> Result<Ch
 /// `decode_chunk` of many fetched blobs (each with its reference and range), their content
 /// hashes computed together (`content_hashes`). One result per blob, in order.
 pub fn decode_chunks(blobs: &[(&[u8], &BlobRef, &RangeRef)]) -> Vec<Result<Chunk, DecodeError>> {
+    decode_blobs(blobs, "snapshot chunk", decode_chunk_body)
+}
+
+/// Checks each blob's content hash against its reference (all hashed together), then decodes
+/// it with `body`. One result per blob, in order.
+fn decode_blobs<R, T>(
+    blobs: &[(&[u8], &BlobRef, &R)],
+    kind: &'static str,
+    body: fn(&[u8], &R) -> Result<T, DecodeError>,
+) -> Vec<Result<T, DecodeError>> {
     let bytes: Vec<&[u8]> = blobs.iter().map(|(b, _, _)| *b).collect();
     let hashes = content_hashes(&bytes);
     blobs
         .iter()
         .zip(hashes)
-        .map(|((bytes, blob, range), hash)| {
-            check_hash(&hash, blob, "snapshot chunk")?;
-            decode_chunk_body(bytes, range)
+        .map(|((bytes, blob, of), hash)| {
+            check_hash(&hash, blob, kind)?;
+            body(bytes, of)
         })
         .collect()
 }
@@ -406,16 +416,7 @@ pub fn decode_segment(
 pub fn decode_segments(
     blobs: &[(&[u8], &BlobRef, &SegmentRef)],
 ) -> Vec<Result<Segment, DecodeError>> {
-    let bytes: Vec<&[u8]> = blobs.iter().map(|(b, _, _)| *b).collect();
-    let hashes = content_hashes(&bytes);
-    blobs
-        .iter()
-        .zip(hashes)
-        .map(|((bytes, blob, seg), hash)| {
-            check_hash(&hash, blob, "snapshot segment")?;
-            decode_segment_body(bytes, seg)
-        })
-        .collect()
+    decode_blobs(blobs, "snapshot segment", decode_segment_body)
 }
 
 /// Decodes a piece of `seg` whose content hash was checked.

@@ -89,14 +89,18 @@ impl Entry {
         Entry(Arc::from(&scratch[..]))
     }
 
-    /// Rewrites the value (of the same length) and hash in place when no clone of the state
-    /// shares this entry; returns the old hash, or `None` (nothing changed) when shared.
+    /// Rewrites hash and value in place when `value` has the old one's length and no clone
+    /// of the state shares this entry: no allocation, no free. Returns the old hash, or `None`
+    /// (nothing changed) otherwise.
     fn overwrite(&mut self, hash: Digest, value: &[u8]) -> Option<Digest> {
         let at = self.value_at();
+        if self.0.len() - at != value.len() {
+            return None;
+        }
+        let old = self.hash();
         let bytes = Arc::get_mut(&mut self.0)?;
-        let old = bytes[..KEY_LEN_AT].try_into().ok().map(Digest)?;
         bytes[..KEY_LEN_AT].copy_from_slice(&hash.0);
-        bytes.get_mut(at..)?.copy_from_slice(value);
+        bytes[at..].copy_from_slice(value);
         Some(old)
     }
 
@@ -616,10 +620,7 @@ impl State {
                 match bucket.entry(h, |e| e.key_bytes() == k, |e| key_hash(e.key_bytes())) {
                     Slot::Occupied(mut o) => {
                         let e = o.get_mut();
-                        // A value of the old one's length replaces it in the same allocation
-                        // when nothing else holds the entry: no allocation, no free.
-                        let same_len = e.0.len() == KEY_AT + k.len() + value.len();
-                        match same_len.then(|| e.overwrite(hash, value)).flatten() {
+                        match e.overwrite(hash, value) {
                             Some(old) => {
                                 self.digests.sub(b, old);
                                 None
