@@ -245,16 +245,11 @@ async fn rebuild_ranges(
         return Ok(0);
     }
     let mut keep = vec![false; crate::digest::BUCKETS];
-    for &r in ranges {
+    // As the manifest says, but bounded (its counts are untrusted): see `reserve_hints`.
+    let hints = m.reserve_hints(ranges);
+    for (&r, entries) in ranges.iter().zip(hints) {
         state.clear_buckets(m.ranges[r].buckets());
-        // As the manifest says, but never more than one per byte: a damaged count must not
-        // reserve memory its chunks could never fill.
-        let entries: u64 = m.ranges[r]
-            .chunks
-            .iter()
-            .map(|c| c.entries.min(c.bytes))
-            .sum();
-        state.reserve_buckets(m.ranges[r].buckets(), usize::try_from(entries).unwrap_or(0));
+        state.reserve_buckets(m.ranges[r].buckets(), entries);
         for b in m.ranges[r].buckets() {
             keep[b] = true;
         }
