@@ -5,6 +5,18 @@
 //!
 //! Talks to JetStream through the shared `history` and `store` modules, to the stream's
 //! consumer list for positions, and to a local redb replica (`local`) for `rebuild`.
+//!
+//! ## Invariants
+//!
+//! - `replay`, `verify` and `rebuild` read up to the stream's last sequence as it was when
+//!   they started, or fail naming the sequence: a read that stalls is opened again where it
+//!   stopped ([`READ_ATTEMPTS`] times in a row, each wait bounded by `nats.request_timeout`),
+//!   a missing envelope is an error, and a read ends early only when the server says nothing
+//!   is stored up to the end.
+//! - Only whole transactions are printed, applied or checked: `replay` from inside a
+//!   multi-part transaction starts at the next whole one and says so on stderr.
+//! - `status` judges headroom by the stream's own limits (its configuration on the server),
+//!   the minimum over messages, bytes and age.
 
 use crate::local::{Cursor, LocalStore};
 use crate::replica::{BatchKind, ChangeBatch};

@@ -12,6 +12,12 @@
 //!   zombie) cannot move `latest`, nor can any writer move it backwards in a lineage.
 //! - Everything read is verified (content hashes, range digests, state digest) before it is
 //!   handed out; a failed verification hands out nothing.
+//! - A writer re-checks the blobs it reuses after storing its manifest and before moving
+//!   `latest`, and cuts a new base if another writer's garbage collection removed one.
+//!   Garbage collection judges ages on the server's clock only and removes a blob only at the
+//!   revision it judged.
+//! - A manifest's counts are untrusted: loads reserve at most
+//!   [`snapshot::MAX_RESERVED_ENTRIES`] table slots whatever it claims.
 
 use crate::change::Change;
 use crate::codec::DecodeError;
