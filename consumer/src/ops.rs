@@ -5,16 +5,29 @@
 //!
 //! Talks to JetStream through the shared `history` and `store` modules, to the stream's
 //! consumer list for positions, and to a local redb replica (`local`) for `rebuild`.
+//!
+//! ## Invariants
+//!
+//! - `replay`, `verify` and `rebuild` read up to the stream's last sequence as it was when
+//!   they started, or fail naming the sequence: a read that stalls is opened again where it
+//!   stopped ([`READ_ATTEMPTS`] times in a row, each wait bounded by `nats.request_timeout`),
+//!   a missing envelope is an error, and a read ends early only when the server says nothing
+//!   is stored up to the end.
+//! - Only whole transactions are printed, applied or checked: `replay` from inside a
+//!   multi-part transaction starts at the next whole one and says so on stderr.
+//! - `status` judges headroom by the stream's own limits (its configuration on the server),
+//!   the minimum over messages, bytes and age.
 
 use crate::local::{Cursor, LocalStore};
 use crate::replica::{BatchKind, ChangeBatch};
 use async_nats::jetstream;
-use deltasync_shared::history::{Classified, HistoryError, Tail};
+use async_nats::jetstream::stream::DirectGetErrorKind;
+use deltasync_shared::history::{classify, Classified, HistoryError};
 use deltasync_shared::settings::Settings;
 use deltasync_shared::snapshot::Manifest;
 use deltasync_shared::store::{self, StoreError};
 use deltasync_shared::{names, nats, ApplyError, Change, Envelope, Lineage, State};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
@@ -58,6 +71,28 @@ pub enum OpsError {
     Output(#[from] std::io::Error),
     #[error("listing the stream's consumers: {0}")]
     Consumers(String),
+    /// A read stopped delivering before the end it was asked for, and kept stopping.
+    #[error(
+        "reading the stream stalled at stream sequence {stream_seq} before its end \
+         {end} ({attempts} attempts): {reason}; nothing after it was read"
+    )]
+    Stalled {
+        stream_seq: u64,
+        end: u64,
+        attempts: u32,
+        reason: String,
+    },
+    /// An envelope of the lineage is not in the stream (deleted, or never stored).
+    #[error(
+        "envelope {missing} is missing from the stream: envelope {found} follows envelope \
+         {after} (at stream sequence {stream_seq})"
+    )]
+    Missing {
+        missing: u64,
+        after: u64,
+        found: u64,
+        stream_seq: u64,
+    },
 }
 
 async fn connect(settings: &Settings) -> Result<jetstream::Context, OpsError> {
@@ -74,9 +109,159 @@ async fn current_manifest(
     Ok(store::latest_manifest(&kv).await?)
 }
 
+/// How many times a read that stops delivering before the end it was asked for is opened
+/// again (each wait bounded by `nats.request_timeout`) before the command fails.
+pub const READ_ATTEMPTS: u32 = 3;
+
+/// Reads the envelope stream in order from one stream sequence through another, whatever
+/// happens on the way: a read that stops delivering (a timeout, a consumer that ended, a
+/// server that does not answer) is opened again where it stopped, at most [`READ_ATTEMPTS`]
+/// times in a row, then fails naming the stream sequence it waited for. It ends early only
+/// when the server says that nothing is stored between where it is and the end (the tail was
+/// deleted), never because a wait ran out.
+struct Reader {
+    stream: jetstream::stream::Stream,
+    subject: String,
+    settings: Settings,
+    messages: Option<jetstream::consumer::pull::Ordered>,
+    /// The next stream sequence wanted.
+    next: u64,
+    /// The last stream sequence wanted (the stream's head when the command started).
+    end: u64,
+}
+
+impl Reader {
+    async fn open(
+        js: &jetstream::Context,
+        settings: &Settings,
+        from: u64,
+        end: u64,
+    ) -> Result<Reader, OpsError> {
+        let name = names::stream_name(&settings.pipeline);
+        let mut last_error = String::new();
+        for _ in 0..READ_ATTEMPTS {
+            match tokio::time::timeout(settings.nats.request_timeout, js.get_stream(&name)).await {
+                Ok(Ok(stream)) => {
+                    return Ok(Reader {
+                        stream,
+                        subject: names::subject(&settings.pipeline),
+                        settings: settings.clone(),
+                        messages: None,
+                        next: from.max(1),
+                        end,
+                    })
+                }
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = "timed out".into(),
+            }
+        }
+        Err(OpsError::Stalled {
+            stream_seq: from,
+            end,
+            attempts: READ_ATTEMPTS,
+            reason: last_error,
+        })
+    }
+
+    /// The next stored message at or before the end: its stream sequence and what it holds.
+    /// `None` once the end is reached.
+    async fn next(&mut self) -> Result<Option<(u64, Classified)>, OpsError> {
+        let wait = self.settings.nats.request_timeout;
+        let mut failures = 0u32;
+        let mut reason = String::new();
+        loop {
+            if self.next > self.end {
+                return Ok(None);
+            }
+            if self.messages.is_none() {
+                match tokio::time::timeout(wait, self.subscribe()).await {
+                    Ok(Ok(m)) => self.messages = Some(m),
+                    Ok(Err(e)) => reason = format!("opening a reader: {e}"),
+                    Err(_) => reason = "opening a reader timed out".into(),
+                }
+            }
+            if let Some(messages) = &mut self.messages {
+                match tokio::time::timeout(wait, messages.next()).await {
+                    Ok(Some(Ok(msg))) => match msg.info() {
+                        Ok(info) => {
+                            let seq = info.stream_sequence;
+                            if seq < self.next {
+                                continue; // redelivered after a re-open
+                            }
+                            self.next = seq + 1;
+                            if seq > self.end {
+                                return Ok(None);
+                            }
+                            return Ok(Some((seq, classify(&msg.payload))));
+                        }
+                        Err(e) => reason = format!("reading a message's metadata: {e}"),
+                    },
+                    Ok(Some(Err(e))) => reason = format!("reading: {e}"),
+                    Ok(None) => reason = "the reader ended".into(),
+                    Err(_) => reason = format!("nothing arrived within {wait:?}"),
+                }
+            }
+            // Nothing came. Either nothing is stored up to the end any more (deleted or
+            // pruned meanwhile), or the read stalled: ask the server which.
+            self.messages = None;
+            match tokio::time::timeout(
+                wait,
+                self.stream
+                    .direct_get_next_for_subject(self.subject.clone(), Some(self.next)),
+            )
+            .await
+            {
+                Ok(Ok(m)) if m.sequence > self.end => return Ok(None),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+                Ok(Err(e)) => reason = format!("{reason}; asking what is stored: {e}"),
+                Err(_) => reason = format!("{reason}; asking what is stored timed out"),
+            }
+            failures += 1;
+            if failures >= READ_ATTEMPTS {
+                return Err(OpsError::Stalled {
+                    stream_seq: self.next,
+                    end: self.end,
+                    attempts: failures,
+                    reason,
+                });
+            }
+            tracing::warn!(
+                stream_seq = self.next,
+                end = self.end,
+                attempt = failures,
+                %reason,
+                "The read stalled before the end; reading again from where it stopped"
+            );
+        }
+    }
+
+    async fn subscribe(&self) -> Result<jetstream::consumer::pull::Ordered, async_nats::Error> {
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: self.next,
+                },
+                max_batch: read_batch(&self.settings),
+                ..Default::default()
+            })
+            .await?;
+        Ok(consumer.messages().await?)
+    }
+}
+
+/// Messages one pull asks for: about 16 MiB of the largest envelopes in flight (the server
+/// cuts a connection with much more pending as a slow consumer).
+fn read_batch(settings: &Settings) -> i64 {
+    let max_message = i64::from(settings.stream.max_message_bytes).max(64 * 1024);
+    (16 * 1024 * 1024 / max_message).clamp(8, 200)
+}
+
 /// Reads envelopes of `lineage` from stream sequence `from` up to the stream's head at the
-/// time of the call, calling `f` for each (with its stream sequence). Foreign messages and
-/// envelopes of other lineages are skipped.
+/// time of the call, calling `f` for each (with its stream sequence) until it returns false.
+/// Foreign messages and envelopes of other lineages are skipped. A read that stalls before
+/// the head is read again (bounded) and then fails: this never ends early and quietly.
 async fn scan(
     js: &jetstream::Context,
     settings: &Settings,
@@ -88,17 +273,13 @@ async fn scan(
     if bounds.messages == 0 || from > bounds.last_seq {
         return Ok(());
     }
-    let mut tail = Tail::open(js, settings, from.max(bounds.first_seq)).await?;
-    while let Some(item) = tail.next_within(settings.nats.request_timeout).await {
-        let item = item?;
-        let done = item.stream_seq >= bounds.last_seq || item.pending == 0;
-        if let Classified::Envelope(e) = item.item {
-            if lineage.is_none_or(|l| l == e.lineage) && !f(item.stream_seq, e)? {
+    let mut reader =
+        Reader::open(js, settings, from.max(bounds.first_seq), bounds.last_seq).await?;
+    while let Some((stream_seq, item)) = reader.next().await? {
+        if let Classified::Envelope(e) = item {
+            if lineage.is_none_or(|l| l == e.lineage) && !f(stream_seq, e)? {
                 return Ok(());
             }
-        }
-        if done {
-            break;
         }
     }
     Ok(())
@@ -165,12 +346,25 @@ pub struct ReplaySummary {
     pub envelopes: u64,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// `--from-seq` fell inside this transaction (its first and last envelope), which was
+    /// not printed: the output starts at the next whole transaction.
+    pub skipped_head: Option<(u64, u64)>,
+    /// The transaction at the end (its first envelope and the envelopes it has) was not
+    /// printed because it does not end at or before the requested end.
+    pub skipped_tail: Option<(u64, u64)>,
 }
 
 /// Prints envelopes `from..=to` of the current lineage as NDJSON, one line per transaction
 /// (a multi-part transaction is one line, named by its last part's sequence), in the ingest
 /// format so `deltasync-producer ingest` accepts the output as it is. Empty transactions are
 /// not printed (there is nothing to copy).
+///
+/// Only whole transactions are printed: when `from` is inside a multi-part transaction the
+/// output starts at the first transaction that starts at or after `from`, and a transaction
+/// that does not end at or before `to` (or the stream's head) is left out; both are said on
+/// stderr and in the summary. A missing envelope, a history that ends before `to`, or a read
+/// that stalls fail naming the sequence; what was printed before is then incomplete and the
+/// command exits non-zero.
 pub async fn replay(
     settings: &Settings,
     from: u64,
@@ -186,6 +380,10 @@ pub async fn replay(
     let mut first: Option<(u64, u64)> = None;
     let mut summary = ReplaySummary::default();
     let mut pending: Vec<Envelope> = Vec::new();
+    // The last envelope of the lineage seen (continuity: the next must follow it).
+    let mut last_seen: Option<u64> = None;
+    // An envelope after `to` was seen: the history reaches the requested end.
+    let mut reached_to = false;
     let mut err = None;
     scan(&js, settings, bounds.first_seq, lineage, |stream_seq, e| {
         if first.is_none() {
@@ -208,14 +406,46 @@ pub async fn replay(
                 return Ok(false);
             }
         }
+        if to.is_some_and(|t| e.seq > t) {
+            reached_to = true;
+            return Ok(false);
+        }
+        match last_seen {
+            // A retried publish stored twice: already seen.
+            Some(l) if e.seq <= l => return Ok(true),
+            Some(l) if e.seq > l + 1 => {
+                err = Some(OpsError::Missing {
+                    missing: l + 1,
+                    after: l,
+                    found: e.seq,
+                    stream_seq,
+                });
+                return Ok(false);
+            }
+            _ => last_seen = Some(e.seq),
+        }
         if e.seq < from {
             return Ok(true);
         }
-        if to.is_some_and(|t| e.seq > t) {
-            return Ok(false);
-        }
         if e.part == 1 {
             pending.clear();
+        } else if pending.last().is_none_or(|p| p.part + 1 != e.part) {
+            // Inside a transaction whose start is not in the output: at `from`, skip to the
+            // next whole one; later, the parts before it are missing (an abandoned
+            // transaction's remains); either way nothing of it is printed.
+            pending.clear();
+            if summary.envelopes == 0 && summary.skipped_head.is_none() {
+                let tx_first = e.seq - u64::from(e.part - 1);
+                let tx_last = e.seq + u64::from(e.parts - e.part);
+                summary.skipped_head = Some((tx_first, tx_last));
+                eprintln!(
+                    "replay: envelope {from} is inside the multi-part transaction of envelopes \
+                     {tx_first}..={tx_last}, which is not printed; the output starts at the next \
+                     whole transaction (envelope {})",
+                    tx_last + 1
+                );
+            }
+            return Ok(true);
         }
         let last = e.is_last_part();
         let seq = e.seq;
@@ -257,6 +487,22 @@ pub async fn replay(
     }
     if first.is_none() && from > 0 {
         return Err(OpsError::Empty);
+    }
+    let last = last_seen.unwrap_or(0);
+    if let Some(t) = to {
+        if last < t && !reached_to {
+            return Err(OpsError::BeyondHistory { wanted: t, last });
+        }
+    }
+    if let Some(p) = pending.first() {
+        let tx_first = p.seq - u64::from(p.part - 1);
+        summary.skipped_tail = Some((tx_first, u64::from(p.parts)));
+        eprintln!(
+            "replay: the transaction starting at envelope {tx_first} ({} parts) does not end by \
+             envelope {}; it is not printed",
+            p.parts,
+            to.unwrap_or(last)
+        );
     }
     out.flush()?;
     Ok(summary)
@@ -494,9 +740,14 @@ pub struct StreamStatus {
     pub oldest_age_secs: Option<f64>,
     /// Messages per second over the retained window (the rate headroom is judged at).
     pub rate_per_sec: Option<f64>,
+    /// The stream's own limits, as the server holds them (not the caller's settings);
+    /// -1 is unlimited, as in the stream configuration.
     pub max_messages: i64,
     pub max_bytes: i64,
+    /// 0 is unlimited.
     pub max_age_secs: f64,
+    /// False when the stream discards new messages (publishes fail instead of pruning).
+    pub discard_old: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -516,19 +767,100 @@ pub struct ConsumerStatus {
     /// Stream sequence the consumer has committed (acknowledged) up to.
     pub position: u64,
     pub lag: u64,
-    /// Messages that can still arrive before retention prunes the position.
+    /// Messages that can still arrive before retention prunes the position: the minimum
+    /// over the stream's message, byte and age limits (`None`: no limit applies).
     pub headroom_messages: Option<u64>,
     /// At the current rate, seconds until retention prunes the position.
     pub headroom_secs: Option<f64>,
+    /// The limit that binds first: "messages", "bytes" or "age".
+    pub headroom_limit: Option<&'static str>,
     /// The position is already pruned: the consumer will re-snapshot.
     pub pruned: bool,
     pub idle_secs: Option<f64>,
 }
 
+/// How much more the stream can take before retention prunes a position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Headroom {
+    pub messages: Option<u64>,
+    pub secs: Option<f64>,
+    pub limit: Option<&'static str>,
+}
+
+/// Headroom of a position `lag` messages behind the head, under `limits`, for a stream that
+/// stores `messages` messages in `bytes` bytes and grows at `rate` messages per second;
+/// `next_age_secs` is the age of the first message after the position (`None` when there
+/// is none yet). Each limit gives a number of messages (and, at the rate, seconds):
+///
+/// - messages: `max_messages - lag`;
+/// - bytes: `max_bytes / (bytes / messages) - lag`, the mean stored message size standing
+///   in for the size of the messages still to come;
+/// - age: `max_age - next_age` seconds, times the rate in messages.
+///
+/// The headroom is the minimum of those; with discard new nothing is pruned for count or
+/// size (publishes fail instead), so only age counts.
+pub fn headroom(
+    limits: &nats::StreamLimits,
+    messages: u64,
+    bytes: u64,
+    lag: u64,
+    rate: Option<f64>,
+    next_age_secs: Option<f64>,
+) -> Headroom {
+    let mut candidates: Vec<(&'static str, Option<u64>, Option<f64>)> = Vec::new();
+    let in_secs = |m: u64| rate.filter(|r| *r > 0.0).map(|r| m as f64 / r);
+    if limits.discard_old {
+        if let Some(max) = limits.max_messages {
+            let m = max.saturating_sub(lag);
+            candidates.push(("messages", Some(m), in_secs(m)));
+        }
+        if let Some(max) = limits.max_bytes {
+            if messages > 0 && bytes > 0 {
+                // Messages that fit: max_bytes / mean size, rounded down.
+                let fit = (u128::from(max) * u128::from(messages) / u128::from(bytes)) as u64;
+                let m = fit.saturating_sub(lag);
+                candidates.push(("bytes", Some(m), in_secs(m)));
+            }
+        }
+    }
+    if let Some(max_age) = limits.max_age {
+        let secs = (max_age.as_secs_f64() - next_age_secs.unwrap_or(0.0)).max(0.0);
+        let m = rate.filter(|r| *r > 0.0).map(|r| (secs * r).floor() as u64);
+        candidates.push(("age", m, Some(secs)));
+    }
+    let messages = candidates.iter().filter_map(|c| c.1).min();
+    let secs = candidates
+        .iter()
+        .filter_map(|c| c.2)
+        .min_by(|a, b| a.total_cmp(b));
+    // The binding limit: the smallest in seconds when the rate is known, else in messages.
+    let limit = candidates
+        .iter()
+        .filter(|c| c.2.is_some())
+        .min_by(|a, b| {
+            a.2.unwrap_or(f64::INFINITY)
+                .total_cmp(&b.2.unwrap_or(f64::INFINITY))
+        })
+        .or_else(|| {
+            candidates
+                .iter()
+                .filter(|c| c.1.is_some())
+                .min_by_key(|c| c.1)
+        })
+        .map(|c| c.0);
+    Headroom {
+        messages,
+        secs,
+        limit,
+    }
+}
+
 /// Stream bounds, lineage, retained snapshots and every consumer's position and headroom.
+/// The limits are the stream's own (its configuration on the server), not the caller's
+/// settings.
 pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
     let js = connect(settings).await?;
-    let b = nats::stream_bounds(&js, settings).await?;
+    let (b, limits) = nats::stream_bounds_and_limits(&js, settings).await?;
     let now = std::time::SystemTime::now();
     let oldest_age = b
         .first_ts
@@ -567,7 +899,7 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         .try_collect()
         .await
         .map_err(|e| OpsError::Consumers(e.to_string()))?;
-    let s = &settings.stream;
+    let subject = names::subject(&settings.pipeline);
     let mut consumers = Vec::new();
     for info in infos
         .into_iter()
@@ -576,21 +908,23 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         let position = info.ack_floor.stream_sequence;
         let lag = b.last_seq.saturating_sub(position);
         let pruned = b.messages > 0 && position + 1 < b.first_seq;
-        // Retention by count: the stream keeps max_messages; the position survives until
-        // `max_messages - lag` more messages arrive. By age: until its next message ages out.
-        let by_count = (s.max_messages > 0).then(|| (s.max_messages as u64).saturating_sub(lag));
-        let by_age_secs = (!s.max_age.is_zero())
-            .then(|| {
-                let behind = lag as f64 / rate.unwrap_or(f64::INFINITY).max(f64::MIN_POSITIVE);
-                let age_of_next = if rate.is_some() { behind } else { 0.0 };
-                s.max_age.as_secs_f64() - age_of_next
-            })
-            .map(|x| x.max(0.0));
-        let by_count_secs = by_count.and_then(|m| rate.map(|r| m as f64 / r));
-        let headroom_secs = match (by_count_secs, by_age_secs) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        // The age of the first message after the position decides when age retention
+        // prunes it (stored time on the server).
+        let next_age = if lag > 0 && limits.max_age.is_some() {
+            match stream
+                .direct_get_next_for_subject(subject.clone(), Some(position + 1))
+                .await
+            {
+                Ok(m) => {
+                    let stored = std::time::SystemTime::from(m.time);
+                    Some(now.duration_since(stored).map_or(0.0, |d| d.as_secs_f64()))
+                }
+                Err(_) => oldest_age,
+            }
+        } else {
+            None
         };
+        let h = headroom(&limits, b.messages, b.bytes, lag, rate, next_age);
         let idle = info.delivered.last_active.map(|t| {
             let ts = t.unix_timestamp_nanos() as f64 / 1e9;
             let now = now_ms as f64 / 1000.0;
@@ -600,12 +934,14 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
             name: info.name,
             position,
             lag,
-            headroom_messages: by_count,
-            headroom_secs: if pruned { Some(0.0) } else { headroom_secs },
+            headroom_messages: if pruned { Some(0) } else { h.messages },
+            headroom_secs: if pruned { Some(0.0) } else { h.secs },
+            headroom_limit: h.limit,
             pruned,
             idle_secs: idle,
         });
     }
+    let unlimited = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
     Ok(Status {
         pipeline: settings.pipeline.clone(),
         stream: StreamStatus {
@@ -616,9 +952,10 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
             bytes: b.bytes,
             oldest_age_secs: oldest_age,
             rate_per_sec: rate,
-            max_messages: s.max_messages,
-            max_bytes: s.max_bytes,
-            max_age_secs: s.max_age.as_secs_f64(),
+            max_messages: unlimited(limits.max_messages),
+            max_bytes: unlimited(limits.max_bytes),
+            max_age_secs: limits.max_age.map_or(0.0, |a| a.as_secs_f64()),
+            discard_old: limits.discard_old,
         },
         lineage,
         snapshots,
@@ -668,12 +1005,14 @@ pub fn render_status(s: &Status) -> String {
     out += "consumers:\n";
     for c in &s.consumers {
         out += &format!(
-            "  {:<40} position {:>10}  lag {:>8}  headroom {} messages / {}{}\n",
+            "  {:<40} position {:>10}  lag {:>8}  headroom {} messages / {}{}{}\n",
             c.name,
             c.position,
             c.lag,
             c.headroom_messages.map_or("∞".into(), |m| m.to_string()),
             age(c.headroom_secs),
+            c.headroom_limit
+                .map_or(String::new(), |l| format!(" (bound by {l})")),
             if c.pruned {
                 "  PRUNED: will re-snapshot"
             } else {
@@ -682,4 +1021,76 @@ pub fn render_status(s: &Status) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltasync_shared::nats::StreamLimits;
+    use proptest::prelude::*;
+
+    fn limits(messages: Option<u64>, bytes: Option<u64>, age: Option<u64>) -> StreamLimits {
+        StreamLimits {
+            max_messages: messages,
+            max_bytes: bytes,
+            max_age: age.map(Duration::from_secs),
+            discard_old: true,
+        }
+    }
+
+    #[test]
+    fn headroom_by_bytes_counts_how_many_messages_of_the_mean_size_fit() {
+        // 4 MiB of ~10 KiB envelopes: about 400 fit, whatever max_messages says.
+        let l = limits(Some(1_000_000), Some(4 << 20), None);
+        let h = headroom(&l, 100, 100 * 10_240, 100, Some(10.0), None);
+        assert_eq!(h.messages, Some(409 - 100));
+        assert_eq!(h.limit, Some("bytes"));
+        assert_eq!(h.secs, Some(30.9));
+    }
+
+    #[test]
+    fn headroom_by_age_is_what_remains_of_the_next_messages_life() {
+        let l = limits(Some(1_000_000), None, Some(60));
+        let h = headroom(&l, 10, 1000, 5, Some(2.0), Some(50.0));
+        assert_eq!(
+            (h.messages, h.secs, h.limit),
+            (Some(20), Some(10.0), Some("age"))
+        );
+        // Without a rate, the age limit gives seconds only; messages come from the count.
+        let h = headroom(&l, 10, 1000, 5, None, Some(50.0));
+        assert_eq!((h.messages, h.secs), (Some(999_995), Some(10.0)));
+        // Discard new: count and size never prune.
+        let mut l = limits(Some(10), Some(10), None);
+        l.discard_old = false;
+        assert_eq!(headroom(&l, 10, 1000, 5, Some(1.0), None).messages, None);
+    }
+
+    proptest! {
+        /// The headroom never exceeds what any single limit allows.
+        #[test]
+        fn headroom_is_the_minimum_over_every_limit(
+            max_messages in proptest::option::of(1u64..10_000),
+            max_bytes in proptest::option::of(1u64..10_000_000),
+            max_age in proptest::option::of(1u64..100_000),
+            messages in 1u64..10_000,
+            mean in 1u64..100_000,
+            lag in 0u64..20_000,
+            rate in proptest::option::of(0.01f64..1000.0),
+            next_age in proptest::option::of(0.0f64..200_000.0),
+        ) {
+            let l = limits(max_messages, max_bytes, max_age);
+            let h = headroom(&l, messages, messages * mean, lag, rate, next_age);
+            if let (Some(m), Some(max)) = (h.messages, max_messages) {
+                prop_assert!(m <= max.saturating_sub(lag));
+            }
+            if let (Some(m), Some(max)) = (h.messages, max_bytes) {
+                prop_assert!(m <= (max / mean).saturating_sub(lag));
+            }
+            if let (Some(s), Some(age)) = (h.secs, max_age) {
+                prop_assert!(s <= age as f64);
+            }
+            let any = max_messages.is_some() || max_bytes.is_some();
+            prop_assert_eq!(h.messages.is_some(), any || (max_age.is_some() && rate.is_some()));
+        }
+    }
 }

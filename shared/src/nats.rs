@@ -586,6 +586,73 @@ pub async fn stream_bounds(
     })
 }
 
+/// The retention limits a stream really has: read from its own configuration on the server,
+/// which an operator (or another deployment's settings) may have set differently from the
+/// caller's settings. `None` is "no limit".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// The tighter of `max_messages` and `max_messages_per_subject` (the envelope stream has
+    /// one subject, so both count the same messages).
+    pub max_messages: Option<u64>,
+    /// `max_bytes`.
+    pub max_bytes: Option<u64>,
+    /// `max_age`.
+    pub max_age: Option<Duration>,
+    /// Retention removes old messages to make room (discard old). With discard new the
+    /// server refuses publishes instead and never prunes for space.
+    pub discard_old: bool,
+}
+
+impl StreamLimits {
+    /// The limits of a stream configuration.
+    pub fn of(config: &stream::Config) -> StreamLimits {
+        let positive = |v: i64| u64::try_from(v).ok().filter(|v| *v > 0);
+        let max_messages = match (
+            positive(config.max_messages),
+            positive(config.max_messages_per_subject),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        StreamLimits {
+            max_messages,
+            max_bytes: positive(config.max_bytes),
+            max_age: (!config.max_age.is_zero()).then_some(config.max_age),
+            discard_old: config.discard == DiscardPolicy::Old,
+        }
+    }
+}
+
+/// Reads the envelope stream's bounds and its own retention limits in one stream info request.
+pub async fn stream_bounds_and_limits(
+    js: &jetstream::Context,
+    settings: &Settings,
+) -> Result<(StreamBounds, StreamLimits), NatsError> {
+    let name = names::stream_name(&settings.pipeline);
+    let stream = js.get_stream(&name).await.map_err(|err| {
+        if is_stream_not_found(&err) {
+            NatsError::StreamNotFound {
+                stream: name.clone(),
+            }
+        } else {
+            NatsError::StreamInfo {
+                stream: name.clone(),
+                source: err,
+            }
+        }
+    })?;
+    let info = stream.cached_info();
+    let state = &info.state;
+    let bounds = StreamBounds {
+        first_seq: state.first_sequence,
+        last_seq: state.last_sequence,
+        messages: state.messages,
+        bytes: state.bytes,
+        first_ts: (state.messages > 0).then(|| SystemTime::from(state.first_timestamp)),
+    };
+    Ok((bounds, StreamLimits::of(&info.config)))
+}
+
 /// Refuses a `max_message_bytes` the connected server would never carry.
 fn check_max_payload(js: &jetstream::Context, settings: &Settings) -> Result<(), NatsError> {
     let max_payload = js.client().server_info().max_payload;
@@ -655,5 +722,28 @@ mod tests {
         );
         let (_, none) = merge_stream_config(wanted.clone(), &wanted);
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn stream_limits_come_from_the_stream_config_and_take_the_tighter_count() {
+        let mut c = stream_config(&Settings::default());
+        c.max_messages = 1000;
+        c.max_messages_per_subject = 400;
+        c.max_bytes = -1;
+        c.max_age = Duration::ZERO;
+        let l = StreamLimits::of(&c);
+        assert_eq!(l.max_messages, Some(400));
+        assert_eq!((l.max_bytes, l.max_age), (None, None));
+        assert!(l.discard_old);
+        c.max_messages = -1;
+        c.max_messages_per_subject = 0;
+        c.max_bytes = 4 << 20;
+        c.max_age = Duration::from_secs(10);
+        c.discard = DiscardPolicy::New;
+        let l = StreamLimits::of(&c);
+        assert_eq!(l.max_messages, None);
+        assert_eq!(l.max_bytes, Some(4 << 20));
+        assert_eq!(l.max_age, Some(Duration::from_secs(10)));
+        assert!(!l.discard_old);
     }
 }

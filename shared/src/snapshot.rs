@@ -56,6 +56,20 @@ pub const MAX_SEGMENTS: usize = 32;
 /// Segments may reach this fraction of the base's bytes before the next snapshot rebases.
 pub const REBASE_FRACTION: f64 = 0.5;
 
+/// The largest blob a manifest may reference: NATS never carries a message above 64 MiB
+/// (the hard ceiling of `max_payload`), so a larger size is a damaged or hostile manifest.
+pub const MAX_BLOB_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The fewest encoded bytes one chunk entry or segment change takes (a two-element array
+/// header, an empty string header and a nil or an empty binary): no blob of `n` bytes holds
+/// more than `n / MIN_ENTRY_BYTES` of them.
+pub const MIN_ENTRY_BYTES: u64 = 3;
+
+/// The most table slots a load reserves in advance from what a manifest says, over all its
+/// ranges (4 Mi entries, about 70 MiB of tables). A larger state still loads, its tables
+/// growing as entries arrive; a manifest claiming billions of entries costs no more.
+pub const MAX_RESERVED_ENTRIES: usize = 1 << 22;
+
 /// Bucket key of a manifest.
 pub fn manifest_key(lineage: Lineage, seq: u64) -> String {
     format!("manifest.{}.{seq:020}", lineage.to_hex())
@@ -210,9 +224,70 @@ impl Manifest {
         chunks.chain(segs)
     }
 
+    /// Table slots to reserve before loading each of `ranges` (indexes into `self.ranges`):
+    /// the entries its chunks claim, but never more than their claimed bytes can hold nor
+    /// more than [`MAX_RESERVED_ENTRIES`] in all. Counts from a manifest are untrusted: a
+    /// damaged one must not size a table it could never fill.
+    pub fn reserve_hints(&self, ranges: &[usize]) -> Vec<usize> {
+        let claimed: Vec<u64> = ranges
+            .iter()
+            .map(|&r| {
+                self.ranges.get(r).map_or(0, |range| {
+                    range
+                        .chunks
+                        .iter()
+                        .map(|c| c.entries.min(c.bytes.min(MAX_BLOB_BYTES) / MIN_ENTRY_BYTES))
+                        .fold(0u64, u64::saturating_add)
+                })
+            })
+            .collect();
+        let total = claimed.iter().fold(0u64, |a, &b| a.saturating_add(b));
+        let budget = MAX_RESERVED_ENTRIES as u64;
+        claimed
+            .into_iter()
+            .map(|c| {
+                let c = if total > budget {
+                    // Scaled down in proportion; u128 cannot overflow here.
+                    (u128::from(c) * u128::from(budget) / u128::from(total)) as u64
+                } else {
+                    c
+                };
+                usize::try_from(c).unwrap_or(MAX_RESERVED_ENTRIES)
+            })
+            .collect()
+    }
+
     /// Checks the structure: ranges contiguous over all buckets, segments contiguous from
-    /// `base_seq` to `seq`.
+    /// `base_seq` to `seq`, and every blob's claimed size and count possible (at most
+    /// [`MAX_BLOB_BYTES`], and no more entries than its bytes can hold).
     pub fn validate(&self) -> Result<(), String> {
+        let blobs = self
+            .ranges
+            .iter()
+            .flat_map(|r| r.chunks.iter().map(|c| ("chunk", c)))
+            .chain(
+                self.segments
+                    .iter()
+                    .flat_map(|s| s.pieces.iter().map(|p| ("segment piece", p))),
+            );
+        for (kind, b) in blobs {
+            if b.bytes > MAX_BLOB_BYTES {
+                return Err(format!(
+                    "{kind} {} claims {} bytes, above the {MAX_BLOB_BYTES} any NATS message \
+                     can hold",
+                    hex::encode(&b.hash[..8]),
+                    b.bytes
+                ));
+            }
+            if b.entries > b.bytes / MIN_ENTRY_BYTES {
+                return Err(format!(
+                    "{kind} {} claims {} entries in {} bytes",
+                    hex::encode(&b.hash[..8]),
+                    b.entries,
+                    b.bytes
+                ));
+            }
+        }
         let mut next = 0u32;
         for r in &self.ranges {
             if r.first_bucket != next || r.end_bucket <= r.first_bucket {

@@ -12,6 +12,12 @@
 //!   zombie) cannot move `latest`, nor can any writer move it backwards in a lineage.
 //! - Everything read is verified (content hashes, range digests, state digest) before it is
 //!   handed out; a failed verification hands out nothing.
+//! - A writer re-checks the blobs it reuses after storing its manifest and before moving
+//!   `latest`, and cuts a new base if another writer's garbage collection removed one.
+//!   Garbage collection judges ages on the server's clock only and removes a blob only at the
+//!   revision it judged.
+//! - A manifest's counts are untrusted: loads reserve at most
+//!   [`snapshot::MAX_RESERVED_ENTRIES`] table slots whatever it claims.
 
 use crate::change::Change;
 use crate::codec::DecodeError;
@@ -245,16 +251,11 @@ async fn rebuild_ranges(
         return Ok(0);
     }
     let mut keep = vec![false; crate::digest::BUCKETS];
-    for &r in ranges {
+    // As the manifest says, but bounded (its counts are untrusted): see `reserve_hints`.
+    let hints = m.reserve_hints(ranges);
+    for (&r, entries) in ranges.iter().zip(hints) {
         state.clear_buckets(m.ranges[r].buckets());
-        // As the manifest says, but never more than one per byte: a damaged count must not
-        // reserve memory its chunks could never fill.
-        let entries: u64 = m.ranges[r]
-            .chunks
-            .iter()
-            .map(|c| c.entries.min(c.bytes))
-            .sum();
-        state.reserve_buckets(m.ranges[r].buckets(), usize::try_from(entries).unwrap_or(0));
+        state.reserve_buckets(m.ranges[r].buckets(), entries);
         for b in m.ranges[r].buckets() {
             keep[b] = true;
         }
@@ -456,12 +457,33 @@ pub async fn resync(
 /// Writes a snapshot of `state` — a consistent cut whose envelope `state.seq()` is stored at
 /// `stream_seq` — and moves `latest` to it. `prev` is the previous snapshot and the state it
 /// describes (both kept by the writer), which lets this one be incremental.
+///
+/// Blobs of `prev` still in the bucket are reused, not written again. Another writer's
+/// garbage collection may remove them meanwhile (a cron'd `snapshot` next to the producer):
+/// after the manifest is stored and right before `latest` moves, every reused blob is checked
+/// again, and if one is gone the snapshot is cut again as a new base that reuses nothing, so
+/// `latest` never names a manifest whose blobs are not all in the bucket.
 pub async fn write_snapshot(
     js: &jetstream::Context,
     settings: &Settings,
     state: &State,
     stream_seq: u64,
     prev: Option<(&Manifest, &State)>,
+) -> Result<Manifest, StoreError> {
+    write_snapshot_with_hook(js, settings, state, stream_seq, prev, || Box::pin(async {})).await
+}
+
+/// [`write_snapshot`], running `before_manifest` after the reuse decision and the blob
+/// writes, before the manifest is stored: tests use it to interleave another writer's
+/// garbage collection deterministically. Not for other uses.
+#[doc(hidden)]
+pub async fn write_snapshot_with_hook(
+    js: &jetstream::Context,
+    settings: &Settings,
+    state: &State,
+    stream_seq: u64,
+    prev: Option<(&Manifest, &State)>,
+    before_manifest: impl FnOnce() -> futures::future::BoxFuture<'static, ()>,
 ) -> Result<Manifest, StoreError> {
     let kv = bucket(js, settings).await?;
     check_in_history(js, settings, state, stream_seq).await?;
@@ -494,6 +516,60 @@ pub async fn write_snapshot(
         }
         None => None,
     };
+    let mut manifest = write_blobs(js, settings, state, stream_seq, prev, &known).await?;
+    before_manifest().await;
+    let key = manifest_key(manifest.lineage, manifest.seq);
+    put_manifest(&kv, &key, &manifest).await?;
+    // Re-check what this snapshot reuses, now that its manifest protects it from any later
+    // collection: a collection that ran since the reuse decision may have removed some.
+    let reused: Vec<String> = manifest.blob_keys().filter(|k| known.contains(k)).collect();
+    if !reused.is_empty() {
+        let present: HashSet<String> = list_keys(&kv).await?.into_iter().collect();
+        let gone: Vec<&String> = reused.iter().filter(|k| !present.contains(*k)).collect();
+        if !gone.is_empty() {
+            tracing::warn!(
+                gone = gone.len(),
+                first = %gone[0],
+                seq = manifest.seq,
+                "Blobs this snapshot reused were removed meanwhile (another writer's garbage collection); cutting it again as a new base"
+            );
+            manifest = write_blobs(js, settings, state, stream_seq, None, &HashSet::new()).await?;
+            put_manifest(&kv, &key, &manifest).await?;
+        }
+    }
+    let pointer = encode_pointer(&Pointer {
+        lineage: manifest.lineage,
+        seq: manifest.seq,
+        manifest: key,
+    })?;
+    match latest_rev {
+        Some(rev) => kv
+            .update(LATEST_KEY, pointer.into(), rev)
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Raced { source: e.into() })?,
+        None => kv
+            .create(LATEST_KEY, pointer.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Raced { source: e.into() })?,
+    }
+    if let Err(e) = gc(&kv, settings).await {
+        tracing::warn!(error = %e, "Snapshot garbage collection failed; it will be retried after the next snapshot");
+    }
+    Ok(manifest)
+}
+
+/// Plans a snapshot of `state` (incremental on `prev` when given) and writes its blobs except
+/// those in `known` (already in the bucket). Returns the manifest, not yet stored.
+async fn write_blobs(
+    js: &jetstream::Context,
+    settings: &Settings,
+    state: &State,
+    stream_seq: u64,
+    prev: Option<(&Manifest, &State)>,
+    known: &HashSet<String>,
+) -> Result<Manifest, StoreError> {
     let target = settings.snapshot.chunk_target_bytes;
     let max_blob = (settings.stream.max_message_bytes.max(4096) as usize).saturating_sub(16 * 1024);
     let state_for_plan = state.clone();
@@ -540,38 +616,20 @@ pub async fn write_snapshot(
     .buffer_unordered(CONCURRENCY)
     .try_collect::<Vec<()>>()
     .await?;
-
     let mut manifest = plan.manifest;
     manifest.bytes_written = written;
-    let key = manifest_key(manifest.lineage, manifest.seq);
-    let encoded = encode_manifest(&manifest)?;
-    kv.put(&key, encoded.into())
-        .await
-        .map_err(|e| StoreError::Write {
-            key: key.clone(),
-            source: e.into(),
-        })?;
-    let pointer = encode_pointer(&Pointer {
-        lineage: manifest.lineage,
-        seq: manifest.seq,
-        manifest: key,
-    })?;
-    match latest_rev {
-        Some(rev) => kv
-            .update(LATEST_KEY, pointer.into(), rev)
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Raced { source: e.into() })?,
-        None => kv
-            .create(LATEST_KEY, pointer.into())
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Raced { source: e.into() })?,
-    }
-    if let Err(e) = gc(&kv, settings).await {
-        tracing::warn!(error = %e, "Snapshot garbage collection failed; it will be retried after the next snapshot");
-    }
     Ok(manifest)
+}
+
+async fn put_manifest(kv: &kv::Store, key: &str, manifest: &Manifest) -> Result<(), StoreError> {
+    let encoded = encode_manifest(manifest)?;
+    kv.put(key, encoded.into())
+        .await
+        .map(|_| ())
+        .map_err(|e| StoreError::Write {
+            key: key.to_string(),
+            source: e.into(),
+        })
 }
 
 /// Fencing: the envelope at `stream_seq` must be `state`'s position in `state`'s lineage.
@@ -660,19 +718,26 @@ pub struct GcReport {
 /// Removes manifests beyond the newest `snapshot.keep` once their successor is older than
 /// `snapshot.gc_grace` (a reader mid-download of one keeps working), then blobs no remaining
 /// manifest references that were written more than `gc_grace` ago.
+///
+/// Ages are judged on the server's clock only: the time the server stored each key
+/// (manifests and blobs alike) against the time it stored the bucket's newest write (a
+/// lower bound of "now" that no writer's clock skews; just after a snapshot it is that
+/// snapshot's `latest`). Manifests written meanwhile by another writer are read again right
+/// before blobs are removed, and a blob is removed only at the revision whose age was judged,
+/// so one written again since is kept.
 pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreError> {
-    let now = crate::envelope::now_ms();
     let grace_ms = settings.snapshot.gc_grace.as_millis() as u64;
     let keep = settings.snapshot.keep.max(1);
+    let now = server_now_ms(kv).await?;
     let latest = read_pointer(kv).await?.map(|(p, _)| p.manifest);
-    let manifests = list_manifests(kv).await?;
+    let manifests = list_manifests_stored(kv).await?;
     let mut report = GcReport::default();
     let mut remaining = Vec::new();
     let n = manifests.len();
-    for (i, (key, m)) in manifests.iter().enumerate() {
+    for (i, (key, m, _)) in manifests.iter().enumerate() {
         let successor_age = manifests
             .get(i + 1)
-            .map(|(_, next)| now.saturating_sub(next.created_at_ms));
+            .map(|(_, _, stored_ms)| now.saturating_sub(*stored_ms));
         let removable = i + keep < n
             && latest.as_deref() != Some(key.as_str())
             && successor_age.is_some_and(|age| age >= grace_ms);
@@ -686,7 +751,8 @@ pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreEr
             remaining.push(m);
         }
     }
-    let referenced: HashSet<String> = remaining.iter().flat_map(|m| m.blob_keys()).collect();
+    let mut referenced: HashSet<String> = remaining.iter().flat_map(|m| m.blob_keys()).collect();
+    let mut doomed = Vec::new();
     for key in list_keys(kv).await? {
         if !(key.starts_with("chunk.") || key.starts_with("segment.")) || referenced.contains(&key)
         {
@@ -697,14 +763,81 @@ pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreEr
             source: e.into(),
         })?;
         let Some(entry) = entry else { continue };
-        let written_ms = (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-        if now.saturating_sub(written_ms) >= grace_ms {
-            kv.purge(&key).await.map_err(|e| StoreError::Write {
-                key: key.clone(),
-                source: e.into(),
-            })?;
-            report.blobs_removed += 1;
+        if now.saturating_sub(server_ms(entry.created.unix_timestamp_nanos())) >= grace_ms {
+            doomed.push((key, entry.revision));
+        }
+    }
+    if doomed.is_empty() {
+        return Ok(report);
+    }
+    // A writer may have stored a manifest reusing some of these since they were listed.
+    let seen: HashSet<&str> = manifests.iter().map(|(k, _, _)| k.as_str()).collect();
+    for key in list_keys(kv).await? {
+        if key.starts_with("manifest.") && !seen.contains(key.as_str()) {
+            match read_manifest(kv, &key).await {
+                Ok(m) => referenced.extend(m.blob_keys()),
+                Err(StoreError::Missing { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for (key, revision) in doomed {
+        if referenced.contains(&key) {
+            continue;
+        }
+        match kv.purge_expect_revision(&key, Some(revision)).await {
+            Ok(()) => report.blobs_removed += 1,
+            // Written again since its age was judged: it is new, keep it.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+            Err(e) => {
+                return Err(StoreError::Write {
+                    key,
+                    source: e.into(),
+                })
+            }
         }
     }
     Ok(report)
+}
+
+/// Milliseconds since the epoch of a server timestamp (given in nanoseconds).
+fn server_ms(unix_nanos: i128) -> u64 {
+    (unix_nanos / 1_000_000).max(0) as u64
+}
+
+/// The server's time of the bucket's newest write, in milliseconds since the epoch.
+async fn server_now_ms(kv: &kv::Store) -> Result<u64, StoreError> {
+    let mut stream = kv.stream.clone();
+    let info = stream.info().await.map_err(|e| StoreError::Read {
+        key: "(bucket info)".into(),
+        source: e.into(),
+    })?;
+    Ok(server_ms(info.state.last_timestamp.unix_timestamp_nanos()))
+}
+
+/// Every manifest with the server's time of storing it, oldest first (by that time).
+async fn list_manifests_stored(kv: &kv::Store) -> Result<Vec<(String, Manifest, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for key in list_keys(kv)
+        .await?
+        .into_iter()
+        .filter(|k| k.starts_with("manifest."))
+    {
+        let entry = kv.entry(&key).await.map_err(|e| StoreError::Read {
+            key: key.clone(),
+            source: e.into(),
+        })?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            continue; // removed meanwhile
+        };
+        match decode_manifest(&entry.value) {
+            Ok(m) => out.push((key, m, server_ms(entry.created.unix_timestamp_nanos()))),
+            Err(source) => {
+                let e = StoreError::Corrupt { key, source };
+                tracing::error!(error = %e, "Skipping a corrupt snapshot manifest");
+            }
+        }
+    }
+    out.sort_by_key(|(_, m, stored)| (*stored, m.seq));
+    Ok(out)
 }

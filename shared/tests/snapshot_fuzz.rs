@@ -36,7 +36,7 @@ use deltasync_shared::snapshot::{
     apply_segment, chunk_key, content_hash, decode_chunk, decode_manifest, decode_pointer,
     decode_segment, encode_manifest, encode_pointer, manifest_key, plan, replace_range,
     segment_key, verify, BlobRef, Chunk, Manifest, Plan, Pointer, RangeRef, Segment, SegmentRef,
-    MAX_SEGMENTS,
+    MAX_BLOB_BYTES, MAX_RESERVED_ENTRIES, MAX_SEGMENTS, MIN_ENTRY_BYTES,
 };
 use deltasync_shared::state::State;
 use proptest::prelude::*;
@@ -250,8 +250,31 @@ fn check_pointer(bytes: &[u8]) -> Result<(), TestCaseError> {
 fn check_manifest(bytes: &[u8]) -> Result<(), TestCaseError> {
     if let Ok(m) = decode_manifest(bytes) {
         prop_assert_eq!(m.validate(), Ok(()));
+        check_reserve_hints(&m)?;
         let again = encode_manifest(&m).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(decode_manifest(&again).ok(), Some(m));
+    }
+    Ok(())
+}
+
+/// What a load reserves from a decoded manifest's counts stays within what its blobs could
+/// hold and within the global bound, whatever the counts say.
+fn check_reserve_hints(m: &Manifest) -> Result<(), TestCaseError> {
+    let all: Vec<usize> = (0..m.ranges.len()).collect();
+    let hints = m.reserve_hints(&all);
+    prop_assert_eq!(hints.len(), all.len());
+    let total: u128 = hints.iter().map(|&h| h as u128).sum();
+    prop_assert!(total <= MAX_RESERVED_ENTRIES as u128, "{total} reserved");
+    for (r, &h) in m.ranges.iter().zip(&hints) {
+        let holdable: u128 = r
+            .chunks
+            .iter()
+            .map(|c| u128::from(c.bytes / MIN_ENTRY_BYTES))
+            .sum();
+        prop_assert!(
+            h as u128 <= holdable,
+            "{h} reserved for {holdable} holdable"
+        );
     }
     Ok(())
 }
@@ -697,16 +720,85 @@ fn segment_body() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// A size or count from a manifest: honest small ones, ones at and around the limits, and
+/// hostile ones (billions, the integer's maximum).
+fn any_count() -> impl Strategy<Value = u64> + Clone {
+    prop_oneof![
+        0u64..100_000,
+        prop::sample::select(vec![
+            MAX_BLOB_BYTES,
+            MAX_BLOB_BYTES + 1,
+            MAX_BLOB_BYTES / MIN_ENTRY_BYTES,
+            MAX_RESERVED_ENTRIES as u64,
+            1 << 32,
+            1 << 40,
+            u64::MAX / 2,
+            u64::MAX,
+        ]),
+        any::<u64>(),
+    ]
+}
+
+/// Manifests of valid structure (power-of-two ranges, chained segments) whose every count
+/// is untrusted: many chunks per range, claiming anything.
+fn hostile_manifest() -> impl Strategy<Value = Manifest> {
+    let blob = (any_count(), any_count()).prop_map(|(bytes, entries)| BlobRef {
+        hash: [7; 32],
+        bytes,
+        entries,
+    });
+    (
+        0u32..=12,
+        prop::collection::vec(blob, 0..40),
+        prop::collection::vec(any_count(), 0..3),
+    )
+        .prop_map(|(log, chunks, piece_counts)| {
+            let n = 1u32 << log;
+            let width = BUCKETS as u32 / n;
+            let ranges = (0..n)
+                .map(|i| RangeRef {
+                    first_bucket: i * width,
+                    end_bucket: (i + 1) * width,
+                    digest: Digest::ZERO,
+                    chunks: chunks.clone(),
+                })
+                .collect();
+            let pieces = piece_counts
+                .iter()
+                .map(|&c| BlobRef {
+                    hash: [8; 32],
+                    bytes: c,
+                    entries: c,
+                })
+                .collect();
+            Manifest {
+                lineage: L,
+                seq: 6,
+                stream_seq: 106,
+                digest: Digest::ZERO,
+                entries: u64::MAX,
+                payload_bytes: u64::MAX,
+                created_at_ms: 1_700_000_000_000,
+                base_seq: 5,
+                ranges,
+                segments: vec![SegmentRef {
+                    from_seq: 5,
+                    to_seq: 6,
+                    pieces,
+                }],
+                bytes_written: 0,
+            }
+        })
+}
+
 /// Manifests with random structure (ranges that may overlap, leave gaps or overrun; segments
 /// that may not chain), encoded by `encode_manifest`: decoding must agree with `validate`.
 fn any_manifest() -> impl Strategy<Value = Manifest> {
     let blob =
-        (any::<[u8; 32]>(), any::<u64>(), any::<u64>()).prop_map(|(hash, bytes, entries)| {
-            BlobRef {
-                hash,
-                bytes,
-                entries,
-            }
+        (any::<[u8; 32]>(), any_count(), any_count()).prop_map(|(hash, bytes, entries)| BlobRef {
+            hash,
+            bytes,
+            entries,
         });
     let ranges = prop_oneof![
         // Valid cuts: powers of two.
@@ -841,6 +933,39 @@ proptest! {
 
 proptest! {
     #![proptest_config(config(256))]
+
+    /// A manifest's counts are untrusted: one claiming more than a NATS message can carry, or
+    /// more entries than its bytes can hold, is refused; one that decodes sizes nothing beyond
+    /// the bound, even when mutated.
+    #[test]
+    fn hostile_counts_in_a_manifest_are_refused_or_reserve_within_the_bound(
+        m in hostile_manifest(),
+        mutations in prop::collection::vec(mutation(), 0..3),
+    ) {
+        let mut bytes = encode_manifest(&m).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let possible = m
+            .ranges
+            .iter()
+            .flat_map(|r| &r.chunks)
+            .chain(m.segments.iter().flat_map(|s| &s.pieces))
+            .all(|b| b.bytes <= MAX_BLOB_BYTES && b.entries <= b.bytes / MIN_ENTRY_BYTES);
+        if mutations.is_empty() {
+            match decode_manifest(&bytes) {
+                Ok(decoded) => {
+                    prop_assert!(possible, "impossible counts decoded");
+                    check_reserve_hints(&decoded)?;
+                }
+                Err(e) => {
+                    prop_assert!(!possible, "refused: {e}");
+                    prop_assert!(e.to_string().contains("claims"), "{e}");
+                }
+            }
+        }
+        for mu in &mutations {
+            mutate(&mut bytes, mu);
+        }
+        check_manifest(&bytes)?;
+    }
 
     #[test]
     fn a_manifest_decodes_exactly_when_its_structure_is_valid(m in any_manifest()) {
@@ -1489,4 +1614,53 @@ fn deleting_every_key_then_snapshotting_gives_the_empty_digest() {
         .iter()
         .flat_map(|r| &r.chunks)
         .all(|c| c.entries == 0));
+}
+
+/// The largest reservation a manifest that decodes can ask for, made for real in a child
+/// capped at 1 GiB of address space: 4096 one-bucket ranges of many chunks, each claiming as
+/// many entries as the largest possible blob can hold. Sized from the counts, that is
+/// trillions of table slots (an allocation failure aborts the process); bounded, it is
+/// [`MAX_RESERVED_ENTRIES`].
+#[test]
+fn the_largest_claims_a_decodable_manifest_can_make_reserve_a_bounded_table() {
+    if !in_capped_child("the_largest_claims_a_decodable_manifest_can_make_reserve_a_bounded_table")
+    {
+        return;
+    }
+    let claim = BlobRef {
+        hash: [7; 32],
+        bytes: MAX_BLOB_BYTES,
+        entries: MAX_BLOB_BYTES / MIN_ENTRY_BYTES,
+    };
+    let m = Manifest {
+        lineage: L,
+        seq: 5,
+        stream_seq: 105,
+        digest: Digest::ZERO,
+        entries: u64::MAX,
+        payload_bytes: u64::MAX,
+        created_at_ms: 1_700_000_000_000,
+        base_seq: 5,
+        ranges: (0..BUCKETS as u32)
+            .map(|b| RangeRef {
+                first_bucket: b,
+                end_bucket: b + 1,
+                digest: Digest::ZERO,
+                chunks: vec![claim.clone(); 4],
+            })
+            .collect(),
+        segments: Vec::new(),
+        bytes_written: 0,
+    };
+    let bytes = encode_manifest(&m).expect("the manifest encodes");
+    let m = decode_manifest(&bytes).expect("the counts are each possible");
+    let all: Vec<usize> = (0..m.ranges.len()).collect();
+    let hints = m.reserve_hints(&all);
+    assert!(hints.iter().sum::<usize>() <= MAX_RESERVED_ENTRIES);
+    let mut state = State::new(L);
+    let start = Instant::now();
+    for (r, h) in m.ranges.iter().zip(hints) {
+        state.reserve_buckets(r.buckets(), h);
+    }
+    println!("reserved in {:?}", start.elapsed());
 }

@@ -239,3 +239,240 @@ async fn status_shows_bounds_snapshots_and_each_consumers_lag_and_headroom() {
     let text = ops::render_status(&status);
     assert!(text.contains("headroom 100 messages"), "{text}");
 }
+
+/// Runs the `deltasync-consumer` binary on the pipeline with `args`, the caller's settings
+/// being the defaults plus `env`.
+fn consumer_cmd(p: &Pipeline, args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_deltasync-consumer"));
+    cmd.arg("--nats-url")
+        .arg(&p.settings.nats.url)
+        .arg("--pipeline")
+        .arg(&p.settings.pipeline)
+        .args(args)
+        .env_remove("DELTASYNC_CONFIG")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs the binary to completion (bounded by DEADLINE): exit success, stdout, stderr.
+async fn run_consumer(p: &Pipeline, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = consumer_cmd(p, args, &[]);
+    let out = tokio::time::timeout(
+        DEADLINE,
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+    )
+    .await
+    .expect("the command ends")
+    .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn replay_from_inside_a_multi_part_transaction_starts_at_the_next_whole_one() {
+    let mut p = Pipeline::start("replay-mid", |_| {}).await;
+    // Ten puts, one per envelope: envelopes 1..=10 are one transaction.
+    let seqs = p.commit_split(puts(0, 10, 1), 1).await;
+    assert_eq!(seqs.len(), 10);
+    p.commit(puts(100, 1, 1)).await; // envelope 11
+
+    let (ok, out, err) = run_consumer(&p, &["replay", "--from-seq", "3"]).await;
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "no part of the transaction 1..=10 is printed:\n{out}"
+    );
+    assert_eq!(lines[0]["seq"], 11);
+    assert!(
+        err.contains("inside the multi-part transaction of envelopes 1..=10")
+            && err.contains("envelope 11"),
+        "{err}"
+    );
+
+    // From its first part, the transaction is one line of ten puts.
+    let (ok, out, err) = run_consumer(&p, &["replay", "--from-seq", "1", "--to-seq", "10"]).await;
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["txn"].as_array().unwrap().len(), 10);
+
+    // Ending inside it prints nothing of it, and says so.
+    let (ok, out, err) = run_consumer(&p, &["replay", "--from-seq", "1", "--to-seq", "5"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "", "{out}");
+    assert!(err.contains("does not end by envelope 5"), "{err}");
+
+    // An end beyond the history fails.
+    let (ok, _, err) = run_consumer(&p, &["replay", "--from-seq", "1", "--to-seq", "20"]).await;
+    assert!(!ok);
+    assert!(err.contains("envelope 20 is not in the history"), "{err}");
+}
+
+#[tokio::test]
+async fn replay_verify_and_rebuild_fail_naming_a_missing_envelope() {
+    let mut p = Pipeline::start("replay-missing", |_| {}).await;
+    let mut at = Vec::new();
+    for i in 0..5 {
+        at.push(p.commit(puts(i, 1, 1)).await);
+    }
+    p.delete_message(at[2]).await; // envelope 3
+
+    let (ok, out, err) = run_consumer(&p, &["replay"]).await;
+    assert!(!ok, "replay must fail; printed:\n{out}");
+    assert!(
+        err.contains("envelope 3 is missing from the stream"),
+        "{err}"
+    );
+    let (ok, _, err) = run_consumer(&p, &["verify"]).await;
+    assert!(!ok);
+    assert!(err.contains("expected envelope 3"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("r");
+    let (ok, _, err) = run_consumer(
+        &p,
+        &[
+            "rebuild",
+            "--at-seq",
+            "5",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("expected envelope 3"), "{err}");
+    // Before the missing envelope, the history is whole.
+    let (ok, out, err) = run_consumer(&p, &["replay", "--from-seq", "1", "--to-seq", "2"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+}
+
+/// Sends `signal` (STOP, CONT) to a process.
+fn signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal} {pid}");
+}
+
+#[tokio::test]
+async fn replay_fails_naming_the_sequence_when_the_read_stalls_before_the_end() {
+    use std::io::BufRead;
+    let mut p = Pipeline::start("replay-stall", |_| {}).await;
+    let total = 1500;
+    for i in 0..total {
+        p.commit(puts(i * 10, 10, 1)).await;
+    }
+    let pid = p._server.pid().unwrap();
+    let mut child = consumer_cmd(
+        &p,
+        &["replay"],
+        &[("DELTASYNC_NATS__REQUEST_TIMEOUT", "1s")],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // The replay is under way once its first line arrives; as this test does not read
+    // further, the pipe fills and the replay cannot get far ahead. Then the server stops
+    // answering.
+    let (first, rest) = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout);
+        let mut first = String::new();
+        lines.read_line(&mut first).unwrap();
+        signal(pid, "STOP");
+        let rest = lines.lines().count();
+        (first, rest)
+    })
+    .await
+    .unwrap();
+    let status = tokio::time::timeout(
+        DEADLINE,
+        tokio::task::spawn_blocking(move || child.wait().unwrap()),
+    )
+    .await
+    .expect("the replay ends on its own while the server is stopped")
+    .unwrap();
+    signal(pid, "CONT");
+    let err = std::io::read_to_string(stderr).unwrap();
+    assert!(first.starts_with("{\"seq\":1,"), "{first}");
+    assert!(rest + 1 < total, "the server stopped before the end");
+    assert!(
+        !status.success(),
+        "a replay that printed {} of {total} lines must not exit 0; stderr:\n{err}",
+        rest + 1
+    );
+    assert!(
+        err.contains("reading the stream stalled at stream sequence"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn status_headroom_follows_the_streams_own_byte_limit_not_the_callers_settings() {
+    // The stream is created with 4 MiB of retention; the status command runs with the
+    // default settings (1,000,000 messages, 1 GiB).
+    let mut p = Pipeline::start("status-bytes", |s| {
+        s.stream.max_bytes = 4 << 20;
+        s.stream.max_messages = 100_000;
+    })
+    .await;
+    let pad = "x".repeat(10 * 1024);
+    for i in 0..100 {
+        p.commit(vec![Change::put(key(i), format!("\"{pad}\"").into_bytes())])
+            .await;
+    }
+    let stream =
+        p.js.get_stream(deltasync_shared::names::stream_name(&p.settings.pipeline))
+            .await
+            .unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("status-watch".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let (ok, out, err) = run_consumer(&p, &["status", "--json"]).await;
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["stream"]["max_bytes"], 4 << 20, "{out}");
+    assert_eq!(s["stream"]["max_messages"], 100_000, "{out}");
+    let c = s["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "status-watch")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(c["lag"], 100);
+    // ~10.1 KiB per envelope: about 405 fit in 4 MiB, 100 are behind the position.
+    let headroom = c["headroom_messages"].as_u64().unwrap();
+    assert!(
+        (280..=320).contains(&headroom),
+        "headroom {headroom}: {out}"
+    );
+    assert_eq!(c["headroom_limit"], "bytes", "{out}");
+    let (ok, text, err) = run_consumer(&p, &["status"]).await;
+    assert!(ok, "{err}");
+    assert!(text.contains("(bound by bytes)"), "{text}");
+}

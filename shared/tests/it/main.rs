@@ -14,4 +14,5 @@ mod support;
 
 mod nats_setup;
 mod security;
+mod snapshot_gc;
 mod snapshots;

@@ -1,0 +1,198 @@
+//! Snapshot garbage collection with two writers against a real nats-server: a collection
+//! that runs between a writer's reuse decision and its move of `latest`, and manifests whose
+//! writer's clock is off.
+//!
+//! Talks to nats-server through `deltasync_shared::{nats, store}`; interleaves the other
+//! writer's collection with `store::write_snapshot_with_hook` (there is no other way to run
+//! it at that exact point), and writes a skewed manifest through plain KV calls.
+
+use crate::support::{eventually, settings, unique_pipeline};
+use async_nats::jetstream::{self, kv};
+use deltasync_shared::codec::encode_envelope;
+use deltasync_shared::envelope::split_transaction;
+use deltasync_shared::settings::Settings;
+use deltasync_shared::snapshot::{decode_manifest, encode_manifest, Manifest};
+use deltasync_shared::store;
+use deltasync_shared::{names, nats, Change, Lineage, State};
+use deltasync_testkit::NatsServer;
+use std::time::Duration;
+
+struct Pipeline {
+    _server: NatsServer,
+    settings: Settings,
+    js: jetstream::Context,
+    kv: kv::Store,
+    state: State,
+    stream_seq: u64,
+}
+
+impl Pipeline {
+    async fn start(prefix: &str) -> Pipeline {
+        let server = NatsServer::start();
+        let mut s = settings(&server.url(), &unique_pipeline(prefix));
+        s.snapshot.chunk_target_bytes = 16 * 1024;
+        s.snapshot.keep = 1;
+        // The collections that run inside writes keep everything: the tests run their own.
+        s.snapshot.gc_grace = Duration::from_secs(3600);
+        let client = nats::connect(&s.nats).await.unwrap();
+        let js = nats::jetstream(client, &s.nats);
+        nats::ensure_stream(&js, &s).await.unwrap();
+        let kv = nats::ensure_bucket(&js, &s).await.unwrap();
+        Pipeline {
+            _server: server,
+            settings: s,
+            js,
+            kv,
+            state: State::new(Lineage::random()),
+            stream_seq: 0,
+        }
+    }
+
+    async fn commit(&mut self, changes: Vec<Change>) {
+        let digest = self.state.apply_changes(&changes);
+        let envs = split_transaction(
+            self.state.lineage(),
+            self.state.seq() + 1,
+            digest,
+            0,
+            changes,
+            512 * 1024,
+        );
+        let subject = names::subject(&self.settings.pipeline);
+        for e in &envs {
+            let ack = self
+                .js
+                .publish(subject.clone(), encode_envelope(e).unwrap().into())
+                .await
+                .unwrap();
+            self.stream_seq = ack.await.unwrap().sequence;
+        }
+        let (lineage, last) = (self.state.lineage(), envs.last().unwrap().seq);
+        self.state.set_position(lineage, last);
+    }
+
+    async fn snapshot(&self, prev: Option<(&Manifest, &State)>) -> Manifest {
+        store::write_snapshot(&self.js, &self.settings, &self.state, self.stream_seq, prev)
+            .await
+            .unwrap()
+    }
+
+    /// The server's time now, in milliseconds: when it stores a probe key.
+    async fn server_now_ms(&self) -> u64 {
+        self.kv.put("probe", "".into()).await.unwrap();
+        let entry = self.kv.entry("probe").await.unwrap().unwrap();
+        (entry.created.unix_timestamp_nanos() / 1_000_000) as u64
+    }
+
+    /// When the server stored `key`, in milliseconds.
+    async fn stored_ms(&self, key: &str) -> u64 {
+        let entry = self.kv.entry(key).await.unwrap().unwrap();
+        (entry.created.unix_timestamp_nanos() / 1_000_000) as u64
+    }
+}
+
+fn puts(range: std::ops::Range<usize>, tag: u8) -> Vec<Change> {
+    range
+        .map(|i| Change::put(format!("key-{i:07}"), vec![tag; 100]))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_collection_between_the_reuse_decision_and_the_move_of_latest_never_leaves_latest_naming_a_removed_blob(
+) {
+    let mut p = Pipeline::start("gc-race").await;
+    // Writer A: a base snapshot M1 it will build on.
+    p.commit(puts(0..2000, 1)).await;
+    let m1 = p.snapshot(None).await;
+    let s1 = p.state.clone();
+    assert!(m1.ranges.len() >= 16);
+    // A few keys change; writer B (a cron'd `snapshot`) writes a new base M2, which shares
+    // M1's chunks except those of the changed ranges.
+    p.commit(puts(0..3, 2)).await;
+    p.snapshot(None).await;
+    p.commit(puts(10..11, 3)).await;
+
+    // Collection with a one second grace: M1's blobs must be older than that on the
+    // server's clock, while the blobs writer A is about to write are not.
+    let grace = Duration::from_secs(1);
+    let m1_stored = p
+        .stored_ms(&store::list_manifests(&p.kv).await.unwrap()[0].0)
+        .await;
+    eventually(
+        "the server clock passes M1 + grace",
+        Duration::from_secs(30),
+        || async {
+            let now = p.server_now_ms().await;
+            if now >= m1_stored + grace.as_millis() as u64 + 100 {
+                Ok(())
+            } else {
+                Err(format!("{} ms to go", m1_stored + 1100 - now))
+            }
+        },
+    )
+    .await;
+
+    // Writer A snapshots incrementally on M1 (reusing its chunks); B's collection runs after
+    // A decided what to reuse and before A's manifest is stored.
+    let mut gc_settings = p.settings.clone();
+    gc_settings.snapshot.gc_grace = grace;
+    let (kv, report) = (
+        p.kv.clone(),
+        std::sync::Arc::new(std::sync::Mutex::new(None)),
+    );
+    let seen = report.clone();
+    let m3 = store::write_snapshot_with_hook(
+        &p.js,
+        &p.settings,
+        &p.state,
+        p.stream_seq,
+        Some((&m1, &s1)),
+        move || {
+            Box::pin(async move {
+                let r = store::gc(&kv, &gc_settings).await.unwrap();
+                *seen.lock().unwrap() = Some(r);
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let report = report.lock().unwrap().clone().unwrap();
+    assert_eq!(report.manifests_removed, 1, "M1 was collected: {report:?}");
+    assert!(report.blobs_removed > 0, "M1's own chunks were: {report:?}");
+
+    // `latest` names M3, and every blob it references is there: it loads and verifies.
+    let latest = store::latest_manifest(&p.kv).await.unwrap().unwrap();
+    assert_eq!(latest, m3);
+    let loaded = store::load_latest(&p.kv, &p.settings)
+        .await
+        .unwrap_or_else(|e| panic!("the latest snapshot loads: {e}"))
+        .unwrap();
+    assert_eq!(loaded.state.digest(), p.state.digest());
+}
+
+#[tokio::test]
+async fn manifest_ages_are_judged_on_the_servers_clock_not_their_writers() {
+    let mut p = Pipeline::start("gc-clock").await;
+    p.commit(puts(0..500, 1)).await;
+    p.snapshot(None).await;
+    p.commit(puts(0..500, 2)).await;
+    let m2 = p.snapshot(None).await;
+    // M2's writer's clock is two hours behind: its manifest says it is two hours old.
+    let mut skewed = m2.clone();
+    skewed.created_at_ms -= 2 * 3600 * 1000;
+    let key = deltasync_shared::snapshot::manifest_key(m2.lineage, m2.seq);
+    p.kv.put(&key, encode_manifest(&skewed).unwrap().into())
+        .await
+        .unwrap();
+    assert_eq!(
+        decode_manifest(&p.kv.get(&key).await.unwrap().unwrap()).unwrap(),
+        skewed
+    );
+    // M2 was stored a moment ago: with a ten minute grace, M1 (which a reader may be
+    // downloading) stays.
+    let mut s = p.settings.clone();
+    s.snapshot.gc_grace = Duration::from_secs(600);
+    let report = store::gc(&p.kv, &s).await.unwrap();
+    assert_eq!(report, store::GcReport::default());
+    assert_eq!(store::list_manifests(&p.kv).await.unwrap().len(), 2);
+}
