@@ -255,8 +255,15 @@ impl Follower {
         self.accepted_stream_seq + 1
     }
 
-    /// The furthest stream position read or accepted.
+    /// The furthest stream position read or accepted, or the stream's last sequence once a
+    /// probe found nothing after that (a deleted tail: the replica is caught up, no lag).
     pub fn position(&self) -> u64 {
+        self.quiet_at_last_seq
+            .map_or(self.read(), |l| self.read().max(l))
+    }
+
+    /// The furthest stream position read or accepted.
+    fn read(&self) -> u64 {
         self.read_stream_seq.max(self.accepted_stream_seq)
     }
 
@@ -524,13 +531,13 @@ impl Follower {
                 why: "the stream ends before the replica's position: it was purged or recreated",
             };
         }
-        let pos = self.position();
-        let read_all =
-            b.last_seq <= pos || b.messages == 0 || self.quiet_at_last_seq == Some(b.last_seq);
+        let read_all = b.last_seq <= self.position() || b.messages == 0;
         if once && (read_all || (self.caught_up && silent >= ONCE_IDLE)) {
             Tick::Done
         } else if !read_all && silent >= READER_STALL {
-            Tick::Probe { from: pos + 1 }
+            Tick::Probe {
+                from: self.read() + 1,
+            }
         } else {
             Tick::Continue
         }
@@ -541,7 +548,7 @@ impl Follower {
     /// read before the probe.
     pub fn on_probe(&mut self, from: u64, last_seq: u64, found: Option<u64>, once: bool) -> Tick {
         match found {
-            Some(_) if from == self.position() + 1 => Tick::ReaderStalled { from },
+            Some(_) if from == self.read() + 1 => Tick::ReaderStalled { from },
             Some(_) => Tick::Continue, // the reader moved meanwhile
             None => {
                 self.quiet_at_last_seq = Some(last_seq);
