@@ -692,12 +692,14 @@ impl Engine {
                         "a new lineage starts in the stream: following it from its first envelope",
                     );
                 }
+                // Whether anything followed the envelope when it was read.
+                let pending = u64::from(!self.follower.caught_up());
                 self.start_lineage(env.lineage, stream_seq - 1, reason)
                     .await?;
                 let keep = self.keep_changes();
-                let step = self
-                    .follower
-                    .on_message(stream_seq, 1, Classified::Envelope(env), keep);
+                let step =
+                    self.follower
+                        .on_message(stream_seq, pending, Classified::Envelope(env), keep);
                 match self.carry_out(step, stream_seq) {
                     Next::Continue => Ok(()),
                     // The first envelope of a lineage cannot be a gap or a duplicate;

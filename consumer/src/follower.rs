@@ -723,3 +723,205 @@ pub fn lineage_start(lineage: Lineage, stream_seq: u64) -> Cursor {
 
 #[cfg(test)]
 mod model_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Lineage = Lineage([7; 16]);
+
+    /// Envelope `seq` (one part) of lineage `L` that puts `key`, on `state`.
+    fn env(state: &mut State, seq: u64, key: &str) -> Envelope {
+        let changes = vec![Change::put(key, &b"v"[..])];
+        let digest = state.apply_changes(&changes);
+        state.set_position(L, seq);
+        Envelope {
+            lineage: L,
+            seq,
+            part: 1,
+            parts: 1,
+            digest,
+            produced_at_ms: 0,
+            changes,
+        }
+    }
+
+    fn following() -> (Follower, Envelope, Envelope) {
+        let mut producer = State::new(L);
+        let e1 = env(&mut producer, 1, "a");
+        let e2 = env(&mut producer, 2, "b");
+        let mut f = Follower::new();
+        f.restore(State::new(L), lineage_start(L, 0));
+        for (pos, e) in [(1, &e1), (2, &e2)] {
+            let step = f.on_message(pos, 0, Classified::Envelope(e.clone()), false);
+            assert!(matches!(step, Step::Applied(_)), "{step:?}");
+        }
+        (f, e1, e2)
+    }
+
+    #[test]
+    fn a_sequence_reused_at_a_later_stream_position_is_a_fork_not_a_duplicate() {
+        let (mut f, _, e2) = following();
+        // The same envelope again where it was: a re-delivery.
+        let step = f.on_message(2, 0, Classified::Envelope(e2.clone()), false);
+        assert!(
+            matches!(
+                step,
+                Step::Skipped {
+                    why: "duplicate",
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+        // Any envelope 2 (even the same one) stored again later: a producer reused it.
+        let step = f.on_message(3, 0, Classified::Envelope(e2), false);
+        assert!(
+            matches!(
+                step,
+                Step::Resync {
+                    reason: Reason::Fork,
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn another_digest_at_the_replicas_sequence_is_a_fork() {
+        let (mut f, e1, _) = following();
+        let mut other = State::new(L);
+        let _ = env(&mut other, 1, "a");
+        let forked = env(&mut other, 2, "x");
+        let step = f.on_message(2, 0, Classified::Envelope(forked), false);
+        assert!(
+            matches!(
+                step,
+                Step::Resync {
+                    reason: Reason::Fork,
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+        // An older envelope re-delivered where it was stays a stale skip.
+        let step = f.on_message(1, 1, Classified::Envelope(e1), false);
+        assert!(
+            matches!(step, Step::Skipped { why: "stale", .. }),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn a_stream_that_ends_before_the_position_is_a_fork() {
+        let (mut f, _, _) = following();
+        let b = Bounds {
+            first_seq: 1,
+            last_seq: 1,
+            messages: 1,
+        };
+        let tick = f.on_bounds(b, Duration::ZERO, false);
+        assert!(
+            matches!(
+                tick,
+                Tick::Resync {
+                    reason: Reason::Fork,
+                    ..
+                }
+            ),
+            "{tick:?}"
+        );
+        let c = f.applied();
+        assert_eq!(
+            Follower::judge(&c, Some(L), b),
+            Judge::Decided(
+                Continuity::Fork,
+                "the stream ends before the local cursor: it was purged or recreated"
+            )
+        );
+    }
+
+    #[test]
+    fn a_deleted_tail_is_probed_once_then_caught_up() {
+        let (mut f, _, _) = following();
+        // Stream position 3 held a message that was deleted: last_seq 3, nothing after 2.
+        let b = Bounds {
+            first_seq: 1,
+            last_seq: 3,
+            messages: 2,
+        };
+        assert_eq!(
+            f.on_bounds(b, Duration::from_secs(1), false),
+            Tick::Continue
+        );
+        assert_eq!(f.on_bounds(b, READER_STALL, false), Tick::Probe { from: 3 });
+        assert_eq!(f.on_probe(3, 3, None, false), Tick::Continue);
+        assert_eq!(f.position(), 3, "caught up: no lag");
+        assert_eq!(f.on_bounds(b, READER_STALL * 10, false), Tick::Continue);
+        // The stream grows and the reader stays silent: probed again, found, reopened.
+        let b = Bounds {
+            last_seq: 4,
+            messages: 3,
+            ..b
+        };
+        assert_eq!(f.on_bounds(b, READER_STALL, false), Tick::Probe { from: 3 });
+        assert_eq!(
+            f.on_probe(3, 4, Some(4), false),
+            Tick::ReaderStalled { from: 3 }
+        );
+    }
+
+    #[test]
+    fn a_cursor_position_holding_another_message_is_a_fork_at_start_up() {
+        let (f, _, e2) = following();
+        let c = f.applied();
+        let b = Bounds {
+            first_seq: 1,
+            last_seq: 9,
+            messages: 9,
+        };
+        assert_eq!(
+            Follower::judge(&c, Some(L), b),
+            Judge::NeedCursorMessage { at: 2 }
+        );
+        let same = Classified::Envelope(e2);
+        assert_eq!(
+            Follower::judge_cursor_message(&c, Some(&same)).0,
+            Continuity::Continues
+        );
+        let foreign = Classified::Foreign {
+            reason: "garbage".into(),
+        };
+        assert_eq!(
+            Follower::judge_cursor_message(&c, Some(&foreign)).0,
+            Continuity::Fork
+        );
+        assert_eq!(
+            Follower::judge_cursor_message(&c, None).0,
+            Continuity::Continues
+        );
+    }
+
+    #[test]
+    fn a_snapshot_from_a_recreated_stream_is_followed_from_the_new_streams_start() {
+        let m = Cursor {
+            lineage: L,
+            seq: 9,
+            stream_seq: 90,
+            digest: Digest::ZERO,
+        };
+        let b = Bounds {
+            first_seq: 1,
+            last_seq: 5,
+            messages: 5,
+        };
+        assert_eq!(Follower::snapshot_cursor(m, b).stream_seq, 0);
+        let b = Bounds {
+            first_seq: 80,
+            last_seq: 100,
+            messages: 21,
+        };
+        assert_eq!(Follower::snapshot_cursor(m, b), m);
+    }
+}
