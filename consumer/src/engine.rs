@@ -27,7 +27,7 @@
 //!   backoff, then a clear error.
 //!
 //! ```text
-//!  reader task: Tail (ordered consumer) ─ decode ─► channel ─► engine: State::apply
+//!  reader task: Tail (ordered consumer) ─ decode ─► channel ─► engine ─► Follower (steps)
 //!                                                                 │ batch of transactions
 //!                                                                 ▼
 //!                     blocking thread: redb write txn (entries + cursor), fsync

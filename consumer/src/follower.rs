@@ -5,15 +5,16 @@
 //! the stream from a position, re-snapshot for a reason, probe the stream, wait.
 //!
 //! Talks to nothing. The engine (`engine.rs`) carries out its steps against JetStream, the
-//! bucket and the local store, like a `raft-rs` `RawNode` driver; `tests/follower_model.rs`
+//! bucket and the local store, like a `raft-rs` `RawNode` driver; `follower/model_tests.rs`
 //! drives it through hostile histories against a simple model.
 //!
 //! ## Invariants
 //!
 //! - Continuity is judged by envelope sequence; stream positions only say where to read and
 //!   whether an envelope is new. A transaction is applied whole or not at all (its parts are
-//!   buffered in [`State`] and at most `MAX_TXN_PARTS` long, checked by the codec), and only
-//!   if the producer's digest after it matches.
+//!   buffered in [`State`] and at most [`MAX_TXN_PARTS`] long: the codec refuses longer ones
+//!   and the follower counts any that reaches it as foreign), and only if the producer's
+//!   digest after it matches.
 //! - Nothing is skipped silently: a message is skipped only if it is foreign (counted), or an
 //!   envelope already accounted for (a re-delivery at a stream position the replica read
 //!   already, or the same envelope again). Every other break (gap, lost messages, another
@@ -41,6 +42,7 @@
 
 use crate::local::Cursor;
 use crate::replica::{BatchKind, ChangeBatch, Reason};
+use deltasync_shared::envelope::MAX_TXN_PARTS;
 use deltasync_shared::history::Classified;
 use deltasync_shared::{Applied, ApplyError, Change, Digest, Envelope, Lineage, State};
 use std::time::Duration;
@@ -368,6 +370,19 @@ impl Follower {
         self.quiet_at_last_seq = None;
         match item {
             Classified::Foreign { reason } => Step::Foreign { reason },
+            Classified::Envelope(env)
+                if env.parts == 0
+                    || env.parts > MAX_TXN_PARTS
+                    || env.part == 0
+                    || env.part > env.parts =>
+            {
+                Step::Foreign {
+                    reason: format!(
+                        "envelope {} is part {} of {} (parts count from 1, at most {MAX_TXN_PARTS})",
+                        env.seq, env.part, env.parts
+                    ),
+                }
+            }
             Classified::Envelope(env) => self.on_envelope(env, stream_seq, keep),
         }
     }
@@ -901,6 +916,17 @@ mod tests {
             Follower::judge_cursor_message(&c, None).0,
             Continuity::Continues
         );
+    }
+
+    #[test]
+    fn a_transaction_longer_than_max_txn_parts_is_foreign_and_never_buffered() {
+        let (mut f, _, _) = following();
+        let mut e = env(&mut State::new(L), 3, "z");
+        e.parts = MAX_TXN_PARTS + 1;
+        let step = f.on_message(3, 0, Classified::Envelope(e), false);
+        assert!(matches!(step, Step::Foreign { .. }), "{step:?}");
+        assert!(!f.state().has_pending_parts());
+        assert_eq!(f.applied().seq, 2);
     }
 
     #[test]
