@@ -113,6 +113,8 @@ struct Builder {
     noise: std::vec::IntoIter<u8>,
     /// Stream index where the history goes on after orphans.
     fork_start: Option<usize>,
+    /// The orphans' (lineage, seq, digest).
+    orphans: Vec<(Lineage, u64, Digest)>,
 }
 
 impl Builder {
@@ -202,6 +204,8 @@ struct Scenario {
     final_seq: u64,
     /// Whether the snapshot and the stream after it hold the whole remaining history.
     recoverable: bool,
+    /// Orphan envelopes that differ from the authoritative one at their sequence.
+    orphans: Vec<(Lineage, u64, Digest)>,
 }
 
 fn build(p: &Plan) -> Scenario {
@@ -214,6 +218,7 @@ fn build(p: &Plan) -> Scenario {
         snaps: Vec::new(),
         noise: p.noise.clone().into_iter(),
         fork_start: None,
+        orphans: Vec::new(),
     };
     b.snap();
     for (i, t) in p.txns.iter().enumerate() {
@@ -257,6 +262,7 @@ fn build(p: &Plan) -> Scenario {
                 for o in orphans {
                     for e in b.envelopes(o) {
                         b.noise();
+                        b.orphans.push((e.lineage, e.seq, e.digest));
                         b.push(Msg::Env(e));
                     }
                 }
@@ -266,6 +272,20 @@ fn build(p: &Plan) -> Scenario {
         }
         b.txn(t);
     }
+    let authoritative: std::collections::HashSet<(Lineage, u64, Digest)> = b
+        .auth
+        .iter()
+        .filter_map(|&i| match &b.stream[i] {
+            Msg::Env(e) => Some((e.lineage, e.seq, e.digest)),
+            _ => None,
+        })
+        .collect();
+    let orphans: Vec<_> = b
+        .orphans
+        .iter()
+        .filter(|o| !authoritative.contains(o))
+        .copied()
+        .collect();
     let final_state = b.state.clone();
     let final_seq = b.snaps.last().map_or(0, |s| s.cursor.seq);
     let len = b.stream.len();
@@ -330,6 +350,7 @@ fn build(p: &Plan) -> Scenario {
         final_state,
         final_seq,
         recoverable,
+        orphans,
     }
 }
 
@@ -631,6 +652,14 @@ fn run(p: &Plan) -> Result<(), TestCaseError> {
     );
 
     // Phase 2: the damage, the bucket's snapshot, maybe a restart.
+    // Whether the replica holds (applied or buffered) an envelope of the orphaned branch.
+    let lineage = d.f.state().lineage();
+    let on_orphan = sc
+        .orphans
+        .iter()
+        .any(|(l, s, dg)| *l == lineage && d.ancestry.get(s) == Some(dg));
+    let undamaged = p.deletes.is_empty() && p.prune == 0 && !p.recreate;
+    let phase1_resyncs = d.resyncs.len();
     d.stream = sc.stream.clone();
     d.snap = sc.snap.clone();
     d.snap_stream_seq = sc.snap_stream_seq;
@@ -691,7 +720,17 @@ fn run(p: &Plan) -> Result<(), TestCaseError> {
         }
         from = d.f.resume_from();
     }
-    match d.follow(from) {
+    let ended = d.follow(from);
+    if on_orphan && undamaged {
+        // The history goes on reusing the orphans' sequences later in the stream.
+        prop_assert_eq!(
+            d.resyncs.get(phase1_resyncs).copied(),
+            Some(Reason::Fork),
+            "a replica on the orphaned branch re-snapshots for a fork first: {:?}",
+            d.resyncs
+        );
+    }
+    match ended {
         Ok(End::Idle) => {
             if sc.recoverable && !blind {
                 let applied = d.f.applied();
