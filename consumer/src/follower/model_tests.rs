@@ -658,7 +658,11 @@ fn run(p: &Plan) -> Result<(), TestCaseError> {
         .orphans
         .iter()
         .any(|(l, s, dg)| *l == lineage && d.ancestry.get(s) == Some(dg));
-    let undamaged = p.deletes.is_empty() && p.prune == 0 && !p.recreate;
+    // (A restart judges the bucket's lineage first: a newer lineage there is reason enough.)
+    let undamaged = p.deletes.is_empty()
+        && p.prune == 0
+        && !p.recreate
+        && !(p.restart && sc.snap.cursor.lineage != lineage);
     let phase1_resyncs = d.resyncs.len();
     d.stream = sc.stream.clone();
     d.snap = sc.snap.clone();
