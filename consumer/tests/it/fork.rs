@@ -193,3 +193,63 @@ async fn a_deleted_last_message_leaves_the_replica_caught_up_without_reopening_i
     assert_same_state(&a.replica, &p);
     a.stop().await;
 }
+
+/// Through the binary: `deltasync-consumer run --once` on a durable replica whose stream was
+/// recreated behind it says `fork` (error level), exits 0 at the new history's head, and the
+/// replica on disk is the new history.
+#[tokio::test]
+async fn the_consumer_binary_reports_a_recreated_stream_as_a_fork_and_converges() {
+    logs();
+    let mut p = Pipeline::start("fork-cli", |_| {}).await;
+    p.commit(puts(0, 40, 1)).await;
+    p.snapshot().await;
+    let at_1 = p.state.clone();
+    p.churn(6, 4, 40, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Running::start(p.consumer_settings(), durable("cli-a", dir.path()));
+    a.wait_for(&p).await;
+    a.stop().await;
+
+    p.recreate_stream().await;
+    p.state = at_1;
+    p.commit(puts(0, 3, 9)).await;
+    p.snapshot().await;
+    p.commit(puts(3, 3, 9)).await;
+
+    let out = tokio::task::spawn_blocking({
+        let url = p.settings.nats.url.clone();
+        let pipeline = p.settings.pipeline.clone();
+        let dir = dir.path().to_path_buf();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_deltasync-consumer"))
+                .args(["--nats-url", &url])
+                .args(["--pipeline", &pipeline])
+                .arg("run")
+                .args(["--id", "cli-a"])
+                .arg("--data-dir")
+                .arg(&dir)
+                .arg("--once")
+                .env_remove("DELTASYNC_CONFIG")
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ERROR") && stderr.contains("fork") && stderr.contains("Re-snapshot"),
+        "the fork is logged at error level: {stderr}"
+    );
+
+    // The replica on disk is the new history: it resumes there without downloading.
+    let a = Running::start(p.consumer_settings(), durable("cli-a", dir.path()));
+    let s = a
+        .wait_until(|s| !s.decisions.is_empty() && s.seq == p.state.seq())
+        .await;
+    assert_eq!(decided(&s, "resume"), 1, "{:?}", s.decisions);
+    assert_same_state(&a.replica, &p);
+    a.stop().await;
+}
