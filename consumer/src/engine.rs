@@ -6,22 +6,28 @@
 //! bounds, snapshots), to the local store on blocking threads, to the server-side marker, and
 //! publishes into the [`Replica`] handle.
 //!
+//! Every decision (what a message means, when to re-read or re-snapshot and why, how a local
+//! cursor relates to the stream, whether the reader stalled) is the [`Follower`]'s: this
+//! module only carries its steps out.
+//!
 //! ## Invariants
 //!
-//! - Continuity is judged by envelope sequence alone (`State::apply`): a stream message that is
-//!   not an envelope is counted and skipped; duplicate and stale envelopes are skipped; any
-//!   other break (gap, lineage, digest) leads to a re-read or a re-snapshot with its reason,
-//!   never to a silent skip.
+//! - Continuity is judged by the follower (envelope sequence, stream position, digest): a
+//!   stream message that is not an envelope is counted and skipped; envelopes already
+//!   accounted for are skipped; any other break (gap, lineage, digest, fork) leads to a re-read
+//!   or a re-snapshot with its reason, never to a silent skip.
 //! - JetStream does not say when it pruned a position: the engine compares the stream's first
 //!   sequence with the position it needs, and treats a tail that starts later than asked
 //!   (`HistoryError::Pruned`) as lost messages to be judged by the next envelope.
 //! - A position is committed (entries and cursor in one local transaction) before it is
 //!   acknowledged to the server, shown in the status, or published as a view or change batch.
-//! - Re-snapshots are bounded: `consumer.resync_max_attempts` consecutive attempts without an
-//!   envelope applied in between, with jittered exponential backoff, then a clear error.
+//! - Re-snapshots are bounded: `consumer.resync_max_attempts` consecutive attempts without
+//!   progress past the stream position where the previous one was decided (re-applying the
+//!   envelopes before a break that is still there is no progress), with jittered exponential
+//!   backoff, then a clear error.
 //!
 //! ```text
-//!  reader task: Tail (ordered consumer) ─ decode ─► channel ─► engine: State::apply
+//!  reader task: Tail (ordered consumer) ─ decode ─► channel ─► engine ─► Follower (steps)
 //!                                                                 │ batch of transactions
 //!                                                                 ▼
 //!                     blocking thread: redb write txn (entries + cursor), fsync
@@ -30,6 +36,9 @@
 //!                          marker reset · status · view · change batches to subscribers
 //! ```
 
+use crate::follower::{
+    self, Bounds, Continuity, Follower, Judge, LineagePlan, NoSnapshotPlan, Step,
+};
 use crate::local::{Cursor, LoadedReplica, LocalError, LocalStore};
 use crate::marker::Marker;
 use crate::replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord};
@@ -39,7 +48,7 @@ use deltasync_shared::envelope::now_ms;
 use deltasync_shared::history::{self, Classified, HistoryError, StreamItem, Tail};
 use deltasync_shared::settings::Settings;
 use deltasync_shared::state::diff;
-use deltasync_shared::{store, Applied, ApplyError, Change, Digest, Envelope, Lineage, State};
+use deltasync_shared::{names, store, Envelope, Lineage, State};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -57,17 +66,8 @@ const ITEMS_PER_TURN: usize = 256;
 /// of changes (and their old values) in memory twice over.
 const MAX_ACCUMULATED_CHANGES: usize = 256 * 1024;
 
-/// How often the engine reads the stream's bounds (lag, idle end of `--once`).
+/// How often the engine reads the stream's bounds (lag, idle end of `--once`, stalls).
 const TICK: Duration = Duration::from_secs(1);
-
-/// How long `--once` waits with nothing more to read before it calls the stream's head read.
-const ONCE_IDLE: Duration = Duration::from_secs(2);
-
-/// How long the reader may deliver nothing while the stream holds messages after the engine's
-/// position before it is reopened there. An ordered consumer can go quiet without an error:
-/// after the stream leader of an R3 cluster was killed, one kept receiving heartbeats but no
-/// messages for 20–36 s (about 1 run in 3 of the fault suite). The tick's bounds read sees it.
-const READER_STALL: Duration = Duration::from_secs(5);
 
 /// What `run` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,12 +131,18 @@ enum Tick {
     Continue,
     /// `--once` has nothing more to read.
     Done,
-    /// The reader delivered nothing for `READER_STALL` while the stream held more: reopen it.
-    ReaderStalled,
+    /// Reopen the reader at `from`.
+    Reopen {
+        from: u64,
+    },
+    /// Re-snapshot for `reason`.
+    Resync {
+        reason: Reason,
+    },
 }
 
 /// What an item asks the loop to do next.
-enum Step {
+enum Next {
     Continue,
     /// Read the stream again from this stream sequence.
     Reopen {
@@ -163,13 +169,6 @@ enum Event {
     ViewWanted,
 }
 
-/// How the local cursor relates to the retained history.
-enum Continuity {
-    Continues,
-    Pruned,
-    LineageChanged,
-}
-
 pub(crate) struct Engine {
     settings: Settings,
     js: jetstream::Context,
@@ -179,25 +178,10 @@ pub(crate) struct Engine {
     marker: Marker,
     once: bool,
 
-    /// The replica as applied; may be ahead of `committed`.
-    state: State,
-    /// Position of `state` (its last complete transaction) and that envelope's stream seq.
-    applied: Cursor,
-    /// Stream sequence of the last envelope `state` accepted, buffered parts included: the
-    /// stream is re-read from the one after it.
-    accepted_stream_seq: u64,
-    /// Stream sequence of the last message read, of any kind.
-    read_stream_seq: u64,
-    /// The stream's last sequence as last seen.
-    known_last_seq: u64,
-    /// Whether the last message read had nothing after it.
-    caught_up: bool,
+    /// The decisions and the replica as applied (may be ahead of `committed`).
+    follower: Follower,
+    /// When the reader last delivered something (or was opened).
     last_item_at: Instant,
-
-    /// Changes of the buffered parts of the transaction in progress (when kept).
-    parts: Vec<Change>,
-    /// Whether `parts` holds every buffered part (false when nobody needed them).
-    parts_kept: bool,
 
     /// Transactions applied and not yet handed to the store.
     batch: Vec<Arc<ChangeBatch>>,
@@ -212,10 +196,6 @@ pub(crate) struct Engine {
 
     /// Re-snapshot attempts since an envelope was last applied.
     resync_attempts: u32,
-    /// The envelope sequence a gap was re-read for (a second gap there means it is gone).
-    reread_at: Option<u64>,
-    /// Set when the tail skipped stream sequences: why (pruned, or deleted = gap).
-    lost: Option<Reason>,
 }
 
 impl Engine {
@@ -236,15 +216,8 @@ impl Engine {
             replica,
             marker,
             once,
-            state: State::new(Lineage::default()),
-            applied: Cursor::default(),
-            accepted_stream_seq: 0,
-            read_stream_seq: 0,
-            known_last_seq: 0,
-            caught_up: false,
+            follower: Follower::new(),
             last_item_at: Instant::now(),
-            parts: Vec::new(),
-            parts_kept: true,
             batch: Vec::new(),
             batch_txns: 0,
             batch_changes: 0,
@@ -253,8 +226,6 @@ impl Engine {
             committed: Cursor::default(),
             bootstrapped: false,
             resync_attempts: 0,
-            reread_at: None,
-            lost: None,
         }
     }
 
@@ -293,27 +264,27 @@ impl Engine {
         })
         .await?
         .last_seq;
-        self.known_last_seq = self.known_last_seq.max(head);
+        self.follower.saw_last_seq(head);
         self.update_lag();
         let target = if self.once {
             tracing::info!(
                 head,
-                from = self.accepted_stream_seq + 1,
+                from = self.follower.resume_from(),
                 "Catching up to the stream's head (--once)"
             );
             Some(head)
         } else {
             None
         };
-        let mut reader = self.open_reader(self.accepted_stream_seq + 1);
+        let mut reader = self.open_reader(self.follower.resume_from());
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let interval = self.settings.consumer.commit_interval;
         loop {
             if let Some(t) = target {
-                if self.read_stream_seq.max(self.accepted_stream_seq) >= t {
+                if self.follower.position() >= t {
                     tracing::info!(
-                        seq = self.applied.seq,
+                        seq = self.follower.applied().seq,
                         stream_seq = t,
                         "Caught up to the stream's head as it was at start"
                     );
@@ -333,7 +304,7 @@ impl Engine {
             match event {
                 Event::Cancelled => {
                     tracing::info!(
-                        seq = self.applied.seq,
+                        seq = self.follower.applied().seq,
                         "Stopping: committing what was applied"
                     );
                     return Ok(());
@@ -349,27 +320,31 @@ impl Engine {
                     match self.on_tick().await {
                         Tick::Done if target.is_some() => {
                             tracing::info!(
-                                seq = self.applied.seq,
+                                seq = self.follower.applied().seq,
                                 "Nothing more to read: the stream's head was reached (--once)"
                             );
                             return Ok(());
                         }
-                        Tick::ReaderStalled => {
-                            let from = self.accepted_stream_seq + 1;
+                        Tick::Reopen { from } => {
                             tracing::warn!(
                                 from,
-                                head = self.known_last_seq,
+                                head = self.follower.known_last_seq(),
                                 silent_for = ?self.last_item_at.elapsed(),
                                 "The stream reader delivered nothing while the stream holds more; reopening it"
                             );
                             self.replica.metrics().reader_stalls.inc();
                             reader = self.open_reader(from);
                         }
+                        Tick::Resync { reason } => {
+                            drop(reader);
+                            self.resync(reason, None, cancel).await?;
+                            reader = self.open_reader(self.follower.resume_from());
+                        }
                         Tick::Done | Tick::Continue => {}
                     }
                 }
                 Event::Item(None) => {
-                    reader = self.open_reader(self.accepted_stream_seq + 1);
+                    reader = self.open_reader(self.follower.resume_from());
                 }
                 Event::Item(Some(first)) => {
                     let mut next = Some(first);
@@ -377,28 +352,27 @@ impl Engine {
                     while let Some(item) = next.take() {
                         taken += 1;
                         match self.on_item(item).await {
-                            Step::Continue => {
-                                if self.caught_up && self.lost.is_none() && self.reread_at.is_none()
-                                {
+                            Next::Continue => {
+                                if self.follower.settled() {
                                     // Caught up with a continuous history: earlier re-snapshots
                                     // are behind us.
                                     self.resync_attempts = 0;
                                 }
                             }
-                            Step::Reopen { from } => {
+                            Next::Reopen { from } => {
                                 reader = self.open_reader(from);
                                 break;
                             }
-                            Step::Resync { reason, want } => {
+                            Next::Resync { reason, want } => {
                                 drop(reader);
                                 self.resync(reason, want, cancel).await?;
-                                reader = self.open_reader(self.accepted_stream_seq + 1);
+                                reader = self.open_reader(self.follower.resume_from());
                                 break;
                             }
-                            Step::LineageChange { env, stream_seq } => {
+                            Next::LineageChange { env, stream_seq } => {
                                 drop(reader);
                                 self.lineage_change(env, stream_seq, cancel).await?;
-                                reader = self.open_reader(self.accepted_stream_seq + 1);
+                                reader = self.open_reader(self.follower.resume_from());
                                 break;
                             }
                         }
@@ -407,7 +381,7 @@ impl Engine {
                             break;
                         }
                         if let Some(t) = target {
-                            if self.read_stream_seq >= t {
+                            if self.follower.position() >= t {
                                 break;
                             }
                         }
@@ -439,10 +413,7 @@ impl Engine {
         if let Some(reason) = &local.cursor_error {
             tracing::error!(store = %self.store.describe(), %reason, "The local replica's cursor is unreadable");
         }
-        self.state = local.state;
-        self.applied = cursor;
-        self.accepted_stream_seq = cursor.stream_seq;
-        self.read_stream_seq = cursor.stream_seq;
+        self.follower.restore(local.state, cursor);
         if !intact {
             tracing::error!(
                 store = %self.store.describe(),
@@ -461,99 +432,111 @@ impl Engine {
         }
         self.committed = cursor;
         self.bootstrapped = true;
-        let continuity = retrying("checking the local cursor against the stream", || {
+        let (continuity, why) = retrying("checking the local cursor against the stream", || {
             self.continuity(&cursor)
         })
         .await?;
-        match continuity {
+        let reason = match continuity {
             Continuity::Continues => {
-                self.decide(
-                    Reason::Resume,
-                    "the local cursor continues the retained history",
-                );
+                self.decide(Reason::Resume, why);
                 // The replica on disk is verified and continues the history: readers may use
                 // it while the engine catches up.
                 self.replica.committed(
                     cursor,
-                    self.state.len(),
-                    Some(self.state.clone()),
+                    self.follower.state().len(),
+                    Some(self.follower.state().clone()),
                     Vec::new(),
                     true,
                 );
-                Ok(())
+                return Ok(());
             }
-            Continuity::Pruned => {
-                self.decide(
-                    Reason::Pruned,
-                    "the envelopes after the local cursor are no longer in the stream",
-                );
-                self.resync(Reason::Pruned, None, cancel).await
-            }
-            Continuity::LineageChanged => {
-                self.decide(
-                    Reason::LineageChanged,
-                    "the pipeline's history is another lineage than the local replica's",
-                );
-                self.resync(Reason::LineageChanged, None, cancel).await
-            }
-        }
+            Continuity::Pruned => Reason::Pruned,
+            Continuity::LineageChanged => Reason::LineageChanged,
+            Continuity::Fork => Reason::Fork,
+        };
+        self.decide(reason, why);
+        self.resync(reason, None, cancel).await
     }
 
     /// Logs and counts a decision.
     fn decide(&self, reason: Reason, why: &str) {
         self.replica.metrics().decision(reason.as_str());
+        let applied = self.follower.applied();
         match reason {
             Reason::Resume | Reason::Bootstrap => tracing::info!(
                 reason = reason.as_str(),
-                lineage = %self.applied.lineage,
-                seq = self.applied.seq,
-                stream_seq = self.applied.stream_seq,
+                lineage = %applied.lineage,
+                seq = applied.seq,
+                stream_seq = applied.stream_seq,
                 "Start-up decision: {why}"
             ),
-            Reason::DigestMismatch | Reason::CorruptLocal => tracing::error!(
+            Reason::DigestMismatch | Reason::CorruptLocal | Reason::Fork => tracing::error!(
                 reason = reason.as_str(),
-                lineage = %self.applied.lineage,
-                seq = self.applied.seq,
+                lineage = %applied.lineage,
+                seq = applied.seq,
+                stream_seq = applied.stream_seq,
                 "Re-snapshot: {why}"
             ),
             _ => tracing::warn!(
                 reason = reason.as_str(),
-                lineage = %self.applied.lineage,
-                seq = self.applied.seq,
-                stream_seq = self.applied.stream_seq,
+                lineage = %applied.lineage,
+                seq = applied.seq,
+                stream_seq = applied.stream_seq,
                 "Re-snapshot: {why}"
             ),
         }
     }
 
-    /// Whether the stream still holds everything after `c`.
-    async fn continuity(&self, c: &Cursor) -> Result<Continuity, ConsumerError> {
-        if let Some((p, _)) = store::read_pointer(&self.kv).await? {
-            if p.lineage != c.lineage {
-                return Ok(Continuity::LineageChanged);
+    /// How `c` relates to the retained history (the follower judges; this reads).
+    async fn continuity(&self, c: &Cursor) -> Result<(Continuity, &'static str), ConsumerError> {
+        let pointer = store::read_pointer(&self.kv).await?.map(|(p, _)| p.lineage);
+        let b = self.bounds().await?;
+        match Follower::judge(c, pointer, b) {
+            Judge::Decided(continuity, why) => Ok((continuity, why)),
+            Judge::NeedCursorMessage { at } => {
+                let found = self.message_at(at).await?;
+                Ok(Follower::judge_cursor_message(c, found.as_ref()))
+            }
+            Judge::NeedFirstEnvelope { from } => {
+                let first = self.first_envelope(from).await?;
+                Ok(Follower::judge_first(
+                    c,
+                    b,
+                    first.as_ref().map(|(s, e)| (*s, e)),
+                ))
             }
         }
+    }
+
+    /// The message at stream sequence `at`, classified (None: there is none).
+    async fn message_at(&self, at: u64) -> Result<Option<Classified>, ConsumerError> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        let name = names::stream_name(&self.settings.pipeline);
+        let failed = |detail: String| ConsumerError::Probe {
+            stream: name.clone(),
+            from: at,
+            detail,
+        };
+        let stream = self
+            .js
+            .get_stream_no_info(&name)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        match stream.get_raw_message(at).await {
+            Ok(m) => Ok(Some(history::classify(&m.payload))),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+
+    /// The stream's bounds, as the follower takes them.
+    async fn bounds(&self) -> Result<Bounds, ConsumerError> {
         let b = history::bounds(&self.js, &self.settings).await?;
-        if c.stream_seq > b.last_seq {
-            tracing::warn!(
-                stream_seq = c.stream_seq,
-                last = b.last_seq,
-                "The stream ends before the local cursor: it was recreated"
-            );
-            return Ok(Continuity::Pruned);
-        }
-        if c.stream_seq + 1 >= b.first_seq {
-            return Ok(Continuity::Continues);
-        }
-        // Messages after the cursor are gone; judge by envelope sequence whether any of them
-        // was an envelope the replica lacks.
-        match self.first_envelope(b.first_seq).await? {
-            Some((_, e)) if e.lineage != c.lineage => Ok(Continuity::LineageChanged),
-            Some((_, e)) if e.seq <= c.seq + 1 => Ok(Continuity::Continues),
-            Some(_) => Ok(Continuity::Pruned),
-            None if b.last_seq > c.stream_seq => Ok(Continuity::Pruned),
-            None => Ok(Continuity::Continues),
-        }
+        Ok(Bounds {
+            first_seq: b.first_seq,
+            last_seq: b.last_seq,
+            messages: b.messages,
+        })
     }
 
     /// The first envelope at or after stream sequence `from`, if the stream holds one now.
@@ -590,163 +573,94 @@ impl Engine {
 
     // ---------------------------------------------------------------- following
 
-    async fn on_item(&mut self, item: Result<StreamItem, HistoryError>) -> Step {
+    async fn on_item(&mut self, item: Result<StreamItem, HistoryError>) -> Next {
         let item = match item {
             Ok(i) => i,
             Err(HistoryError::Pruned { wanted, first, .. }) => {
-                let reason = match history::bounds(&self.js, &self.settings).await {
-                    Ok(b) if b.first_seq > wanted => Reason::Pruned,
-                    Ok(_) => Reason::Gap,
-                    Err(_) => Reason::Pruned,
-                };
-                tracing::warn!(
-                    wanted,
-                    first,
-                    why = if reason == Reason::Pruned { "pruned" } else { "deleted" },
-                    "The stream no longer holds messages the replica asked for; the next envelope decides whether one of them mattered"
-                );
-                self.lost = Some(reason);
-                return Step::Reopen { from: first };
+                let now = history::bounds(&self.js, &self.settings)
+                    .await
+                    .ok()
+                    .map(|b| b.first_seq);
+                let step = self.follower.on_lost(wanted, first, now);
+                if let Step::Reread { why, .. } = step {
+                    tracing::warn!(
+                        wanted,
+                        first,
+                        why,
+                        "The stream no longer holds messages the replica asked for; the next envelope decides whether one of them mattered"
+                    );
+                }
+                return self.carry_out(step, first);
             }
             Err(e) => {
-                tracing::warn!(error = %e, from = self.accepted_stream_seq + 1, "Reading the stream failed; reopening it");
+                let from = self.follower.resume_from();
+                tracing::warn!(error = %e, from, "Reading the stream failed; reopening it");
                 tokio::time::sleep(jitter(Duration::from_millis(500))).await;
-                return Step::Reopen {
-                    from: self.accepted_stream_seq + 1,
-                };
+                return Next::Reopen { from };
             }
         };
-        self.read_stream_seq = item.stream_seq;
-        self.known_last_seq = self.known_last_seq.max(item.stream_seq + item.pending);
-        self.caught_up = item.pending == 0;
         self.last_item_at = Instant::now();
-        match item.item {
-            Classified::Foreign { reason } => {
-                self.replica.metrics().foreign_messages.inc();
-                tracing::error!(stream_seq = item.stream_seq, %reason, "A message in the pipeline's stream is not an envelope; skipped");
-                Step::Continue
-            }
-            Classified::Envelope(env) => self.on_envelope(env, item.stream_seq),
+        let started = Instant::now();
+        let keep = self.keep_changes();
+        let step = self
+            .follower
+            .on_message(item.stream_seq, item.pending, item.item, keep);
+        if let Step::Applied(_) = step {
+            self.replica
+                .metrics()
+                .apply_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
+        self.carry_out(step, item.stream_seq)
     }
 
-    fn on_envelope(&mut self, env: Envelope, stream_seq: u64) -> Step {
-        let started = Instant::now();
-        let result = self.state.apply(&env);
-        match result {
-            Ok(Applied::Buffered { .. }) => {
-                if env.part == 1 {
-                    self.parts.clear();
-                    self.parts_kept = self.keep_changes();
-                }
-                if self.parts_kept {
-                    self.parts.extend(env.changes);
-                }
-                self.accepted_stream_seq = stream_seq;
-                self.reread_at = None;
-                self.lost = None;
-                Step::Continue
-            }
-            Ok(Applied::Committed { seq, changes }) => {
+    /// Carries out a follower step about the message at `stream_seq`.
+    fn carry_out(&mut self, step: Step, stream_seq: u64) -> Next {
+        match step {
+            Step::Applied(txn) => {
                 let m = self.replica.metrics();
                 m.envelopes_applied.inc();
-                m.changes_applied.inc_by(changes as u64);
-                let prev_seq = self.applied.seq;
-                let keep = if env.part == 1 {
-                    self.keep_changes()
-                } else {
-                    self.parts_kept && self.keep_changes()
-                };
-                if keep {
-                    let mut all = if env.part == 1 {
-                        Vec::new()
-                    } else {
-                        std::mem::take(&mut self.parts)
-                    };
-                    if all.is_empty() {
-                        all = env.changes;
-                    } else {
-                        all.extend(env.changes);
-                    }
-                    self.batch.push(Arc::new(ChangeBatch {
-                        lineage: env.lineage,
-                        prev_seq,
-                        seq,
-                        kind: BatchKind::Applied,
-                        changes: all,
-                    }));
+                m.changes_applied.inc_by(txn.changes as u64);
+                if let Some(b) = txn.batch {
+                    self.batch.push(Arc::new(b));
                 }
-                self.parts.clear();
-                self.parts_kept = true;
-                self.applied = Cursor {
-                    lineage: env.lineage,
-                    seq,
-                    stream_seq,
-                    digest: env.digest,
-                };
-                self.accepted_stream_seq = stream_seq;
                 self.batch_txns += 1;
-                self.batch_changes += changes;
+                self.batch_changes += txn.changes;
                 self.batch_started.get_or_insert_with(Instant::now);
-                self.resync_attempts = 0;
-                self.reread_at = None;
-                self.lost = None;
-                m.apply_seconds.observe(started.elapsed().as_secs_f64());
-                Step::Continue
-            }
-            Err(ApplyError::Duplicate { seq }) => {
-                self.replica.metrics().skipped("duplicate");
-                tracing::debug!(seq, stream_seq, "Duplicate envelope skipped");
-                Step::Continue
-            }
-            Err(ApplyError::Stale { seq, current }) => {
-                self.replica.metrics().skipped("stale");
-                tracing::debug!(seq, current, stream_seq, "Stale envelope skipped");
-                Step::Continue
-            }
-            Err(ApplyError::LineageMismatch { .. }) => Step::LineageChange { env, stream_seq },
-            Err(e @ ApplyError::DigestMismatch { .. }) => {
-                tracing::error!(stream_seq, error = %e, "The replica diverged from the producer");
-                self.decide(
-                    Reason::DigestMismatch,
-                    "the digest after a transaction differs from the producer's",
-                );
-                Step::Resync {
-                    reason: Reason::DigestMismatch,
-                    want: Some(env.lineage),
+                if self.follower.progressed() {
+                    // Past the break that caused the last re-snapshot.
+                    self.resync_attempts = 0;
                 }
+                Next::Continue
             }
-            Err(e @ (ApplyError::Gap { .. } | ApplyError::PartOutOfOrder { .. })) => {
-                let expected = match e {
-                    ApplyError::Gap { expected, .. } => expected,
-                    _ => env.seq,
-                };
-                if let Some(reason) = self.lost.take() {
-                    self.decide(
-                        reason,
-                        "an envelope the replica needs is no longer in the stream",
-                    );
-                    return Step::Resync {
-                        reason,
-                        want: Some(env.lineage),
-                    };
-                }
-                if self.reread_at == Some(expected) {
-                    self.decide(
-                        Reason::Gap,
-                        "an envelope is missing from the stream (re-reading did not find it)",
-                    );
-                    return Step::Resync {
-                        reason: Reason::Gap,
-                        want: Some(env.lineage),
-                    };
-                }
-                tracing::warn!(stream_seq, error = %e, from = self.accepted_stream_seq + 1, "Gap in the envelope sequence; re-reading the stream after the last applied envelope");
-                self.reread_at = Some(expected);
-                Step::Reopen {
-                    from: self.accepted_stream_seq + 1,
-                }
+            Step::Buffered => Next::Continue,
+            Step::Skipped { why, seq } => {
+                self.replica.metrics().skipped(why);
+                tracing::debug!(seq, stream_seq, why, "Envelope already applied; skipped");
+                Next::Continue
             }
+            Step::Foreign { reason } => {
+                self.replica.metrics().foreign_messages.inc();
+                tracing::error!(stream_seq, %reason, "A message in the pipeline's stream is not an envelope; skipped");
+                Next::Continue
+            }
+            Step::Reread { from, why } => {
+                if why == "gap in the envelope sequence" {
+                    tracing::warn!(stream_seq, from, "Gap in the envelope sequence; re-reading the stream after the last applied envelope");
+                }
+                Next::Reopen { from }
+            }
+            Step::Resync { reason, want, why } => {
+                if reason == Reason::DigestMismatch {
+                    tracing::error!(stream_seq, "The replica diverged from the producer");
+                }
+                if reason == Reason::Fork {
+                    tracing::error!(stream_seq, "The stream forks the replica's history");
+                }
+                self.decide(reason, why);
+                Next::Resync { reason, want }
+            }
+            Step::LineageChange { env, stream_seq } => Next::LineageChange { env, stream_seq },
         }
     }
 
@@ -761,38 +675,46 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> Result<(), ConsumerError> {
         self.flush().await?;
-        let reason = if self.bootstrapped {
-            Reason::LineageChanged
-        } else {
-            Reason::Bootstrap
-        };
         let latest = retrying("reading the latest snapshot pointer", || async {
             Ok(store::read_pointer(&self.kv).await?)
         })
         .await?
         .map(|(p, _)| p.lineage);
-        if latest != Some(env.lineage) && env.seq == 1 && env.part == 1 {
-            // A new lineage starts from the empty state, and its first envelope is here.
-            if self.bootstrapped {
+        let plan = self
+            .follower
+            .lineage_plan(&env, stream_seq, latest, self.bootstrapped);
+        match plan {
+            LineagePlan::StartFromFirst { reason } => {
+                // A new lineage starts from the empty state, and its first envelope is here.
+                if self.bootstrapped {
+                    self.decide(
+                        reason,
+                        "a new lineage starts in the stream: following it from its first envelope",
+                    );
+                }
+                // Whether anything followed the envelope when it was read.
+                let pending = u64::from(!self.follower.caught_up());
+                self.start_lineage(env.lineage, stream_seq - 1, reason)
+                    .await?;
+                let keep = self.keep_changes();
+                let step =
+                    self.follower
+                        .on_message(stream_seq, pending, Classified::Envelope(env), keep);
+                match self.carry_out(step, stream_seq) {
+                    Next::Continue => Ok(()),
+                    // The first envelope of a lineage cannot be a gap or a duplicate;
+                    // anything else is judged again from a snapshot.
+                    _ => self.resync(reason, None, cancel).await,
+                }
+            }
+            LineagePlan::Resync { reason, want } => {
                 self.decide(
                     reason,
-                    "a new lineage starts in the stream: following it from its first envelope",
+                    "the stream continues another lineage than the replica's",
                 );
+                self.resync(reason, want, cancel).await
             }
-            self.start_lineage(env.lineage, stream_seq - 1, reason)
-                .await?;
-            if let Step::Continue = self.on_envelope(env, stream_seq) {
-                return Ok(());
-            }
-            // The first envelope of a lineage cannot be a gap or a duplicate; anything else
-            // is judged again from a snapshot.
-            return self.resync(reason, None, cancel).await;
         }
-        self.decide(
-            reason,
-            "the stream continues another lineage than the replica's",
-        );
-        self.resync(reason, Some(env.lineage), cancel).await
     }
 
     /// Opens the stream reader at `from`; its silence is measured from now.
@@ -802,35 +724,78 @@ impl Engine {
     }
 
     async fn on_tick(&mut self) -> Tick {
-        match history::bounds(&self.js, &self.settings).await {
-            Ok(b) => {
-                self.known_last_seq = b.last_seq;
-                self.update_lag();
-                let read_all = b.last_seq <= self.read_stream_seq.max(self.accepted_stream_seq);
-                let silent = self.last_item_at.elapsed();
-                if self.once && (read_all || (self.caught_up && silent >= ONCE_IDLE)) {
-                    Tick::Done
-                } else if !read_all && silent >= READER_STALL {
-                    Tick::ReaderStalled
-                } else {
-                    Tick::Continue
-                }
-            }
+        let b = match self.bounds().await {
+            Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "Reading the stream's bounds failed");
-                Tick::Continue
+                return Tick::Continue;
             }
+        };
+        let silent = self.last_item_at.elapsed();
+        let tick = self.follower.on_bounds(b, silent, self.once);
+        self.update_lag();
+        let tick = match tick {
+            follower::Tick::Probe { from } => match self.probe(from).await {
+                Ok(found) => self.follower.on_probe(from, b.last_seq, found, self.once),
+                Err(e) => {
+                    tracing::warn!(error = %e, from, "Probing the stream after the reader's position failed");
+                    follower::Tick::ReaderStalled { from }
+                }
+            },
+            t => t,
+        };
+        match tick {
+            follower::Tick::Continue | follower::Tick::Probe { .. } => Tick::Continue,
+            follower::Tick::Done => Tick::Done,
+            follower::Tick::ReaderStalled { from } => Tick::Reopen { from },
+            follower::Tick::Resync { reason, why } => {
+                tracing::error!(
+                    last_seq = b.last_seq,
+                    stream_seq = self.follower.accepted_stream_seq(),
+                    "The stream ends before the replica's position"
+                );
+                self.decide(reason, why);
+                Tick::Resync { reason }
+            }
+        }
+    }
+
+    /// The stream sequence of the first message at or after `from`, if any (one request to
+    /// the stream leader).
+    async fn probe(&self, from: u64) -> Result<Option<u64>, ConsumerError> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        let name = names::stream_name(&self.settings.pipeline);
+        let failed = |detail: String| ConsumerError::Probe {
+            stream: name.clone(),
+            from,
+            detail,
+        };
+        let stream = self
+            .js
+            .get_stream_no_info(&name)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let got = stream
+            .raw_message_builder()
+            .sequence(from)
+            .next_by_subject(names::subject(&self.settings.pipeline))
+            .send()
+            .await;
+        match got {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(failed(e.to_string())),
         }
     }
 
     fn update_lag(&self) {
         let pos = if self.batch_txns == 0 && self.inflight.is_none() {
-            self.committed.stream_seq.max(self.read_stream_seq)
+            self.committed.stream_seq.max(self.follower.position())
         } else {
             self.committed.stream_seq
         };
         self.replica
-            .set_lag(self.known_last_seq.saturating_sub(pos));
+            .set_lag(self.follower.known_last_seq().saturating_sub(pos));
     }
 
     // ---------------------------------------------------------------- commits
@@ -843,7 +808,7 @@ impl Engine {
         }
         let every = self.settings.consumer.commit_every_envelopes;
         let due = self.batch_txns >= every
-            || self.caught_up
+            || self.follower.caught_up()
             || self
                 .batch_started
                 .is_some_and(|t| t.elapsed() >= self.settings.consumer.commit_interval);
@@ -867,13 +832,13 @@ impl Engine {
         if self.batch_txns == 0 || self.inflight.is_some() {
             return Ok(());
         }
-        let cursor = self.applied;
-        let entries = self.state.len();
+        let cursor = self.follower.applied();
+        let entries = self.follower.state().len();
         let batches = std::mem::take(&mut self.batch);
         self.batch_txns = 0;
         self.batch_changes = 0;
         self.batch_started = None;
-        let view = self.want_view().then(|| self.state.clone());
+        let view = self.want_view().then(|| self.follower.state().clone());
         if self.store.is_durable() {
             let store = self.store.clone();
             let for_store = batches.clone();
@@ -896,7 +861,7 @@ impl Engine {
     /// caught up (the view then costs little: few buckets change after it). Not on every
     /// commit of a backlog: every bucket the next transactions touch would be copied.
     fn want_view(&mut self) -> bool {
-        self.replica.take_view_wanted() || self.caught_up
+        self.replica.take_view_wanted() || self.follower.caught_up()
     }
 
     fn finish_inflight(
@@ -946,7 +911,7 @@ impl Engine {
         let idle = self.batch_txns == 0
             && self.inflight.is_none()
             && self.bootstrapped
-            && (self.state.lineage(), self.state.seq())
+            && (self.follower.state().lineage(), self.follower.state().seq())
                 == (self.committed.lineage, self.committed.seq);
         if !idle || self.replica.view_seq() == (self.committed.lineage, self.committed.seq) {
             return;
@@ -954,8 +919,8 @@ impl Engine {
         if self.want_view() {
             self.replica.committed(
                 self.committed,
-                self.state.len(),
-                Some(self.state.clone()),
+                self.follower.state().len(),
+                Some(self.follower.state().clone()),
                 Vec::new(),
                 true,
             );
@@ -977,13 +942,13 @@ impl Engine {
         }
         // A view at the committed position, for readers after a stop or before a resync.
         if self.replica.view_seq() != (self.committed.lineage, self.committed.seq)
-            && self.state.seq() == self.committed.seq
+            && self.follower.state().seq() == self.committed.seq
             && self.bootstrapped
         {
             self.replica.committed(
                 self.committed,
-                self.state.len(),
-                Some(self.state.clone()),
+                self.follower.state().len(),
+                Some(self.follower.state().clone()),
                 Vec::new(),
                 true,
             );
@@ -1002,13 +967,13 @@ impl Engine {
         self.flush().await?;
         let need_changes = self.store.is_durable() || self.replica.has_subscribers();
         let changes = if need_changes {
-            diff(&self.state, &next)
+            diff(self.follower.state(), &next)
         } else {
             Vec::new()
         };
         let batches = vec![Arc::new(ChangeBatch {
             lineage: cursor.lineage,
-            prev_seq: self.applied.seq,
+            prev_seq: self.follower.applied().seq,
             seq: cursor.seq,
             kind,
             changes,
@@ -1025,17 +990,10 @@ impl Engine {
                 .commit_seconds
                 .observe(started.elapsed().as_secs_f64());
         }
-        self.state = next;
-        self.applied = cursor;
-        self.accepted_stream_seq = cursor.stream_seq;
-        self.read_stream_seq = self.read_stream_seq.max(cursor.stream_seq);
-        self.parts.clear();
-        self.parts_kept = true;
-        self.lost = None;
-        self.reread_at = None;
+        self.follower.restore(next, cursor);
         self.bootstrapped = true;
-        let view = Some(self.state.clone());
-        let entries = self.state.len();
+        let view = Some(self.follower.state().clone());
+        let entries = self.follower.state().len();
         self.complete(cursor, entries, view, batches);
         Ok(())
     }
@@ -1092,23 +1050,31 @@ impl Engine {
         let Some(m) = store::latest_manifest(&self.kv).await? else {
             return self.start_without_snapshot(reason, want).await;
         };
-        if let Some(w) = want {
-            if m.lineage != w {
-                return Err(ConsumerError::SnapshotLineage {
-                    wanted: w.to_hex(),
-                    found: m.lineage.to_hex(),
-                });
-            }
-        }
-        let mut next = self.state.clone();
-        let report = store::resync(&self.kv, &mut next, &m).await?;
-        let from_seq = self.applied.seq;
-        let cursor = Cursor {
+        let at = Cursor {
             lineage: m.lineage,
             seq: m.seq,
             stream_seq: m.stream_seq,
             digest: m.digest,
         };
+        if !self.follower.snapshot_acceptable(&at, want) {
+            return Err(ConsumerError::SnapshotLineage {
+                wanted: want.map(|w| w.to_hex()).unwrap_or_default(),
+                found: m.lineage.to_hex(),
+            });
+        }
+        let mut next = self.follower.state().clone();
+        let report = store::resync(&self.kv, &mut next, &m).await?;
+        let from_seq = self.follower.applied().seq;
+        let b = self.bounds().await?;
+        let cursor = Follower::snapshot_cursor(at, b);
+        if cursor.stream_seq != m.stream_seq {
+            tracing::warn!(
+                snapshot_stream_seq = m.stream_seq,
+                last_seq = b.last_seq,
+                from = cursor.stream_seq + 1,
+                "The snapshot was taken from a stream since purged or recreated: following the stream from its first message"
+            );
+        }
         self.replace(next, cursor, BatchKind::Resync { reason })
             .await?;
         let elapsed = started.elapsed();
@@ -1135,7 +1101,7 @@ impl Engine {
             snapshot_bytes = m.total_bytes(),
             ranges_rebuilt = report.ranges_rebuilt,
             segments_applied = report.segments_applied,
-            entries = self.state.len(),
+            entries = self.follower.state().len(),
             ms = elapsed.as_millis() as u64,
             "Replica restored from the snapshot and verified"
         );
@@ -1149,37 +1115,36 @@ impl Engine {
         reason: Reason,
         want: Option<Lineage>,
     ) -> Result<(), ConsumerError> {
-        let b = history::bounds(&self.js, &self.settings).await?;
+        let b = self.bounds().await?;
         let first = if b.messages > 0 {
             self.first_envelope(b.first_seq).await?
         } else {
             None
         };
-        match first {
-            Some((stream_seq, e))
-                if e.seq == 1 && e.part == 1 && want.is_none_or(|w| w == e.lineage) =>
-            {
-                self.start_lineage(e.lineage, stream_seq - 1, reason).await
-            }
-            Some((_, e)) => Err(ConsumerError::NoSnapshot {
-                lineage: e.lineage.to_hex(),
-                seq: e.seq,
+        let plan = Follower::without_snapshot(
+            b,
+            first.as_ref().map(|(s, e)| (*s, e)),
+            want,
+            self.bootstrapped,
+        );
+        match plan {
+            NoSnapshotPlan::StartLineage {
+                lineage,
+                stream_seq,
+            } => self.start_lineage(lineage, stream_seq, reason).await,
+            NoSnapshotPlan::NoSnapshot { lineage, seq } => Err(ConsumerError::NoSnapshot {
+                lineage: lineage.to_hex(),
+                seq,
             }),
-            None if !self.bootstrapped => {
+            NoSnapshotPlan::Wait { stream_seq } => {
                 tracing::info!(
-                    from = b.last_seq + 1,
+                    from = stream_seq + 1,
                     "The pipeline has no history yet (no snapshot, no envelope): waiting for its first envelope"
                 );
-                self.state = State::new(Lineage::default());
-                self.applied = Cursor {
-                    stream_seq: b.last_seq,
-                    ..Cursor::default()
-                };
-                self.accepted_stream_seq = b.last_seq;
-                self.read_stream_seq = b.last_seq;
+                self.follower.wait_after(stream_seq);
                 Ok(())
             }
-            None => Err(ConsumerError::NoHistory),
+            NoSnapshotPlan::NoHistory => Err(ConsumerError::NoHistory),
         }
     }
 
@@ -1191,13 +1156,8 @@ impl Engine {
         stream_seq: u64,
         reason: Reason,
     ) -> Result<(), ConsumerError> {
-        let from_seq = self.applied.seq;
-        let cursor = Cursor {
-            lineage,
-            seq: 0,
-            stream_seq,
-            digest: Digest::ZERO,
-        };
+        let from_seq = self.follower.applied().seq;
+        let cursor = follower::lineage_start(lineage, stream_seq);
         self.replace(State::new(lineage), cursor, BatchKind::Resync { reason })
             .await?;
         self.replica.metrics().resync(reason.as_str());

@@ -16,7 +16,8 @@
 //!
 //! ```text
 //!  lib.rs     Consumer, run(), options, errors
-//!  engine     start-up decision, following, commits, re-snapshots
+//!  engine     carries out the follower's steps: reading, commits, re-snapshots
+//!  follower   every decision about the history, synchronous and I/O-free
 //!  local      the replica and cursor on disk (redb)
 //!  replica    the read handle: views, status, change batches
 //!  marker     the replica's position shown on the server
@@ -79,6 +80,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod follower;
 pub mod http;
 pub mod local;
 pub mod marker;
@@ -183,6 +185,12 @@ pub enum ConsumerError {
     NoHistory,
     #[error("the local store's writer failed: {0}")]
     Writer(String),
+    #[error("probing stream {stream} for a message at or after {from}: {detail}")]
+    Probe {
+        stream: String,
+        from: u64,
+        detail: String,
+    },
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -197,6 +205,12 @@ impl ConsumerError {
                 "the stream prunes envelopes before this replica reaches them, even from the \
                  newest snapshot: it cannot keep up. Retain more history (stream.max_messages, \
                  stream.max_age) or snapshot more often. Last error: {last}"
+            ),
+            Reason::Fork => format!(
+                "the stream holds a history that forks the newest snapshot's (sequences reused \
+                 at later stream positions, or a stream purged or recreated behind the bucket): \
+                 it cannot be followed until a snapshot past the fork is written or the \
+                 pipeline starts a new lineage. Last error: {last}"
             ),
             _ => format!("last error: {last}"),
         };

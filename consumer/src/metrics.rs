@@ -8,6 +8,7 @@
 //! deltasync_consumer_foreign_messages_total            stream messages that are not envelopes
 //! deltasync_consumer_sync_decisions_total{reason}      resume | bootstrap | pruned | lineage_changed
 //!                                                      | gap | digest_mismatch | corrupt_local
+//!                                                      | fork
 //! deltasync_consumer_resyncs_total{reason}             re-snapshots done, by reason
 //! deltasync_consumer_snapshot_bytes_fetched_total      snapshot bytes downloaded
 //! deltasync_consumer_snapshot_seconds                  histogram of re-snapshot durations

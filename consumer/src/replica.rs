@@ -46,11 +46,15 @@ pub enum Reason {
     DigestMismatch,
     /// The local replica does not match its stored digest.
     CorruptLocal,
+    /// The stream forks the replica's history: an envelope reuses a sequence the replica
+    /// has at a later stream position or with another digest, or the stream ends before the
+    /// replica's position (purged or recreated).
+    Fork,
 }
 
 impl Reason {
     /// Every reason, in label order.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Resume,
         Reason::Bootstrap,
         Reason::Pruned,
@@ -58,6 +62,7 @@ impl Reason {
         Reason::Gap,
         Reason::DigestMismatch,
         Reason::CorruptLocal,
+        Reason::Fork,
     ];
 
     /// The label value.
@@ -70,6 +75,7 @@ impl Reason {
             Reason::Gap => "gap",
             Reason::DigestMismatch => "digest_mismatch",
             Reason::CorruptLocal => "corrupt_local",
+            Reason::Fork => "fork",
         }
     }
 }

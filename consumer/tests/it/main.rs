@@ -11,6 +11,7 @@ mod support;
 mod api;
 mod crash;
 mod follow;
+mod fork;
 mod ops;
 mod resync;
 mod with_producer;

@@ -163,6 +163,26 @@ impl Pipeline {
         assert!(stream.delete_message(stream_seq).await.unwrap());
     }
 
+    /// Purges every message of the stream (its sequence numbers go on after the last one).
+    pub async fn purge(&self) {
+        let stream = self
+            .js
+            .get_stream(names::stream_name(&self.settings.pipeline))
+            .await
+            .unwrap();
+        stream.purge().await.unwrap();
+    }
+
+    /// Deletes the stream and creates it again, empty (sequences from 1); the bucket stays.
+    pub async fn recreate_stream(&mut self) {
+        self.js
+            .delete_stream(names::stream_name(&self.settings.pipeline))
+            .await
+            .unwrap();
+        nats::ensure_stream(&self.js, &self.settings).await.unwrap();
+        self.stream_seq = 0;
+    }
+
     /// The stream's first and last sequence.
     pub async fn bounds(&self) -> (u64, u64) {
         let b = deltasync_shared::history::bounds(&self.js, &self.settings)
