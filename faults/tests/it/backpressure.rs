@@ -126,6 +126,11 @@ async fn a_burst_through_a_tight_retention_is_held_back_until_a_snapshot_covers_
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = watch_retention(server.url(), s.clone(), stop.clone());
     ingest(&s, &path, &log);
+    let held = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("Publishing held back")
+        .count();
+    eprintln!("burst: publishing was held back {held} times");
     let js = js(&server.url()).await;
     let kv = store::bucket(&js, &s).await.unwrap();
     let latest = store::latest_manifest(&kv)
