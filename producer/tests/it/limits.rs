@@ -1,11 +1,15 @@
 //! What the pipeline cannot carry is refused by name, never dropped: a transaction larger than
 //! a replica buffers (issue 11, reproduction 3), a line longer than `ingest` reads, and
-//! settings under which retention could prune envelopes no snapshot covers.
+//! settings under which retention could prune envelopes no snapshot covers. While snapshots
+//! fail, publishing stops before retention could prune what no snapshot covers.
 
-use crate::support::{self, read_stream, replay};
+use crate::support::{self, eventually, read_stream, replay};
+use deltasync_producer::{Change, Producer, ProducerError};
+use deltasync_shared::{names, store};
 use deltasync_testkit::NatsServer;
 use std::io::Write;
 use std::process::Output;
+use std::time::Duration;
 
 fn run(cmd: &mut std::process::Command) -> (Output, String) {
     let out = cmd.output().expect("run the producer");
@@ -140,4 +144,100 @@ async fn settings_under_which_retention_could_outrun_snapshots_are_refused_by_na
             "{env:?}: nothing published"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_snapshot_stops_publishing_before_retention_prunes_and_it_resumes_once_one_is_written(
+) {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("snapfail");
+    let mut settings = support::settings(&server.url(), &pipeline);
+    settings.stream.max_messages = 50;
+    settings.snapshot.every_envelopes = 20;
+    let producer = std::sync::Arc::new(Producer::start(settings.clone()).await.expect("start"));
+    for i in 0..5 {
+        producer
+            .commit(vec![Change::put(format!("k{i}"), "v")])
+            .await
+            .expect("commit");
+    }
+    let before = producer
+        .snapshot()
+        .await
+        .expect("a snapshot while the bucket works");
+
+    // The bucket now refuses every value: snapshots fail.
+    let js = support::js(&server.url()).await;
+    let kv_stream = format!("KV_{}", names::bucket_name(&pipeline));
+    let mut config = js
+        .get_stream(&kv_stream)
+        .await
+        .expect("bucket stream")
+        .cached_info()
+        .config
+        .clone();
+    let original = config.max_message_size;
+    config.max_message_size = 8;
+    js.update_stream(&config)
+        .await
+        .expect("shrink the bucket's messages");
+
+    let writer = producer.clone();
+    let load = tokio::spawn(async move {
+        for i in 0..300u64 {
+            writer
+                .commit(vec![Change::put(format!("k{}", i % 40), i.to_string())])
+                .await?;
+        }
+        Ok::<_, ProducerError>(())
+    });
+    let held = eventually(
+        "publishing held back by the failed snapshot",
+        Duration::from_secs(30),
+        async || {
+            producer
+                .status()
+                .held_back
+                .filter(|r| r.contains("snapshot failed"))
+        },
+    )
+    .await;
+    assert!(held.contains("nothing more is published"), "{held}");
+    let status = producer.status();
+    assert!(!load.is_finished(), "the load waits");
+    let stream = js
+        .get_stream(names::stream_name(&pipeline))
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info")
+        .state;
+    assert!(
+        stream.first_sequence <= before.stream_seq + 1,
+        "retention pruned stream seq {} past the snapshot at {} (status {status:?})",
+        stream.first_sequence - 1,
+        before.stream_seq
+    );
+
+    // The bucket takes values again: the retried snapshot is written and publishing resumes.
+    config.max_message_size = original;
+    js.update_stream(&config).await.expect("restore the bucket");
+    tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .expect("publishing resumes")
+        .expect("load task")
+        .expect("every commit acknowledged");
+    let producer = std::sync::Arc::into_inner(producer).expect("one owner");
+    let status = producer.shutdown().await.expect("clean shutdown");
+    assert_eq!(status.held_back, None);
+    let kv = store::bucket(&js, &settings).await.expect("bucket");
+    let latest = store::latest_manifest(&kv)
+        .await
+        .expect("read")
+        .expect("a snapshot");
+    assert_eq!(
+        latest.seq, status.seq,
+        "the final snapshot covers everything"
+    );
 }
