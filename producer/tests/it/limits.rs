@@ -241,3 +241,39 @@ async fn a_failing_snapshot_stops_publishing_before_retention_prunes_and_it_resu
         "the final snapshot covers everything"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_whose_final_snapshot_fails_is_an_error() {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("finalfail");
+    let mut settings = support::settings(&server.url(), &pipeline);
+    settings.snapshot.every_envelopes = 10_000;
+    let producer = Producer::start(settings.clone()).await.expect("start");
+    for i in 0..3 {
+        producer
+            .commit(vec![Change::put(format!("k{i}"), "v")])
+            .await
+            .expect("commit");
+    }
+    let js = support::js(&server.url()).await;
+    let kv_stream = format!("KV_{}", names::bucket_name(&pipeline));
+    let mut config = js
+        .get_stream(&kv_stream)
+        .await
+        .expect("bucket stream")
+        .cached_info()
+        .config
+        .clone();
+    config.max_message_size = 8;
+    js.update_stream(&config)
+        .await
+        .expect("shrink the bucket's messages");
+    let err = tokio::time::timeout(Duration::from_secs(60), producer.shutdown())
+        .await
+        .expect("shutdown ends")
+        .expect_err("the final snapshot cannot be written");
+    assert!(
+        matches!(err, ProducerError::Snapshot { seq: 3, .. }),
+        "{err}"
+    );
+}
