@@ -14,17 +14,24 @@
 //!   back, nothing in between; its digest is the state's after all of it.
 //! - Changes submitted earlier are in envelopes before changes submitted later (a pending
 //!   batch is sealed before a transaction, a full state, a flush or a snapshot cut).
+//! - No envelope leaves before the stream's retention can keep it together with every
+//!   envelope after the newest durable snapshot ([`Horizon`]); otherwise the engine cuts a
+//!   snapshot of its live state (a transaction boundary) and waits until it is durable. The
+//!   wait is here, not in the publisher: a snapshot is written only once the publisher has
+//!   its last envelope acknowledged.
+//! - A transaction that could not fit even right after a snapshot is refused whole.
+//! - When its input ends, envelopes not yet covered by a durable snapshot get a final one.
 
 use crate::error::ProducerError;
 use crate::producer::{CommitReceipt, Shared};
 use crate::publisher::{Notify, Outgoing};
-use crate::snapshots::{Schedule, SnapshotInfo, SnapshotJob};
+use crate::snapshots::{Admit, Durable, Horizon, Schedule, SnapshotInfo, SnapshotJob};
 use deltasync_shared::envelope::{now_ms, split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
-use deltasync_shared::settings::Settings;
+use deltasync_shared::settings::{Settings, ENVELOPE_STREAM_OVERHEAD};
 use deltasync_shared::{diff, Change, State};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 /// How soon a due snapshot trigger is looked at again while a snapshot is still being written.
@@ -65,6 +72,13 @@ pub(crate) struct Engine {
     out: mpsc::Sender<Outgoing>,
     shared: Arc<Shared>,
     schedule: Schedule,
+    /// The retention budget counted from the newest durable snapshot.
+    horizon: Horizon,
+    /// The snapshot task's news of durable snapshots.
+    durable: watch::Receiver<Durable>,
+    /// Envelope sequence of the last cut handed to the snapshot task (not cut again while it
+    /// is being written).
+    last_cut: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -89,7 +103,13 @@ impl Engine {
         shared: Arc<Shared>,
     ) -> Engine {
         let p = &settings.producer;
+        let durable = shared.durable.subscribe();
+        let covered = *durable.borrow();
+        let horizon = Horizon::for_settings(settings, covered, state.seq());
         Engine {
+            horizon,
+            durable,
+            last_cut: covered.seq,
             lineage: state.lineage(),
             state,
             batch: Vec::new(),
@@ -104,13 +124,68 @@ impl Engine {
         }
     }
 
-    /// Serves commands until every sender is gone (then seals the last batch) or the
-    /// publisher fails.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        // A recovered position far enough past the latest snapshot is cut right away.
-        if self.maybe_snapshot().await.is_err() {
-            return;
+    /// Serves commands until every sender is gone (then seals the last batch and writes a
+    /// final snapshot when envelopes are not covered) or the publisher fails. Returns the
+    /// final snapshot's failure.
+    pub(crate) async fn run(mut self, rx: mpsc::Receiver<Command>) -> Result<(), ProducerError> {
+        if self.serve(rx).await.is_err() {
+            // The publisher stopped; its cause is what shutdown reports.
+            return Ok(());
         }
+        self.final_snapshot().await
+    }
+
+    /// Writes a snapshot of the final position unless a durable one covers it already.
+    async fn final_snapshot(&mut self) -> Result<(), ProducerError> {
+        self.horizon.advance(*self.durable.borrow_and_update());
+        let seq = self.state.seq();
+        if seq <= self.horizon.covered().seq {
+            return Ok(());
+        }
+        tracing::info!(
+            seq,
+            covered = self.horizon.covered().seq,
+            "Writing a final snapshot: envelopes are not yet covered by one"
+        );
+        let (tx, rx) = oneshot::channel();
+        self.schedule.taken(&self.shared.snapshot_phase);
+        let job = SnapshotJob {
+            cut: self.state.clone(),
+            reply: Some(tx),
+        };
+        if self
+            .send(Outgoing::Notify(Notify::Snapshot(job)))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        let err = match rx.await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(ProducerError::Snapshot {
+                source: deltasync_shared::store::StoreError::Stale { latest_seq, .. },
+                ..
+            })) if latest_seq >= seq => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => self.shared.stopped_error(),
+        };
+        if self.out.is_closed() && self.shared.has_failed() {
+            // The publisher failed: that failure is reported, not this consequence.
+            return Ok(());
+        }
+        tracing::error!(
+            seq,
+            covered = self.horizon.covered().seq,
+            error = %err,
+            "Final snapshot failed: envelopes after the newest snapshot are held only by the \
+             stream, whose retention may prune them before the producer runs again"
+        );
+        Err(err)
+    }
+
+    async fn serve(&mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), Closed> {
+        // A recovered position far enough past the latest snapshot is cut right away.
+        self.maybe_snapshot().await?;
         loop {
             // A trigger that is due while the previous snapshot still runs is looked at again
             // a little later, not in a busy loop. A count or retention trigger too: when the
@@ -139,24 +214,17 @@ impl Engine {
                 biased;
                 cmd = rx.recv() => cmd,
                 () = sleep_until(wake) => {
-                    if self.linger_until.is_some_and(|t| Instant::now() >= t)
-                        && self.seal_batch().await.is_err()
-                    {
-                        return;
+                    if self.linger_until.is_some_and(|t| Instant::now() >= t) {
+                        self.seal_batch().await?;
                     }
-                    if self.maybe_snapshot().await.is_err() {
-                        return;
-                    }
+                    self.maybe_snapshot().await?;
                     continue;
                 }
             };
             let Some(cmd) = cmd else {
-                let _ = self.seal_batch().await;
-                return;
+                return self.seal_batch().await;
             };
-            if self.handle(cmd).await.is_err() {
-                return;
-            }
+            self.handle(cmd).await?;
         }
     }
 
@@ -189,6 +257,7 @@ impl Engine {
             Command::Snapshot(reply) => {
                 self.seal_batch().await?;
                 self.schedule.taken(&self.shared.snapshot_phase);
+                self.last_cut = self.state.seq();
                 let job = SnapshotJob {
                     cut: self.state.clone(),
                     reply: Some(reply),
@@ -249,10 +318,20 @@ impl Engine {
         // taken as it is (see `submit`), and a fresh allocation would only be freed again.
         let changes = std::mem::take(&mut self.batch);
         let bytes = std::mem::take(&mut self.batch_bytes);
+        let cost = bytes as u64 + ENVELOPE_STREAM_OVERHEAD;
+        if self.make_room(1, cost).await? == Admit::Never {
+            // `Settings::validate` makes the byte room hold the largest envelope.
+            let err = ProducerError::Internal(format!(
+                "an envelope of {cost} bytes exceeds the stream's retention budget"
+            ));
+            self.shared.fail(err);
+            return Err(Closed);
+        }
         let digest = self.state.apply_changes(&changes);
         let seq = self.state.seq() + 1;
         self.state.set_position(self.lineage, seq);
         self.schedule.count(bytes as u64);
+        self.horizon.produced(seq, cost);
         let env = Envelope {
             lineage: self.lineage,
             seq,
@@ -274,13 +353,28 @@ impl Engine {
         reply: Option<oneshot::Sender<Result<CommitReceipt, ProducerError>>>,
     ) -> Result<(), Closed> {
         let (parts, bytes) = count_parts(&changes, self.max_bytes);
-        if parts > MAX_TXN_PARTS as usize {
+        let cost = bytes as u64 + parts as u64 * ENVELOPE_STREAM_OVERHEAD;
+        let refused = if parts > MAX_TXN_PARTS as usize {
+            Some(ProducerError::TransactionTooLarge {
+                changes: changes.len(),
+                bytes,
+                parts,
+            })
+        } else if self.make_room(parts as u64, cost).await? == Admit::Never {
+            Some(ProducerError::TransactionBeyondRetention {
+                changes: changes.len(),
+                bytes: cost,
+                parts,
+            })
+        } else {
+            None
+        };
+        if let Some(err) = refused {
+            // `Producer::submit_transaction` refuses these before they get here; a full state
+            // (whose caller awaits the answer) can still be refused here.
+            tracing::error!(error = %err, "Transaction refused; nothing of it is published");
             if let Some(reply) = reply {
-                let _ = reply.send(Err(ProducerError::TransactionTooLarge {
-                    changes: changes.len(),
-                    bytes,
-                    parts,
-                }));
+                let _ = reply.send(Err(err));
             }
             return Ok(());
         }
@@ -310,12 +404,14 @@ impl Engine {
         let mut notify = Some(Notify::Commit { receipt, reply });
         let count = envs.len();
         for (i, env) in envs.into_iter().enumerate() {
-            self.schedule.count(
-                env.changes
-                    .iter()
-                    .map(|c| c.encoded_len_bound() as u64)
-                    .sum(),
-            );
+            let bytes: u64 = env
+                .changes
+                .iter()
+                .map(|c| c.encoded_len_bound() as u64)
+                .sum();
+            self.schedule.count(bytes);
+            self.horizon
+                .produced(env.seq, bytes + ENVELOPE_STREAM_OVERHEAD);
             let notify = if i + 1 == count { notify.take() } else { None };
             self.send(Outgoing::Envelope { env, notify }).await?;
         }
@@ -328,12 +424,84 @@ impl Engine {
         if !self.schedule.due(&self.shared.snapshot_phase) {
             return Ok(());
         }
+        self.cut().await
+    }
+
+    /// Hands a snapshot of the live state (a transaction boundary) to the publisher, which
+    /// passes it to the snapshot task once its last envelope is acknowledged.
+    async fn cut(&mut self) -> Result<(), Closed> {
         self.schedule.taken(&self.shared.snapshot_phase);
+        self.last_cut = self.state.seq();
         let job = SnapshotJob {
             cut: self.state.clone(),
             reply: None,
         };
         self.send(Outgoing::Notify(Notify::Snapshot(job))).await
+    }
+
+    /// Waits until `envelopes` more envelopes of `bytes` in all fit in the stream's retention
+    /// counted from the newest durable snapshot, cutting a snapshot of the current position
+    /// when one is needed; `Never` when they cannot fit at all.
+    async fn make_room(&mut self, envelopes: u64, bytes: u64) -> Result<Admit, Closed> {
+        let mut held = false;
+        let mut reported_failure = false;
+        loop {
+            self.horizon.advance(*self.durable.borrow_and_update());
+            let admit = self.horizon.admits(envelopes, bytes, self.shared.acked());
+            if admit != Admit::Full {
+                if held {
+                    self.shared.held_back(None);
+                    tracing::info!(
+                        covered = self.horizon.covered().seq,
+                        "Snapshot durable; publishing resumes"
+                    );
+                }
+                return Ok(admit);
+            }
+            if self.out.is_closed() {
+                return Err(Closed);
+            }
+            let head = self.state.seq();
+            let phase = &self.shared.snapshot_phase;
+            let retry = phase.retry();
+            if retry || (!phase.running() && self.last_cut < head) {
+                self.cut().await?;
+            }
+            if !held {
+                held = true;
+                let reason = format!(
+                    "the stream's retention would prune envelopes after the newest durable \
+                     snapshot ({}) that no snapshot covers: waiting for a snapshot at {head}",
+                    self.horizon.covered().seq
+                );
+                tracing::warn!(
+                    covered = self.horizon.covered().seq,
+                    head,
+                    "Publishing held back until a snapshot of the current position is durable"
+                );
+                self.shared.held_back(Some(reason));
+            }
+            if retry && !reported_failure {
+                reported_failure = true;
+                let reason = format!(
+                    "a snapshot failed while the stream's retention would prune envelopes after \
+                     the newest durable snapshot ({}): nothing more is published until one is \
+                     written (retrying)",
+                    self.horizon.covered().seq
+                );
+                tracing::error!(
+                    covered = self.horizon.covered().seq,
+                    head,
+                    "Publishing stopped: a snapshot failed and the stream's retention leaves no \
+                     room for more envelopes until one is written"
+                );
+                self.shared.held_back(Some(reason));
+            }
+            tokio::select! {
+                _ = self.durable.changed() => {}
+                () = tokio::time::sleep(SNAPSHOT_RECHECK) => {}
+            }
+        }
     }
 
     async fn send(&mut self, out: Outgoing) -> Result<(), Closed> {
@@ -362,6 +530,35 @@ impl Engine {
             }
         }
     }
+}
+
+/// Refuses a transaction that cannot be published whole: more parts than a replica buffers,
+/// or more than the stream's retention keeps after a snapshot. Checked before it is handed to
+/// the engine, so a caller that does not await its answer still learns of it.
+pub(crate) fn check_transaction(
+    settings: &Settings,
+    changes: &[Change],
+) -> Result<(), ProducerError> {
+    let (parts, bytes) = count_parts(changes, settings.producer.batch_max_bytes);
+    if parts > MAX_TXN_PARTS as usize {
+        return Err(ProducerError::TransactionTooLarge {
+            changes: changes.len(),
+            bytes,
+            parts,
+        });
+    }
+    let cost = bytes as u64 + parts as u64 * ENVELOPE_STREAM_OVERHEAD;
+    let s = &settings.stream;
+    if s.envelope_room().is_some_and(|m| parts as u64 > m)
+        || s.byte_room().is_some_and(|m| cost > m)
+    {
+        return Err(ProducerError::TransactionBeyondRetention {
+            changes: changes.len(),
+            bytes: cost,
+            parts,
+        });
+    }
+    Ok(())
 }
 
 /// How many parts `split_transaction` will cut `changes` into, and their encoded bytes.

@@ -53,6 +53,23 @@ pub enum ProducerError {
         /// Envelopes it would need.
         parts: usize,
     },
+    /// A transaction larger than the stream's retention keeps past a snapshot (by count or
+    /// bytes): retention could prune part of it before any snapshot covers it. Nothing of it
+    /// was taken.
+    #[error(
+        "a transaction of {changes} changes needs {parts} envelopes of {bytes} bytes in all \
+         (changes plus overhead), more than the stream's retention keeps after a snapshot \
+         (stream.max_messages less a tenth, stream.max_bytes less an eighth): split it, or \
+         raise those limits"
+    )]
+    TransactionBeyondRetention {
+        /// Changes in the transaction.
+        changes: usize,
+        /// Bytes it counts against `stream.max_bytes`.
+        bytes: u64,
+        /// Envelopes it would need.
+        parts: usize,
+    },
     /// Another producer wrote to the pipeline's stream: this one must stop. The history holds
     /// no envelope of this producer after `last_acknowledged_seq`.
     #[error(

@@ -21,7 +21,9 @@
 //! - At the first bad line ingestion stops: every line before it is published and
 //!   acknowledged, nothing of the bad line (a whole transaction) or after it is.
 //! - Plain put/del lines are batched freely into envelopes; a `txn` line is one atomic
-//!   transaction.
+//!   transaction. A transaction the pipeline cannot publish whole (more parts than a replica
+//!   buffers, more than the stream's retention keeps after a snapshot) is a bad line.
+//! - A line longer than [`max_line_bytes`] is a bad line; it is never read into memory whole.
 
 use crate::error::ProducerError;
 use crate::producer::{Position, Producer};
@@ -41,6 +43,25 @@ use tokio_util::sync::CancellationToken;
 
 /// Changes parsed before they are handed to the producer in one piece.
 const CHUNK: usize = 4096;
+
+/// The least a line may hold: a change at its key and value limits, JSON-escaped.
+const MIN_LINE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The most a line may hold, whatever the settings allow a transaction to be.
+const MAX_LINE_BYTES: u64 = 1 << 30;
+
+/// The longest line `ingest` reads under `settings`: four times the largest transaction the
+/// pipeline publishes (JSON escaping and base64 make a change's text larger than its bytes),
+/// at least 4 MiB and at most 1 GiB.
+pub fn max_line_bytes(settings: &deltasync_shared::settings::Settings) -> u64 {
+    let parts = u64::from(deltasync_shared::envelope::MAX_TXN_PARTS)
+        .min(settings.stream.envelope_room().unwrap_or(u64::MAX));
+    let mut txn = parts.saturating_mul(settings.producer.batch_max_bytes as u64);
+    if let Some(room) = settings.stream.byte_room() {
+        txn = txn.min(room);
+    }
+    txn.saturating_mul(4).clamp(MIN_LINE_BYTES, MAX_LINE_BYTES)
+}
 
 /// Where NDJSON comes from.
 pub enum Input {
@@ -140,12 +161,13 @@ pub async fn ingest(
 ) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let name = input.name();
+    let max_line = max_line_bytes(producer.settings());
     let (tx, mut rx) = mpsc::channel::<Item>(16);
     // A plain thread, not the blocking pool: on cancellation it may sit in a read of stdin
     // forever, and nothing waits for it (the runtime would wait for a blocking-pool task).
     std::thread::Builder::new()
         .name("deltasync-ingest".into())
-        .spawn(move || parse_input(input, &tx))
+        .spawn(move || parse_input(input, max_line, &tx))
         .map_err(|e| ProducerError::Internal(format!("cannot start the ingest thread: {e}")))?;
     let (mut lines, mut changes, mut transactions) = (0u64, 0u64, 0u64);
     let mut cancelled = false;
@@ -174,8 +196,25 @@ pub async fn ingest(
                 changes += txn.len() as u64;
                 transactions += 1;
                 lines = line;
-                // Not awaited one by one: the final flush covers it.
-                drop(producer.submit_transaction(txn).await?);
+                // Not awaited one by one: the final flush covers it. A transaction that cannot
+                // be published whole is refused here, before anything of it is handed over.
+                match producer.submit_transaction(txn).await {
+                    Ok(pending) => drop(pending),
+                    Err(
+                        e @ (ProducerError::TransactionTooLarge { .. }
+                        | ProducerError::TransactionBeyondRetention { .. }),
+                    ) => {
+                        failure = Some(IngestError::BadLine {
+                            input: name.clone(),
+                            line,
+                            reason: e.to_string(),
+                        });
+                        lines = line - 1;
+                        transactions -= 1;
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             Some(Item::End { line }) => {
                 lines = line;
@@ -229,7 +268,7 @@ pub async fn ingest(
 
 /// The parsing thread: reads lines and sends chunks until the input ends, a line is bad,
 /// or the receiver is gone.
-fn parse_input(input: Input, tx: &mpsc::Sender<Item>) {
+fn parse_input(input: Input, max_line: u64, tx: &mpsc::Sender<Item>) {
     let reader: Box<dyn Read> = match input {
         Input::Stdin => Box::new(std::io::stdin().lock()),
         Input::File(path) => match std::fs::File::open(&path) {
@@ -241,18 +280,36 @@ fn parse_input(input: Input, tx: &mpsc::Sender<Item>) {
         },
         Input::Reader(r) => r,
     };
-    parse_lines(BufReader::with_capacity(1 << 20, reader), tx);
+    parse_lines(BufReader::with_capacity(1 << 20, reader), max_line, tx);
 }
 
-fn parse_lines(mut reader: BufReader<Box<dyn Read>>, tx: &mpsc::Sender<Item>) {
+fn parse_lines(mut reader: BufReader<Box<dyn Read>>, max_line: u64, tx: &mpsc::Sender<Item>) {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = Chunk::default();
     let mut line = 0u64;
     let send = |item: Item| tx.blocking_send(item).is_ok();
     loop {
         buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
+        // One byte past the limit tells a line at the limit from a longer one.
+        match (&mut reader).take(max_line + 1).read_until(b'\n', &mut buf) {
             Ok(0) => break,
+            Ok(n) if n as u64 > max_line && buf.last() != Some(&b'\n') => {
+                line += 1;
+                if !chunk.is_empty() {
+                    send(Item::Changes {
+                        changes: chunk.take(),
+                        line: line - 1,
+                    });
+                }
+                send(Item::Bad {
+                    line,
+                    reason: format!(
+                        "line is longer than {max_line} bytes, the most a line may hold under \
+                         these settings (4 × the largest transaction, at least 4 MiB)"
+                    ),
+                });
+                return;
+            }
             Ok(_) => {}
             Err(source) => {
                 if !chunk.is_empty() {
@@ -1016,7 +1073,7 @@ mod tests {
         }
         let (tx, mut rx) = mpsc::channel(1024);
         let reader: Box<dyn Read> = Box::new(std::io::Cursor::new(input.into_bytes()));
-        parse_lines(BufReader::with_capacity(4096, reader), &tx);
+        parse_lines(BufReader::with_capacity(4096, reader), MAX_LINE_BYTES, &tx);
         drop(tx);
         let mut got = Vec::new();
         let mut chunks = 0;
@@ -1032,6 +1089,29 @@ mod tests {
         }
         assert!(chunks > 2, "{chunks} chunks");
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_refused_by_number_after_the_lines_before_it() {
+        let line = r#"{"op":"put","key":"a","value":1}"#;
+        let input = format!("{line}\n{line}\n{}\n{line}\n", "x".repeat(100));
+        let (tx, mut rx) = mpsc::channel(16);
+        let reader: Box<dyn Read> = Box::new(std::io::Cursor::new(input.into_bytes()));
+        parse_lines(BufReader::with_capacity(16, reader), line.len() as u64, &tx);
+        drop(tx);
+        let mut got = 0;
+        let mut bad = None;
+        while let Some(item) = rx.blocking_recv() {
+            match item {
+                Item::Changes { changes, .. } => got += changes.len(),
+                Item::Bad { line, reason } => bad = Some((line, reason)),
+                _ => panic!("unexpected item"),
+            }
+        }
+        assert_eq!(got, 2);
+        let (line, reason) = bad.expect("the long line is refused");
+        assert_eq!(line, 3);
+        assert!(reason.contains("longer than 32 bytes"), "{reason}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::engine::{Command, Engine};
 use crate::error::ProducerError;
 use crate::metrics::Metrics;
 use crate::publisher::{Acked, Publisher};
-use crate::snapshots::{self, Phase, Schedule, SnapshotInfo};
+use crate::snapshots::{self, Durable, Phase, Schedule, SnapshotInfo};
 use bytes::Bytes;
 use deltasync_shared::change::Key;
 use deltasync_shared::envelope::{now_ms, Lineage};
@@ -38,7 +38,7 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Changes `submit` buffers before handing them to the engine in one message.
@@ -134,6 +134,10 @@ pub struct Status {
     pub phase: Lifecycle,
     /// Why it failed.
     pub error: Option<String>,
+    /// Why publishing is held back, while it is: the next envelope would go past what the
+    /// stream's retention keeps after the newest durable snapshot, and the engine waits for a
+    /// snapshot of its current position.
+    pub held_back: Option<String>,
 }
 
 /// State shared by the handle, the engine, the publisher, the snapshot task and HTTP.
@@ -141,6 +145,9 @@ pub struct Status {
 pub(crate) struct Shared {
     pub metrics: Metrics,
     pub snapshot_phase: Phase,
+    /// The newest durable snapshot, published by the snapshot task; the engine holds
+    /// publishing back against it (retention must not prune what no snapshot covers).
+    pub durable: watch::Sender<Durable>,
     status: Mutex<Status>,
     lineage: Lineage,
     failure: OnceLock<Arc<ProducerError>>,
@@ -173,6 +180,28 @@ impl Shared {
         self.status_lock().last_snapshot = Some(info);
     }
 
+    /// A snapshot is durable (an older one than known changes nothing).
+    pub(crate) fn snapshot_durable(&self, d: Durable) {
+        self.durable.send_if_modified(|cur| {
+            let newer = d.seq > cur.seq || (d.seq == cur.seq && d.stream_seq > cur.stream_seq);
+            if newer {
+                *cur = d;
+            }
+            newer
+        });
+    }
+
+    /// The last envelope acknowledged: (envelope seq, stream seq).
+    pub(crate) fn acked(&self) -> (u64, u64) {
+        let s = self.status_lock();
+        (s.seq, s.stream_seq)
+    }
+
+    /// Publishing is held back for `reason`, or no longer (`None`).
+    pub(crate) fn held_back(&self, reason: Option<String>) {
+        self.status_lock().held_back = reason;
+    }
+
     pub(crate) fn position(&self) -> Position {
         let s = self.status_lock();
         Position {
@@ -191,6 +220,11 @@ impl Shared {
         s.phase = Lifecycle::Failed;
         s.error = Some(cause.to_string());
         cause
+    }
+
+    /// Whether a failure ended the producer.
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failure.get().is_some()
     }
 
     /// The error for a caller arriving after the producer stopped.
@@ -318,7 +352,7 @@ pub struct Producer {
     client: async_nats::Client,
     publisher: JoinHandle<Result<Acked, ProducerError>>,
     snapshotter: JoinHandle<()>,
-    engine: std::thread::JoinHandle<()>,
+    engine: std::thread::JoinHandle<Result<(), ProducerError>>,
 }
 
 impl Producer {
@@ -420,9 +454,26 @@ impl Producer {
     ) -> Result<Producer, ProducerError> {
         let settings = Arc::new(settings);
         let lineage = begin.state.lineage();
+        // What a reader can start from: the recovered snapshot of this lineage, or the
+        // lineage's empty start (envelope 1 onwards).
+        let covered = match &begin.manifest {
+            Some(m) if m.lineage == lineage => Durable {
+                seq: m.seq,
+                stream_seq: m.stream_seq,
+            },
+            _ => Durable {
+                seq: 0,
+                stream_seq: if begin.state.seq() == 0 {
+                    begin.expected_last
+                } else {
+                    0
+                },
+            },
+        };
         let shared = Arc::new(Shared {
             metrics: Metrics::new(),
             snapshot_phase: Phase::default(),
+            durable: watch::Sender::new(covered),
             status: Mutex::new(Status {
                 pipeline: settings.pipeline.clone(),
                 lineage: lineage.to_hex(),
@@ -434,6 +485,7 @@ impl Producer {
                 last_snapshot: begin.manifest.as_ref().map(SnapshotInfo::from),
                 phase: Lifecycle::Running,
                 error: None,
+                held_back: None,
             }),
             lineage,
             failure: OnceLock::new(),
@@ -524,6 +576,7 @@ impl Producer {
         changes: Vec<Change>,
     ) -> Result<PendingCommit, ProducerError> {
         validate(&changes)?;
+        crate::engine::check_transaction(&self.settings, &changes)?;
         self.flush_buffer().await?;
         let (tx, rx) = oneshot::channel();
         self.send(Command::Transaction {
@@ -639,7 +692,10 @@ impl Producer {
     }
 
     /// Stops taking input, publishes what is batched, awaits every outstanding
-    /// acknowledgement and the snapshot being written, and returns the final status.
+    /// acknowledgement and the snapshot being written, writes a final snapshot when envelopes
+    /// are not covered by a durable one yet, and returns the final status. A failed final
+    /// snapshot is an error (logged at ERROR): the history is intact, but a stream whose
+    /// retention prunes could drop envelopes no snapshot holds until the producer runs again.
     pub async fn shutdown(self) -> Result<Status, ProducerError> {
         self.shared.ready.store(false, Ordering::Release);
         self.shared.set_phase(Lifecycle::ShuttingDown);
@@ -660,7 +716,7 @@ impl Producer {
         snapshotter
             .await
             .map_err(|e| ProducerError::Internal(format!("snapshot task: {e}")))?;
-        tokio::task::spawn_blocking(move || engine.join())
+        let ended = tokio::task::spawn_blocking(move || engine.join())
             .await
             .map_err(|e| ProducerError::Internal(format!("engine thread: {e}")))?
             .map_err(|_| ProducerError::Internal("the engine thread panicked".into()))?;
@@ -669,6 +725,7 @@ impl Producer {
         }
         flushed?;
         let acked = published?;
+        ended?;
         shared.set_phase(Lifecycle::Stopped);
         let status = shared.status_lock().clone();
         tracing::info!(

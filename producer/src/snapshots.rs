@@ -11,19 +11,31 @@
 //! - A cut is a `State` clone (buckets shared copy-on-write) taken by the batching engine at a
 //!   transaction boundary; it is written only after its last envelope is acknowledged, with
 //!   that envelope's stream sequence, so the snapshot always names a stored envelope.
-//! - One snapshot is written at a time; publication never waits for one.
-//! - Between two snapshots the producer publishes at most half of `stream.max_messages`
-//!   envelopes and about half of `stream.max_bytes` bytes (while the previous snapshot is
-//!   still being written it can only warn): the stream's retention always covers the
-//!   distance from the latest snapshot to the head.
+//! - One snapshot is written at a time. The schedule cuts one after half of
+//!   `stream.max_messages` envelopes or half of `stream.max_bytes` bytes, so publication
+//!   rarely waits for one.
+//! - Retention never prunes an envelope that no durable snapshot covers ([`Horizon`]): the
+//!   envelopes published after the newest DURABLE snapshot stay within
+//!   `StreamSettings::envelope_room` (counted in stream positions, so foreign messages count)
+//!   and `StreamSettings::byte_room` (changes plus `ENVELOPE_STREAM_OVERHEAD` each). Before an
+//!   envelope would go past that, the engine cuts a snapshot of its live state and waits until
+//!   it is durable; while snapshots fail, nothing more is published. Age cannot be held back:
+//!   the settings require time-based snapshots at most half of `stream.max_age` apart.
+//!
+//! ```text
+//!  stream:  … [covered] e(c+1) e(c+2) … e(head) | e(head+1) … e(head+k)
+//!              └ newest durable snapshot        └ admitted only if head+k stays within
+//!                                                  the room counted from `covered`
+//! ```
 
 use crate::error::ProducerError;
 use crate::producer::Shared;
-use deltasync_shared::settings::{Settings, MESSAGE_OVERHEAD_MARGIN};
+use deltasync_shared::settings::{Settings, ENVELOPE_STREAM_OVERHEAD, MESSAGE_OVERHEAD_MARGIN};
 use deltasync_shared::snapshot::Manifest;
 use deltasync_shared::state::State;
 use deltasync_shared::store::{self, StoreError};
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +46,138 @@ const SNAPSHOT_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// Bytes counted per envelope on top of its changes (header, message overhead in the
 /// stream), so the byte trigger errs on the early side.
-pub(crate) const ENVELOPE_OVERHEAD_BYTES: u64 = 256;
+pub(crate) const ENVELOPE_OVERHEAD_BYTES: u64 = ENVELOPE_STREAM_OVERHEAD;
+
+/// The newest snapshot known to be durable (written to the bucket, or found there already):
+/// readers can start from it, so retention may prune envelope `seq` and everything before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Durable {
+    /// Envelope sequence of the cut (0: the lineage's empty start).
+    pub seq: u64,
+    /// Stream sequence of envelope `seq` (for 0: the stream's last sequence when the lineage
+    /// started, or 0 when unknown, which only makes the count more cautious).
+    pub stream_seq: u64,
+}
+
+/// Whether more envelopes may be published now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Within the stream's retention, counted from the newest durable snapshot.
+    Go,
+    /// Not until a snapshot at the current position is durable.
+    Full,
+    /// Never: even right after a snapshot at the current position it would not fit.
+    Never,
+}
+
+/// The retention budget: how far past the newest durable snapshot the producer may publish
+/// (see the module documentation). Pure bookkeeping, driven by the engine.
+#[derive(Debug)]
+pub(crate) struct Horizon {
+    /// Most envelopes (stream positions) past the covered one; `None` = unlimited.
+    max_envelopes: Option<u64>,
+    /// Most bytes past the covered one; `None` = unlimited.
+    max_bytes: Option<u64>,
+    covered: Durable,
+    /// Envelopes produced after `covered.seq`, in order: (seq, bytes counted).
+    since: VecDeque<(u64, u64)>,
+    /// Sum of the bytes in `since`.
+    bytes_since: u64,
+    /// Last envelope produced.
+    head: u64,
+}
+
+impl Horizon {
+    /// A budget of `max_envelopes` and `max_bytes`, starting with the envelopes
+    /// `covered.seq + 1 ..= head` already produced (recovered), each counted `unknown_cost`
+    /// bytes.
+    pub(crate) fn new(
+        max_envelopes: Option<u64>,
+        max_bytes: Option<u64>,
+        covered: Durable,
+        head: u64,
+        unknown_cost: u64,
+    ) -> Horizon {
+        let mut h = Horizon {
+            max_envelopes,
+            max_bytes,
+            covered,
+            since: VecDeque::new(),
+            bytes_since: 0,
+            head: covered.seq,
+        };
+        for seq in covered.seq + 1..=head {
+            h.produced(seq, unknown_cost);
+        }
+        h.head = h.head.max(head);
+        h
+    }
+
+    /// The budget the settings give (the stream is created and updated with them).
+    pub(crate) fn for_settings(settings: &Settings, covered: Durable, head: u64) -> Horizon {
+        let unknown = settings.producer.batch_max_bytes as u64 + ENVELOPE_OVERHEAD_BYTES;
+        Horizon::new(
+            settings.stream.envelope_room(),
+            settings.stream.byte_room(),
+            covered,
+            head,
+            unknown,
+        )
+    }
+
+    /// The newest durable snapshot.
+    pub(crate) fn covered(&self) -> Durable {
+        self.covered
+    }
+
+    /// Envelope `seq` (the next one) was produced, counting `bytes`.
+    pub(crate) fn produced(&mut self, seq: u64, bytes: u64) {
+        self.head = seq;
+        self.since.push_back((seq, bytes));
+        self.bytes_since += bytes;
+    }
+
+    /// A snapshot became durable (an older one than known changes nothing).
+    pub(crate) fn advance(&mut self, durable: Durable) {
+        if durable.seq < self.covered.seq {
+            return;
+        }
+        self.covered = durable;
+        while let Some(&(seq, bytes)) = self.since.front() {
+            if seq > durable.seq {
+                break;
+            }
+            self.since.pop_front();
+            self.bytes_since -= bytes;
+        }
+    }
+
+    /// Whether `envelopes` more envelopes of `bytes` in all may be produced now, the last
+    /// envelope acknowledged being `acked` (envelope seq, stream seq): its stream position
+    /// counts the foreign messages that landed since the covered snapshot.
+    pub(crate) fn admits(&self, envelopes: u64, bytes: u64, acked: (u64, u64)) -> Admit {
+        let fits = |distance: u64, bytes_since: u64| {
+            self.max_envelopes.is_none_or(|m| distance <= m)
+                && self.max_bytes.is_none_or(|m| bytes_since <= m)
+        };
+        if !fits(envelopes, bytes) {
+            return Admit::Never;
+        }
+        let after = self.head + envelopes;
+        let mut distance = after - self.covered.seq;
+        let (acked_seq, acked_stream) = acked;
+        if acked_seq >= self.covered.seq && acked_seq <= self.head {
+            let stream_distance =
+                acked_stream.saturating_sub(self.covered.stream_seq) + (after - acked_seq);
+            distance = distance.max(stream_distance);
+        }
+        if fits(distance, self.bytes_since + bytes) {
+            Admit::Go
+        } else {
+            Admit::Full
+        }
+    }
+}
 
 /// A written snapshot, as reported by status and `snapshot`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -252,16 +395,7 @@ pub(crate) fn check_retention(settings: &Settings) -> Result<(), ProducerError> 
             ),
         ));
     }
-    if !s.max_age.is_zero() && settings.snapshot.every.is_zero() {
-        return Err(invalid(
-            "snapshot.every / stream.max_age",
-            format!(
-                "stream.max_age {:?} prunes envelopes by age, so snapshots must be time-based \
-                 too: set snapshot.every to at most half of it",
-                s.max_age
-            ),
-        ));
-    }
+    // Age-limited retention without time-based snapshots is refused by `Settings::validate`.
     Ok(())
 }
 
@@ -302,6 +436,10 @@ pub(crate) async fn run(
                     "Snapshot stored"
                 );
                 shared.snapshot_written(info.clone());
+                shared.snapshot_durable(Durable {
+                    seq: manifest.seq,
+                    stream_seq: manifest.stream_seq,
+                });
                 shared.snapshot_phase.set(IDLE);
                 prev = Some((manifest, job.cut));
                 if let Some(reply) = job.reply {
@@ -316,6 +454,7 @@ pub(crate) async fn run(
                     latest_seq,
                     "Snapshot not needed: the latest one is already at or past this cut"
                 );
+                shared.snapshot_durable(Durable { seq, stream_seq });
                 shared.snapshot_phase.set(IDLE);
                 if let Some(reply) = job.reply {
                     let _ = reply.send(Err(ProducerError::Snapshot {
@@ -345,6 +484,203 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A transaction of `parts` envelopes of `cost` bytes each.
+        Produce { parts: u64, cost: u64 },
+        /// The oldest snapshot being written becomes durable.
+        Durable,
+        /// A snapshot is cut at the head (a schedule trigger).
+        Cut,
+        /// A foreign message lands in the stream.
+        Foreign,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (1u64..4, 1u64..300).prop_map(|(parts, cost)| Op::Produce { parts, cost }),
+            2 => Just(Op::Durable),
+            1 => Just(Op::Cut),
+            1 => Just(Op::Foreign),
+        ]
+    }
+
+    /// A stream with limits retention (oldest dropped first) and a snapshot bucket, driven
+    /// the way the engine drives its `Horizon`.
+    struct World {
+        max_messages: u64,
+        max_bytes: Option<u64>,
+        /// (stream seq, envelope seq or 0 for a foreign message, bytes)
+        stream: VecDeque<(u64, u64, u64)>,
+        last_stream_seq: u64,
+        head: u64,
+        /// Stream seq of envelope `head`.
+        head_stream_seq: u64,
+        /// Cuts handed to the snapshot task, oldest first.
+        cuts: VecDeque<Durable>,
+        durable: Durable,
+        horizon: Horizon,
+        /// The acknowledged stream position the last admission counted from: foreign
+        /// messages after it are not counted yet.
+        checked_at: u64,
+    }
+
+    impl World {
+        fn append(&mut self, env_seq: u64, bytes: u64) {
+            self.last_stream_seq += 1;
+            self.stream
+                .push_back((self.last_stream_seq, env_seq, bytes));
+            loop {
+                let total: u64 = self.stream.iter().map(|m| m.2).sum();
+                let over = self.stream.len() as u64 > self.max_messages
+                    || self.max_bytes.is_some_and(|b| total > b);
+                if !over {
+                    break;
+                }
+                self.stream.pop_front();
+            }
+        }
+
+        fn cut(&mut self) {
+            if self.cuts.back().is_none_or(|c| c.seq < self.head) {
+                self.cuts.push_back(Durable {
+                    seq: self.head,
+                    stream_seq: self.head_stream_seq,
+                });
+            }
+        }
+
+        fn make_durable(&mut self) -> bool {
+            match self.cuts.pop_front() {
+                Some(d) => {
+                    self.durable = d;
+                    true
+                }
+                None => false,
+            }
+        }
+
+        fn produce(&mut self, parts: u64, cost: u64) {
+            loop {
+                self.horizon.advance(self.durable);
+                self.checked_at = self.head_stream_seq;
+                match self
+                    .horizon
+                    .admits(parts, parts * cost, (self.head, self.head_stream_seq))
+                {
+                    Admit::Go => break,
+                    Admit::Never => return,
+                    Admit::Full => {
+                        // Waiting: a snapshot of the head is cut and time passes until the
+                        // snapshots being written are durable.
+                        self.cut();
+                        assert!(
+                            self.make_durable(),
+                            "held back with no snapshot to wait for"
+                        );
+                    }
+                }
+            }
+            for _ in 0..parts {
+                self.head += 1;
+                self.horizon.produced(self.head, cost);
+                self.append(self.head, cost);
+                self.head_stream_seq = self.last_stream_seq;
+            }
+        }
+
+        /// Every envelope after the newest durable snapshot is still in the stream.
+        fn check(&self) -> Result<(), TestCaseError> {
+            let kept: BTreeSet<u64> = self.stream.iter().map(|m| m.1).collect();
+            for seq in self.durable.seq + 1..=self.head {
+                prop_assert!(
+                    kept.contains(&seq),
+                    "envelope {} pruned; newest durable snapshot at {}",
+                    seq,
+                    self.durable.seq
+                );
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+        ))]
+
+        /// Whatever the sizes, snapshot timing and foreign messages (those the producer has
+        /// not counted yet within the margin), retention never prunes an envelope that no
+        /// durable snapshot covers, and a transaction is refused only when it cannot fit even
+        /// right after a snapshot.
+        #[test]
+        fn retention_never_prunes_what_no_durable_snapshot_covers(
+            max_messages in 2i64..80,
+            max_bytes in prop_oneof![Just(-1i64), 700i64..5000],
+            ops in prop::collection::vec(op(), 1..200),
+        ) {
+            let mut settings = Settings::default();
+            settings.stream.max_messages = max_messages;
+            settings.stream.max_bytes = max_bytes;
+            let mut w = World {
+                max_messages: max_messages as u64,
+                max_bytes: (max_bytes > 0).then_some(max_bytes as u64),
+                stream: VecDeque::new(),
+                last_stream_seq: 0,
+                head: 0,
+                head_stream_seq: 0,
+                cuts: VecDeque::new(),
+                durable: Durable::default(),
+                horizon: Horizon::new(
+                    settings.stream.envelope_room(),
+                    settings.stream.byte_room(),
+                    Durable::default(),
+                    0,
+                    0,
+                ),
+                checked_at: 0,
+            };
+            for op in ops {
+                match op {
+                    Op::Produce { parts, cost } => {
+                        let before = w.head;
+                        w.produce(parts, cost);
+                        if w.head == before {
+                            // Refused: it must not fit even in an empty budget.
+                            let room_n = settings.stream.envelope_room();
+                            let room_b = settings.stream.byte_room();
+                            prop_assert!(
+                                room_n.is_some_and(|m| parts > m)
+                                    || room_b.is_some_and(|b| parts * cost > b),
+                                "refused {} x {} with room {:?} / {:?}",
+                                parts, cost, room_n, room_b
+                            );
+                        }
+                    }
+                    Op::Durable => {
+                        w.make_durable();
+                    }
+                    Op::Cut => w.cut(),
+                    Op::Foreign => {
+                        // Foreign messages the producer has not seen yet (after the position
+                        // it last counted from) eat into the tenth kept as margin.
+                        let unseen = w
+                            .stream
+                            .iter()
+                            .filter(|m| m.1 == 0 && m.0 > w.checked_at)
+                            .count() as u64;
+                        if unseen < max_messages as u64 / 10 {
+                            w.append(0, 0);
+                        }
+                    }
+                }
+                w.check()?;
+            }
+        }
+    }
 
     #[test]
     fn a_count_trigger_stays_owed_while_the_previous_snapshot_is_written() {

@@ -31,6 +31,7 @@
 //! - A [`Settings`] returned by [`Settings::load`] has passed [`Settings::validate`].
 //! - Secrets ([`Secret`]) print as `***` in `Debug`, `Display` and `Serialize`.
 
+use crate::change::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use config::{Config, ConfigError, Environment, File, FileFormat, Value, ValueKind};
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::{BTreeSet, HashMap};
@@ -49,6 +50,16 @@ pub const CONFIG_FILE_ENV: &str = "DELTASYNC_CONFIG";
 /// Room an envelope or a snapshot chunk needs above its payload budget for its header and
 /// encoding, so that a full batch still fits below `stream.max_message_bytes`.
 pub const MESSAGE_OVERHEAD_MARGIN: usize = 64 * 1024;
+
+/// Bytes a stream counts for one envelope on top of its changes' encoded size: the envelope's
+/// own header, the NATS headers (message id, expected last sequence and message id), the
+/// subject and the stream's per-message record. An upper bound, so that byte accounting errs
+/// on the early side.
+pub const ENVELOPE_STREAM_OVERHEAD: u64 = 1024;
+
+/// The largest encoded size of one change (key and value at their limits): an envelope holds
+/// at least one change, so it can be this large whatever `producer.batch_max_bytes` says.
+pub const MAX_CHANGE_BYTES: u64 = (1 + 5 + MAX_KEY_BYTES + 5 + MAX_VALUE_BYTES) as u64;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -215,6 +226,28 @@ pub struct StreamSettings {
     /// Largest message the stream (and the bucket) accepts; at most the server's
     /// `max_payload` (1 MiB by default). Envelopes and snapshot chunks are sized below it.
     pub max_message_bytes: i32,
+}
+
+impl StreamSettings {
+    /// Envelopes the producer may publish past the newest durable snapshot before it holds
+    /// back: `max_messages` less a tenth kept as margin (for foreign messages and estimates).
+    /// `None` when the stream keeps any number of messages.
+    pub fn envelope_room(&self) -> Option<u64> {
+        (self.max_messages > 0).then(|| {
+            let m = self.max_messages as u64;
+            m - m / 10
+        })
+    }
+
+    /// Bytes (changes plus [`ENVELOPE_STREAM_OVERHEAD`] per envelope) the producer may publish
+    /// past the newest durable snapshot before it holds back: `max_bytes` less an eighth kept
+    /// as margin. `None` when the stream keeps any number of bytes.
+    pub fn byte_room(&self) -> Option<u64> {
+        (self.max_bytes > 0).then(|| {
+            let b = self.max_bytes as u64;
+            b - b / 8
+        })
+    }
 }
 
 impl Default for StreamSettings {
@@ -805,6 +838,38 @@ impl Settings {
                     snap.every_envelopes.saturating_mul(2)
                 ),
             ));
+        }
+        if !stream.max_age.is_zero() && snap.every.is_zero() {
+            // Age cannot be held back like counts and bytes: only time-based snapshots keep
+            // the envelopes after the newest snapshot younger than the stream's age limit.
+            return Err(SettingsError::invalid(
+                "snapshot.every / stream.max_age",
+                format!(
+                    "stream.max_age {} prunes envelopes by age, so snapshots must be time-based \
+                     too: set snapshot.every to at most half of it (or stream.max_age = 0)",
+                    fmt_duration(stream.max_age)
+                ),
+            ));
+        }
+        if let Some(room) = stream.byte_room() {
+            let largest = (self.producer.batch_max_bytes as u64).max(MAX_CHANGE_BYTES)
+                + ENVELOPE_STREAM_OVERHEAD;
+            if room < largest {
+                return Err(SettingsError::invalid(
+                    "stream.max_bytes",
+                    format!(
+                        "{} cannot keep the largest envelope ({largest} bytes: a change of \
+                         {MAX_CHANGE_BYTES} bytes at most, or producer.batch_max_bytes {}, plus \
+                         {ENVELOPE_STREAM_OVERHEAD} overhead) within the {} bytes the producer \
+                         may publish past its newest snapshot (max_bytes less an eighth); use \
+                         at least {}",
+                        stream.max_bytes,
+                        self.producer.batch_max_bytes,
+                        room,
+                        largest + largest / 7 + 8
+                    ),
+                ));
+            }
         }
         if !stream.max_age.is_zero() && !snap.every.is_zero() && stream.max_age < snap.every * 2 {
             return Err(SettingsError::invalid(
@@ -1766,6 +1831,35 @@ filter = "info,deltasync=debug"
         s.validate().unwrap();
         s.stream.max_bytes = 1 << 30;
         assert!(s.validate().is_err(), "max_bytes alone limits retention");
+    }
+
+    #[test]
+    fn retention_that_cannot_hold_the_snapshot_guarantee_is_refused() {
+        // Age is not held back: snapshots must be time-based.
+        let mut s = Settings::default();
+        s.snapshot.every = Duration::ZERO;
+        let err = s.validate().unwrap_err();
+        assert!(err.to_string().contains("snapshot.every"), "{err}");
+        s.stream.max_age = Duration::ZERO;
+        s.validate().unwrap();
+        // Bytes must keep the largest envelope (one change at its limits) within the room.
+        let mut s = Settings::default();
+        s.producer.batch_max_bytes = 1024;
+        s.stream.max_bytes = 300_000;
+        let err = s.validate().unwrap_err();
+        assert!(err.to_string().contains("stream.max_bytes"), "{err}");
+        s.stream.max_bytes = 700_000;
+        s.validate().unwrap();
+        let room = s.stream.byte_room().unwrap();
+        assert!(
+            room >= MAX_CHANGE_BYTES + ENVELOPE_STREAM_OVERHEAD,
+            "{room}"
+        );
+        assert_eq!(s.stream.envelope_room(), Some(900_000));
+        s.stream.max_messages = 50;
+        assert_eq!(s.stream.envelope_room(), Some(45));
+        s.stream.max_messages = -1;
+        assert_eq!(s.stream.envelope_room(), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod support;
 
+mod backpressure;
 mod chaos;
 mod cluster;
 mod damage;

@@ -9,6 +9,7 @@
 use crate::support::*;
 use deltasync_consumer::Reason;
 use deltasync_producer::{Change, Producer};
+use deltasync_shared::names;
 use deltasync_testkit::NatsServer;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -88,7 +89,23 @@ async fn a_snapshot_whose_next_envelope_is_pruned_during_bootstrap_is_retried_or
         s.stream.max_messages = 20;
         s.snapshot.every_envelopes = 10;
     });
-    let producer = Producer::start(s.clone()).await.unwrap();
+    // The producer holds publishing back to what retention keeps past its newest durable
+    // snapshot as its own settings state it; here the stream's limit is lowered behind its
+    // back (as an operator might), so it outruns a bootstrapping replica as a producer without
+    // that backpressure would.
+    let mut loose = s.clone();
+    loose.stream.max_messages = 100_000;
+    let producer = Producer::start(loose).await.unwrap();
+    let js = js(&server.url()).await;
+    let mut config = js
+        .get_stream(names::stream_name(&s.pipeline))
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.max_messages = s.stream.max_messages;
+    js.update_stream(&config).await.unwrap();
     let mut model = Model::default();
     // A state big enough that downloading it takes a while.
     let base: Vec<Change> = (0..30_000u64)

@@ -5,6 +5,7 @@ mod cli;
 mod fencing;
 mod http;
 mod ingest;
+mod limits;
 mod publishing;
 mod recovery;
 mod shutdown;
