@@ -16,7 +16,9 @@
 //! - Only whole transactions are printed, applied or checked: `replay` from inside a
 //!   multi-part transaction starts at the next whole one and says so on stderr.
 //! - `status` judges headroom by the stream's own limits (its configuration on the server),
-//!   the minimum over messages, bytes and age.
+//!   the minimum over messages, bytes and age. A running consumer judges its own the same way
+//!   (`position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one stream info
+//!   request per period whatever the HTTP traffic, and a status read never waits on NATS.
 
 use crate::local::{Cursor, LocalStore};
 use crate::replica::{BatchKind, ChangeBatch};
@@ -855,13 +857,12 @@ pub fn headroom(
     }
 }
 
-/// Stream bounds, lineage, retained snapshots and every consumer's position and headroom.
-/// The limits are the stream's own (its configuration on the server), not the caller's
-/// settings.
-pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
-    let js = connect(settings).await?;
-    let (b, limits) = nats::stream_bounds_and_limits(&js, settings).await?;
-    let now = std::time::SystemTime::now();
+/// The rate headroom is judged at (messages per second over the retained window) and the
+/// age of the oldest retained message, in seconds, at `now`.
+fn rate_and_oldest_age(
+    b: &nats::StreamBounds,
+    now: std::time::SystemTime,
+) -> (Option<f64>, Option<f64>) {
     let oldest_age = b
         .first_ts
         .and_then(|t| now.duration_since(t).ok())
@@ -869,6 +870,128 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
     let rate = oldest_age
         .filter(|a| *a > 0.0 && b.messages > 1)
         .map(|a| b.messages as f64 / a);
+    (rate, oldest_age)
+}
+
+/// A stream position's headroom as the stream stands: what `status` shows for every consumer
+/// and a running consumer's `/v1/status` for itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PositionHeadroom {
+    /// Stream messages after the position.
+    pub lag: u64,
+    /// The position is already pruned (its next message is gone): a re-snapshot is due.
+    pub pruned: bool,
+    /// By [`headroom`] (all zero when pruned).
+    pub headroom: Headroom,
+}
+
+/// The headroom of stream position `position` (the last stream sequence applied) in a stream
+/// with bounds `b` and its own `limits`. With an age limit and messages after the position,
+/// asks the server when the next one was stored (one direct get).
+async fn position_headroom<I>(
+    stream: &jetstream::stream::Stream<I>,
+    subject: &str,
+    b: &nats::StreamBounds,
+    limits: &nats::StreamLimits,
+    position: u64,
+    now: std::time::SystemTime,
+) -> PositionHeadroom {
+    let (rate, oldest_age) = rate_and_oldest_age(b, now);
+    let lag = b.last_seq.saturating_sub(position);
+    let pruned = b.messages > 0 && position + 1 < b.first_seq;
+    // The age of the first message after the position decides when age retention prunes it
+    // (stored time on the server).
+    let next_age = if lag > 0 && limits.max_age.is_some() {
+        match stream
+            .direct_get_next_for_subject(subject.to_owned(), Some(position + 1))
+            .await
+        {
+            Ok(m) => {
+                let stored = std::time::SystemTime::from(m.time);
+                Some(now.duration_since(stored).map_or(0.0, |d| d.as_secs_f64()))
+            }
+            Err(_) => oldest_age,
+        }
+    } else {
+        None
+    };
+    let h = headroom(limits, b.messages, b.bytes, lag, rate, next_age);
+    PositionHeadroom {
+        lag,
+        pruned,
+        headroom: if pruned {
+            Headroom {
+                messages: Some(0),
+                secs: Some(0.0),
+                limit: h.limit,
+            }
+        } else {
+            h
+        },
+    }
+}
+
+/// How often a running consumer judges its own headroom for `/v1/status`: one stream info
+/// request (plus one direct get with an age limit) per period, whatever the HTTP traffic.
+pub const HEADROOM_REFRESH: Duration = Duration::from_secs(5);
+
+/// Judges the replica's own headroom now and every [`HEADROOM_REFRESH`] until `stop`, and
+/// publishes it in the replica's status. Not judged before the replica is bootstrapped (its
+/// position means nothing yet); a failed read keeps the last judgement, which carries its
+/// time.
+pub(crate) async fn refresh_headroom(
+    js: jetstream::Context,
+    settings: Settings,
+    replica: crate::replica::Replica,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let name = names::stream_name(&settings.pipeline);
+    let subject = names::subject(&settings.pipeline);
+    let mut stream = None;
+    loop {
+        if let Some(position) = replica.bootstrapped_position() {
+            if stream.is_none() {
+                stream = js.get_stream_no_info(&name).await.ok();
+            }
+            match (
+                &stream,
+                nats::stream_bounds_and_limits(&js, &settings).await,
+            ) {
+                (Some(stream), Ok((b, limits))) => {
+                    let now = std::time::SystemTime::now();
+                    let h = position_headroom(stream, &subject, &b, &limits, position, now).await;
+                    replica.set_headroom(crate::replica::HeadroomStatus {
+                        position,
+                        lag: h.lag,
+                        pruned: h.pruned,
+                        messages: h.headroom.messages,
+                        secs: h.headroom.secs,
+                        limit: h.headroom.limit,
+                        at_ms: deltasync_shared::envelope::now_ms(),
+                    });
+                }
+                (_, Err(e)) => {
+                    tracing::debug!(error = %e, "Judging the replica's headroom failed; trying again later")
+                }
+                (None, _) => {}
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEADROOM_REFRESH) => {}
+        }
+    }
+}
+
+/// Stream bounds, lineage, retained snapshots and every consumer's position and headroom.
+/// The limits are the stream's own (its configuration on the server), not the caller's
+/// settings.
+pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
+    let js = connect(settings).await?;
+    let (b, limits) = nats::stream_bounds_and_limits(&js, settings).await?;
+    let now = std::time::SystemTime::now();
+    let (rate, oldest_age) = rate_and_oldest_age(&b, now);
     let kv = store::bucket(&js, settings).await?;
     let latest = store::read_pointer(&kv).await?.map(|(p, _)| p.manifest);
     let now_ms = deltasync_shared::envelope::now_ms();
@@ -906,25 +1029,7 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         .filter(|i| i.config.durable_name.is_some())
     {
         let position = info.ack_floor.stream_sequence;
-        let lag = b.last_seq.saturating_sub(position);
-        let pruned = b.messages > 0 && position + 1 < b.first_seq;
-        // The age of the first message after the position decides when age retention
-        // prunes it (stored time on the server).
-        let next_age = if lag > 0 && limits.max_age.is_some() {
-            match stream
-                .direct_get_next_for_subject(subject.clone(), Some(position + 1))
-                .await
-            {
-                Ok(m) => {
-                    let stored = std::time::SystemTime::from(m.time);
-                    Some(now.duration_since(stored).map_or(0.0, |d| d.as_secs_f64()))
-                }
-                Err(_) => oldest_age,
-            }
-        } else {
-            None
-        };
-        let h = headroom(&limits, b.messages, b.bytes, lag, rate, next_age);
+        let h = position_headroom(&stream, &subject, &b, &limits, position, now).await;
         let idle = info.delivered.last_active.map(|t| {
             let ts = t.unix_timestamp_nanos() as f64 / 1e9;
             let now = now_ms as f64 / 1000.0;
@@ -933,11 +1038,11 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         consumers.push(ConsumerStatus {
             name: info.name,
             position,
-            lag,
-            headroom_messages: if pruned { Some(0) } else { h.messages },
-            headroom_secs: if pruned { Some(0.0) } else { h.secs },
-            headroom_limit: h.limit,
-            pruned,
+            lag: h.lag,
+            headroom_messages: h.headroom.messages,
+            headroom_secs: h.headroom.secs,
+            headroom_limit: h.headroom.limit,
+            pruned: h.pruned,
             idle_secs: idle,
         });
     }
