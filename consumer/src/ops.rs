@@ -847,13 +847,14 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
     let kv = store::bucket(&js, settings).await?;
     let latest = store::read_pointer(&kv).await?.map(|(p, _)| p.manifest);
     let now_ms = deltasync_shared::envelope::now_ms();
-    let snapshots: Vec<SnapshotStatus> = store::list_manifests(&kv)
+    // Ages from when the server stored each manifest, not the writer's `created_at_ms`.
+    let snapshots: Vec<SnapshotStatus> = store::list_manifests_with_stored_ms(&kv)
         .await?
         .into_iter()
-        .map(|(key, m)| SnapshotStatus {
+        .map(|(key, m, stored_ms)| SnapshotStatus {
             seq: m.seq,
             stream_seq: m.stream_seq,
-            age_secs: now_ms.saturating_sub(m.created_at_ms) as f64 / 1000.0,
+            age_secs: now_ms.saturating_sub(stored_ms) as f64 / 1000.0,
             bytes: m.total_bytes(),
             chunks: m.ranges.iter().map(|r| r.chunks.len()).sum(),
             segments: m.segments.len(),

@@ -179,9 +179,24 @@ pub async fn latest_manifest(kv: &kv::Store) -> Result<Option<Manifest>, StoreEr
 /// the newest usable snapshot (recovery's fallback, `verify`, `rebuild`) would pick the wrong
 /// one.
 pub async fn list_manifests(kv: &kv::Store) -> Result<Vec<(String, Manifest)>, StoreError> {
+    Ok(list_manifests_with_stored_ms(kv)
+        .await?
+        .into_iter()
+        .map(|(key, m, _)| (key, m))
+        .collect())
+}
+
+/// [`list_manifests`], each with the server's time of storing it (milliseconds since the
+/// epoch): the age to show for a snapshot, which no writer's clock skews.
+pub async fn list_manifests_with_stored_ms(
+    kv: &kv::Store,
+) -> Result<Vec<(String, Manifest, u64)>, StoreError> {
     let mut out = read_manifests(kv).await?;
     out.sort_by_key(|l| (l.manifest.stream_seq, l.manifest.seq, l.revision));
-    Ok(out.into_iter().map(|l| (l.key, l.manifest)).collect())
+    Ok(out
+        .into_iter()
+        .map(|l| (l.key, l.manifest, l.stored_ms))
+        .collect())
 }
 
 /// A manifest as the bucket holds it, with what the server assigned when storing it.
