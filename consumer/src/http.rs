@@ -8,7 +8,8 @@
 //! GET /healthz        200 "ok" while the process runs
 //! GET /readyz         200 when bootstrapped and lag <= consumer.max_ready_lag, else 503
 //! GET /metrics        Prometheus text
-//! GET /v1/status      JSON Status
+//! GET /v1/status      JSON Status, with the replica's headroom before retention prunes its
+//!                     position (judged every few seconds in the background, never per request)
 //! GET /v1/keys/{key}  200 one NDJSON line {"key":K,"value":V} (or "value_b64"); 404 absent
 //! GET /v1/state       the whole replica as NDJSON sorted by key, at one sequence named in
 //!                     the headers Deltasync-Seq, Deltasync-Lineage, Deltasync-Digest

@@ -91,7 +91,9 @@ pub mod replica;
 
 pub use engine::Outcome;
 pub use local::Cursor;
-pub use replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord, Status, View};
+pub use replica::{
+    BatchKind, ChangeBatch, HeadroomStatus, Reason, Replica, ResyncRecord, Status, View,
+};
 
 use deltasync_shared::history::HistoryError;
 use deltasync_shared::nats::NatsError;
@@ -315,6 +317,13 @@ impl Consumer {
             });
         };
         let marker = marker::Marker::start(js.clone(), &self.settings, &self.options.id);
+        let headroom_stop = cancel.child_token();
+        let headroom = tokio::spawn(ops::refresh_headroom(
+            js.clone(),
+            self.settings.clone(),
+            self.replica.clone(),
+            headroom_stop.clone(),
+        ));
         let engine = engine::Engine::new(
             self.settings.clone(),
             js,
@@ -325,6 +334,8 @@ impl Consumer {
             self.options.once,
         );
         let outcome = engine.run(loaded, cancel).await;
+        headroom_stop.cancel();
+        let _ = headroom.await;
         if let Err(e) = client.drain().await {
             tracing::debug!(error = %e, "Draining the NATS connection failed");
         }

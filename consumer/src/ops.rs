@@ -16,13 +16,16 @@
 //! - Only whole transactions are printed, applied or checked: `replay` from inside a
 //!   multi-part transaction starts at the next whole one and says so on stderr.
 //! - `status` judges headroom by the stream's own limits (its configuration on the server),
-//!   the minimum over messages, bytes and age.
+//!   the minimum over messages, bytes and age. A running consumer judges its own the same way
+//!   (`nats::position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one stream info
+//!   request per period whatever the HTTP traffic, and a status read never waits on NATS.
 
 use crate::local::{Cursor, LocalStore};
 use crate::replica::{BatchKind, ChangeBatch};
 use async_nats::jetstream;
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use deltasync_shared::history::{classify, Classified, HistoryError};
+pub use deltasync_shared::retention::{headroom, Headroom, PositionHeadroom};
 use deltasync_shared::settings::Settings;
 use deltasync_shared::snapshot::Manifest;
 use deltasync_shared::store::{self, StoreError};
@@ -779,79 +782,57 @@ pub struct ConsumerStatus {
     pub idle_secs: Option<f64>,
 }
 
-/// How much more the stream can take before retention prunes a position.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Headroom {
-    pub messages: Option<u64>,
-    pub secs: Option<f64>,
-    pub limit: Option<&'static str>,
-}
+/// How often a running consumer judges its own headroom for `/v1/status`: one stream info
+/// request (plus one direct get with an age limit) per period, whatever the HTTP traffic.
+pub const HEADROOM_REFRESH: Duration = Duration::from_secs(5);
 
-/// Headroom of a position `lag` messages behind the head, under `limits`, for a stream that
-/// stores `messages` messages in `bytes` bytes and grows at `rate` messages per second;
-/// `next_age_secs` is the age of the first message after the position (`None` when there
-/// is none yet). Each limit gives a number of messages (and, at the rate, seconds):
-///
-/// - messages: `max_messages - lag`;
-/// - bytes: `max_bytes / (bytes / messages) - lag`, the mean stored message size standing
-///   in for the size of the messages still to come;
-/// - age: `max_age - next_age` seconds, times the rate in messages.
-///
-/// The headroom is the minimum of those; with discard new nothing is pruned for count or
-/// size (publishes fail instead), so only age counts.
-pub fn headroom(
-    limits: &nats::StreamLimits,
-    messages: u64,
-    bytes: u64,
-    lag: u64,
-    rate: Option<f64>,
-    next_age_secs: Option<f64>,
-) -> Headroom {
-    let mut candidates: Vec<(&'static str, Option<u64>, Option<f64>)> = Vec::new();
-    let in_secs = |m: u64| rate.filter(|r| *r > 0.0).map(|r| m as f64 / r);
-    if limits.discard_old {
-        if let Some(max) = limits.max_messages {
-            let m = max.saturating_sub(lag);
-            candidates.push(("messages", Some(m), in_secs(m)));
-        }
-        if let Some(max) = limits.max_bytes {
-            if messages > 0 && bytes > 0 {
-                // Messages that fit: max_bytes / mean size, rounded down.
-                let fit = (u128::from(max) * u128::from(messages) / u128::from(bytes)) as u64;
-                let m = fit.saturating_sub(lag);
-                candidates.push(("bytes", Some(m), in_secs(m)));
+/// Judges the replica's own headroom now and every [`HEADROOM_REFRESH`] until `stop`, and
+/// publishes it in the replica's status. Not judged before the replica is bootstrapped (its
+/// position means nothing yet); a failed read keeps the last judgement, which carries its
+/// time.
+pub(crate) async fn refresh_headroom(
+    js: jetstream::Context,
+    settings: Settings,
+    replica: crate::replica::Replica,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let name = names::stream_name(&settings.pipeline);
+    let subject = names::subject(&settings.pipeline);
+    let mut stream = None;
+    loop {
+        if let Some(position) = replica.bootstrapped_position() {
+            if stream.is_none() {
+                stream = js.get_stream_no_info(&name).await.ok();
+            }
+            match (
+                &stream,
+                nats::stream_bounds_and_limits(&js, &settings).await,
+            ) {
+                (Some(stream), Ok((b, limits))) => {
+                    let now = std::time::SystemTime::now();
+                    let h =
+                        nats::position_headroom(stream, &subject, &b, &limits, position, now).await;
+                    replica.set_headroom(crate::replica::HeadroomStatus {
+                        position,
+                        lag: h.lag,
+                        pruned: h.pruned,
+                        messages: h.headroom.messages,
+                        secs: h.headroom.secs,
+                        limit: h.headroom.limit,
+                        at_ms: deltasync_shared::envelope::now_ms(),
+                    });
+                }
+                (_, Err(e)) => {
+                    tracing::debug!(error = %e, "Judging the replica's headroom failed; trying again later")
+                }
+                (None, _) => {}
             }
         }
-    }
-    if let Some(max_age) = limits.max_age {
-        let secs = (max_age.as_secs_f64() - next_age_secs.unwrap_or(0.0)).max(0.0);
-        let m = rate.filter(|r| *r > 0.0).map(|r| (secs * r).floor() as u64);
-        candidates.push(("age", m, Some(secs)));
-    }
-    let messages = candidates.iter().filter_map(|c| c.1).min();
-    let secs = candidates
-        .iter()
-        .filter_map(|c| c.2)
-        .min_by(|a, b| a.total_cmp(b));
-    // The binding limit: the smallest in seconds when the rate is known, else in messages.
-    let limit = candidates
-        .iter()
-        .filter(|c| c.2.is_some())
-        .min_by(|a, b| {
-            a.2.unwrap_or(f64::INFINITY)
-                .total_cmp(&b.2.unwrap_or(f64::INFINITY))
-        })
-        .or_else(|| {
-            candidates
-                .iter()
-                .filter(|c| c.1.is_some())
-                .min_by_key(|c| c.1)
-        })
-        .map(|c| c.0);
-    Headroom {
-        messages,
-        secs,
-        limit,
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEADROOM_REFRESH) => {}
+        }
     }
 }
 
@@ -862,23 +843,18 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
     let js = connect(settings).await?;
     let (b, limits) = nats::stream_bounds_and_limits(&js, settings).await?;
     let now = std::time::SystemTime::now();
-    let oldest_age = b
-        .first_ts
-        .and_then(|t| now.duration_since(t).ok())
-        .map(|d| d.as_secs_f64());
-    let rate = oldest_age
-        .filter(|a| *a > 0.0 && b.messages > 1)
-        .map(|a| b.messages as f64 / a);
+    let (rate, oldest_age) = deltasync_shared::retention::rate_and_oldest_age(&b, now);
     let kv = store::bucket(&js, settings).await?;
     let latest = store::read_pointer(&kv).await?.map(|(p, _)| p.manifest);
     let now_ms = deltasync_shared::envelope::now_ms();
-    let snapshots: Vec<SnapshotStatus> = store::list_manifests(&kv)
+    // Ages from when the server stored each manifest, not the writer's `created_at_ms`.
+    let snapshots: Vec<SnapshotStatus> = store::list_manifests_with_stored_ms(&kv)
         .await?
         .into_iter()
-        .map(|(key, m)| SnapshotStatus {
+        .map(|(key, m, stored_ms)| SnapshotStatus {
             seq: m.seq,
             stream_seq: m.stream_seq,
-            age_secs: now_ms.saturating_sub(m.created_at_ms) as f64 / 1000.0,
+            age_secs: now_ms.saturating_sub(stored_ms) as f64 / 1000.0,
             bytes: m.total_bytes(),
             chunks: m.ranges.iter().map(|r| r.chunks.len()).sum(),
             segments: m.segments.len(),
@@ -906,25 +882,7 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         .filter(|i| i.config.durable_name.is_some())
     {
         let position = info.ack_floor.stream_sequence;
-        let lag = b.last_seq.saturating_sub(position);
-        let pruned = b.messages > 0 && position + 1 < b.first_seq;
-        // The age of the first message after the position decides when age retention
-        // prunes it (stored time on the server).
-        let next_age = if lag > 0 && limits.max_age.is_some() {
-            match stream
-                .direct_get_next_for_subject(subject.clone(), Some(position + 1))
-                .await
-            {
-                Ok(m) => {
-                    let stored = std::time::SystemTime::from(m.time);
-                    Some(now.duration_since(stored).map_or(0.0, |d| d.as_secs_f64()))
-                }
-                Err(_) => oldest_age,
-            }
-        } else {
-            None
-        };
-        let h = headroom(&limits, b.messages, b.bytes, lag, rate, next_age);
+        let h = nats::position_headroom(&stream, &subject, &b, &limits, position, now).await;
         let idle = info.delivered.last_active.map(|t| {
             let ts = t.unix_timestamp_nanos() as f64 / 1e9;
             let now = now_ms as f64 / 1000.0;
@@ -933,11 +891,11 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         consumers.push(ConsumerStatus {
             name: info.name,
             position,
-            lag,
-            headroom_messages: if pruned { Some(0) } else { h.messages },
-            headroom_secs: if pruned { Some(0.0) } else { h.secs },
-            headroom_limit: h.limit,
-            pruned,
+            lag: h.lag,
+            headroom_messages: h.headroom.messages,
+            headroom_secs: h.headroom.secs,
+            headroom_limit: h.headroom.limit,
+            pruned: h.pruned,
             idle_secs: idle,
         });
     }
@@ -1021,76 +979,4 @@ pub fn render_status(s: &Status) -> String {
         );
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use deltasync_shared::nats::StreamLimits;
-    use proptest::prelude::*;
-
-    fn limits(messages: Option<u64>, bytes: Option<u64>, age: Option<u64>) -> StreamLimits {
-        StreamLimits {
-            max_messages: messages,
-            max_bytes: bytes,
-            max_age: age.map(Duration::from_secs),
-            discard_old: true,
-        }
-    }
-
-    #[test]
-    fn headroom_by_bytes_counts_how_many_messages_of_the_mean_size_fit() {
-        // 4 MiB of ~10 KiB envelopes: about 400 fit, whatever max_messages says.
-        let l = limits(Some(1_000_000), Some(4 << 20), None);
-        let h = headroom(&l, 100, 100 * 10_240, 100, Some(10.0), None);
-        assert_eq!(h.messages, Some(409 - 100));
-        assert_eq!(h.limit, Some("bytes"));
-        assert_eq!(h.secs, Some(30.9));
-    }
-
-    #[test]
-    fn headroom_by_age_is_what_remains_of_the_next_messages_life() {
-        let l = limits(Some(1_000_000), None, Some(60));
-        let h = headroom(&l, 10, 1000, 5, Some(2.0), Some(50.0));
-        assert_eq!(
-            (h.messages, h.secs, h.limit),
-            (Some(20), Some(10.0), Some("age"))
-        );
-        // Without a rate, the age limit gives seconds only; messages come from the count.
-        let h = headroom(&l, 10, 1000, 5, None, Some(50.0));
-        assert_eq!((h.messages, h.secs), (Some(999_995), Some(10.0)));
-        // Discard new: count and size never prune.
-        let mut l = limits(Some(10), Some(10), None);
-        l.discard_old = false;
-        assert_eq!(headroom(&l, 10, 1000, 5, Some(1.0), None).messages, None);
-    }
-
-    proptest! {
-        /// The headroom never exceeds what any single limit allows.
-        #[test]
-        fn headroom_is_the_minimum_over_every_limit(
-            max_messages in proptest::option::of(1u64..10_000),
-            max_bytes in proptest::option::of(1u64..10_000_000),
-            max_age in proptest::option::of(1u64..100_000),
-            messages in 1u64..10_000,
-            mean in 1u64..100_000,
-            lag in 0u64..20_000,
-            rate in proptest::option::of(0.01f64..1000.0),
-            next_age in proptest::option::of(0.0f64..200_000.0),
-        ) {
-            let l = limits(max_messages, max_bytes, max_age);
-            let h = headroom(&l, messages, messages * mean, lag, rate, next_age);
-            if let (Some(m), Some(max)) = (h.messages, max_messages) {
-                prop_assert!(m <= max.saturating_sub(lag));
-            }
-            if let (Some(m), Some(max)) = (h.messages, max_bytes) {
-                prop_assert!(m <= (max / mean).saturating_sub(lag));
-            }
-            if let (Some(s), Some(age)) = (h.secs, max_age) {
-                prop_assert!(s <= age as f64);
-            }
-            let any = max_messages.is_some() || max_bytes.is_some();
-            prop_assert_eq!(h.messages.is_some(), any || (max_age.is_some() && rate.is_some()));
-        }
-    }
 }

@@ -179,6 +179,28 @@ pub struct ResyncRecord {
     pub duration_ms: u64,
 }
 
+/// The replica's own headroom before retention prunes its position, judged as
+/// `deltasync-consumer status` judges every consumer's (the stream's own limits, the minimum
+/// over messages, bytes and age), every few seconds by the running consumer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HeadroomStatus {
+    /// The stream position judged (the committed cursor's stream sequence then).
+    pub position: u64,
+    /// Stream messages after it then.
+    pub lag: u64,
+    /// Its next message was already pruned: a re-snapshot is due.
+    pub pruned: bool,
+    /// Messages that can still arrive before retention prunes the position (`None`: no
+    /// limit applies).
+    pub messages: Option<u64>,
+    /// At the stream's recent rate, seconds until then.
+    pub secs: Option<f64>,
+    /// The limit that binds first: "messages", "bytes" or "age".
+    pub limit: Option<&'static str>,
+    /// When it was judged, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
 /// What `/v1/status` shows.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
@@ -211,6 +233,9 @@ pub struct Status {
     /// Times the stream reader was reopened because it went silent while the stream held more.
     pub reader_stalls: u64,
     pub snapshot_bytes_fetched: u64,
+    /// The replica's headroom before retention prunes its position; `None` until first
+    /// judged (after the bootstrap).
+    pub headroom: Option<HeadroomStatus>,
 }
 
 #[derive(Debug, Default)]
@@ -235,6 +260,8 @@ struct Inner {
     view_request: tokio::sync::Notify,
     position: Mutex<Position>,
     lag: AtomicU64,
+    /// The last judgement of the replica's headroom (by `ops::refresh_headroom`).
+    headroom: Mutex<Option<HeadroomStatus>>,
     /// Bumped at every change of the status, for [`Replica::wait_until`].
     changed: watch::Sender<u64>,
     events: broadcast::Sender<Arc<ChangeBatch>>,
@@ -265,6 +292,7 @@ impl Replica {
                 view_request: tokio::sync::Notify::new(),
                 position: Mutex::new(Position::default()),
                 lag: AtomicU64::new(0),
+                headroom: Mutex::new(None),
                 changed: watch::channel(0).0,
                 events,
                 metrics,
@@ -375,6 +403,27 @@ impl Replica {
         self.inner.lag.load(Ordering::Relaxed)
     }
 
+    /// The committed stream position, once the replica holds a verified state.
+    pub(crate) fn bootstrapped_position(&self) -> Option<u64> {
+        let p = self.position();
+        p.bootstrapped.then_some(p.cursor.stream_seq)
+    }
+
+    pub(crate) fn set_headroom(&self, h: HeadroomStatus) {
+        match self.inner.headroom.lock() {
+            Ok(mut g) => *g = Some(h),
+            Err(poisoned) => *poisoned.into_inner() = Some(h),
+        }
+        self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn headroom(&self) -> Option<HeadroomStatus> {
+        match self.inner.headroom.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// The current status.
     pub fn status(&self) -> Status {
         let (cursor, entries, bootstrapped, last_resync) = {
@@ -402,6 +451,7 @@ impl Replica {
             foreign_messages: m.foreign_messages.get(),
             reader_stalls: m.reader_stalls.get(),
             snapshot_bytes_fetched: m.snapshot_bytes.get(),
+            headroom: self.headroom(),
         }
     }
 

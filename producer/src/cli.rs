@@ -201,10 +201,37 @@ pub async fn run(
             }
             println!("pipeline {}", s.pipeline);
             match &s.stream {
-                Some(st) => println!(
-                    "stream   {}: stream seq {}..={}, {} messages, {} bytes",
-                    st.name, st.first_seq, st.last_seq, st.messages, st.bytes
-                ),
+                Some(st) => {
+                    println!(
+                        "stream   {}: stream seq {}..={}, {} messages, {} bytes",
+                        st.name, st.first_seq, st.last_seq, st.messages, st.bytes
+                    );
+                    let limit = |v: i64| {
+                        if v < 0 {
+                            "∞".to_owned()
+                        } else {
+                            v.to_string()
+                        }
+                    };
+                    println!(
+                        "limits   {} messages, {} bytes, age {} ({}; the stream's own)",
+                        limit(st.max_messages),
+                        limit(st.max_bytes),
+                        if st.max_age_secs > 0.0 {
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                st.max_age_secs as u64,
+                            ))
+                            .to_string()
+                        } else {
+                            "∞".to_owned()
+                        },
+                        if st.discard_old {
+                            "discard old"
+                        } else {
+                            "discard new"
+                        }
+                    );
+                }
                 None => println!("stream   (none yet)"),
             }
             match &s.head {
@@ -230,6 +257,29 @@ pub async fn run(
                     m.lineage, m.seq, m.stream_seq, m.entries, m.total_bytes, m.created_at_ms
                 ),
                 None => println!("snapshot (none)"),
+            }
+            if let Some(h) = &s.snapshot_headroom {
+                if h.pruned {
+                    println!(
+                        "headroom NONE: envelopes after the latest snapshot (stream seq {}) are \
+                         already pruned",
+                        h.position
+                    );
+                } else {
+                    println!(
+                        "headroom {} envelope(s) after the latest snapshot; retention prunes the \
+                         first of them after {} more message(s) / {}{}",
+                        h.uncovered,
+                        h.messages.map_or("∞".into(), |m| m.to_string()),
+                        h.secs.map_or("-".into(), |s| humantime::format_duration(
+                            std::time::Duration::from_secs(s as u64)
+                        )
+                        .to_string()),
+                        h.limit
+                            .map(|l| format!(" (bound by {l})"))
+                            .unwrap_or_default()
+                    );
+                }
             }
             Ok(())
         }

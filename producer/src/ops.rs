@@ -3,6 +3,14 @@
 //!
 //! Talks to the pipeline's stream (info, messages by sequence) and bucket through
 //! `deltasync_shared::{nats, history, store}`.
+//!
+//! ## Invariants
+//!
+//! - `status` reads the retention limits from the stream's own configuration on the server,
+//!   never from the caller's settings, and judges the latest snapshot's headroom (how much
+//!   more the stream can take before retention prunes an envelope no snapshot covers) the way
+//!   the consumer judges a replica's: `deltasync_shared::retention`, the minimum over
+//!   messages, bytes and age. It changes nothing (no stream or bucket update).
 
 use crate::error::ProducerError;
 use crate::snapshots::SnapshotInfo;
@@ -97,8 +105,8 @@ pub async fn snapshot_now(settings: &Settings) -> Result<SnapshotOutcome, Produc
     }
 }
 
-/// The stream's extent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The stream's extent and its own limits.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StreamStatus {
     /// Stream name.
     pub name: String,
@@ -110,6 +118,33 @@ pub struct StreamStatus {
     pub messages: u64,
     /// Bytes retained.
     pub bytes: u64,
+    /// The stream's own limits, as the server holds them (not the caller's settings);
+    /// -1 is unlimited, as in the stream configuration.
+    pub max_messages: i64,
+    pub max_bytes: i64,
+    /// 0 is unlimited.
+    pub max_age_secs: f64,
+    /// False when the stream discards new messages (publishes fail instead of pruning).
+    pub discard_old: bool,
+}
+
+/// How much more the stream can take before retention prunes an envelope that the latest
+/// snapshot does not cover (the first one after its position).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SnapshotHeadroom {
+    /// The latest snapshot's stream position.
+    pub position: u64,
+    /// Stream messages after it: what only the stream holds.
+    pub uncovered: u64,
+    /// Envelopes after the snapshot are already pruned: no replica can follow from it.
+    pub pruned: bool,
+    /// Messages that can still arrive before retention prunes the first uncovered one
+    /// (`None`: no limit applies).
+    pub messages: Option<u64>,
+    /// At the stream's recent rate, seconds until then.
+    pub secs: Option<f64>,
+    /// The limit that binds first: "messages", "bytes" or "age".
+    pub limit: Option<&'static str>,
 }
 
 /// The newest envelope in the stream.
@@ -132,7 +167,7 @@ pub struct HeadEnvelope {
 }
 
 /// A pipeline's status as read from NATS by `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PipelineStatus {
     /// The pipeline.
     pub pipeline: String,
@@ -144,9 +179,18 @@ pub struct PipelineStatus {
     pub foreign_after_head: u64,
     /// The latest snapshot.
     pub last_snapshot: Option<SnapshotInfo>,
+    /// The latest snapshot's headroom under the stream's own limits (with a stream and a
+    /// snapshot).
+    pub snapshot_headroom: Option<SnapshotHeadroom>,
 }
 
-/// Reads the pipeline's status without changing anything.
+/// A limit as the stream configuration writes it: -1 for none.
+fn unlimited(v: Option<u64>) -> i64 {
+    v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// Reads the pipeline's status without changing anything. Retention limits are the stream's
+/// own, not `settings`'.
 pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, ProducerError> {
     settings.validate()?;
     let client = nats::connect(&settings.nats).await?;
@@ -158,8 +202,9 @@ pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, Prod
         head: None,
         foreign_after_head: 0,
         last_snapshot: None,
+        snapshot_headroom: None,
     };
-    let bounds = match nats::stream_bounds(&js, settings).await {
+    let (bounds, limits) = match nats::stream_bounds_and_limits(&js, settings).await {
         Ok(b) => b,
         Err(NatsError::StreamNotFound { .. }) => return Ok(out),
         Err(e) => return Err(e.into()),
@@ -170,6 +215,10 @@ pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, Prod
         last_seq: bounds.last_seq,
         messages: bounds.messages,
         bytes: bounds.bytes,
+        max_messages: unlimited(limits.max_messages),
+        max_bytes: unlimited(limits.max_bytes),
+        max_age_secs: limits.max_age.map_or(0.0, |a| a.as_secs_f64()),
+        discard_old: limits.discard_old,
     });
     let stream = js
         .get_stream(&name)
@@ -216,6 +265,20 @@ pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, Prod
             .await
             .map_err(|source| ProducerError::Snapshot { seq: 0, source })?;
         out.last_snapshot = latest.as_ref().map(SnapshotInfo::from);
+        if let Some(m) = &latest {
+            let now = std::time::SystemTime::now();
+            let subject = names::subject(&settings.pipeline);
+            let h = nats::position_headroom(&stream, &subject, &bounds, &limits, m.stream_seq, now)
+                .await;
+            out.snapshot_headroom = Some(SnapshotHeadroom {
+                position: m.stream_seq,
+                uncovered: h.lag,
+                pruned: h.pruned,
+                messages: h.headroom.messages,
+                secs: h.headroom.secs,
+                limit: h.headroom.limit,
+            });
+        }
     }
     Ok(out)
 }

@@ -1,8 +1,8 @@
 //! deltasync's protocol: what the producer and every consumer must agree on.
 //!
-//! The pure, synchronous core (`change`, `envelope`, `codec`, `digest`, `state`, `snapshot`)
-//! does no I/O and is tested without a server. `settings` and `telemetry` are shared start-up
-//! plumbing. Three modules talk to async-nats: `nats` (connecting, creating the stream and
+//! The pure, synchronous core (`change`, `envelope`, `codec`, `digest`, `state`, `snapshot`,
+//! `retention`) does no I/O and is tested without a server. `settings` and `telemetry` are
+//! shared start-up plumbing. Three modules talk to async-nats: `nats` (connecting, creating the stream and
 //! bucket), `history` (reading the stream, recovery) and `store` (snapshots in the bucket).
 
 pub mod change;
@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod history;
 pub mod names;
 pub mod nats;
+pub mod retention;
 pub mod settings;
 pub mod snapshot;
 pub mod state;

@@ -16,6 +16,7 @@
 //!   one subject ([`names::subject`]), direct get allowed (consumers fetch by sequence).
 
 use crate::names;
+use crate::retention::{self, Headroom, PositionHeadroom};
 use crate::settings::{redact_url, NatsSettings, Settings, StorageKind};
 use async_nats::jetstream::context::{
     CreateKeyValueError, CreateStreamError, GetStreamError, GetStreamErrorKind, KeyValueError,
@@ -651,6 +652,52 @@ pub async fn stream_bounds_and_limits(
         first_ts: (state.messages > 0).then(|| SystemTime::from(state.first_timestamp)),
     };
     Ok((bounds, StreamLimits::of(&info.config)))
+}
+
+/// The headroom of stream position `position` (the last stream sequence applied) in a stream
+/// with bounds `b` and its own `limits`. With an age limit and messages after the position,
+/// asks the server when the next one was stored (one direct get).
+pub async fn position_headroom<I>(
+    stream: &jetstream::stream::Stream<I>,
+    subject: &str,
+    b: &StreamBounds,
+    limits: &StreamLimits,
+    position: u64,
+    now: std::time::SystemTime,
+) -> PositionHeadroom {
+    let (rate, oldest_age) = retention::rate_and_oldest_age(b, now);
+    let lag = b.last_seq.saturating_sub(position);
+    let pruned = b.messages > 0 && position + 1 < b.first_seq;
+    // The age of the first message after the position decides when age retention prunes it
+    // (stored time on the server).
+    let next_age = if lag > 0 && limits.max_age.is_some() {
+        match stream
+            .direct_get_next_for_subject(subject.to_owned(), Some(position + 1))
+            .await
+        {
+            Ok(m) => {
+                let stored = std::time::SystemTime::from(m.time);
+                Some(now.duration_since(stored).map_or(0.0, |d| d.as_secs_f64()))
+            }
+            Err(_) => oldest_age,
+        }
+    } else {
+        None
+    };
+    let h = retention::headroom(limits, b.messages, b.bytes, lag, rate, next_age);
+    PositionHeadroom {
+        lag,
+        pruned,
+        headroom: if pruned {
+            Headroom {
+                messages: Some(0),
+                secs: Some(0.0),
+                limit: h.limit,
+            }
+        } else {
+            h
+        },
+    }
 }
 
 /// Refuses a `max_message_bytes` the connected server would never carry.

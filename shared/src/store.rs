@@ -16,6 +16,9 @@
 //!   `latest`, and cuts a new base if another writer's garbage collection removed one.
 //!   Garbage collection judges ages on the server's clock only and removes a blob only at the
 //!   revision it judged.
+//! - Listings order manifests by what no writer's clock decides: [`list_manifests`] by the
+//!   cut's place in the stream's history (then the server's order of writes), garbage
+//!   collection by the server's time of storing them. `created_at_ms` is informational.
 //! - A manifest's counts are untrusted: loads reserve at most
 //!   [`snapshot::MAX_RESERVED_ENTRIES`] table slots whatever it claims.
 
@@ -169,24 +172,72 @@ pub async fn latest_manifest(kv: &kv::Store) -> Result<Option<Manifest>, StoreEr
     }
 }
 
-/// Every manifest in the bucket, oldest first.
+/// Every manifest in the bucket, oldest first in the stream's history: by the position of
+/// its cut (`stream_seq`, then `seq`), and among cuts at the same position by the order the
+/// server stored them (the KV revision). Never by `created_at_ms`, which is the writer's
+/// clock: a writer whose clock is off would list a newer cut as older, and a caller picking
+/// the newest usable snapshot (recovery's fallback, `verify`, `rebuild`) would pick the wrong
+/// one.
 pub async fn list_manifests(kv: &kv::Store) -> Result<Vec<(String, Manifest)>, StoreError> {
+    Ok(list_manifests_with_stored_ms(kv)
+        .await?
+        .into_iter()
+        .map(|(key, m, _)| (key, m))
+        .collect())
+}
+
+/// [`list_manifests`], each with the server's time of storing it (milliseconds since the
+/// epoch): the age to show for a snapshot, which no writer's clock skews.
+pub async fn list_manifests_with_stored_ms(
+    kv: &kv::Store,
+) -> Result<Vec<(String, Manifest, u64)>, StoreError> {
+    let mut out = read_manifests(kv).await?;
+    out.sort_by_key(|l| (l.manifest.stream_seq, l.manifest.seq, l.revision));
+    Ok(out
+        .into_iter()
+        .map(|l| (l.key, l.manifest, l.stored_ms))
+        .collect())
+}
+
+/// A manifest as the bucket holds it, with what the server assigned when storing it.
+struct Listed {
+    key: String,
+    manifest: Manifest,
+    /// The server's time of storing it, in milliseconds since the epoch.
+    stored_ms: u64,
+    /// Its KV revision: the server's order of writes to the bucket.
+    revision: u64,
+}
+
+/// Every manifest in the bucket, in no particular order. One removed meanwhile is left out;
+/// a corrupt one is logged and left out.
+async fn read_manifests(kv: &kv::Store) -> Result<Vec<Listed>, StoreError> {
     let mut out = Vec::new();
     for key in list_keys(kv)
         .await?
         .into_iter()
         .filter(|k| k.starts_with("manifest."))
     {
-        match read_manifest(kv, &key).await {
-            Ok(m) => out.push((key, m)),
-            Err(StoreError::Missing { .. }) => {} // removed meanwhile
-            Err(e @ StoreError::Corrupt { .. }) => {
+        let entry = kv.entry(&key).await.map_err(|e| StoreError::Read {
+            key: key.clone(),
+            source: e.into(),
+        })?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            continue; // removed meanwhile
+        };
+        match decode_manifest(&entry.value) {
+            Ok(manifest) => out.push(Listed {
+                key,
+                manifest,
+                stored_ms: server_ms(entry.created.unix_timestamp_nanos()),
+                revision: entry.revision,
+            }),
+            Err(source) => {
+                let e = StoreError::Corrupt { key, source };
                 tracing::error!(error = %e, "Skipping a corrupt snapshot manifest");
             }
-            Err(e) => return Err(e),
         }
     }
-    out.sort_by_key(|(_, m)| (m.created_at_ms, m.seq));
     Ok(out)
 }
 
@@ -817,27 +868,10 @@ async fn server_now_ms(kv: &kv::Store) -> Result<u64, StoreError> {
 
 /// Every manifest with the server's time of storing it, oldest first (by that time).
 async fn list_manifests_stored(kv: &kv::Store) -> Result<Vec<(String, Manifest, u64)>, StoreError> {
-    let mut out = Vec::new();
-    for key in list_keys(kv)
-        .await?
+    let mut out = read_manifests(kv).await?;
+    out.sort_by_key(|l| (l.stored_ms, l.manifest.seq, l.revision));
+    Ok(out
         .into_iter()
-        .filter(|k| k.starts_with("manifest."))
-    {
-        let entry = kv.entry(&key).await.map_err(|e| StoreError::Read {
-            key: key.clone(),
-            source: e.into(),
-        })?;
-        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-            continue; // removed meanwhile
-        };
-        match decode_manifest(&entry.value) {
-            Ok(m) => out.push((key, m, server_ms(entry.created.unix_timestamp_nanos()))),
-            Err(source) => {
-                let e = StoreError::Corrupt { key, source };
-                tracing::error!(error = %e, "Skipping a corrupt snapshot manifest");
-            }
-        }
-    }
-    out.sort_by_key(|(_, m, stored)| (*stored, m.seq));
-    Ok(out)
+        .map(|l| (l.key, l.manifest, l.stored_ms))
+        .collect())
 }

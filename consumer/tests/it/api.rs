@@ -253,3 +253,87 @@ async fn the_server_keeps_a_running_replicas_marker_and_removes_it_after_the_rep
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Polls the consumer's `/v1/status` until `done` holds for it (within the deadline).
+async fn http_status_until(
+    addr: std::net::SocketAddr,
+    what: &str,
+    mut done: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (code, _, body) = http_get(addr, "/v1/status").await;
+        assert_eq!(code, 200);
+        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if done(&status) {
+            return status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("/v1/status never showed {what} within {DEADLINE:?}: {status:#}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_http_status_shows_the_replicas_own_headroom_by_the_streams_own_limits() {
+    logs();
+    // The stream holds 4 MiB; the consumer runs with the default settings (1,000,000
+    // messages, 1 GiB), which must not count.
+    let mut p = Pipeline::start("http-headroom", |s| {
+        s.stream.max_bytes = 4 << 20;
+        s.stream.max_messages = 100_000;
+    })
+    .await;
+    let pad = format!("\"{}\"", "x".repeat(10 * 1024));
+    for i in 0..50 {
+        p.commit(vec![Change::put(key(i), pad.clone().into_bytes())])
+            .await;
+    }
+    p.snapshot().await;
+    for i in 50..100 {
+        p.commit(vec![Change::put(key(i), pad.clone().into_bytes())])
+            .await;
+    }
+    let mut settings = p.consumer_settings();
+    let defaults = deltasync_shared::settings::Settings::default();
+    settings.stream.max_bytes = defaults.stream.max_bytes;
+    settings.stream.max_messages = defaults.stream.max_messages;
+    let mut options = ephemeral("http-headroom-1");
+    options.http = Some("127.0.0.1:0".parse().unwrap());
+    let c = Running::start(settings, options);
+    c.wait_for(&p).await;
+    let addr = c.replica.http_addr().unwrap();
+
+    let at = p.stream_seq;
+    let s = http_status_until(addr, "the headroom at the head", |s| {
+        s["headroom"]["position"] == at
+    })
+    .await;
+    let h = &s["headroom"];
+    assert_eq!(h["lag"], 0, "{s:#}");
+    assert_eq!(h["pruned"], false, "{s:#}");
+    // ~10.1 KiB per envelope: about 405 fit in 4 MiB, and the replica is at the head.
+    let messages = h["messages"].as_u64().unwrap_or_else(|| panic!("{s:#}"));
+    assert!(
+        (370..=440).contains(&messages),
+        "headroom {messages}: {s:#}"
+    );
+    assert_eq!(h["limit"], "bytes", "{s:#}");
+
+    // It follows the replica: after 100 more envelopes it is judged at the new head, with
+    // less room.
+    for i in 100..200 {
+        p.commit(vec![Change::put(key(i), pad.clone().into_bytes())])
+            .await;
+    }
+    c.wait_for(&p).await;
+    let at = p.stream_seq;
+    let s = http_status_until(addr, "the headroom at the new head", |s| {
+        s["headroom"]["position"] == at
+    })
+    .await;
+    let later = s["headroom"]["messages"].as_u64().unwrap();
+    assert!(later <= messages, "{later} > {messages}: {s:#}");
+    c.stop().await;
+}

@@ -476,3 +476,32 @@ async fn status_headroom_follows_the_streams_own_byte_limit_not_the_callers_sett
     assert!(ok, "{err}");
     assert!(text.contains("(bound by bytes)"), "{text}");
 }
+
+#[tokio::test]
+async fn status_shows_a_snapshots_age_by_the_servers_clock_not_its_writers() {
+    let mut p = Pipeline::start("status-age", |_| {}).await;
+    for i in 0..10 {
+        p.commit(puts(i, 1, 1)).await;
+    }
+    let m = p.snapshot().await;
+    // The snapshot's writer's clock was two hours behind.
+    let mut skewed = m.clone();
+    skewed.created_at_ms -= 2 * 3600 * 1000;
+    let key = deltasync_shared::snapshot::manifest_key(m.lineage, m.seq);
+    p._kv
+        .put(
+            &key,
+            deltasync_shared::snapshot::encode_manifest(&skewed)
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap();
+
+    let (ok, out, err) = run_consumer(&p, &["status", "--json"]).await;
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let age = s["snapshots"][0]["age_secs"].as_f64().unwrap();
+    // Stored on the server a moment ago (well under ten minutes even on a busy machine).
+    assert!(age < 600.0, "age {age}: {out}");
+}

@@ -84,3 +84,99 @@ fn the_operator_commands_report_and_act_on_the_pipeline() {
     assert_ne!(status["last_snapshot"]["lineage"], lineage.as_str());
     assert_eq!(status["last_snapshot"]["seq"], 0);
 }
+
+/// The producer binary with the stream limits of `limits` (environment settings).
+fn run_with(
+    server: &NatsServer,
+    pipeline: &str,
+    limits: &[(&str, &str)],
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = support::producer_command(&server.url(), pipeline)
+        .envs(limits.iter().copied())
+        .args(args)
+        .output()
+        .expect("run the producer binary");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes `n` puts `{prefix}{i}` of about 10 KiB each.
+fn write_large_puts(path: &std::path::Path, prefix: &str, n: usize) {
+    use std::io::Write;
+    let pad = "x".repeat(10 * 1024);
+    let mut f = std::fs::File::create(path).expect("create the NDJSON file");
+    for i in 0..n {
+        writeln!(f, r#"{{"op":"put","key":"{prefix}{i}","value":"{pad}"}}"#).expect("write a line");
+    }
+}
+
+#[test]
+fn status_reads_the_streams_own_limits_and_judges_the_snapshots_headroom_by_them() {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("status-limits");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    // The pipeline runs with a 4 MiB stream, one ~10 KiB change per envelope.
+    let limits = [
+        ("DELTASYNC_STREAM__MAX_BYTES", "4194304"),
+        ("DELTASYNC_STREAM__MAX_MESSAGES", "100000"),
+        ("DELTASYNC_PRODUCER__BATCH_MAX_CHANGES", "1"),
+    ];
+    let first = dir.path().join("first.ndjson");
+    write_large_puts(&first, "a", 100);
+    let (ok, _, err) = run_with(
+        &server,
+        &pipeline,
+        &limits,
+        &["ingest", first.to_str().expect("a UTF-8 path")],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = run_with(&server, &pipeline, &limits, &["snapshot"]);
+    assert!(ok, "{err}");
+    let second = dir.path().join("second.ndjson");
+    write_large_puts(&second, "b", 50);
+    let (ok, _, err) = run_with(
+        &server,
+        &pipeline,
+        &limits,
+        &["ingest", second.to_str().expect("a UTF-8 path")],
+    );
+    assert!(ok, "{err}");
+
+    // `status` runs with the default settings (1,000,000 messages, 1 GiB): they must not count.
+    let (ok, out, err) = run(&server, &pipeline, &["status", "--json"]);
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    let st = &s["stream"];
+    assert_eq!(st["max_bytes"], 4 << 20, "{out}");
+    assert_eq!(st["max_messages"], 100_000, "{out}");
+    let h = &s["snapshot_headroom"];
+    let position = h["position"].as_u64().unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(position, s["last_snapshot"]["stream_seq"], "{out}");
+    let uncovered = st["last_seq"].as_u64().expect("last_seq") - position;
+    assert_eq!(h["uncovered"], uncovered, "{out}");
+    assert_eq!(h["pruned"], false, "{out}");
+    // Messages of the stream's mean size that fit in 4 MiB, minus those after the snapshot:
+    // about 400 - uncovered, where the caller's settings would say about 100,000.
+    let messages = st["messages"].as_u64().expect("messages");
+    let bytes = st["bytes"].as_u64().expect("bytes");
+    let fit = ((4u128 << 20) * u128::from(messages) / u128::from(bytes)) as u64;
+    assert!((350..=450).contains(&fit), "{out}");
+    assert_eq!(h["messages"], fit - uncovered, "{out}");
+    assert_eq!(h["limit"], "bytes", "{out}");
+
+    let (ok, text, err) = run(&server, &pipeline, &["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        text.contains("limits   100000 messages, 4194304 bytes"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("after {} more message(s)", fit - uncovered))
+            && text.contains("(bound by bytes)"),
+        "{text}"
+    );
+}

@@ -4,7 +4,9 @@
 //!
 //! Talks to nats-server through `deltasync_shared::{nats, store}`; interleaves the other
 //! writer's collection with `store::write_snapshot_with_hook` (there is no other way to run
-//! it at that exact point), and writes a skewed manifest through plain KV calls.
+//! it at that exact point), and writes a skewed manifest through plain KV calls. Listing and
+//! recovery's fallback order manifests by their place in the history, whatever their
+//! writer's clock said.
 
 use crate::support::{eventually, settings, unique_pipeline};
 use async_nats::jetstream::{self, kv};
@@ -195,4 +197,76 @@ async fn manifest_ages_are_judged_on_the_servers_clock_not_their_writers() {
     let report = store::gc(&p.kv, &s).await.unwrap();
     assert_eq!(report, store::GcReport::default());
     assert_eq!(store::list_manifests(&p.kv).await.unwrap().len(), 2);
+}
+
+/// Stores `m` again with its writer's clock `shift_ms` off (negative: behind).
+async fn rewrite_with_clock_off(p: &Pipeline, m: &Manifest, shift_ms: i64) -> String {
+    let mut skewed = m.clone();
+    skewed.created_at_ms = skewed.created_at_ms.saturating_add_signed(shift_ms);
+    let key = deltasync_shared::snapshot::manifest_key(m.lineage, m.seq);
+    p.kv.put(&key, encode_manifest(&skewed).unwrap().into())
+        .await
+        .unwrap();
+    key
+}
+
+#[tokio::test]
+async fn manifests_are_listed_by_their_place_in_the_history_not_by_their_writers_clock() {
+    let mut p = Pipeline::start("list-clock").await;
+    p.commit(puts(0..100, 1)).await;
+    let m1 = p.snapshot(None).await;
+    p.commit(puts(0..100, 2)).await;
+    let m2 = p.snapshot(None).await;
+    p.commit(puts(0..100, 3)).await;
+    let m3 = p.snapshot(None).await;
+    // M1's writer's clock is an hour ahead, M2's two hours behind.
+    let k1 = rewrite_with_clock_off(&p, &m1, 3600 * 1000).await;
+    let k2 = rewrite_with_clock_off(&p, &m2, -2 * 3600 * 1000).await;
+    let k3 = deltasync_shared::snapshot::manifest_key(m3.lineage, m3.seq);
+    let listed: Vec<(String, u64)> = store::list_manifests(&p.kv)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, m)| (k, m.stream_seq))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (k1, m1.stream_seq),
+            (k2, m2.stream_seq),
+            (k3, m3.stream_seq)
+        ],
+        "oldest first in the stream's history"
+    );
+}
+
+#[tokio::test]
+async fn recovery_past_a_damaged_latest_takes_the_newest_older_snapshot_whatever_its_writers_clock()
+{
+    let mut p = Pipeline::start("fallback-clock").await;
+    p.commit(puts(0..100, 1)).await;
+    let m1 = p.snapshot(None).await;
+    p.commit(puts(0..100, 2)).await;
+    let m2 = p.snapshot(None).await;
+    p.commit(puts(0..100, 3)).await;
+    let m3 = p.snapshot(None).await;
+    p.commit(puts(0..10, 4)).await;
+    // M2's writer's clock was two hours behind; the latest manifest (M3) is damaged.
+    rewrite_with_clock_off(&p, &m2, -2 * 3600 * 1000).await;
+    let k3 = deltasync_shared::snapshot::manifest_key(m3.lineage, m3.seq);
+    p.kv.put(&k3, "not a manifest".into()).await.unwrap();
+
+    let rec = deltasync_shared::history::recover(&p.js, &p.settings)
+        .await
+        .unwrap()
+        .expect("a history");
+    let from = rec.manifest.expect("recovered from a snapshot");
+    assert_eq!(
+        (from.seq, from.stream_seq),
+        (m2.seq, m2.stream_seq),
+        "the newest intact snapshot (M1 is at {})",
+        m1.seq
+    );
+    assert_eq!(rec.state.digest(), p.state.digest());
+    assert_eq!(rec.state.seq(), p.state.seq());
 }
