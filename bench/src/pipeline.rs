@@ -179,11 +179,14 @@ pub async fn producer_ingest(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Re
         position.stream_seq
     );
     // A clean shutdown leaves a snapshot at the head; the consumer scenarios time following
-    // the whole stream from envelope 1, so the bucket goes (a replica with no snapshot and the
-    // stream from envelope 1 follows it all).
+    // the whole stream from envelope 1, so the bucket is emptied (deleted and created again):
+    // a replica with no snapshot and the stream from envelope 1 follows it all.
     js.delete_key_value(names::bucket_name(&s.pipeline))
         .await
         .context("deleting the ingest pipeline's snapshot bucket")?;
+    nats::ensure_bucket(&js, &s)
+        .await
+        .context("creating the ingest pipeline's snapshot bucket again, empty")?;
     let (payloads, raw_read) = read_all(&js, &s, b.last_seq).await?;
     let mut changes = 0usize;
     let mut last_digest = Digest::default();
@@ -850,13 +853,16 @@ pub async fn snapshot_during(
     );
 
     // The snapshot loads back to the digest it records, which is the one the stream's
-    // envelope at its position records.
+    // envelope at its position records. (Not `latest`: the clean shutdown wrote a final
+    // snapshot of the envelopes published after it.)
     let client = nats::connect(&s.nats).await?;
     let js = nats::jetstream(client, &s.nats);
     let kv = store::bucket(&js, &s).await?;
-    let loaded = store::load_latest(&kv, &s)
-        .await?
-        .context("no snapshot in the bucket")?;
+    let lineage = Lineage::from_hex(&info.lineage)?;
+    let manifest =
+        store::read_manifest(&kv, &deltasync_shared::snapshot::manifest_key(lineage, info.seq))
+            .await?;
+    let loaded = store::load(&kv, manifest).await?;
     let recorded = Digest::from_hex(&info.digest)?;
     ensure!(
         loaded.manifest.seq == info.seq

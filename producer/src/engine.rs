@@ -481,6 +481,17 @@ impl Engine {
                 );
                 self.shared.held_back(Some(reason));
             }
+            if retry && self.shared.shutting_down() {
+                // A stop while snapshots fail would otherwise wait for one without end: the
+                // rest is not published, and the stop reports why.
+                let err = ProducerError::StoppedWhileHeldBack {
+                    covered: self.horizon.covered().seq,
+                    head,
+                };
+                tracing::error!(error = %err, "Stopping without publishing the rest");
+                self.shared.fail(err);
+                return Err(Closed);
+            }
             if retry && !reported_failure {
                 reported_failure = true;
                 let reason = format!(

@@ -70,6 +70,20 @@ pub enum ProducerError {
         /// Envelopes it would need.
         parts: usize,
     },
+    /// A clean stop was asked for while publishing was held back by failing snapshots: what
+    /// was not yet published is not published (publishing it would let retention prune
+    /// envelopes no snapshot covers).
+    #[error(
+        "stopped while publishing was held back: snapshots fail and the stream's retention \
+         leaves no room past the newest durable snapshot (envelope {covered}); the input after \
+         envelope {head} was not published"
+    )]
+    StoppedWhileHeldBack {
+        /// Newest durable snapshot's envelope sequence.
+        covered: u64,
+        /// Last envelope produced.
+        head: u64,
+    },
     /// Another producer wrote to the pipeline's stream: this one must stop. The history holds
     /// no envelope of this producer after `last_acknowledged_seq`.
     #[error(

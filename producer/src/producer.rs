@@ -235,6 +235,11 @@ impl Shared {
         }
     }
 
+    /// Whether a clean stop has been asked for.
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.status_lock().phase == Lifecycle::ShuttingDown
+    }
+
     fn set_phase(&self, phase: Lifecycle) {
         let mut s = self.status_lock();
         if s.phase != Lifecycle::Failed {

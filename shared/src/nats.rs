@@ -133,6 +133,17 @@ pub enum NatsError {
         #[source]
         source: UpdateKeyValueError,
     },
+    /// A bucket just created did not answer a read in time.
+    #[error("KV bucket {bucket} was created but did not answer a read within {within:?}: {source}")]
+    BucketNotReady {
+        /// The bucket's name.
+        bucket: String,
+        /// How long it was given.
+        within: Duration,
+        /// The last read's error.
+        #[source]
+        source: kv::EntryError,
+    },
     /// Binding to the existing snapshot bucket failed.
     #[error("cannot open KV bucket {bucket}: {source}")]
     OpenBucket {
@@ -478,6 +489,7 @@ pub async fn ensure_bucket(
                         replicas = wanted.num_replicas,
                         "KV bucket created"
                     );
+                    wait_readable(&store, &bucket, settings.nats.request_timeout).await?;
                     Ok(store)
                 }
                 Err(source) => Err(NatsError::CreateBucket { bucket, source }),
@@ -541,6 +553,27 @@ pub async fn ensure_bucket(
         })?;
     tracing::info!(%bucket, %changes, "KV bucket updated");
     Ok(store)
+}
+
+/// A bucket just created answers reads only once its stream has a leader and, in a cluster,
+/// its replicas serve direct gets; until then a read fails with 503 "no responders" (seen on
+/// a fresh 3-node cluster). Polls one read of an absent key until it succeeds, within
+/// `within`, so the first real read does not fail spuriously.
+async fn wait_readable(store: &kv::Store, bucket: &str, within: Duration) -> Result<(), NatsError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match store.entry("deltasync-ready-probe").await {
+            Ok(_) => return Ok(()),
+            Err(source) if tokio::time::Instant::now() >= deadline => {
+                return Err(NatsError::BucketNotReady {
+                    bucket: bucket.to_owned(),
+                    within,
+                    source,
+                })
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// Where the envelope stream currently starts and ends. A consumer whose next envelope is

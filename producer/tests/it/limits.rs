@@ -277,3 +277,83 @@ async fn a_shutdown_whose_final_snapshot_fails_is_an_error() {
         "{err}"
     );
 }
+
+/// A clean stop asked for while publishing is held back by failing snapshots ends, with an
+/// error naming why, instead of waiting for a snapshot without end; nothing past retention is
+/// published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_failing_snapshots_hold_publishing_back_ends_with_an_error() {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("stopheld");
+    let mut settings = support::settings(&server.url(), &pipeline);
+    settings.stream.max_messages = 50;
+    settings.snapshot.every_envelopes = 20;
+    let producer = std::sync::Arc::new(Producer::start(settings.clone()).await.expect("start"));
+    producer
+        .commit(vec![Change::put("k", "v")])
+        .await
+        .expect("commit");
+    let before = producer.snapshot().await.expect("a snapshot while the bucket works");
+
+    // The bucket now refuses every value: snapshots fail.
+    let js = support::js(&server.url()).await;
+    let kv_stream = format!("KV_{}", names::bucket_name(&pipeline));
+    let mut config = js
+        .get_stream(&kv_stream)
+        .await
+        .expect("bucket stream")
+        .cached_info()
+        .config
+        .clone();
+    config.max_message_size = 8;
+    js.update_stream(&config)
+        .await
+        .expect("shrink the bucket's messages");
+
+    let writer = producer.clone();
+    let load = tokio::spawn(async move {
+        for i in 0..300u64 {
+            writer
+                .commit(vec![Change::put(format!("k{}", i % 40), i.to_string())])
+                .await?;
+        }
+        Ok::<_, ProducerError>(())
+    });
+    eventually(
+        "publishing held back by the failed snapshot",
+        Duration::from_secs(30),
+        async || {
+            producer
+                .status()
+                .held_back
+                .filter(|r| r.contains("snapshot failed"))
+        },
+    )
+    .await;
+    // The caller waiting on a commit goes away; the stop must not wait for a snapshot.
+    load.abort();
+    let _ = load.await;
+    let producer = std::sync::Arc::into_inner(producer).expect("one owner");
+    let stopped = tokio::time::timeout(Duration::from_secs(60), producer.shutdown())
+        .await
+        .expect("the stop ends although snapshots still fail");
+    let err = stopped.expect_err("a stop that left input unpublished is an error");
+    assert!(
+        matches!(err, ProducerError::StoppedWhileHeldBack { covered, .. } if covered == before.seq),
+        "{err}"
+    );
+    let stream = js
+        .get_stream(names::stream_name(&pipeline))
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info")
+        .state;
+    assert!(
+        stream.first_sequence <= before.stream_seq + 1,
+        "retention pruned stream seq {} past the snapshot at {}",
+        stream.first_sequence - 1,
+        before.stream_seq
+    );
+}
