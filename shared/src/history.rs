@@ -277,7 +277,7 @@ impl From<&Manifest> for Cut {
 #[derive(Debug)]
 pub enum Start {
     /// A loaded, verified snapshot and its cut.
-    Snapshot { cut: Cut, state: State },
+    Snapshot { cut: Cut, state: Box<State> },
     /// The stream's first message (no usable snapshot).
     Beginning,
 }
@@ -438,7 +438,10 @@ impl std::fmt::Display for Refusal {
                 cause,
             } => {
                 match lineage {
-                    Some(l) => write!(f, "the history of lineage {l} after envelope {after_seq} is lost: ")?,
+                    Some(l) => write!(
+                        f,
+                        "the history of lineage {l} after envelope {after_seq} is lost: "
+                    )?,
                     None => write!(f, "the history from the stream's start is lost: ")?,
                 }
                 let range = if stream_from == stream_to {
@@ -447,10 +450,9 @@ impl std::fmt::Display for Refusal {
                     format!("stream sequences {stream_from}..={stream_to} are")
                 };
                 match cause {
-                    LostCause::NotRetained => write!(
-                        f,
-                        "{range} no longer retained (aged out, pruned or purged)"
-                    )?,
+                    LostCause::NotRetained => {
+                        write!(f, "{range} no longer retained (aged out, pruned or purged)")?
+                    }
                     LostCause::Deleted => write!(f, "{range} deleted")?,
                 }
                 match next_seq {
@@ -479,7 +481,10 @@ impl std::fmt::Display for Refusal {
                  lineage are lost",
                 seq.saturating_sub(1)
             ),
-            Refusal::LineageStart { lineage, stream_seq } => write!(
+            Refusal::LineageStart {
+                lineage,
+                stream_seq,
+            } => write!(
                 f,
                 "lineage {lineage} starts at stream sequence {stream_seq} from a state no \
                  usable snapshot holds"
@@ -600,7 +605,7 @@ pub fn decide(
                     cause: LostCause::NotRetained,
                 });
             }
-            let mut state = state;
+            let mut state = *state;
             state.set_position(cut.lineage, cut.seq);
             (Some(state), cut.seq, cut.stream_seq, next)
         }
@@ -685,9 +690,7 @@ pub fn decide(
             other => {
                 if e.seq != 1 || e.part != 1 || seen.contains(&e.lineage) {
                     return Err(match (other, hole) {
-                        (_, Some(h)) if !seen.contains(&e.lineage) => {
-                            lost_across(h, e.lineage, 0)
-                        }
+                        (_, Some(h)) if !seen.contains(&e.lineage) => lost_across(h, e.lineage, 0),
                         (Some(s), _) => Refusal::Interleaved {
                             lineage: e.lineage,
                             seq: e.seq,
@@ -701,14 +704,14 @@ pub fn decide(
                         },
                     });
                 }
-                let (state, applied) = start_lineage(other.as_ref(), e).ok_or(
-                    Refusal::LineageStart {
+                let (state, applied) =
+                    start_lineage(other.as_ref(), e).ok_or(Refusal::LineageStart {
                         lineage: e.lineage,
                         stream_seq,
-                    },
-                )?;
+                    })?;
                 seen.push(e.lineage);
                 *other = Some(state);
+                txn_stream_seq = 0; // no complete transaction of this lineage yet
                 applied
             }
         };
@@ -794,14 +797,11 @@ pub async fn read_range(
     if from > to {
         return Ok(out);
     }
-    let stream = js
-        .get_stream(&name)
-        .await
-        .map_err(|e| HistoryError::Read {
-            stream: name.clone(),
-            from,
-            source: e.into(),
-        })?;
+    let stream = js.get_stream(&name).await.map_err(|e| HistoryError::Read {
+        stream: name.clone(),
+        from,
+        source: e.into(),
+    })?;
     let mut end = to;
     loop {
         match stream.get_raw_message(end).await {
@@ -854,7 +854,12 @@ pub async fn read_range(
                             wait,
                         });
                     }
-                    tracing::warn!(stream_seq = pos, last = end, attempt = stalls, "Reading the history stalled; reading again from there");
+                    tracing::warn!(
+                        stream_seq = pos,
+                        last = end,
+                        attempt = stalls,
+                        "Reading the history stalled; reading again from there"
+                    );
                     continue 'reopen;
                 }
             }
@@ -932,7 +937,13 @@ pub async fn recover_history(
             Some(l) => {
                 let keep = Box::new((l.manifest.clone(), l.state.clone()));
                 let cut = Cut::from(&l.manifest);
-                (Start::Snapshot { cut, state: l.state }, Some(keep))
+                (
+                    Start::Snapshot {
+                        cut,
+                        state: Box::new(l.state),
+                    },
+                    Some(keep),
+                )
             }
             None => (Start::Beginning, None),
         };
