@@ -5,6 +5,7 @@ mod cli;
 mod fencing;
 mod http;
 mod ingest;
+mod lost_history;
 mod publishing;
 mod recovery;
 mod shutdown;
