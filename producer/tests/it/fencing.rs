@@ -171,8 +171,6 @@ async fn new_lineage_fences_the_old_producer_at_once_and_its_snapshot_cannot_mov
     let new = Producer::start_new_lineage(settings.clone(), NewLineage::Empty)
         .await
         .expect("new lineage");
-    assert_eq!(new.status().seq, 1, "the marker");
-    assert!(new.status().stream_seq > b.stream_seq);
 
     // The old producer's next commit is fenced, clearly.
     let err = old
@@ -181,6 +179,8 @@ async fn new_lineage_fences_the_old_producer_at_once_and_its_snapshot_cannot_mov
         .expect_err("the old producer is fenced by the marker");
     assert!(err.is_fenced(), "{err}");
     assert!(err.to_string().contains("fenced"), "{err}");
+    assert_eq!(new.status().seq, 1, "the marker");
+    assert!(new.status().stream_seq > b.stream_seq);
 
     // Its cut (what its snapshot task would write) cannot move latest back to the old lineage.
     let mut cut = State::new(old.lineage());

@@ -373,3 +373,63 @@ async fn gc_removes_superseded_manifests_and_unreferenced_blobs_after_the_grace_
         .unwrap();
     assert_eq!(loaded.state, p.state);
 }
+
+#[tokio::test]
+async fn a_cut_of_another_lineage_at_the_same_stream_position_cannot_replace_latest() {
+    let mut p = Pipeline::start("snap-tie").await;
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    // What `new-lineage` used to write: an empty start of another lineage at the stream's head.
+    let other = State::new(Lineage::random());
+    store::write_snapshot(&p.js, &p.settings, &other, p.stream_seq, None)
+        .await
+        .unwrap();
+    // The old lineage's writer, at the same stream position, cannot move latest back.
+    let err = store::write_snapshot(&p.js, &p.settings, &p.state, p.stream_seq, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Stale { .. }), "{err}");
+    let latest = store::latest_manifest(&p.kv).await.unwrap().unwrap();
+    assert_eq!(latest.lineage, other.lineage());
+}
+
+#[tokio::test]
+async fn recovery_refuses_when_the_message_after_the_snapshot_was_deleted_at_the_end() {
+    let mut p = Pipeline::start("recover-deleted-tail").await;
+    p.settings.nats.request_timeout = Duration::from_secs(1);
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    p.snapshot(None).await;
+    p.commit(puts(10..20, 2), 1 << 20).await;
+    let stream =
+        p.js.get_stream(names::stream_name(&p.settings.pipeline))
+            .await
+            .unwrap();
+    assert!(stream.delete_message(p.stream_seq).await.unwrap());
+
+    let err = history::recover(&p.js, &p.settings).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, history::HistoryError::Refused { .. })
+            && text.contains("after envelope 1 is lost")
+            && text.contains("stream sequence 2 is deleted"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn recovery_refuses_a_stream_recreated_behind_the_bucket() {
+    let mut p = Pipeline::start("recover-recreated").await;
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    p.commit(puts(10..20, 1), 1 << 20).await;
+    p.snapshot(None).await;
+    p.js.delete_stream(names::stream_name(&p.settings.pipeline))
+        .await
+        .unwrap();
+    nats::ensure_stream(&p.js, &p.settings).await.unwrap();
+
+    let err = history::recover(&p.js, &p.settings).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("past the stream's last sequence 0") && text.contains("recreated"),
+        "{text}"
+    );
+}
