@@ -31,7 +31,6 @@ use crate::snapshot::Manifest;
 use crate::state::{Applied, ApplyError, State};
 use crate::store::StoreError;
 use crate::{names, store};
-use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use std::collections::VecDeque;
@@ -783,8 +782,8 @@ fn start_lineage(prev: Option<&State>, e: &Envelope) -> Option<(State, Applied)>
 }
 
 /// Reads every message from stream sequence `from` to `to`, in order, proving it reached
-/// `to`: trailing deleted messages (which no consumer delivers) are found first with direct
-/// reads, and a read that stalls is re-opened where it stopped, [`READ_ATTEMPTS`] times,
+/// `to`: trailing deleted messages (which no consumer delivers) are found first in the
+/// stream's list of deleted sequences, and a read that stalls is re-opened where it stopped, [`READ_ATTEMPTS`] times,
 /// before failing with the position.
 pub async fn read_range(
     js: &jetstream::Context,
@@ -802,24 +801,27 @@ pub async fn read_range(
         from,
         source: e.into(),
     })?;
+    // The last message not deleted, from the stream's list of deleted sequences (stream
+    // info, which both roles may ask for).
+    let info = stream
+        .info_builder()
+        .with_deleted(true)
+        .fetch()
+        .await
+        .map_err(|e| HistoryError::Read {
+            stream: name.clone(),
+            from,
+            source: e.into(),
+        })?
+        .info;
+    let deleted: std::collections::HashSet<u64> =
+        info.state.deleted.unwrap_or_default().into_iter().collect();
     let mut end = to;
-    loop {
-        match stream.get_raw_message(end).await {
-            Ok(_) => break,
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
-                if end == from {
-                    return Ok(out); // every position deleted
-                }
-                end -= 1;
-            }
-            Err(e) => {
-                return Err(HistoryError::Read {
-                    stream: name,
-                    from: end,
-                    source: e.into(),
-                })
-            }
+    while deleted.contains(&end) {
+        if end == from {
+            return Ok(out); // every position deleted
         }
+        end -= 1;
     }
     let wait = settings.nats.request_timeout;
     let mut pos = from;
