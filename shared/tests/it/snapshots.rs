@@ -433,3 +433,42 @@ async fn recovery_refuses_a_stream_recreated_behind_the_bucket() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_damaged_latest_falls_back_only_to_snapshots_of_its_lineage_or_else_to_the_stream() {
+    let mut p = Pipeline::start("recover-fallback-lineage").await;
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    let old = p.snapshot(None).await;
+    p.commit(puts(10..20, 1), 1 << 20).await;
+    // A new lineage (from the empty state) with two snapshots of its own.
+    p.state = State::new(Lineage::random());
+    p.commit(puts(100..110, 2), 1 << 20).await;
+    let first = p.snapshot(None).await;
+    p.commit(puts(110..120, 2), 1 << 20).await;
+    let second = p.snapshot(None).await;
+    // Both of the new lineage's snapshots lose a chunk; the old lineage's still loads.
+    let old_keys: Vec<String> = old.blob_keys().collect();
+    for m in [&first, &second] {
+        for r in &m.ranges {
+            for c in r.chunks.iter().filter(|c| c.entries > 0) {
+                let key = chunk_key(&c.hash);
+                assert!(!old_keys.contains(&key));
+                p.kv.purge(&key).await.unwrap();
+            }
+        }
+    }
+    store::load(&p.kv, old.clone()).await.unwrap();
+
+    // Not the old lineage's snapshot: the stream from its start, into the new lineage.
+    let rec = history::recover(&p.js, &p.settings).await.unwrap().unwrap();
+    assert!(
+        rec.manifest.is_none(),
+        "{:?}",
+        rec.manifest.map(|m| m.lineage)
+    );
+    assert_eq!(
+        (rec.state.lineage(), rec.state.seq()),
+        (p.state.lineage(), 2)
+    );
+    assert_eq!(rec.state, p.state);
+}
