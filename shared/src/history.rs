@@ -520,7 +520,9 @@ impl std::fmt::Display for Refusal {
 ///
 /// `items` are every message the stream held from `start.read_from(b)` to `b.last_seq`, in
 /// stream order (the reader proves it read to the end; a position missing from `items` is a
-/// deleted message). Returns `Ok(None)` when there is no history at all.
+/// deleted message). Returns `Ok(None)` when there is no history at all. [`Decision`] is the
+/// same decision fed one message at a time (what recovery does, without holding the
+/// messages).
 ///
 /// The rules, each of which refuses rather than guesses:
 /// - the snapshot's position is at most the stream's last sequence, and when the stream still
@@ -539,119 +541,159 @@ pub fn decide(
     b: &Bounds,
     items: &[(u64, Classified)],
 ) -> Result<Option<Continue>, Refusal> {
-    let first = retained_from(b);
-    let (mut cur, mut last_env_seq, mut last_env_stream, next) = match start {
-        Start::Snapshot { cut, state } => {
-            if cut.stream_seq > b.last_seq {
-                return Err(Refusal::PastEnd {
-                    cut,
-                    last_seq: b.last_seq,
-                });
-            }
-            // A (legacy) new lineage's empty start at sequence 0 has no envelope of its own.
-            if cut.seq > 0 && cut.stream_seq >= first {
-                let found = items
-                    .binary_search_by_key(&cut.stream_seq, |(s, _)| *s)
-                    .ok()
-                    .map(|i| &items[i].1);
-                match found {
-                    None => {} // deleted: nothing to compare with
-                    Some(Classified::Envelope(e))
-                        if e.lineage == cut.lineage && e.seq == cut.seq =>
-                    {
-                        if !e.is_last_part() {
-                            return Err(Refusal::InsideTransaction {
-                                cut,
-                                part: e.part,
-                                parts: e.parts,
-                            });
-                        }
-                        if e.digest != cut.digest {
-                            return Err(Refusal::NotInStream {
-                                cut,
-                                found: format!(
-                                    "envelope {}:{} recording digest {}",
-                                    e.lineage, e.seq, e.digest
-                                ),
-                            });
-                        }
-                    }
-                    Some(Classified::Envelope(e)) => {
-                        return Err(Refusal::NotInStream {
-                            cut,
-                            found: format!(
-                                "envelope {}:{} (part {} of {})",
-                                e.lineage, e.seq, e.part, e.parts
-                            ),
-                        })
-                    }
-                    Some(Classified::Foreign { reason }) => {
-                        return Err(Refusal::NotInStream {
-                            cut,
-                            found: format!("a foreign message ({reason})"),
-                        })
-                    }
-                }
-            }
-            let next = cut.stream_seq + 1;
-            if next <= b.last_seq && first > next {
-                return Err(Refusal::Lost {
-                    lineage: Some(cut.lineage),
-                    after_seq: cut.seq,
-                    stream_from: next,
-                    stream_to: (first - 1).min(b.last_seq),
-                    next_seq: first_envelope_of(items, Some(cut.lineage)),
-                    cause: LostCause::NotRetained,
-                });
-            }
-            let mut state = *state;
-            state.set_position(cut.lineage, cut.seq);
-            (Some(state), cut.seq, cut.stream_seq, next)
-        }
-        Start::Beginning => {
-            if b.last_seq == 0 {
-                return Ok(None); // nothing was ever published
-            }
-            if first > 1 {
-                return Err(Refusal::Lost {
-                    lineage: None,
-                    after_seq: 0,
-                    stream_from: 1,
-                    stream_to: (first - 1).min(b.last_seq),
-                    next_seq: first_envelope_of(items, None),
-                    cause: LostCause::NotRetained,
-                });
-            }
-            (None, 0, 0, 1)
-        }
-    };
-    let mut txn_stream_seq = last_env_stream;
-    let mut seen: Vec<Lineage> = cur.iter().map(State::lineage).collect();
-    let mut foreign_messages = 0;
-    let mut envelopes_applied = 0;
-    // Deleted positions since the last envelope.
-    let mut hole: Option<(u64, u64)> = None;
-    let mut expect_stream = next;
+    let mut d = Decision::new(start, b)?;
     for (stream_seq, item) in items {
-        let stream_seq = *stream_seq;
-        if stream_seq < next {
-            continue;
-        }
-        if stream_seq > b.last_seq {
+        if !d.wants_more() {
             break;
         }
-        if stream_seq > expect_stream {
-            let h = hole.get_or_insert((expect_stream, stream_seq - 1));
+        d.push(*stream_seq, item)?;
+    }
+    d.finish()
+}
+
+/// [`decide`], one message at a time: create it, [`Decision::push`] every message from
+/// [`Decision::read_from`] to the stream's last sequence while [`Decision::wants_more`], then
+/// [`Decision::finish`].
+#[derive(Debug)]
+pub struct Decision {
+    b: Bounds,
+    /// The snapshot started from, whose own message is checked when it comes.
+    cut: Option<Cut>,
+    /// The first position that continues the history.
+    next: u64,
+    /// Nothing was ever published.
+    empty: bool,
+    /// Positions after the start are no longer retained: refused; messages only name the
+    /// first retained envelope.
+    lost: Option<Refusal>,
+    /// The lineage followed and its state (after its last complete transaction).
+    cur: Option<State>,
+    last_env_seq: u64,
+    last_env_stream: u64,
+    txn_stream_seq: u64,
+    seen: Vec<Lineage>,
+    foreign_messages: u64,
+    envelopes_applied: u64,
+    /// Deleted positions since the last envelope.
+    hole: Option<(u64, u64)>,
+    expect_stream: u64,
+}
+
+impl Decision {
+    /// Starts a decision; refuses at once a snapshot past the stream's end.
+    pub fn new(start: Start, b: &Bounds) -> Result<Decision, Refusal> {
+        let first = retained_from(b);
+        let mut d = Decision {
+            b: *b,
+            cut: None,
+            next: 1,
+            empty: false,
+            lost: None,
+            cur: None,
+            last_env_seq: 0,
+            last_env_stream: 0,
+            txn_stream_seq: 0,
+            seen: Vec::new(),
+            foreign_messages: 0,
+            envelopes_applied: 0,
+            hole: None,
+            expect_stream: 1,
+        };
+        match start {
+            Start::Snapshot { cut, state } => {
+                if cut.stream_seq > b.last_seq {
+                    return Err(Refusal::PastEnd {
+                        cut,
+                        last_seq: b.last_seq,
+                    });
+                }
+                let next = cut.stream_seq + 1;
+                if next <= b.last_seq && first > next {
+                    d.lost = Some(Refusal::Lost {
+                        lineage: Some(cut.lineage),
+                        after_seq: cut.seq,
+                        stream_from: next,
+                        stream_to: (first - 1).min(b.last_seq),
+                        next_seq: None,
+                        cause: LostCause::NotRetained,
+                    });
+                }
+                let mut state = *state;
+                state.set_position(cut.lineage, cut.seq);
+                d.seen.push(cut.lineage);
+                d.cur = Some(state);
+                d.last_env_seq = cut.seq;
+                d.last_env_stream = cut.stream_seq;
+                d.txn_stream_seq = cut.stream_seq;
+                d.next = next;
+                // A (legacy) new lineage's empty start at sequence 0 has no envelope of its own.
+                d.cut = (cut.seq > 0).then_some(cut);
+            }
+            Start::Beginning => {
+                if b.last_seq == 0 {
+                    d.empty = true; // nothing was ever published
+                } else if first > 1 {
+                    d.lost = Some(Refusal::Lost {
+                        lineage: None,
+                        after_seq: 0,
+                        stream_from: 1,
+                        stream_to: (first - 1).min(b.last_seq),
+                        next_seq: None,
+                        cause: LostCause::NotRetained,
+                    });
+                }
+            }
+        }
+        d.expect_stream = d.next;
+        Ok(d)
+    }
+
+    /// Whether more messages can change the decision.
+    pub fn wants_more(&self) -> bool {
+        !self.empty
+            && !matches!(
+                self.lost,
+                Some(Refusal::Lost {
+                    next_seq: Some(_),
+                    ..
+                })
+            )
+    }
+
+    /// Takes the next message (stream order, from [`Start::read_from`]).
+    pub fn push(&mut self, stream_seq: u64, item: &Classified) -> Result<(), Refusal> {
+        if let Some(Refusal::Lost {
+            lineage, next_seq, ..
+        }) = &mut self.lost
+        {
+            if let Classified::Envelope(e) = item {
+                if next_seq.is_none() && lineage.is_none_or(|l| l == e.lineage) {
+                    *next_seq = Some(e.seq);
+                }
+            }
+            return Ok(());
+        }
+        if let Some(cut) = self.cut.filter(|c| c.stream_seq == stream_seq) {
+            check_cut(cut, item)?;
+        }
+        if stream_seq < self.next || stream_seq > self.b.last_seq || self.empty {
+            return Ok(());
+        }
+        if stream_seq > self.expect_stream {
+            let h = self
+                .hole
+                .get_or_insert((self.expect_stream, stream_seq - 1));
             h.1 = stream_seq - 1;
         }
-        expect_stream = stream_seq + 1;
+        self.expect_stream = stream_seq + 1;
         let e = match item {
             Classified::Foreign { .. } => {
-                foreign_messages += 1;
-                continue;
+                self.foreign_messages += 1;
+                return Ok(());
             }
             Classified::Envelope(e) => e,
         };
+        let hole = self.hole;
         let lost_across = |hole: (u64, u64), lineage: Lineage, after_seq: u64| Refusal::Lost {
             lineage: Some(lineage),
             after_seq,
@@ -660,7 +702,8 @@ pub fn decide(
             next_seq: Some(e.seq),
             cause: LostCause::Deleted,
         };
-        let applied = match &mut cur {
+        let last_env_seq = self.last_env_seq;
+        let applied = match &mut self.cur {
             Some(s) if s.lineage() == e.lineage => {
                 let expected = last_env_seq + 1;
                 if e.seq > expected {
@@ -687,9 +730,10 @@ pub fn decide(
                     .map_err(|source| Refusal::Broken { stream_seq, source })?
             }
             other => {
-                if e.seq != 1 || e.part != 1 || seen.contains(&e.lineage) {
+                let seen = self.seen.contains(&e.lineage);
+                if e.seq != 1 || e.part != 1 || seen {
                     return Err(match (other, hole) {
-                        (_, Some(h)) if !seen.contains(&e.lineage) => lost_across(h, e.lineage, 0),
+                        (_, Some(h)) if !seen => lost_across(h, e.lineage, 0),
                         (Some(s), _) => Refusal::Interleaved {
                             lineage: e.lineage,
                             seq: e.seq,
@@ -708,60 +752,101 @@ pub fn decide(
                         lineage: e.lineage,
                         stream_seq,
                     })?;
-                seen.push(e.lineage);
+                self.seen.push(e.lineage);
                 *other = Some(state);
-                txn_stream_seq = 0; // no complete transaction of this lineage yet
+                self.txn_stream_seq = 0; // no complete transaction of this lineage yet
                 applied
             }
         };
         if let Applied::Committed { .. } = applied {
-            txn_stream_seq = stream_seq;
+            self.txn_stream_seq = stream_seq;
         }
-        envelopes_applied += 1;
-        last_env_seq = e.seq;
-        last_env_stream = stream_seq;
-        hole = None;
+        self.envelopes_applied += 1;
+        self.last_env_seq = e.seq;
+        self.last_env_stream = stream_seq;
+        self.hole = None;
+        Ok(())
     }
-    if expect_stream <= b.last_seq {
-        // Not delivered up to the end: deleted (the reader read to `last_seq`).
-        let h = hole.get_or_insert((expect_stream, b.last_seq));
-        h.1 = b.last_seq;
+
+    /// The decision, once every message to the stream's last sequence was pushed.
+    pub fn finish(mut self) -> Result<Option<Continue>, Refusal> {
+        if let Some(lost) = self.lost {
+            return Err(lost);
+        }
+        if self.empty {
+            return Ok(None);
+        }
+        if self.expect_stream <= self.b.last_seq {
+            // Not delivered up to the end: deleted (the reader read to `last_seq`).
+            let h = self
+                .hole
+                .get_or_insert((self.expect_stream, self.b.last_seq));
+            h.1 = self.b.last_seq;
+        }
+        if let Some((from, to)) = self.hole {
+            return Err(Refusal::Lost {
+                lineage: self.cur.as_ref().map(State::lineage),
+                after_seq: self.last_env_seq,
+                stream_from: from,
+                stream_to: to,
+                next_seq: None,
+                cause: LostCause::Deleted,
+            });
+        }
+        let Some(mut state) = self.cur else {
+            return Ok(None); // only foreign messages: there is no history
+        };
+        let txn_seq = state.seq();
+        let lineage = state.lineage();
+        state.set_position(lineage, self.last_env_seq);
+        Ok(Some(Continue {
+            state,
+            seq: self.last_env_seq,
+            txn_seq,
+            txn_stream_seq: self.txn_stream_seq,
+            last_envelope_stream_seq: self.last_env_stream,
+            expected_last_stream_seq: self.b.last_seq,
+            foreign_messages: self.foreign_messages,
+            abandoned_parts: self.last_env_seq - txn_seq,
+            envelopes_applied: self.envelopes_applied,
+        }))
     }
-    if let Some((from, to)) = hole {
-        return Err(Refusal::Lost {
-            lineage: cur.as_ref().map(State::lineage),
-            after_seq: last_env_seq,
-            stream_from: from,
-            stream_to: to,
-            next_seq: None,
-            cause: LostCause::Deleted,
-        });
-    }
-    let Some(mut state) = cur else {
-        return Ok(None); // only foreign messages: there is no history
-    };
-    let txn_seq = state.seq();
-    let lineage = state.lineage();
-    state.set_position(lineage, last_env_seq);
-    Ok(Some(Continue {
-        state,
-        seq: last_env_seq,
-        txn_seq,
-        txn_stream_seq,
-        last_envelope_stream_seq: last_env_stream,
-        expected_last_stream_seq: b.last_seq,
-        foreign_messages,
-        abandoned_parts: last_env_seq - txn_seq,
-        envelopes_applied,
-    }))
 }
 
-/// The sequence of the first envelope in `items` (of `lineage` when given).
-fn first_envelope_of(items: &[(u64, Classified)], lineage: Option<Lineage>) -> Option<u64> {
-    items.iter().find_map(|(_, c)| match c {
-        Classified::Envelope(e) if lineage.is_none_or(|l| l == e.lineage) => Some(e.seq),
-        _ => None,
-    })
+/// The snapshot's own message: its envelope, the last part of its transaction, its digest.
+fn check_cut(cut: Cut, item: &Classified) -> Result<(), Refusal> {
+    match item {
+        Classified::Envelope(e) if e.lineage == cut.lineage && e.seq == cut.seq => {
+            if !e.is_last_part() {
+                return Err(Refusal::InsideTransaction {
+                    cut,
+                    part: e.part,
+                    parts: e.parts,
+                });
+            }
+            if e.digest != cut.digest {
+                return Err(Refusal::NotInStream {
+                    cut,
+                    found: format!(
+                        "envelope {}:{} recording digest {}",
+                        e.lineage, e.seq, e.digest
+                    ),
+                });
+            }
+            Ok(())
+        }
+        Classified::Envelope(e) => Err(Refusal::NotInStream {
+            cut,
+            found: format!(
+                "envelope {}:{} (part {} of {})",
+                e.lineage, e.seq, e.part, e.parts
+            ),
+        }),
+        Classified::Foreign { reason } => Err(Refusal::NotInStream {
+            cut,
+            found: format!("a foreign message ({reason})"),
+        }),
+    }
 }
 
 /// A lineage's first envelope: applied to the state before it (a lineage that kept the
@@ -790,11 +875,11 @@ pub async fn read_range(
     settings: &Settings,
     from: u64,
     to: u64,
-) -> Result<Vec<(u64, Classified)>, HistoryError> {
+    mut each: impl FnMut(u64, Classified) -> bool,
+) -> Result<(), HistoryError> {
     let name = names::stream_name(&settings.pipeline);
-    let mut out = Vec::new();
     if from > to {
-        return Ok(out);
+        return Ok(());
     }
     let stream = js.get_stream(&name).await.map_err(|e| HistoryError::Read {
         stream: name.clone(),
@@ -819,7 +904,7 @@ pub async fn read_range(
     let mut end = to;
     while deleted.contains(&end) {
         if end == from {
-            return Ok(out); // every position deleted
+            return Ok(()); // every position deleted
         }
         end -= 1;
     }
@@ -838,9 +923,8 @@ pub async fn read_range(
                         break 'reopen;
                     }
                     pos = item.stream_seq + 1;
-                    out.push((item.stream_seq, item.item));
                     stalls = 0;
-                    if pos > end {
+                    if !each(item.stream_seq, item.item) || pos > end {
                         break 'reopen;
                     }
                 }
@@ -867,7 +951,7 @@ pub async fn read_range(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// What recovery found: where the lineage continues.
@@ -950,9 +1034,30 @@ pub async fn recover_history(
             None => (Start::Beginning, None),
         };
         let from = start.read_from(&b);
-        let items = read_range(js, settings, from, b.last_seq).await?;
         let manifest = snapshot.as_ref().map(|s| s.0.clone());
-        match decide(start, &b, &items) {
+        let decided = match Decision::new(start, &b) {
+            Ok(mut d) => {
+                let mut refused = None;
+                if d.wants_more() {
+                    read_range(js, settings, from, b.last_seq, |seq, item| {
+                        match d.push(seq, &item) {
+                            Ok(()) => d.wants_more(),
+                            Err(r) => {
+                                refused = Some(r);
+                                false
+                            }
+                        }
+                    })
+                    .await?;
+                }
+                match refused {
+                    Some(r) => Err(r),
+                    None => d.finish(),
+                }
+            }
+            Err(r) => Err(r),
+        };
+        match decided {
             Ok(None) => return Ok(Recovery::Empty),
             Ok(Some(c)) => {
                 return Ok(Recovery::Continue(Box::new(Recovered {
