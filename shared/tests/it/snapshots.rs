@@ -472,3 +472,34 @@ async fn a_damaged_latest_falls_back_only_to_snapshots_of_its_lineage_or_else_to
     );
     assert_eq!(rec.state, p.state);
 }
+
+#[tokio::test]
+async fn a_read_that_stalls_before_the_end_fails_naming_the_position_after_re_reading() {
+    let mut p = Pipeline::start("read-stall").await;
+    p.settings.nats.request_timeout = Duration::from_millis(300);
+    for i in 0..3 {
+        p.commit(puts(i..i + 1, 1), 1 << 20).await;
+    }
+    // Asked to read past what the stream holds: nothing more ever arrives.
+    let mut read = Vec::new();
+    let err = history::read_range(&p.js, &p.settings, 1, p.stream_seq + 2, |seq, _| {
+        read.push(seq);
+        true
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(read, vec![1, 2, 3]);
+    assert!(
+        matches!(
+            err,
+            history::HistoryError::Stalled {
+                at: 4,
+                last: 5,
+                attempts: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("stream sequence 4"), "{err}");
+}
