@@ -39,7 +39,8 @@ pub struct SnapshotOutcome {
 }
 
 /// Recovers the pipeline's state (latest snapshot plus envelopes after it) and writes a
-/// snapshot of it. Safe beside a running producer: the store moves `latest` only forward.
+/// snapshot of it at its last complete transaction (never inside one). Safe beside a running
+/// producer: the store moves `latest` only forward.
 pub async fn snapshot_now(settings: &Settings) -> Result<SnapshotOutcome, ProducerError> {
     let (_client, js) = crate::producer::connect(settings).await?;
     let rec = history::recover(&js, settings)
@@ -53,22 +54,37 @@ pub async fn snapshot_now(settings: &Settings) -> Result<SnapshotOutcome, Produc
             },
         });
     };
-    let seq = rec.state.seq();
+    // Cut at the last complete transaction: parts after it (a transaction still being
+    // published, or one abandoned by a crash) are not part of any state a replica can start
+    // from, and the store refuses a cut at a non-final part.
+    let seq = rec.txn_seq;
+    let mut state = rec.state;
+    let lineage = state.lineage();
+    state.set_position(lineage, seq);
+    if rec.abandoned_parts > 0 {
+        tracing::info!(
+            seq,
+            parts_after = rec.abandoned_parts,
+            "The stream ends inside a transaction; cutting at the last complete one"
+        );
+    }
     // A running producer may move `latest` between our read of it and our compare-and-set:
     // write again, and the next attempt finds the pointer at or past this cut (`Stale`,
     // nothing to do) or still behind it (written).
     let mut attempts = 0;
     let written = loop {
         attempts += 1;
-        match store::write_snapshot(
-            &js,
-            settings,
-            &rec.state,
-            rec.last_envelope_stream_seq,
-            None,
-        )
-        .await
-        {
+        let result = if seq == 0 {
+            // No complete transaction in this lineage yet: nothing a replica could start from.
+            Err(StoreError::Stale {
+                latest_lineage: lineage.to_hex(),
+                latest_seq: 0,
+                seq,
+            })
+        } else {
+            store::write_snapshot(&js, settings, &state, rec.txn_stream_seq, None).await
+        };
+        match result {
             Err(StoreError::Raced { .. }) if attempts < RACE_ATTEMPTS => {
                 tracing::info!(
                     seq,
@@ -97,7 +113,7 @@ pub async fn snapshot_now(settings: &Settings) -> Result<SnapshotOutcome, Produc
                     written: false,
                 }),
                 None => Err(ProducerError::Internal(
-                    "the latest snapshot vanished".into(),
+                    "the pipeline has no complete transaction yet: nothing to snapshot".into(),
                 )),
             }
         }

@@ -17,8 +17,12 @@
 //!
 //! ## Invariants
 //!
-//! - A restart continues the recovered lineage; a new lineage starts only on an empty
-//!   pipeline or through [`Producer::start_new_lineage`].
+//! - A restart continues the recovered lineage, and only when recovery proved it saw every
+//!   envelope of it (`history::decide`): it never reuses a sequence number. A new lineage
+//!   starts only on an empty pipeline, through [`Producer::start_new_lineage`], or when the
+//!   history is lost and `producer.on_lost_history = "new_lineage"`.
+//! - A new lineage's first envelope is a marker published expecting the stream's last
+//!   sequence: it fences every older writer, and the snapshot at it wins over theirs.
 //! - Commit receipts, flushes and snapshot answers come after the envelopes they stand for
 //!   are acknowledged by the stream.
 //! - Once the producer failed (fenced, history broken), every call returns that failure.
@@ -26,12 +30,15 @@
 use crate::engine::{Command, Engine};
 use crate::error::ProducerError;
 use crate::metrics::Metrics;
-use crate::publisher::{Acked, Publisher};
+use crate::publisher::{envelope_message, Acked, Publisher};
 use crate::snapshots::{self, Durable, Phase, Schedule, SnapshotInfo};
 use bytes::Bytes;
 use deltasync_shared::change::Key;
-use deltasync_shared::envelope::{now_ms, Lineage};
-use deltasync_shared::settings::Settings;
+use deltasync_shared::codec::encode_envelope;
+use deltasync_shared::envelope::{now_ms, Envelope, Lineage};
+use deltasync_shared::history::{HistoryError, Recovery};
+use deltasync_shared::names;
+use deltasync_shared::settings::{OnLostHistory, Settings};
 use deltasync_shared::snapshot::Manifest;
 use deltasync_shared::{history, nats, store, Change, Digest, State};
 use serde::Serialize;
@@ -363,14 +370,17 @@ pub struct Producer {
 impl Producer {
     /// Connects, creates or updates the stream and bucket, recovers the pipeline's state
     /// (latest snapshot plus the envelopes after it) and continues its lineage; starts a new
-    /// lineage only when the pipeline has no history at all.
+    /// lineage when the pipeline has no history at all. When envelopes after the newest
+    /// snapshot are gone, it refuses (naming what was lost), or with
+    /// `producer.on_lost_history = "new_lineage"` starts a new lineage from that snapshot's
+    /// state; it never continues the old lineage, which would reuse its sequence numbers.
     pub async fn start(settings: Settings) -> Result<Producer, ProducerError> {
         let (client, js) = connect(&settings).await?;
-        let recovered = history::recover(&js, &settings)
+        let recovered = history::recover_history(&js, &settings)
             .await
             .map_err(|source| ProducerError::Recover { source })?;
         let begin = match recovered {
-            Some(rec) => {
+            Recovery::Continue(rec) => {
                 let seq = rec.state.seq();
                 tracing::info!(
                     lineage = %rec.state.lineage(),
@@ -388,7 +398,7 @@ impl Producer {
                     acked: Acked {
                         seq,
                         stream_seq: rec.last_envelope_stream_seq,
-                        txn_seq: seq - rec.abandoned_parts,
+                        txn_seq: rec.txn_seq,
                         digest: rec.state.digest(),
                     },
                     expected_last: rec.last_stream_seq,
@@ -397,7 +407,7 @@ impl Producer {
                     foreign: rec.foreign_messages,
                 }
             }
-            None => {
+            Recovery::Empty => {
                 let bounds = history::bounds(&js, &settings)
                     .await
                     .map_err(|source| ProducerError::Recover { source })?;
@@ -405,50 +415,93 @@ impl Producer {
                 tracing::info!(%lineage, stream_seq = bounds.last_seq, "The pipeline has no history: starting a new lineage");
                 fresh(State::new(lineage), bounds.last_seq, None)
             }
+            Recovery::Refused { refusal, snapshot }
+                if refusal.is_lost_history()
+                    && settings.producer.on_lost_history == OnLostHistory::NewLineage =>
+            {
+                let (state, from_seq) = match snapshot {
+                    Some(s) => {
+                        let (m, state) = *s;
+                        (state, Some(m.seq))
+                    }
+                    None => (State::new(Lineage::default()), None),
+                };
+                tracing::error!(
+                    lost = %refusal,
+                    old_lineage = %state.lineage(),
+                    from_snapshot_seq = from_seq,
+                    keys = state.len(),
+                    "History LOST: the old lineage cannot continue; starting a new lineage from the newest snapshot's state as producer.on_lost_history = \"new_lineage\" says (every consumer re-snapshots)"
+                );
+                let bounds = history::bounds(&js, &settings)
+                    .await
+                    .map_err(|source| ProducerError::Recover { source })?;
+                begin_new_lineage(&js, &settings, state, bounds.last_seq).await?
+            }
+            Recovery::Refused { refusal, .. } => {
+                return Err(ProducerError::Recover {
+                    source: HistoryError::Refused {
+                        stream: names::stream_name(&settings.pipeline),
+                        refusal,
+                    },
+                })
+            }
         };
         Producer::launch(settings, client, js, begin)
     }
 
     /// Starts a NEW lineage on the pipeline, whatever its history: an operator's decision
     /// when continuity is broken for good (history lost or corrupt). Every consumer then
-    /// re-snapshots (reason "lineage changed"). Stop the old producer first: if it is still
-    /// publishing, whichever of the two publishes second is fenced.
+    /// re-snapshots (reason "lineage changed").
     ///
-    /// The new lineage starts at sequence 0 from an empty state or from the old lineage's
-    /// recovered state; a snapshot of that start is written before anything is published,
-    /// so consumers can restore it.
+    /// The new lineage starts from an empty state or from the old lineage's recovered state
+    /// (when its newest envelopes are lost: the newest snapshot's). Its first envelope, a
+    /// marker with no changes recording that state's digest, is published expecting the
+    /// stream's last sequence, which fences the old producer (its next publish fails) and
+    /// fails this call if another writer published meanwhile; a snapshot at the marker is
+    /// written before anything else is published, so consumers can restore it, and it is
+    /// later in the stream than any snapshot of the old lineage, which can no longer move
+    /// `latest` back.
     pub async fn start_new_lineage(
         settings: Settings,
         from: NewLineage,
     ) -> Result<Producer, ProducerError> {
         let (client, js) = connect(&settings).await?;
-        let lineage = Lineage::random();
-        let mut state = match from {
-            NewLineage::Empty => State::new(lineage),
-            NewLineage::KeepState => history::recover(&js, &settings)
+        let recover_err = |source| ProducerError::Recover { source };
+        let (state, expected_last) = match from {
+            NewLineage::Empty => (State::new(Lineage::default()), None),
+            NewLineage::KeepState => match history::recover_history(&js, &settings)
                 .await
-                .map_err(|source| ProducerError::Recover { source })?
-                .map_or_else(|| State::new(lineage), |r| r.state),
+                .map_err(recover_err)?
+            {
+                Recovery::Continue(rec) => (rec.state, Some(rec.last_stream_seq)),
+                Recovery::Empty => (State::new(Lineage::default()), None),
+                Recovery::Refused {
+                    refusal,
+                    snapshot: Some(s),
+                } if refusal.is_lost_history() => {
+                    tracing::error!(lost = %refusal, snapshot_seq = s.0.seq, "History LOST after the newest snapshot; the new lineage keeps that snapshot's state");
+                    (s.1, None)
+                }
+                Recovery::Refused { refusal, .. } => {
+                    return Err(recover_err(HistoryError::Refused {
+                        stream: names::stream_name(&settings.pipeline),
+                        refusal,
+                    }))
+                }
+            },
         };
-        state.set_position(lineage, 0);
-        let bounds = history::bounds(&js, &settings)
-            .await
-            .map_err(|source| ProducerError::Recover { source })?;
-        let manifest = store::write_snapshot(&js, &settings, &state, bounds.last_seq, None)
-            .await
-            .map_err(|source| ProducerError::Snapshot { seq: 0, source })?;
-        tracing::warn!(
-            %lineage,
-            keys = state.len(),
-            stream_seq = bounds.last_seq,
-            "Started a NEW lineage: continuity with the previous history is broken; consumers will re-snapshot"
-        );
-        Producer::launch(
-            settings,
-            client,
-            js,
-            fresh(state, bounds.last_seq, Some(manifest)),
-        )
+        let expected_last = match expected_last {
+            Some(e) => e,
+            None => {
+                history::bounds(&js, &settings)
+                    .await
+                    .map_err(recover_err)?
+                    .last_seq
+            }
+        };
+        let begin = begin_new_lineage(&js, &settings, state, expected_last).await?;
+        Producer::launch(settings, client, js, begin)
     }
 
     fn launch(
@@ -761,6 +814,61 @@ impl Producer {
             .await
             .map_err(|_| self.shared.stopped_error())
     }
+}
+
+/// Starts a new lineage holding `state`'s entries: publishes its first envelope, a marker
+/// with no changes recording the state's digest, expecting the stream's last sequence to be
+/// `expected_last` (a fence: any other writer's next publish fails, and so does this one if
+/// another writer published meanwhile), then writes a snapshot at the marker.
+async fn begin_new_lineage(
+    js: &async_nats::jetstream::Context,
+    settings: &Settings,
+    mut state: State,
+    expected_last: u64,
+) -> Result<Begin, ProducerError> {
+    let lineage = Lineage::random();
+    let old = state.lineage();
+    state.set_position(lineage, 1);
+    let marker = Envelope {
+        lineage,
+        seq: 1,
+        part: 1,
+        parts: 1,
+        digest: state.digest(),
+        produced_at_ms: now_ms(),
+        changes: Vec::new(),
+    };
+    let payload =
+        encode_envelope(&marker).map_err(|source| ProducerError::Encode { seq: 1, source })?;
+    let stream = names::stream_name(&settings.pipeline);
+    let publish_err = |source: async_nats::Error| ProducerError::Publish {
+        stream: stream.clone(),
+        seq: 1,
+        source: format!(
+            "publishing the new lineage's first envelope expecting the stream's last sequence \
+             {expected_last} (another writer publishing? stop it first): {source}"
+        )
+        .into(),
+    };
+    let msg = envelope_message(payload.into(), lineage, 1, expected_last, false);
+    let ack = js
+        .send_publish(names::subject(&settings.pipeline), msg)
+        .await
+        .map_err(|e| publish_err(e.into()))?
+        .await
+        .map_err(|e| publish_err(e.into()))?;
+    let stream_seq = ack.sequence;
+    let manifest = store::write_snapshot(js, settings, &state, stream_seq, None)
+        .await
+        .map_err(|source| ProducerError::Snapshot { seq: 1, source })?;
+    tracing::warn!(
+        %lineage,
+        previous_lineage = %old,
+        keys = state.len(),
+        stream_seq,
+        "Started a NEW lineage: continuity with the previous history is broken; consumers will re-snapshot"
+    );
+    Ok(fresh(state, stream_seq, Some(manifest)))
 }
 
 fn fresh(state: State, stream_seq: u64, manifest: Option<Manifest>) -> Begin {

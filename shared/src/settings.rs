@@ -314,6 +314,37 @@ pub struct ProducerSettings {
     pub ack_window: usize,
     /// Address of the producer's HTTP endpoint (health, status, metrics); off when unset.
     pub http: Option<SocketAddr>,
+    /// What a starting producer does when envelopes after the newest snapshot are gone from
+    /// the stream (aged out, pruned, purged, deleted, or the stream recreated): `refuse` stops
+    /// with an error naming what was lost; `new_lineage` starts a new lineage from the newest
+    /// snapshot's state and logs what was lost at ERROR (every consumer re-snapshots). Neither
+    /// continues the old lineage, which would reuse its sequence numbers.
+    pub on_lost_history: OnLostHistory,
+}
+
+/// What a starting producer does when the history after its newest snapshot is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "String")]
+pub enum OnLostHistory {
+    /// Stop with an error naming the lost range; an operator decides.
+    #[default]
+    Refuse,
+    /// Start a new lineage from the newest snapshot's state (the lost changes stay lost).
+    NewLineage,
+}
+
+impl TryFrom<String> for OnLostHistory {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        match value.to_ascii_lowercase().replace('-', "_").as_str() {
+            "refuse" => Ok(OnLostHistory::Refuse),
+            "new_lineage" => Ok(OnLostHistory::NewLineage),
+            _ => Err(format!(
+                "{value:?} is not a lost-history policy, expected `refuse` or `new_lineage`"
+            )),
+        }
+    }
 }
 
 impl Default for ProducerSettings {
@@ -324,6 +355,7 @@ impl Default for ProducerSettings {
             linger: Duration::from_millis(5),
             ack_window: 256,
             http: None,
+            on_lost_history: OnLostHistory::Refuse,
         }
     }
 }
@@ -1265,6 +1297,7 @@ batch_max_bytes = 524_288
 linger = "2ms"
 ack_window = 512
 http = "0.0.0.0:8080"
+on_lost_history = "new_lineage"
 
 [consumer]
 id = "replica-a"
@@ -1306,6 +1339,7 @@ filter = "info,deltasync=debug"
         assert_eq!(s.snapshot.chunk_target_bytes, 262_144);
         assert_eq!(s.producer.linger, Duration::from_millis(2));
         assert_eq!(s.producer.http, Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(s.producer.on_lost_history, OnLostHistory::NewLineage);
         assert_eq!(
             s.consumer.data_dir,
             Some(PathBuf::from("/var/lib/deltasync"))
@@ -1496,6 +1530,24 @@ filter = "info,deltasync=debug"
         assert!(text.contains("snapshot.every_envelope"), "{text}");
         assert!(
             text.contains("DELTASYNC_SNAPSHOT__EVERY_ENVELOPE"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn on_lost_history_defaults_to_refuse_loads_from_file_and_env_and_refuses_other_values() {
+        assert_eq!(
+            Settings::default().producer.on_lost_history,
+            OnLostHistory::Refuse
+        );
+        let s = load_toml("[producer]\non_lost_history = \"new_lineage\"\n").unwrap();
+        assert_eq!(s.producer.on_lost_history, OnLostHistory::NewLineage);
+        let s = load_env(&[("DELTASYNC_PRODUCER__ON_LOST_HISTORY", "new-lineage")]).unwrap();
+        assert_eq!(s.producer.on_lost_history, OnLostHistory::NewLineage);
+        let err = load_env(&[("DELTASYNC_PRODUCER__ON_LOST_HISTORY", "continue")]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("producer.on_lost_history") && text.contains("\"continue\""),
             "{text}"
         );
     }

@@ -9,7 +9,10 @@
 //!
 //! - Blobs, then the manifest, then `latest` by compare-and-set: readers never see a
 //!   half-written snapshot, and a writer whose state is not part of the stream's history (a
-//!   zombie) cannot move `latest`, nor can any writer move it backwards in a lineage.
+//!   zombie) cannot move `latest`, nor can any writer move it backwards in a lineage, nor to
+//!   another lineage's cut at or before the stream position `latest` names (ties refused).
+//! - A snapshot is cut only at the last part of a complete transaction: the envelope at its
+//!   stream position must be that part, with the state's digest.
 //! - Everything read is verified (content hashes, range digests, state digest) before it is
 //!   handed out; a failed verification hands out nothing.
 //! - A writer re-checks the blobs it reuses after storing its manifest and before moving
@@ -710,7 +713,16 @@ async fn check_in_history(
         .map_err(|e| not_in(e.to_string()))?;
     match classify(&msg.payload) {
         Classified::Envelope(e) if e.lineage == state.lineage() && e.seq == state.seq() => {
-            if e.is_last_part() && e.digest != state.digest() {
+            // A cut inside a transaction would leave `latest` where no replica can start: the
+            // transaction's next part cannot apply to a state without its earlier parts.
+            if !e.is_last_part() {
+                return Err(not_in(format!(
+                    "the envelope there is part {} of {} of a transaction; snapshots are cut \
+                     only at a transaction's last part",
+                    e.part, e.parts
+                )));
+            }
+            if e.digest != state.digest() {
                 return Err(not_in(format!(
                     "the envelope there records digest {}",
                     e.digest
@@ -745,11 +757,13 @@ async fn check_not_stale(
     if p.lineage == state.lineage() && p.seq >= state.seq() && p.seq > 0 {
         return Err(stale(p.seq));
     }
-    // Another lineage: only a position later in the stream may replace it (an operator's new
-    // lineage starts at the stream's head; a zombie of the old lineage is behind it).
+    // Another lineage: only a position strictly later in the stream may replace it (a new
+    // lineage starts with a marker envelope after the old lineage's last one; a zombie of the
+    // old lineage is at or behind the position the new lineage's snapshot names, and a tie
+    // between two different cuts goes to the one already there).
     if p.lineage != state.lineage() {
         match read_manifest(kv, &p.manifest).await {
-            Ok(m) if m.stream_seq > stream_seq => return Err(stale(m.seq)),
+            Ok(m) if m.stream_seq >= stream_seq => return Err(stale(m.seq)),
             Ok(_) => {}
             // A latest pointer whose manifest is gone or corrupt protects nothing.
             Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => {}

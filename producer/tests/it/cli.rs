@@ -82,7 +82,13 @@ fn the_operator_commands_report_and_act_on_the_pipeline() {
     assert!(ok);
     let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
     assert_ne!(status["last_snapshot"]["lineage"], lineage.as_str());
-    assert_eq!(status["last_snapshot"]["seq"], 0);
+    // At the new lineage's first envelope, a marker.
+    assert_eq!(status["last_snapshot"]["seq"], 1);
+    assert_eq!(status["head"]["seq"], 1);
+    assert_eq!(
+        status["head"]["lineage"],
+        status["last_snapshot"]["lineage"]
+    );
 }
 
 /// The producer binary with the stream limits of `limits` (environment settings).

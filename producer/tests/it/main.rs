@@ -6,6 +6,7 @@ mod fencing;
 mod http;
 mod ingest;
 mod limits;
+mod lost_history;
 mod publishing;
 mod recovery;
 mod shutdown;

@@ -373,3 +373,133 @@ async fn gc_removes_superseded_manifests_and_unreferenced_blobs_after_the_grace_
         .unwrap();
     assert_eq!(loaded.state, p.state);
 }
+
+#[tokio::test]
+async fn a_cut_of_another_lineage_at_the_same_stream_position_cannot_replace_latest() {
+    let mut p = Pipeline::start("snap-tie").await;
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    // What `new-lineage` used to write: an empty start of another lineage at the stream's head.
+    let other = State::new(Lineage::random());
+    store::write_snapshot(&p.js, &p.settings, &other, p.stream_seq, None)
+        .await
+        .unwrap();
+    // The old lineage's writer, at the same stream position, cannot move latest back.
+    let err = store::write_snapshot(&p.js, &p.settings, &p.state, p.stream_seq, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Stale { .. }), "{err}");
+    let latest = store::latest_manifest(&p.kv).await.unwrap().unwrap();
+    assert_eq!(latest.lineage, other.lineage());
+}
+
+#[tokio::test]
+async fn recovery_refuses_when_the_message_after_the_snapshot_was_deleted_at_the_end() {
+    let mut p = Pipeline::start("recover-deleted-tail").await;
+    p.settings.nats.request_timeout = Duration::from_secs(1);
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    p.snapshot(None).await;
+    p.commit(puts(10..20, 2), 1 << 20).await;
+    let stream =
+        p.js.get_stream(names::stream_name(&p.settings.pipeline))
+            .await
+            .unwrap();
+    assert!(stream.delete_message(p.stream_seq).await.unwrap());
+
+    let err = history::recover(&p.js, &p.settings).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, history::HistoryError::Refused { .. })
+            && text.contains("after envelope 1 is lost")
+            && text.contains("stream sequence 2 is deleted"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn recovery_refuses_a_stream_recreated_behind_the_bucket() {
+    let mut p = Pipeline::start("recover-recreated").await;
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    p.commit(puts(10..20, 1), 1 << 20).await;
+    p.snapshot(None).await;
+    p.js.delete_stream(names::stream_name(&p.settings.pipeline))
+        .await
+        .unwrap();
+    nats::ensure_stream(&p.js, &p.settings).await.unwrap();
+
+    let err = history::recover(&p.js, &p.settings).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("past the stream's last sequence 0") && text.contains("recreated"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_latest_falls_back_only_to_snapshots_of_its_lineage_or_else_to_the_stream() {
+    let mut p = Pipeline::start("recover-fallback-lineage").await;
+    p.commit(puts(0..10, 1), 1 << 20).await;
+    let old = p.snapshot(None).await;
+    p.commit(puts(10..20, 1), 1 << 20).await;
+    // A new lineage (from the empty state) with two snapshots of its own.
+    p.state = State::new(Lineage::random());
+    p.commit(puts(100..110, 2), 1 << 20).await;
+    let first = p.snapshot(None).await;
+    p.commit(puts(110..120, 2), 1 << 20).await;
+    let second = p.snapshot(None).await;
+    // Both of the new lineage's snapshots lose a chunk; the old lineage's still loads.
+    let old_keys: Vec<String> = old.blob_keys().collect();
+    for m in [&first, &second] {
+        for r in &m.ranges {
+            for c in r.chunks.iter().filter(|c| c.entries > 0) {
+                let key = chunk_key(&c.hash);
+                assert!(!old_keys.contains(&key));
+                p.kv.purge(&key).await.unwrap();
+            }
+        }
+    }
+    store::load(&p.kv, old.clone()).await.unwrap();
+
+    // Not the old lineage's snapshot: the stream from its start, into the new lineage.
+    let rec = history::recover(&p.js, &p.settings).await.unwrap().unwrap();
+    assert!(
+        rec.manifest.is_none(),
+        "{:?}",
+        rec.manifest.map(|m| m.lineage)
+    );
+    assert_eq!(
+        (rec.state.lineage(), rec.state.seq()),
+        (p.state.lineage(), 2)
+    );
+    assert_eq!(rec.state, p.state);
+}
+
+#[tokio::test]
+async fn a_read_that_stalls_before_the_end_fails_naming_the_position_after_re_reading() {
+    let mut p = Pipeline::start("read-stall").await;
+    p.settings.nats.request_timeout = Duration::from_millis(300);
+    for i in 0..3 {
+        p.commit(puts(i..i + 1, 1), 1 << 20).await;
+    }
+    // Asked to read past what the stream holds: nothing more ever arrives.
+    let mut read = Vec::new();
+    let err = history::read_range(&p.js, &p.settings, 1, p.stream_seq + 2, |seq, _| {
+        read.push(seq);
+        true
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(read, vec![1, 2, 3]);
+    assert!(
+        matches!(
+            err,
+            history::HistoryError::Stalled {
+                at: 4,
+                last: 5,
+                attempts: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("stream sequence 4"), "{err}");
+}
