@@ -784,6 +784,10 @@ impl Producer {
         flushed?;
         let acked = published?;
         ended?;
+        if shared.has_failed() {
+            // E.g. the engine gave up on input it could not publish (held back at the stop).
+            return Err(shared.stopped_error());
+        }
         shared.set_phase(Lifecycle::Stopped);
         let status = shared.status_lock().clone();
         tracing::info!(

@@ -342,7 +342,8 @@ async fn a_stop_while_failing_snapshots_hold_publishing_back_ends_with_an_error(
         .expect("the stop ends although snapshots still fail");
     let err = stopped.expect_err("a stop that left input unpublished is an error");
     assert!(
-        matches!(err, ProducerError::StoppedWhileHeldBack { covered, .. } if covered == before.seq),
+        matches!(&err, ProducerError::Stopped(cause)
+            if matches!(**cause, ProducerError::StoppedWhileHeldBack { covered, .. } if covered == before.seq)),
         "{err}"
     );
     let stream = js
