@@ -219,6 +219,10 @@ impl From<&Manifest> for SnapshotInfo {
 #[derive(Debug)]
 pub(crate) struct SnapshotJob {
     pub cut: State,
+    /// The stream sequence of the cut's envelope when it is known already (a cut at the last
+    /// complete transaction before abandoned parts); `None`: the stream sequence of the last
+    /// envelope acknowledged when the job is resolved (the cut is at the engine's head).
+    pub at: Option<u64>,
     pub reply: Option<oneshot::Sender<Result<SnapshotInfo, ProducerError>>>,
 }
 

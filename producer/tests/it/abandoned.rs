@@ -1,0 +1,220 @@
+//! A producer started over an abandoned multi-part transaction (a crash left parts 1..k of n
+//! in the stream) under tight retention: its snapshots are cut at the last complete
+//! transaction, so they are written (no failing retries), publishing is never held back for a
+//! snapshot that cannot be written, a reader bootstrapping from the snapshot reaches the
+//! model, and a restart recovers.
+
+use crate::support::{self, eventually};
+use deltasync_producer::publisher::envelope_message;
+use deltasync_producer::{Change, Producer};
+use deltasync_shared::codec::encode_envelope;
+use deltasync_shared::envelope::{split_transaction, Envelope};
+use deltasync_shared::history::Classified;
+use deltasync_shared::settings::Settings;
+use deltasync_shared::store;
+use deltasync_shared::{names, State};
+use deltasync_testkit::NatsServer;
+use std::time::Duration;
+
+/// Publishes `envs` the way the producer does (message ids, expected last sequence) from
+/// `expected_last` on; returns the last stream sequence.
+async fn publish_raw(
+    js: &async_nats::jetstream::Context,
+    pipeline: &str,
+    envs: &[Envelope],
+    mut expected_last: u64,
+) -> u64 {
+    for e in envs {
+        let payload = encode_envelope(e).expect("encode");
+        let msg = envelope_message(payload.into(), e.lineage, e.seq, expected_last, false);
+        expected_last = js
+            .send_publish(names::subject(pipeline), msg)
+            .await
+            .expect("publish")
+            .await
+            .expect("acknowledged")
+            .sequence;
+    }
+    expected_last
+}
+
+fn tight(url: &str, pipeline: &str) -> Settings {
+    let mut s = support::settings(url, pipeline);
+    // Room for 9 envelopes after the newest durable snapshot.
+    s.stream.max_messages = 10;
+    s.snapshot.every_envelopes = 2;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_over_an_abandoned_transaction_with_tight_retention_snapshots_and_publishes() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let pipeline = support::pipeline("abandoned");
+    let settings = tight(&url, &pipeline);
+    let js = support::js(&url).await;
+
+    // Envelope 1, covered by the final snapshot at shutdown.
+    let p = Producer::start(settings.clone()).await.expect("start");
+    let lineage = p.lineage();
+    let r = p.commit(vec![Change::put("a", "0")]).await.expect("commit");
+    p.shutdown().await.expect("shutdown");
+    assert_eq!((r.last_seq, r.stream_seq), (1, 1));
+
+    // A producer that crashed before any further snapshot: five complete transactions
+    // (envelopes 2..=6), then parts 1..=4 of a five-part transaction (envelopes 7..=10). The
+    // stream holds 10 messages, its limit; the next envelope is 10 past the snapshot, beyond
+    // the room of 9.
+    let mut model = State::new(lineage);
+    model.apply_changes(&[Change::put("a", "0")]);
+    let mut envs = Vec::new();
+    for i in 2..=6u64 {
+        let changes = vec![Change::put(format!("k{i}"), format!("{i}"))];
+        let digest = model.apply_changes(&changes);
+        envs.extend(split_transaction(lineage, i, digest, 0, changes, 1 << 20));
+    }
+    let mut torn = model.clone();
+    let changes: Vec<Change> = (0..5).map(|j| Change::put(format!("t{j}"), "x")).collect();
+    let digest = torn.apply_changes(&changes);
+    let parts = split_transaction(lineage, 7, digest, 0, changes, 1);
+    assert_eq!(parts.len(), 5);
+    envs.extend(parts.into_iter().take(4));
+    assert_eq!(publish_raw(&js, &pipeline, &envs, r.stream_seq).await, 10);
+
+    // Restart over the abandoned parts.
+    let p = Producer::start(settings.clone()).await.expect("restart");
+    assert_eq!(p.status().seq, 10);
+    let observer = p.observer();
+
+    // A snapshot at the last complete transaction (envelope 6, stream sequence 6) is written
+    // before anything is published.
+    let snap = eventually(
+        "a snapshot at the last complete transaction",
+        Duration::from_secs(20),
+        async || {
+            observer
+                .status()
+                .last_snapshot
+                .filter(|s| s.seq >= 6)
+                .map(|s| (s.seq, s.stream_seq))
+        },
+    )
+    .await;
+    assert_eq!(snap, (6, 6));
+
+    // Publishing is not stuck: commits go through one after the other, each within a
+    // deadline, while retention prunes (including the abandoned parts).
+    let mut last = None;
+    for i in 0..30u64 {
+        let changes = vec![Change::put(format!("n{i}"), format!("{i}"))];
+        model.apply_changes(&changes);
+        let receipt = tokio::time::timeout(Duration::from_secs(20), p.commit(changes))
+            .await
+            .unwrap_or_else(|_| panic!("commit {i} held back without end: {:?}", p.status()))
+            .expect("commit");
+        assert_eq!(receipt.digest, model.digest(), "commit {i}");
+        last = Some(receipt);
+    }
+    let last = last.expect("commits");
+    assert_eq!(last.last_seq, 10 + 30);
+    assert_eq!(
+        observer.metrics().snapshot_failures.get(),
+        0,
+        "no snapshot failed (a cut inside the abandoned transaction would be refused)"
+    );
+    assert!(p.status().held_back.is_none());
+
+    // A reader bootstrapping from the latest snapshot and following the stream reaches the
+    // model.
+    let kv = store::bucket(&js, &settings).await.expect("bucket");
+    let loaded = store::load_latest(&kv, &settings)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    let mut replica = loaded.state;
+    assert!(loaded.manifest.seq > 6, "snapshots moved past the recovery");
+    for (stream_seq, item) in support::read_stream(&js, &pipeline).await {
+        if stream_seq <= loaded.manifest.stream_seq {
+            continue;
+        }
+        if let Classified::Envelope(env) = item {
+            replica.apply(&env).expect("applies after the snapshot");
+        }
+    }
+    assert_eq!(replica.digest(), model.digest());
+    assert_eq!(replica.seq(), last.last_seq);
+
+    let status = p.shutdown().await.expect("shutdown");
+    assert_eq!(status.seq, last.last_seq);
+    assert_eq!(
+        observer.metrics().snapshot_failures.get(),
+        0,
+        "the final snapshot did not fail"
+    );
+
+    // A restart recovers the same position and state.
+    let p = Producer::start(settings.clone())
+        .await
+        .expect("second restart");
+    assert_eq!(p.lineage(), lineage);
+    assert_eq!(
+        (p.status().seq, p.status().digest.clone()),
+        (last.last_seq, model.digest().to_hex())
+    );
+    p.shutdown().await.expect("shutdown");
+}
+
+/// The snapshot right after a restart over an abandoned transaction: `Producer::snapshot()`
+/// and the final snapshot at shutdown cut at the last complete transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_shutdown_over_an_abandoned_transaction_cut_at_the_last_complete_one() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let pipeline = support::pipeline("abandoned-snap");
+    let mut settings = support::settings(&url, &pipeline);
+    settings.snapshot.every_envelopes = 0;
+    let js = support::js(&url).await;
+
+    let p = Producer::start(settings.clone()).await.expect("start");
+    let lineage = p.lineage();
+    let r = p.commit(vec![Change::put("a", "0")]).await.expect("commit");
+    p.shutdown().await.expect("shutdown");
+
+    // Envelope 2 complete, then part 1 of 2 of envelope 3's transaction.
+    let mut model = State::new(lineage);
+    model.apply_changes(&[Change::put("a", "0")]);
+    let changes = vec![Change::put("b", "1")];
+    let digest = model.apply_changes(&changes);
+    let mut envs = split_transaction(lineage, 2, digest, 0, changes, 1 << 20);
+    let mut torn = model.clone();
+    let changes = vec![Change::put("t1", "x"), Change::put("t2", "y")];
+    let digest = torn.apply_changes(&changes);
+    envs.extend(
+        split_transaction(lineage, 3, digest, 0, changes, 1)
+            .into_iter()
+            .take(1),
+    );
+    let at = publish_raw(&js, &pipeline, &envs, r.stream_seq).await;
+    assert_eq!(at, 3);
+
+    let p = Producer::start(settings.clone()).await.expect("restart");
+    let info = tokio::time::timeout(Duration::from_secs(20), p.snapshot())
+        .await
+        .expect("the snapshot answers")
+        .expect("a snapshot at the last complete transaction");
+    assert_eq!((info.seq, info.stream_seq), (2, 2));
+    assert_eq!(info.digest, model.digest().to_hex());
+    p.shutdown()
+        .await
+        .expect("shutdown writes nothing more, and does not fail");
+
+    // Shutdown without a snapshot first: the final one is cut at envelope 2 too.
+    let kv = store::bucket(&js, &settings).await.expect("bucket");
+    let p = Producer::start(settings.clone()).await.expect("restart");
+    p.shutdown().await.expect("shutdown");
+    let m = store::latest_manifest(&kv)
+        .await
+        .expect("read")
+        .expect("a snapshot");
+    assert_eq!((m.seq, m.stream_seq), (2, 2));
+}
