@@ -218,3 +218,85 @@ async fn snapshot_and_shutdown_over_an_abandoned_transaction_cut_at_the_last_com
         .expect("a snapshot");
     assert_eq!((m.seq, m.stream_seq), (2, 2));
 }
+
+/// Abandoned parts that, with the next transaction, exceed the retention even counted from a
+/// durable snapshot at the last complete transaction: an empty envelope ends them, a snapshot
+/// is cut there, and the transaction goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_parts_leaving_no_room_for_the_next_transaction_are_ended_by_an_empty_envelope() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let pipeline = support::pipeline("abandoned-full");
+    let mut settings = tight(&url, &pipeline);
+    settings.producer.batch_max_bytes = 1024;
+    let js = support::js(&url).await;
+
+    // Envelope 1, covered by the final snapshot at shutdown.
+    let p = Producer::start(settings.clone()).await.expect("start");
+    let lineage = p.lineage();
+    let r = p.commit(vec![Change::put("a", "0")]).await.expect("commit");
+    p.shutdown().await.expect("shutdown");
+    let mut model = State::new(lineage);
+    model.apply_changes(&[Change::put("a", "0")]);
+
+    // Parts 1..=7 of an eight-part transaction (envelopes 2..=8): 7 of the room of 9.
+    let mut torn = model.clone();
+    let changes: Vec<Change> = (0..8).map(|j| Change::put(format!("t{j}"), "x")).collect();
+    let digest = torn.apply_changes(&changes);
+    let parts = split_transaction(lineage, 2, digest, 0, changes, 1);
+    assert_eq!(parts.len(), 8);
+    assert_eq!(
+        publish_raw(&js, &pipeline, &parts[..7], r.stream_seq).await,
+        8
+    );
+
+    // A transaction of three parts: 7 + 3 past the snapshot at envelope 1 exceed the room.
+    let p = Producer::start(settings.clone()).await.expect("restart");
+    let observer = p.observer();
+    let big = "v".repeat(700);
+    let changes: Vec<Change> = (0..3)
+        .map(|j| Change::put(format!("n{j}"), big.clone()))
+        .collect();
+    let digest = model.apply_changes(&changes);
+    let receipt = tokio::time::timeout(Duration::from_secs(20), p.commit(changes))
+        .await
+        .unwrap_or_else(|_| panic!("transaction held back without end: {:?}", p.status()))
+        .expect("commit");
+    assert_eq!(receipt.parts, 3);
+    assert_eq!(receipt.digest, digest);
+    assert_eq!(
+        receipt.first_seq, 10,
+        "one empty envelope (9) after the abandoned parts"
+    );
+    assert_eq!(observer.metrics().snapshot_failures.get(), 0);
+    let items = support::read_stream(&js, &pipeline).await;
+    let empty = items.iter().find_map(|(stream_seq, item)| match item {
+        Classified::Envelope(e) if e.seq == 9 => Some((*stream_seq, e.parts, e.changes.len())),
+        _ => None,
+    });
+    assert_eq!(empty, Some((9, 1, 0)));
+
+    // A reader from the latest snapshot reaches the model; a restart recovers.
+    let status = p.shutdown().await.expect("shutdown");
+    assert_eq!(status.seq, 12);
+    let kv = store::bucket(&js, &settings).await.expect("bucket");
+    let loaded = store::load_latest(&kv, &settings)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    let mut replica = loaded.state;
+    for (stream_seq, item) in support::read_stream(&js, &pipeline).await {
+        if let Classified::Envelope(env) = item {
+            if stream_seq > loaded.manifest.stream_seq {
+                replica.apply(&env).expect("applies after the snapshot");
+            }
+        }
+    }
+    assert_eq!(replica.digest(), model.digest());
+    let p = Producer::start(settings).await.expect("second restart");
+    assert_eq!(
+        (p.status().seq, p.status().digest.clone()),
+        (12, model.digest().to_hex())
+    );
+    p.shutdown().await.expect("shutdown");
+}
