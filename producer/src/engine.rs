@@ -31,7 +31,9 @@
 use crate::error::ProducerError;
 use crate::producer::{CommitReceipt, Shared};
 use crate::publisher::{Notify, Outgoing};
-use crate::snapshots::{Admit, Durable, Horizon, Schedule, SnapshotInfo, SnapshotJob};
+use crate::snapshots::{
+    Admit, Durable, Horizon, Schedule, SnapshotInfo, SnapshotJob, Stuck, Unblock,
+};
 use deltasync_shared::envelope::{now_ms, split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
 use deltasync_shared::settings::{Settings, ENVELOPE_STREAM_OVERHEAD};
 use deltasync_shared::{diff, Change, State};
@@ -548,25 +550,20 @@ impl Engine {
             let head = self.cut_point();
             let phase = &self.shared.snapshot_phase;
             let retry = phase.retry();
-            if self.abandoned_after.is_some()
-                && head <= self.horizon.covered().seq
-                && !retry
-                && !phase.running()
-                && self
-                    .horizon
-                    .admits(1, ENVELOPE_STREAM_OVERHEAD, self.shared.acked())
-                    == Admit::Go
-            {
-                // A snapshot at the last complete transaction is durable and the abandoned
-                // parts after it still leave no room: no cut can make more, and waiting would
-                // never end. An envelope with no changes ends them (a reader drops abandoned
-                // parts at the next part 1); the head is then a transaction's end, and the
-                // next cut there leaves the abandoned parts behind.
-                self.close_abandoned().await?;
-                continue;
-            }
-            if retry || (!phase.running() && self.last_cut < head) {
-                self.cut().await?;
+            let stuck = Stuck {
+                cut_point: head,
+                abandoned: self.abandoned_after.is_some(),
+                last_cut: self.last_cut,
+                running: phase.running(),
+                retry,
+            };
+            match self.horizon.unblock(stuck, self.shared.acked()) {
+                Unblock::Cut => self.cut().await?,
+                Unblock::EndAbandoned => {
+                    self.close_abandoned().await?;
+                    continue;
+                }
+                Unblock::Wait => {}
             }
             if !held {
                 held = true;
