@@ -445,6 +445,13 @@ impl Engine {
         if !self.schedule.due(&self.shared.snapshot_phase) {
             return Ok(());
         }
+        self.horizon.advance(*self.durable.borrow());
+        if self.abandoned_after.is_some() && self.cut_point() <= self.horizon.covered().seq {
+            // Over abandoned parts whose last complete transaction a durable snapshot covers:
+            // a cut would write that snapshot again (the next envelope moves the cut point).
+            self.schedule.skipped(&self.shared.snapshot_phase);
+            return Ok(());
+        }
         self.cut().await
     }
 

@@ -415,6 +415,13 @@ impl Schedule {
         due
     }
 
+    /// A cut was due but there is nothing to cut (the cut point is covered by a durable
+    /// snapshot already): start counting again, no snapshot running.
+    pub(crate) fn skipped(&mut self, phase: &Phase) {
+        self.taken(phase);
+        phase.set(IDLE);
+    }
+
     /// A cut was taken: start counting again.
     pub(crate) fn taken(&mut self, phase: &Phase) {
         self.envelopes_since = 0;
