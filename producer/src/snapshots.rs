@@ -10,7 +10,12 @@
 //!
 //! - A cut is a `State` clone (buckets shared copy-on-write) taken by the batching engine at a
 //!   transaction boundary; it is written only after its last envelope is acknowledged, with
-//!   that envelope's stream sequence, so the snapshot always names a stored envelope.
+//!   that envelope's stream sequence, so the snapshot always names a stored envelope. Over
+//!   the parts of a transaction abandoned before recovery, the cut is relabelled to the last
+//!   complete transaction and carries its (recovered, stored) stream sequence.
+//! - While held back, the engine never waits with nothing being written ([`Horizon::unblock`]):
+//!   it cuts at the cut point, or, when that is covered already and abandoned parts still
+//!   leave no room, ends them with an envelope of no changes.
 //! - One snapshot is written at a time. The schedule cuts one after half of
 //!   `stream.max_messages` envelopes or half of `stream.max_bytes` bytes, so publication
 //!   rarely waits for one.
