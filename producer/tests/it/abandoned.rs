@@ -300,3 +300,90 @@ async fn abandoned_parts_leaving_no_room_for_the_next_transaction_are_ended_by_a
     );
     p.shutdown().await.expect("shutdown");
 }
+
+/// Through the binary: `ingest` restarted over an abandoned transaction under tight retention
+/// publishes everything and exits 0, with no failed snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_over_an_abandoned_transaction_with_tight_retention_exits_zero() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let pipeline = support::pipeline("abandoned-cli");
+    let settings = tight(&url, &pipeline);
+    let js = support::js(&url).await;
+
+    let p = Producer::start(settings.clone()).await.expect("start");
+    let lineage = p.lineage();
+    let r = p.commit(vec![Change::put("a", "0")]).await.expect("commit");
+    p.shutdown().await.expect("shutdown");
+    // Five complete envelopes (2..=6) and four parts of a five-part transaction (7..=10):
+    // the next envelope is past the room counted from the snapshot at envelope 1.
+    let mut model = State::new(lineage);
+    model.apply_changes(&[Change::put("a", "0")]);
+    let mut envs = Vec::new();
+    for i in 2..=6u64 {
+        let changes = vec![Change::put(format!("k{i}"), format!("{i}"))];
+        let digest = model.apply_changes(&changes);
+        envs.extend(split_transaction(lineage, i, digest, 0, changes, 1 << 20));
+    }
+    let mut torn = model.clone();
+    let changes: Vec<Change> = (0..5).map(|j| Change::put(format!("t{j}"), "x")).collect();
+    let digest = torn.apply_changes(&changes);
+    envs.extend(
+        split_transaction(lineage, 7, digest, 0, changes, 1)
+            .into_iter()
+            .take(4),
+    );
+    assert_eq!(publish_raw(&js, &pipeline, &envs, r.stream_seq).await, 10);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.ndjson");
+    support::write_ndjson(&input, "n", 0..200, 0);
+    let child = support::producer_command(&url, &pipeline)
+        .env("DELTASYNC_STREAM__MAX_MESSAGES", "10")
+        .env("DELTASYNC_SNAPSHOT__EVERY_ENVELOPES", "2")
+        .env("DELTASYNC_PRODUCER__BATCH_MAX_CHANGES", "10")
+        .arg("ingest")
+        .arg(&input)
+        .spawn()
+        .expect("spawn the producer");
+    let mut child = KillOnDrop(child);
+    let mut stderr = child.0.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).expect("read stderr");
+        s
+    });
+    // On the old code the first envelope waits for a snapshot that is never written.
+    let status = eventually("ingest to exit", Duration::from_secs(60), async || {
+        child.0.try_wait().expect("wait")
+    })
+    .await;
+    let stderr = reader.join().expect("stderr reader");
+    assert!(status.success(), "{stderr}");
+    assert!(!stderr.contains("Snapshot failed"), "{stderr}");
+
+    // The final snapshot covers everything; a restart recovers it.
+    let p = Producer::start(settings.clone()).await.expect("restart");
+    let seq = p.status().seq;
+    p.shutdown().await.expect("shutdown");
+    let kv = store::bucket(&js, &settings).await.expect("bucket");
+    let loaded = store::load_latest(&kv, &settings)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!(loaded.manifest.seq, seq);
+    assert_eq!(loaded.state.len(), model.len() + 200);
+    for i in 0..200 {
+        assert!(loaded.state.get(&format!("n{i}")).is_some(), "n{i}");
+    }
+}
+
+/// Kills and reaps the child when a test fails before it exits.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
