@@ -21,11 +21,19 @@
 //!   its last envelope acknowledged.
 //! - A transaction that could not fit even right after a snapshot is refused whole.
 //! - When its input ends, envelopes not yet covered by a durable snapshot get a final one.
+//! - A snapshot is cut only at the end of a complete transaction. Recovery can leave the state
+//!   positioned on the parts of a transaction abandoned by a crash (never applied); until the
+//!   engine produces its next envelope, every cut (scheduled, for room, asked for, final) is
+//!   at the last complete transaction before them instead, relabelled to its sequence and
+//!   stream sequence — the state is the same, and a reader following from there skips the
+//!   abandoned parts.
 
 use crate::error::ProducerError;
 use crate::producer::{CommitReceipt, Shared};
 use crate::publisher::{Notify, Outgoing};
-use crate::snapshots::{Admit, Durable, Horizon, Schedule, SnapshotInfo, SnapshotJob};
+use crate::snapshots::{
+    Admit, Durable, Horizon, Schedule, SnapshotInfo, SnapshotJob, Stuck, Unblock,
+};
 use deltasync_shared::envelope::{now_ms, split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
 use deltasync_shared::settings::{Settings, ENVELOPE_STREAM_OVERHEAD};
 use deltasync_shared::{diff, Change, State};
@@ -79,6 +87,10 @@ pub(crate) struct Engine {
     /// Envelope sequence of the last cut handed to the snapshot task (not cut again while it
     /// is being written).
     last_cut: u64,
+    /// The last complete transaction (envelope and stream sequence) while the state's
+    /// position is past it, on the parts of a transaction abandoned before recovery; `None`
+    /// once the engine produced an envelope (its head is then a transaction's end).
+    abandoned_after: Option<Durable>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -98,6 +110,7 @@ impl Engine {
     pub(crate) fn new(
         settings: &Settings,
         state: State,
+        txn: Durable,
         schedule: Schedule,
         out: mpsc::Sender<Outgoing>,
         shared: Arc<Shared>,
@@ -106,7 +119,18 @@ impl Engine {
         let durable = shared.durable.subscribe();
         let covered = *durable.borrow();
         let horizon = Horizon::for_settings(settings, covered, state.seq());
+        let abandoned_after = (txn.seq < state.seq()).then_some(txn);
+        if let Some(txn) = abandoned_after {
+            tracing::info!(
+                txn_seq = txn.seq,
+                txn_stream_seq = txn.stream_seq,
+                head = state.seq(),
+                "The stream ends with parts of an abandoned transaction; snapshots are cut at \
+                 the last complete transaction until the next envelope"
+            );
+        }
         Engine {
+            abandoned_after,
             horizon,
             durable,
             last_cut: covered.seq,
@@ -138,7 +162,7 @@ impl Engine {
     /// Writes a snapshot of the final position unless a durable one covers it already.
     async fn final_snapshot(&mut self) -> Result<(), ProducerError> {
         self.horizon.advance(*self.durable.borrow_and_update());
-        let seq = self.state.seq();
+        let seq = self.cut_point();
         if seq <= self.horizon.covered().seq {
             return Ok(());
         }
@@ -149,10 +173,7 @@ impl Engine {
         );
         let (tx, rx) = oneshot::channel();
         self.schedule.taken(&self.shared.snapshot_phase);
-        let job = SnapshotJob {
-            cut: self.state.clone(),
-            reply: Some(tx),
-        };
+        let job = self.job(Some(tx));
         if self
             .send(Outgoing::Notify(Notify::Snapshot(job)))
             .await
@@ -257,11 +278,8 @@ impl Engine {
             Command::Snapshot(reply) => {
                 self.seal_batch().await?;
                 self.schedule.taken(&self.shared.snapshot_phase);
-                self.last_cut = self.state.seq();
-                let job = SnapshotJob {
-                    cut: self.state.clone(),
-                    reply: Some(reply),
-                };
+                self.last_cut = self.cut_point();
+                let job = self.job(Some(reply));
                 self.send(Outgoing::Notify(Notify::Snapshot(job))).await
             }
         }
@@ -330,6 +348,7 @@ impl Engine {
         let digest = self.state.apply_changes(&changes);
         let seq = self.state.seq() + 1;
         self.state.set_position(self.lineage, seq);
+        self.abandoned_after = None;
         self.schedule.count(bytes as u64);
         self.horizon.produced(seq, cost);
         let env = Envelope {
@@ -391,6 +410,7 @@ impl Engine {
         );
         let last_seq = first_seq + envs.len() as u64 - 1;
         self.state.set_position(self.lineage, last_seq);
+        self.abandoned_after = None;
         self.shared.produced(last_seq);
         let receipt = CommitReceipt {
             first_seq,
@@ -419,9 +439,17 @@ impl Engine {
     }
 
     /// Cuts a snapshot when one is due (always at a transaction boundary: the engine's state
-    /// never holds part of a transaction).
+    /// never holds part of a transaction, and a position on abandoned parts is cut at the
+    /// last complete transaction before them).
     async fn maybe_snapshot(&mut self) -> Result<(), Closed> {
         if !self.schedule.due(&self.shared.snapshot_phase) {
+            return Ok(());
+        }
+        self.horizon.advance(*self.durable.borrow());
+        if self.abandoned_after.is_some() && self.cut_point() <= self.horizon.covered().seq {
+            // Over abandoned parts whose last complete transaction a durable snapshot covers:
+            // a cut would write that snapshot again (the next envelope moves the cut point).
+            self.schedule.skipped(&self.shared.snapshot_phase);
             return Ok(());
         }
         self.cut().await
@@ -431,12 +459,77 @@ impl Engine {
     /// passes it to the snapshot task once its last envelope is acknowledged.
     async fn cut(&mut self) -> Result<(), Closed> {
         self.schedule.taken(&self.shared.snapshot_phase);
-        self.last_cut = self.state.seq();
-        let job = SnapshotJob {
-            cut: self.state.clone(),
-            reply: None,
-        };
+        self.last_cut = self.cut_point();
+        let job = self.job(None);
         self.send(Outgoing::Notify(Notify::Snapshot(job))).await
+    }
+
+    /// Publishes an envelope with no changes after the parts of an abandoned transaction, so
+    /// that the head is a transaction's end (a snapshot can be cut there).
+    async fn close_abandoned(&mut self) -> Result<(), Closed> {
+        let seq = self.state.seq() + 1;
+        self.state.set_position(self.lineage, seq);
+        self.abandoned_after = None;
+        self.schedule.count(0);
+        self.horizon.produced(seq, ENVELOPE_STREAM_OVERHEAD);
+        tracing::info!(
+            seq,
+            "Published an empty envelope ending the abandoned transaction's parts: they leave \
+             no room in the stream's retention after the last complete transaction"
+        );
+        let env = Envelope {
+            lineage: self.lineage,
+            seq,
+            part: 1,
+            parts: 1,
+            digest: self.state.digest(),
+            produced_at_ms: now_ms(),
+            changes: Vec::new(),
+        };
+        self.shared.produced(seq);
+        self.send(Outgoing::Envelope { env, notify: None }).await
+    }
+
+    /// Where a snapshot of the live state is cut: its position, or, while that position is
+    /// on the parts of a transaction abandoned before recovery, the last complete
+    /// transaction before them (the store refuses a cut at a non-final part).
+    fn cut_point(&self) -> u64 {
+        self.abandoned_after.map_or(self.state.seq(), |t| t.seq)
+    }
+
+    /// A snapshot job of the live state at [`Engine::cut_point`].
+    ///
+    /// Over abandoned parts the cut is the state relabelled to the last complete transaction
+    /// and its stream sequence (option "cut at the last complete transaction", not "wait for
+    /// the next one"): the state is identical, since abandoned parts are never applied, and a
+    /// reader following from that stream sequence skips them. Waiting for the next complete
+    /// transaction instead could wait without end: when the stream's retention has no room
+    /// for the next envelope, [`Engine::make_room`] holds publishing back until a snapshot is
+    /// durable, and no transaction can complete while nothing is published. This cut needs
+    /// no envelope, so it is always possible. When even a durable cut there leaves no room
+    /// (the abandoned parts plus the next transaction exceed the retention), `make_room`
+    /// ends the abandoned parts with an empty envelope, which fits: the abandoned
+    /// transaction fitted whole.
+    fn job(
+        &self,
+        reply: Option<oneshot::Sender<Result<SnapshotInfo, ProducerError>>>,
+    ) -> SnapshotJob {
+        match self.abandoned_after {
+            None => SnapshotJob {
+                cut: self.state.clone(),
+                at: None,
+                reply,
+            },
+            Some(txn) => {
+                let mut cut = self.state.clone();
+                cut.set_position(self.lineage, txn.seq);
+                SnapshotJob {
+                    cut,
+                    at: Some(txn.stream_seq),
+                    reply,
+                }
+            }
+        }
     }
 
     /// Waits until `envelopes` more envelopes of `bytes` in all fit in the stream's retention
@@ -461,11 +554,23 @@ impl Engine {
             if self.out.is_closed() {
                 return Err(Closed);
             }
-            let head = self.state.seq();
+            let head = self.cut_point();
             let phase = &self.shared.snapshot_phase;
             let retry = phase.retry();
-            if retry || (!phase.running() && self.last_cut < head) {
-                self.cut().await?;
+            let stuck = Stuck {
+                cut_point: head,
+                abandoned: self.abandoned_after.is_some(),
+                last_cut: self.last_cut,
+                running: phase.running(),
+                retry,
+            };
+            match self.horizon.unblock(stuck, self.shared.acked()) {
+                Unblock::Cut => self.cut().await?,
+                Unblock::EndAbandoned => {
+                    self.close_abandoned().await?;
+                    continue;
+                }
+                Unblock::Wait => {}
             }
             if !held {
                 held = true;

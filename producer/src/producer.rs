@@ -314,6 +314,9 @@ struct Begin {
     state: State,
     expected_last: u64,
     acked: Acked,
+    /// Stream sequence of envelope `acked.txn_seq`, the last complete transaction (before the
+    /// parts of an abandoned one, when recovery found such parts at the end).
+    txn_stream_seq: u64,
     manifest: Option<Manifest>,
     foreign: u64,
 }
@@ -401,6 +404,7 @@ impl Producer {
                         txn_seq: rec.txn_seq,
                         digest: rec.state.digest(),
                     },
+                    txn_stream_seq: rec.txn_stream_seq,
                     expected_last: rec.last_stream_seq,
                     state: rec.state,
                     manifest: rec.manifest,
@@ -582,7 +586,18 @@ impl Producer {
             snap_rx,
         ));
 
-        let engine = Engine::new(&settings, begin.state, schedule, out_tx, shared.clone());
+        let txn = Durable {
+            seq: begin.acked.txn_seq,
+            stream_seq: begin.txn_stream_seq,
+        };
+        let engine = Engine::new(
+            &settings,
+            begin.state,
+            txn,
+            schedule,
+            out_tx,
+            shared.clone(),
+        );
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -883,6 +898,7 @@ fn fresh(state: State, stream_seq: u64, manifest: Option<Manifest>) -> Begin {
             txn_seq: state.seq(),
             digest: state.digest(),
         },
+        txn_stream_seq: stream_seq,
         expected_last: stream_seq,
         state,
         manifest,

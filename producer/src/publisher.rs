@@ -435,6 +435,7 @@ impl Publisher {
                 let _ = reply.send(Ok(self.shared.position()));
             }
             Notify::Snapshot(job) => {
+                let stream_seq = job.at.unwrap_or(stream_seq);
                 if let Err(mpsc::error::SendError((job, _))) =
                     self.snapshots.send((job, stream_seq))
                 {

@@ -10,7 +10,12 @@
 //!
 //! - A cut is a `State` clone (buckets shared copy-on-write) taken by the batching engine at a
 //!   transaction boundary; it is written only after its last envelope is acknowledged, with
-//!   that envelope's stream sequence, so the snapshot always names a stored envelope.
+//!   that envelope's stream sequence, so the snapshot always names a stored envelope. Over
+//!   the parts of a transaction abandoned before recovery, the cut is relabelled to the last
+//!   complete transaction and carries its (recovered, stored) stream sequence.
+//! - While held back, the engine never waits with nothing being written ([`Horizon::unblock`]):
+//!   it cuts at the cut point, or, when that is covered already and abandoned parts still
+//!   leave no room, ends them with an envelope of no changes.
 //! - One snapshot is written at a time. The schedule cuts one after half of
 //!   `stream.max_messages` envelopes or half of `stream.max_bytes` bytes, so publication
 //!   rarely waits for one.
@@ -68,6 +73,35 @@ pub(crate) enum Admit {
     Full,
     /// Never: even right after a snapshot at the current position it would not fit.
     Never,
+}
+
+/// What the engine does while the next envelopes do not fit ([`Admit::Full`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unblock {
+    /// Cut a snapshot at the cut point (always a complete transaction's end).
+    Cut,
+    /// End the parts of a transaction abandoned before recovery with an envelope of no
+    /// changes: a snapshot at the last complete transaction before them is durable, and they
+    /// still leave no room, so no cut could make more.
+    EndAbandoned,
+    /// Wait for the snapshot being written.
+    Wait,
+}
+
+/// Where the engine stands while the next envelopes do not fit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stuck {
+    /// Where a snapshot of the live state is cut: the head, or the last complete transaction
+    /// while the head is on the parts of an abandoned one.
+    pub cut_point: u64,
+    /// The head is on the parts of a transaction abandoned before recovery.
+    pub abandoned: bool,
+    /// The last cut handed to the snapshot task.
+    pub last_cut: u64,
+    /// A snapshot is being written.
+    pub running: bool,
+    /// The last snapshot failed.
+    pub retry: bool,
 }
 
 /// The retention budget: how far past the newest durable snapshot the producer may publish
@@ -152,6 +186,31 @@ impl Horizon {
         }
     }
 
+    /// What to do while the next envelopes do not fit, the last envelope acknowledged being
+    /// `acked`. Never waits when nothing is being written: a cut at the cut point makes room
+    /// unless the cut point is covered already, which over abandoned parts means they leave
+    /// no room, and then an empty envelope (which fits: the abandoned transaction fitted
+    /// whole) ends them, so that the next cut is past them.
+    pub(crate) fn unblock(&self, s: Stuck, acked: (u64, u64)) -> Unblock {
+        if s.retry {
+            return Unblock::Cut;
+        }
+        if s.running {
+            return Unblock::Wait;
+        }
+        if s.abandoned
+            && s.cut_point <= self.covered.seq
+            && self.admits(1, ENVELOPE_OVERHEAD_BYTES, acked) == Admit::Go
+        {
+            return Unblock::EndAbandoned;
+        }
+        if s.last_cut < s.cut_point {
+            Unblock::Cut
+        } else {
+            Unblock::Wait
+        }
+    }
+
     /// Whether `envelopes` more envelopes of `bytes` in all may be produced now, the last
     /// envelope acknowledged being `acked` (envelope seq, stream seq): its stream position
     /// counts the foreign messages that landed since the covered snapshot.
@@ -219,6 +278,10 @@ impl From<&Manifest> for SnapshotInfo {
 #[derive(Debug)]
 pub(crate) struct SnapshotJob {
     pub cut: State,
+    /// The stream sequence of the cut's envelope when it is known already (a cut at the last
+    /// complete transaction before abandoned parts); `None`: the stream sequence of the last
+    /// envelope acknowledged when the job is resolved (the cut is at the engine's head).
+    pub at: Option<u64>,
     pub reply: Option<oneshot::Sender<Result<SnapshotInfo, ProducerError>>>,
 }
 
@@ -355,6 +418,13 @@ impl Schedule {
             return false;
         }
         due
+    }
+
+    /// A cut was due but there is nothing to cut (the cut point is covered by a durable
+    /// snapshot already): start counting again, no snapshot running.
+    pub(crate) fn skipped(&mut self, phase: &Phase) {
+        self.taken(phase);
+        phase.set(IDLE);
     }
 
     /// A cut was taken: start counting again.
@@ -526,6 +596,10 @@ mod tests {
         /// The acknowledged stream position the last admission counted from: foreign
         /// messages after it are not counted yet.
         checked_at: u64,
+        /// While the head is on abandoned parts: the last complete transaction before them.
+        abandoned_after: Option<Durable>,
+        /// The last cut handed to the snapshot task.
+        last_cut: u64,
     }
 
     impl World {
@@ -544,12 +618,16 @@ mod tests {
             }
         }
 
+        /// A cut at the cut point (the head, or the last complete transaction before
+        /// abandoned parts).
         fn cut(&mut self) {
-            if self.cuts.back().is_none_or(|c| c.seq < self.head) {
-                self.cuts.push_back(Durable {
-                    seq: self.head,
-                    stream_seq: self.head_stream_seq,
-                });
+            let at = self.abandoned_after.unwrap_or(Durable {
+                seq: self.head,
+                stream_seq: self.head_stream_seq,
+            });
+            self.last_cut = at.seq;
+            if self.cuts.back().is_none_or(|c| c.seq < at.seq) {
+                self.cuts.push_back(at);
             }
         }
 
@@ -574,9 +652,24 @@ mod tests {
                     Admit::Go => break,
                     Admit::Never => return,
                     Admit::Full => {
-                        // Waiting: a snapshot of the head is cut and time passes until the
-                        // snapshots being written are durable.
-                        self.cut();
+                        // Held back: the engine does what `unblock` says, and time passes
+                        // until the snapshots being written are durable.
+                        let stuck = Stuck {
+                            cut_point: self.abandoned_after.map_or(self.head, |t| t.seq),
+                            abandoned: self.abandoned_after.is_some(),
+                            last_cut: self.last_cut,
+                            running: !self.cuts.is_empty(),
+                            retry: false,
+                        };
+                        let acked = (self.head, self.head_stream_seq);
+                        match self.horizon.unblock(stuck, acked) {
+                            Unblock::Cut => self.cut(),
+                            Unblock::EndAbandoned => {
+                                self.emit(1, ENVELOPE_OVERHEAD_BYTES);
+                                continue;
+                            }
+                            Unblock::Wait => {}
+                        }
                         assert!(
                             self.make_durable(),
                             "held back with no snapshot to wait for"
@@ -584,12 +677,17 @@ mod tests {
                     }
                 }
             }
+            self.emit(parts, cost);
+        }
+
+        fn emit(&mut self, parts: u64, cost: u64) {
             for _ in 0..parts {
                 self.head += 1;
                 self.horizon.produced(self.head, cost);
                 self.append(self.head, cost);
                 self.head_stream_seq = self.last_stream_seq;
             }
+            self.abandoned_after = None;
         }
 
         /// Every envelope after the newest durable snapshot is still in the stream.
@@ -642,6 +740,8 @@ mod tests {
                     0,
                 ),
                 checked_at: 0,
+                abandoned_after: None,
+                last_cut: 0,
             };
             for op in ops {
                 match op {
@@ -676,6 +776,58 @@ mod tests {
                             w.append(0, 0);
                         }
                     }
+                }
+                w.check()?;
+            }
+        }
+
+        /// Started over the parts of a transaction abandoned by a crash (never applied; the
+        /// head is on them), with a durable snapshot some way before: publishing is never
+        /// held back without a snapshot to wait for (cuts are at the last complete
+        /// transaction, and abandoned parts that leave no room are ended by an empty
+        /// envelope), and retention never prunes what no durable snapshot covers.
+        #[test]
+        fn over_abandoned_parts_publishing_is_never_held_back_without_end(
+            max_messages in 3i64..40,
+            // (complete envelopes after the snapshot, abandoned parts), as fractions of the
+            // room: together within it, as the crashed producer kept them.
+            split in (0u64..100, 1u64..100),
+            ops in prop::collection::vec(op(), 1..100),
+        ) {
+            let mut settings = Settings::default();
+            settings.stream.max_messages = max_messages;
+            let room = settings.stream.envelope_room().unwrap_or(max_messages as u64);
+            let abandoned = (split.1 * (room - 1) / 100).max(1);
+            let complete = split.0 * (room - abandoned) / 100;
+            let covered = Durable { seq: 1, stream_seq: 1 };
+            let txn = 1 + complete;
+            let head = txn + abandoned;
+            let mut w = World {
+                max_messages: max_messages as u64,
+                max_bytes: None,
+                stream: VecDeque::new(),
+                last_stream_seq: 0,
+                head,
+                head_stream_seq: head,
+                cuts: VecDeque::new(),
+                durable: covered,
+                horizon: Horizon::new(Some(room), None, covered, head, 0),
+                checked_at: head,
+                abandoned_after: Some(Durable { seq: txn, stream_seq: txn }),
+                last_cut: covered.seq,
+            };
+            for seq in 1..=head {
+                w.append(seq, 0);
+            }
+            w.check()?;
+            for op in ops {
+                match op {
+                    Op::Produce { parts, cost } => w.produce(parts.min(room), cost),
+                    Op::Durable => {
+                        w.make_durable();
+                    }
+                    Op::Cut => w.cut(),
+                    Op::Foreign => {}
                 }
                 w.check()?;
             }

@@ -1,6 +1,7 @@
 //! The producer's integration tests, one binary: every test starts its own nats-server (or
 //! cluster) through the testkit and uses its own pipeline names.
 
+mod abandoned;
 mod cli;
 mod fencing;
 mod http;
