@@ -859,9 +859,11 @@ pub async fn snapshot_during(
     let js = nats::jetstream(client, &s.nats);
     let kv = store::bucket(&js, &s).await?;
     let lineage = Lineage::from_hex(&info.lineage)?;
-    let manifest =
-        store::read_manifest(&kv, &deltasync_shared::snapshot::manifest_key(lineage, info.seq))
-            .await?;
+    let manifest = store::read_manifest(
+        &kv,
+        &deltasync_shared::snapshot::manifest_key(lineage, info.seq),
+    )
+    .await?;
     let loaded = store::load(&kv, manifest).await?;
     let recorded = Digest::from_hex(&info.digest)?;
     ensure!(

@@ -134,7 +134,9 @@ pub enum NatsError {
         source: UpdateKeyValueError,
     },
     /// A bucket just created did not answer a read in time.
-    #[error("KV bucket {bucket} was created but did not answer a read within {within:?}: {source}")]
+    #[error(
+        "KV bucket {bucket} was created but did not answer a read within {within:?}: {source}"
+    )]
     BucketNotReady {
         /// The bucket's name.
         bucket: String,

@@ -293,7 +293,10 @@ async fn a_stop_while_failing_snapshots_hold_publishing_back_ends_with_an_error(
         .commit(vec![Change::put("k", "v")])
         .await
         .expect("commit");
-    let before = producer.snapshot().await.expect("a snapshot while the bucket works");
+    let before = producer
+        .snapshot()
+        .await
+        .expect("a snapshot while the bucket works");
 
     // The bucket now refuses every value: snapshots fail.
     let js = support::js(&server.url()).await;
