@@ -130,6 +130,8 @@ struct Builder {
     starts: HashMap<(Lineage, Digest), BTreeMap<String, Vec<u8>>>,
     /// Index in `auth` and stream index of a marker the replica's history cannot give.
     lacking_marker: Option<(usize, usize)>,
+    /// Index in `auth` of the marker.
+    marker_auth: Option<usize>,
 }
 
 impl Builder {
@@ -211,6 +213,7 @@ impl Builder {
             changes: Vec::new(),
         }));
         self.auth.push(i);
+        self.marker_auth = Some(self.auth.len() - 1);
         if kind % 3 == 2 {
             self.lacking_marker = Some((self.auth.len() - 1, i));
         }
@@ -276,6 +279,7 @@ fn build(p: &Plan) -> Scenario {
         orphans: Vec::new(),
         starts: HashMap::new(),
         lacking_marker: None,
+        marker_auth: None,
     };
     b.snap();
     for (i, t) in p.txns.iter().enumerate() {
@@ -405,6 +409,10 @@ fn build(p: &Plan) -> Scenario {
         .collect();
     let recoverable = after == auth_pos[snap.covers..]
         && b.lacking_marker.is_none_or(|(k, _)| snap.covers > k)
+        // A replica that adopted the marker's lineage and then finds the stream recreated
+        // behind it wants a snapshot of that lineage: it refuses an older one of the old
+        // lineage (the marker's own snapshot replaces it as `latest` right after the marker).
+        && !(p.recreate && b.marker_auth.is_some_and(|k| snap.covers <= k))
         && auth_pos
             .last()
             .is_none_or(|&i| i != usize::MAX && matches!(stream[i], Some(Msg::Env(_))));
