@@ -420,6 +420,14 @@ impl Follower {
         if let Some(why) = self.is_fork(&env, stream_seq) {
             return self.resync_step(stream_seq, Reason::Fork, Some(env.lineage), why);
         }
+        if env.lineage != self.state.lineage() && stream_seq <= self.accepted_stream_seq {
+            // Another lineage at a position the replica's history has moved past: a
+            // re-delivery (of the lineage it left, say its start marker), not a lineage change.
+            return Step::Skipped {
+                why: "stale",
+                seq: env.seq,
+            };
+        }
         match self.state.apply(&env) {
             Ok(Applied::Buffered { .. }) => {
                 if env.part == 1 {
@@ -993,7 +1001,7 @@ mod tests {
     #[test]
     fn a_lineage_start_marker_of_the_replicas_own_state_is_adopted_without_a_snapshot() {
         const NEW: Lineage = Lineage([9; 16]);
-        let (mut f, _, _) = following();
+        let (mut f, _, e2) = following();
         let digest = f.state().digest();
         let m = marker(NEW, digest);
         let step = f.on_message(3, 0, Classified::Envelope(m.clone()), false);
@@ -1021,6 +1029,15 @@ mod tests {
         assert_eq!(f.state().lineage(), NEW);
         assert_eq!(f.state().len(), 2);
         assert_eq!(f.resume_from(), 4);
+        // Re-deliveries of the old lineage and of the marker are skipped, not followed back.
+        let step = f.on_message(2, 1, Classified::Envelope(e2), false);
+        assert!(
+            matches!(step, Step::Skipped { why: "stale", .. }),
+            "{step:?}"
+        );
+        let step = f.on_message(3, 0, Classified::Envelope(m), false);
+        assert!(matches!(step, Step::Skipped { .. }), "{step:?}");
+        assert_eq!(f.applied().lineage, NEW);
     }
 
     #[test]
