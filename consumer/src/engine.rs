@@ -684,6 +684,36 @@ impl Engine {
             .follower
             .lineage_plan(&env, stream_seq, latest, self.bootstrapped);
         match plan {
+            LineagePlan::Adopted { reason, txn } => {
+                // The new lineage starts from exactly the replica's state: commit the move to
+                // it like a re-snapshot that fetched nothing.
+                self.decide(
+                    reason,
+                    "a new lineage starts from the replica's own state (its digest matches): adopting it without a download",
+                );
+                let from_seq = txn.prev_seq;
+                let changes = txn.changes;
+                if let Some(b) = txn.batch {
+                    self.batch.push(Arc::new(b));
+                }
+                self.batch_txns += 1;
+                self.batch_changes += changes;
+                self.batch_started.get_or_insert_with(Instant::now);
+                self.flush().await?;
+                self.replica.metrics().resync(reason.as_str());
+                self.replica.record_resync(ResyncRecord {
+                    reason,
+                    at_ms: now_ms(),
+                    from_seq,
+                    seq: txn.cursor.seq,
+                    bytes_fetched: 0,
+                    ranges_rebuilt: 0,
+                    segments_applied: 0,
+                    duration_ms: 0,
+                });
+                tracing::info!(reason = reason.as_str(), lineage = %env.lineage, stream_seq, "Adopted a new lineage that starts from the replica's state");
+                Ok(())
+            }
             LineagePlan::StartFromFirst { reason } => {
                 // A new lineage starts from the empty state, and its first envelope is here.
                 if self.bootstrapped {
@@ -692,6 +722,7 @@ impl Engine {
                         "a new lineage starts in the stream: following it from its first envelope",
                     );
                 }
+                let env_lineage = env.lineage;
                 // Whether anything followed the envelope when it was read.
                 let pending = u64::from(!self.follower.caught_up());
                 self.start_lineage(env.lineage, stream_seq - 1, reason)
@@ -703,8 +734,8 @@ impl Engine {
                 match self.carry_out(step, stream_seq) {
                     Next::Continue => Ok(()),
                     // The first envelope of a lineage cannot be a gap or a duplicate;
-                    // anything else is judged again from a snapshot.
-                    _ => self.resync(reason, None, cancel).await,
+                    // anything else is judged again from a snapshot of that lineage.
+                    _ => self.resync(reason, Some(env_lineage), cancel).await,
                 }
             }
             LineagePlan::Resync { reason, want } => {

@@ -36,6 +36,13 @@
 //!
 //!   "Accepted" counts buffered parts of the transaction in progress. A fork is never skipped
 //!   as a duplicate: the replica re-snapshots with reason `fork`.
+//! - **Lineage starts.** An envelope of another lineage that starts it (envelope 1, one part)
+//!   and whose changes on the replica's state give exactly its digest (a full-state digest)
+//!   is adopted in place: the states are equal, nothing is fetched, and it is still recorded
+//!   as a re-snapshot for `lineage_changed`. A start that verifies on the empty state only is
+//!   followed from the empty state; any other start keeps the replica as it is and
+//!   re-snapshots wanting the new lineage (its snapshot may land a moment after its marker:
+//!   an older snapshot of another lineage is refused and the attempt retried).
 //! - A reader that delivers nothing while the stream's last sequence is beyond the read
 //!   position is not assumed stalled: the engine probes for a message after the position
 //!   first. A stream whose tail was deleted (its last sequence holds nothing) is caught up.
@@ -151,10 +158,14 @@ pub enum Judge {
 }
 
 /// What to do with an envelope of another lineage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum LineagePlan {
-    /// A new lineage starts here: restore the empty state of it just before `stream_seq`,
-    /// then feed the envelope again.
+    /// The envelope starts its lineage from exactly the replica's state (a lineage-start
+    /// marker): the follower adopted it and is at its envelope 1 now. Commit `txn` (its batch
+    /// is a re-snapshot for `reason` that fetched nothing).
+    Adopted { reason: Reason, txn: Txn },
+    /// A new lineage starts here from the empty state (its first envelope verifies on it):
+    /// restore the empty state of it just before `stream_seq`, then feed the envelope again.
     StartFromFirst { reason: Reason },
     Resync {
         reason: Reason,
@@ -409,6 +420,14 @@ impl Follower {
         if let Some(why) = self.is_fork(&env, stream_seq) {
             return self.resync_step(stream_seq, Reason::Fork, Some(env.lineage), why);
         }
+        if env.lineage != self.state.lineage() && stream_seq <= self.accepted_stream_seq {
+            // Another lineage at a position the replica's history has moved past: a
+            // re-delivery (of the lineage it left, say its start marker), not a lineage change.
+            return Step::Skipped {
+                why: "stale",
+                seq: env.seq,
+            };
+        }
         match self.state.apply(&env) {
             Ok(Applied::Buffered { .. }) => {
                 if env.part == 1 {
@@ -522,7 +541,17 @@ impl Follower {
         } else {
             Reason::Bootstrap
         };
-        if pointer != Some(env.lineage) && env.seq == 1 && env.part == 1 {
+        let whole_start = env.seq == 1 && env.part == 1 && env.parts == 1;
+        if bootstrapped && whole_start {
+            if let Some(txn) = self.adopt(env, stream_seq, reason) {
+                return LineagePlan::Adopted { reason, txn };
+            }
+        }
+        // A single-part start must verify on the empty state: one that does not starts from a
+        // state the replica lacks (its snapshot follows its marker), so the replica keeps what
+        // it has and waits for that snapshot rather than emptying itself first.
+        let from_empty = !whole_start || State::new(env.lineage).apply(env).is_ok();
+        if pointer != Some(env.lineage) && env.seq == 1 && env.part == 1 && from_empty {
             LineagePlan::StartFromFirst { reason }
         } else {
             self.resync_at = self.resync_at.max(stream_seq);
@@ -531,6 +560,44 @@ impl Follower {
                 want: Some(env.lineage),
             }
         }
+    }
+
+    /// Adopts `env`, envelope 1 of another lineage, when its changes applied to the replica's
+    /// state give exactly its digest: the digest covers the whole state, so the new lineage
+    /// starts from the replica's state and nothing needs fetching.
+    fn adopt(&mut self, env: &Envelope, stream_seq: u64, reason: Reason) -> Option<Txn> {
+        let mut next = self.state.clone();
+        next.set_position(env.lineage, 0); // drops buffered parts of the old lineage
+        let Ok(Applied::Committed { seq, changes }) = next.apply(env) else {
+            return None;
+        };
+        let prev_seq = self.applied.seq;
+        self.state = next;
+        self.applied = Cursor {
+            lineage: env.lineage,
+            seq,
+            stream_seq,
+            digest: env.digest,
+        };
+        self.accepted_seq = seq;
+        self.accepted_stream_seq = stream_seq;
+        self.read_stream_seq = self.read_stream_seq.max(stream_seq);
+        self.parts.clear();
+        self.parts_kept = true;
+        self.reread_at = None;
+        self.lost = None;
+        Some(Txn {
+            cursor: self.applied,
+            prev_seq,
+            changes,
+            batch: Some(ChangeBatch {
+                lineage: env.lineage,
+                prev_seq,
+                seq,
+                kind: BatchKind::Resync { reason },
+                changes: env.changes.clone(),
+            }),
+        })
     }
 
     // ------------------------------------------------------------------ bounds
@@ -916,6 +983,106 @@ mod tests {
             Follower::judge_cursor_message(&c, None).0,
             Continuity::Continues
         );
+    }
+
+    /// A lineage-start marker of lineage `l` (envelope 1, no changes) recording `digest`.
+    fn marker(l: Lineage, digest: Digest) -> Envelope {
+        Envelope {
+            lineage: l,
+            seq: 1,
+            part: 1,
+            parts: 1,
+            digest,
+            produced_at_ms: 0,
+            changes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_lineage_start_marker_of_the_replicas_own_state_is_adopted_without_a_snapshot() {
+        const NEW: Lineage = Lineage([9; 16]);
+        let (mut f, _, e2) = following();
+        let digest = f.state().digest();
+        let m = marker(NEW, digest);
+        let step = f.on_message(3, 0, Classified::Envelope(m.clone()), false);
+        assert!(matches!(step, Step::LineageChange { .. }), "{step:?}");
+        // The bucket's pointer still names the old lineage (its snapshot comes after).
+        match f.lineage_plan(&m, 3, Some(L), true) {
+            LineagePlan::Adopted { reason, txn } => {
+                assert_eq!(reason, Reason::LineageChanged);
+                assert_eq!(txn.prev_seq, 2);
+                let b = txn.batch.expect("a batch");
+                assert_eq!(b.kind, BatchKind::Resync { reason });
+                assert!(b.changes.is_empty());
+            }
+            p => panic!("{p:?}"),
+        }
+        assert_eq!(
+            f.applied(),
+            Cursor {
+                lineage: NEW,
+                seq: 1,
+                stream_seq: 3,
+                digest
+            }
+        );
+        assert_eq!(f.state().lineage(), NEW);
+        assert_eq!(f.state().len(), 2);
+        assert_eq!(f.resume_from(), 4);
+        // Re-deliveries of the old lineage and of the marker are skipped, not followed back.
+        let step = f.on_message(2, 1, Classified::Envelope(e2), false);
+        assert!(
+            matches!(step, Step::Skipped { why: "stale", .. }),
+            "{step:?}"
+        );
+        let step = f.on_message(3, 0, Classified::Envelope(m), false);
+        assert!(matches!(step, Step::Skipped { .. }), "{step:?}");
+        assert_eq!(f.applied().lineage, NEW);
+    }
+
+    #[test]
+    fn a_lineage_start_marker_of_another_state_re_snapshots_keeping_the_replica() {
+        const NEW: Lineage = Lineage([9; 16]);
+        let (mut f, _, _) = following();
+        let mut other = State::new(NEW);
+        let _ = other.apply_changes(&[Change::put("z", &b"z"[..])]);
+        let m = marker(NEW, other.digest());
+        let _ = f.on_message(3, 0, Classified::Envelope(m.clone()), false);
+        match f.lineage_plan(&m, 3, Some(L), true) {
+            LineagePlan::Resync { reason, want } => {
+                assert_eq!((reason, want), (Reason::LineageChanged, Some(NEW)));
+            }
+            p => panic!("{p:?}"),
+        }
+        assert_eq!(f.applied().lineage, L, "nothing adopted");
+        assert_eq!(
+            f.state().len(),
+            2,
+            "the replica is kept for the re-snapshot"
+        );
+        // An older snapshot of the old lineage is refused: the new one is awaited.
+        let old_snap = Cursor {
+            lineage: L,
+            seq: 2,
+            stream_seq: 2,
+            digest: Digest::ZERO,
+        };
+        assert!(!f.snapshot_acceptable(&old_snap, Some(NEW)));
+        let new_snap = Cursor {
+            lineage: NEW,
+            seq: 1,
+            stream_seq: 3,
+            ..old_snap
+        };
+        assert!(f.snapshot_acceptable(&new_snap, Some(NEW)));
+        // A marker of the empty state (`NewLineage::Empty`) is followed from the empty state.
+        let empty = marker(NEW, State::new(NEW).digest());
+        assert!(matches!(
+            f.lineage_plan(&empty, 3, Some(L), true),
+            LineagePlan::StartFromFirst {
+                reason: Reason::LineageChanged
+            }
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The follower against a simple model, through hostile histories: gaps, re-deliveries,
 //! forks (sequences reused at later stream positions), pruned starts, deleted tails, lineage
-//! switches, partial and abandoned multi-part transactions, foreign and undecodable messages,
+//! switches, lineage-start markers (matching the replica's state, of the empty state, or of a
+//! state the replica lacks), partial and abandoned multi-part transactions, foreign and undecodable messages,
 //! streams recreated behind the bucket, and restarts from the local cursor.
 //!
 //! Talks to nothing: a small driver plays the engine (a reader over a `Vec` stream, a bucket
@@ -17,6 +18,9 @@
 //!   history, the replica ends equal to the producer's final state; otherwise it may end
 //!   behind or refuse, never ahead on another history.
 //! - A reader is never reopened when the stream holds nothing after its position.
+//! - A new lineage is adopted without a snapshot only when the replica's entries equal the
+//!   producer's state after its first envelope (a marker whose digest the replica's state
+//!   does not give is never adopted: the replica re-snapshots).
 //!
 //! Cases: 256 by default (a few seconds); `PROPTEST_CASES=20000` for a long run.
 
@@ -27,6 +31,8 @@ use std::collections::{BTreeMap, HashMap};
 
 const L1: Lineage = Lineage([1; 16]);
 const L2: Lineage = Lineage([2; 16]);
+/// The lineage a lineage-start marker starts.
+const LM: Lineage = Lineage([3; 16]);
 
 /// Re-snapshot attempts before the driver gives up (the engine's `resync_max_attempts`).
 const MAX_ATTEMPTS: u32 = 4;
@@ -61,6 +67,11 @@ struct Plan {
     txns: Vec<TxnSpec>,
     /// Index of the first transaction of lineage L2 (the rest are L1).
     switch_at: Option<usize>,
+    /// A lineage-start marker (lineage LM, envelope 1, no changes) before transaction `at`,
+    /// as `producer new-lineage` publishes it: of the state so far (kind 0, keep-state), of
+    /// the empty state (kind 1, empty), or of the state so far plus a change never published
+    /// (kind 2: a state the replica lacks; only its snapshot at the marker has it).
+    marker: Option<(usize, u8)>,
     /// Fork: after authoritative transaction `at` (of the last lineage), orphans are
     /// published, then the history goes on reusing their sequences.
     fork: Option<(usize, Vec<TxnSpec>)>,
@@ -115,6 +126,12 @@ struct Builder {
     fork_start: Option<usize>,
     /// The orphans' (lineage, seq, digest).
     orphans: Vec<(Lineage, u64, Digest)>,
+    /// Per envelope 1 (one part) published, orphans included: the producer's entries after it.
+    starts: HashMap<(Lineage, Digest), BTreeMap<String, Vec<u8>>>,
+    /// Index in `auth` and stream index of a marker the replica's history cannot give.
+    lacking_marker: Option<(usize, usize)>,
+    /// Index in `auth` of the marker.
+    marker_auth: Option<usize>,
 }
 
 impl Builder {
@@ -161,7 +178,46 @@ impl Builder {
         self.seq = first + u64::from(parts) - 1;
         let lineage = self.state.lineage();
         self.state.set_position(lineage, self.seq);
+        if first == 1 && parts == 1 {
+            self.starts.insert((lineage, digest), entries(&self.state));
+        }
         envs
+    }
+
+    /// Publishes a lineage-start marker of kind `kind` (see [`Plan::marker`]) and records the
+    /// new lineage's snapshot at it.
+    fn marker(&mut self, kind: u8) {
+        match kind % 3 {
+            1 => self.state = State::new(LM),
+            2 => {
+                let _ = self
+                    .state
+                    .apply_changes(&[Change::put("hidden", &b"h"[..])]);
+            }
+            _ => {}
+        }
+        let digest = self.state.digest();
+        self.state.set_position(LM, 1);
+        self.seq = 1;
+        self.ancestry.clear();
+        self.ancestry.insert(1, digest);
+        self.starts.insert((LM, digest), entries(&self.state));
+        self.noise();
+        let i = self.push(Msg::Env(Envelope {
+            lineage: LM,
+            seq: 1,
+            part: 1,
+            parts: 1,
+            digest,
+            produced_at_ms: 0,
+            changes: Vec::new(),
+        }));
+        self.auth.push(i);
+        self.marker_auth = Some(self.auth.len() - 1);
+        if kind % 3 == 2 {
+            self.lacking_marker = Some((self.auth.len() - 1, i));
+        }
+        self.snap();
     }
 
     /// Publishes an authoritative transaction and records the snapshot after it.
@@ -206,6 +262,8 @@ struct Scenario {
     recoverable: bool,
     /// Orphan envelopes that differ from the authoritative one at their sequence.
     orphans: Vec<(Lineage, u64, Digest)>,
+    /// Per envelope 1 (one part) published, orphans included: the producer's entries after it.
+    starts: HashMap<(Lineage, Digest), BTreeMap<String, Vec<u8>>>,
 }
 
 fn build(p: &Plan) -> Scenario {
@@ -219,9 +277,17 @@ fn build(p: &Plan) -> Scenario {
         noise: p.noise.clone().into_iter(),
         fork_start: None,
         orphans: Vec::new(),
+        starts: HashMap::new(),
+        lacking_marker: None,
+        marker_auth: None,
     };
     b.snap();
     for (i, t) in p.txns.iter().enumerate() {
+        if let Some((at, kind)) = p.marker {
+            if at == i {
+                b.marker(kind);
+            }
+        }
         if p.switch_at == Some(i) {
             // A new lineage: its producer writes its snapshot at sequence 0 before publishing,
             // which replaces every snapshot of the old one.
@@ -290,8 +356,11 @@ fn build(p: &Plan) -> Scenario {
     let final_seq = b.snaps.last().map_or(0, |s| s.cursor.seq);
     let len = b.stream.len();
     // The replica reads an undamaged prefix first, ending before the history goes on after
-    // orphans (past that point the undamaged stream itself forks).
-    let phase1_len = (len * usize::from(p.phase1) / 1000).min(b.fork_start.unwrap_or(len));
+    // orphans (past that point the undamaged stream itself forks), and before a marker of a
+    // state it lacks (only the bucket's snapshot holds that state).
+    let phase1_len = (len * usize::from(p.phase1) / 1000)
+        .min(b.fork_start.unwrap_or(len))
+        .min(b.lacking_marker.map_or(len, |(_, i)| i));
     let phase1 = b.stream[..phase1_len].to_vec();
 
     // The bucket's snapshot.
@@ -339,6 +408,11 @@ fn build(p: &Plan) -> Scenario {
         .filter(|&i| matches!(stream[i], Some(Msg::Env(_))))
         .collect();
     let recoverable = after == auth_pos[snap.covers..]
+        && b.lacking_marker.is_none_or(|(k, _)| snap.covers > k)
+        // A replica that adopted the marker's lineage and then finds the stream recreated
+        // behind it wants a snapshot of that lineage: it refuses an older one of the old
+        // lineage (the marker's own snapshot replaces it as `latest` right after the marker).
+        && !(p.recreate && b.marker_auth.is_some_and(|k| snap.covers <= k))
         && auth_pos
             .last()
             .is_none_or(|&i| i != usize::MAX && matches!(stream[i], Some(Msg::Env(_))));
@@ -351,6 +425,7 @@ fn build(p: &Plan) -> Scenario {
         final_seq,
         recoverable,
         orphans,
+        starts: b.starts,
     }
 }
 
@@ -403,6 +478,8 @@ struct Driver {
     attempts: u32,
     /// The replica's position as the reported steps lead to (sequence, stream sequence).
     at: (u64, u64),
+    /// Per envelope 1 (one part) published, orphans included: the producer's entries after it.
+    starts: HashMap<(Lineage, Digest), BTreeMap<String, Vec<u8>>>,
 }
 
 impl Driver {
@@ -502,6 +579,40 @@ impl Driver {
             Step::LineageChange { env, stream_seq } => {
                 let pointer = Some(self.snap.cursor.lineage);
                 match self.f.lineage_plan(&env, stream_seq, pointer, true) {
+                    LineagePlan::Adopted { reason, txn } => {
+                        self.resyncs.push(reason);
+                        assert_eq!(
+                            Some(&entries(self.f.state())),
+                            self.starts.get(&(env.lineage, env.digest)),
+                            "a lineage is adopted only from the producer's state at its start"
+                        );
+                        assert_eq!((txn.cursor.seq, txn.cursor.stream_seq), (1, stream_seq));
+                        prop_assert_like(
+                            txn.prev_seq == self.at.0,
+                            "adopted from the replica's position",
+                        );
+                        for c in &txn.batch.expect("kept").changes {
+                            match c {
+                                Change::Put { key, value } => {
+                                    self.model.insert(key.to_string(), value.to_vec());
+                                }
+                                Change::Delete { key } => {
+                                    self.model.remove(&key.to_string());
+                                }
+                            }
+                        }
+                        assert_eq!(
+                            entries(self.f.state()),
+                            self.model,
+                            "the replica equals the model"
+                        );
+                        self.at = (1, stream_seq);
+                        self.ancestry = HashMap::from([(1, env.digest)]);
+                        if self.f.progressed() {
+                            self.attempts = 0;
+                        }
+                        Ok(None)
+                    }
                     LineagePlan::StartFromFirst { reason } => {
                         self.resyncs.push(reason);
                         self.restore(
@@ -525,7 +636,7 @@ impl Driver {
                                 Ok(None)
                             }
                             _ => {
-                                self.resync(reason, None)?;
+                                self.resync(reason, Some(env.lineage))?;
                                 Ok(Some(self.f.resume_from()))
                             }
                         }
@@ -641,6 +752,7 @@ fn run(p: &Plan) -> Result<(), TestCaseError> {
         resyncs: Vec::new(),
         attempts: 0,
         at: (0, 0),
+        starts: sc.starts.clone(),
     };
     d.restore(start.state.clone(), start.cursor, HashMap::new());
     let end = d.follow(1);
@@ -771,6 +883,7 @@ fn plan() -> impl Strategy<Value = Plan> {
     let history = (
         prop::collection::vec(txn_spec(), 0..9),
         prop::option::weighted(0.25, 0usize..9),
+        prop::option::weighted(0.3, (0usize..9, 0u8..3)),
         prop::option::weighted(0.4, (0usize..9, prop::collection::vec(txn_spec(), 1..3))),
         prop::option::weighted(0.2, (0usize..9, 1u32..3)),
         prop::collection::vec(0u8..8, 0..24),
@@ -787,11 +900,12 @@ fn plan() -> impl Strategy<Value = Plan> {
     );
     (history, damage).prop_map(
         |(
-            (txns, switch_at, fork, abandon, noise),
+            (txns, switch_at, marker, fork, abandon, noise),
             (deletes, prune, deleted_tail, snap_pick, phase1, restart, recreate, redeliver),
         )| Plan {
             txns,
             switch_at,
+            marker,
             fork,
             abandon,
             noise,

@@ -84,6 +84,54 @@ async fn a_lineage_change_in_the_stream_is_followed_from_its_first_envelope() {
 }
 
 #[tokio::test]
+async fn a_lineage_start_marker_of_a_state_the_replica_lacks_waits_for_its_snapshot_and_fetches_only_what_differs(
+) {
+    logs();
+    let mut p = Pipeline::start("marker-lacks", |_| {}).await;
+    p.commit(puts(0, 3000, 1)).await;
+    p.snapshot().await;
+    let c = Running::start(p.consumer_settings(), ephemeral("ml-1"));
+    c.wait_for(&p).await;
+
+    // A new lineage starts from a state holding changes never published in the stream (the
+    // replica cannot have them): its marker first, its snapshot only a moment later.
+    p.new_lineage_keeping_state();
+    let _ = p.state.apply_changes(&puts(0, 3, 9));
+    p.commit(vec![]).await;
+    assert_eq!(
+        p.state.seq(),
+        1,
+        "the marker is envelope 1 of the new lineage"
+    );
+    // The replica met the marker and waits for the new lineage's snapshot (a decision does not
+    // wake status waiters: poll it).
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while decided(&c.replica.status(), Reason::LineageChanged) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never met the marker: {:#?}",
+            c.replica.status()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let m = p.snapshot().await;
+    p.churn(3, 5, 3000, 5).await;
+
+    let s = c.wait_for(&p).await;
+    assert_eq!(decided(&s, Reason::LineageChanged), 1, "{:?}", s.decisions);
+    let last = s.last_resync.clone().unwrap();
+    assert_eq!((last.reason, last.seq), (Reason::LineageChanged, m.seq));
+    assert!(
+        last.bytes_fetched * 2 < m.total_bytes(),
+        "the replica kept its state for the re-snapshot: only the differing ranges, {} of {} bytes",
+        last.bytes_fetched,
+        m.total_bytes()
+    );
+    assert_same_state(&c.replica, &p);
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_lineage_change_while_stopped_resyncs_to_the_new_lineages_snapshot() {
     logs();
     let mut p = Pipeline::start("lineage", |_| {}).await;

@@ -153,6 +153,13 @@ impl Pipeline {
         self.prev = None;
     }
 
+    /// Starts a new lineage from the producer's current state, as `producer new-lineage`
+    /// keeping the state does (its marker is the next `commit(vec![])`).
+    pub fn new_lineage_keeping_state(&mut self) {
+        self.state.set_position(Lineage::random(), 0);
+        self.prev = None;
+    }
+
     /// Deletes one message from the stream.
     pub async fn delete_message(&self, stream_seq: u64) {
         let stream = self
