@@ -637,4 +637,38 @@ mod tests {
         r.committed(Cursor::of(&s, 2), 1, Some(s.clone()), Vec::new(), true);
         assert_eq!(waiter.await.unwrap().seq(), 2);
     }
+
+    #[tokio::test]
+    async fn every_recorded_status_event_but_an_applied_transaction_wakes_the_waiters() {
+        let r = Replica::new("r", "p", false, 10);
+        let mut rx = r.inner.changed.subscribe();
+        r.record(StatusEvent::Applied { changes: 3 });
+        assert!(!rx.has_changed().unwrap(), "its commit announces it");
+        let record = ResyncRecord {
+            reason: Reason::Fork,
+            at_ms: 1,
+            from_seq: 2,
+            seq: 3,
+            bytes_fetched: 40,
+            ranges_rebuilt: 1,
+            segments_applied: 1,
+            duration_ms: 5,
+        };
+        for event in [
+            StatusEvent::Foreign,
+            StatusEvent::ReaderStall,
+            StatusEvent::Decision(Reason::Fork),
+            StatusEvent::Resync(record.clone()),
+        ] {
+            r.record(event.clone());
+            assert!(rx.has_changed().unwrap(), "{event:?} wakes the waiters");
+            rx.mark_unchanged();
+        }
+        let s = r.status();
+        assert_eq!((s.envelopes_applied, s.changes_applied), (1, 3));
+        assert_eq!((s.foreign_messages, s.reader_stalls), (1, 1));
+        assert_eq!(s.decisions.get("fork"), Some(&1));
+        assert_eq!(s.last_resync, Some(record));
+        assert_eq!(s.snapshot_bytes_fetched, 40);
+    }
 }
