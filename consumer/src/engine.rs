@@ -41,7 +41,7 @@ use crate::follower::{
 };
 use crate::local::{Cursor, LoadedReplica, LocalError, LocalStore};
 use crate::marker::Marker;
-use crate::replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord};
+use crate::replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord, StatusEvent};
 use crate::ConsumerError;
 use async_nats::jetstream::{self, kv};
 use deltasync_shared::envelope::now_ms;
@@ -332,7 +332,7 @@ impl Engine {
                                 silent_for = ?self.last_item_at.elapsed(),
                                 "The stream reader delivered nothing while the stream holds more; reopening it"
                             );
-                            self.replica.metrics().reader_stalls.inc();
+                            self.replica.record(StatusEvent::ReaderStall);
                             reader = self.open_reader(from);
                         }
                         Tick::Resync { reason } => {
@@ -460,7 +460,7 @@ impl Engine {
 
     /// Logs and counts a decision.
     fn decide(&self, reason: Reason, why: &str) {
-        self.replica.metrics().decision(reason.as_str());
+        self.replica.record(StatusEvent::Decision(reason));
         let applied = self.follower.applied();
         match reason {
             Reason::Resume | Reason::Bootstrap => tracing::info!(
@@ -618,9 +618,9 @@ impl Engine {
     fn carry_out(&mut self, step: Step, stream_seq: u64) -> Next {
         match step {
             Step::Applied(txn) => {
-                let m = self.replica.metrics();
-                m.envelopes_applied.inc();
-                m.changes_applied.inc_by(txn.changes as u64);
+                self.replica.record(StatusEvent::Applied {
+                    changes: txn.changes as u64,
+                });
                 if let Some(b) = txn.batch {
                     self.batch.push(Arc::new(b));
                 }
@@ -640,7 +640,7 @@ impl Engine {
                 Next::Continue
             }
             Step::Foreign { reason } => {
-                self.replica.metrics().foreign_messages.inc();
+                self.replica.record(StatusEvent::Foreign);
                 tracing::error!(stream_seq, %reason, "A message in the pipeline's stream is not an envelope; skipped");
                 Next::Continue
             }
@@ -700,8 +700,7 @@ impl Engine {
                 self.batch_changes += changes;
                 self.batch_started.get_or_insert_with(Instant::now);
                 self.flush().await?;
-                self.replica.metrics().resync(reason.as_str());
-                self.replica.record_resync(ResyncRecord {
+                self.replica.record(StatusEvent::Resync(ResyncRecord {
                     reason,
                     at_ms: now_ms(),
                     from_seq,
@@ -710,7 +709,7 @@ impl Engine {
                     ranges_rebuilt: 0,
                     segments_applied: 0,
                     duration_ms: 0,
-                });
+                }));
                 tracing::info!(reason = reason.as_str(), lineage = %env.lineage, stream_seq, "Adopted a new lineage that starts from the replica's state");
                 Ok(())
             }
@@ -1109,11 +1108,11 @@ impl Engine {
         self.replace(next, cursor, BatchKind::Resync { reason })
             .await?;
         let elapsed = started.elapsed();
-        let metrics = self.replica.metrics();
-        metrics.resync(reason.as_str());
-        metrics.snapshot_bytes.inc_by(report.bytes_fetched);
-        metrics.snapshot_seconds.observe(elapsed.as_secs_f64());
-        self.replica.record_resync(ResyncRecord {
+        self.replica
+            .metrics()
+            .snapshot_seconds
+            .observe(elapsed.as_secs_f64());
+        self.replica.record(StatusEvent::Resync(ResyncRecord {
             reason,
             at_ms: now_ms(),
             from_seq,
@@ -1122,7 +1121,7 @@ impl Engine {
             ranges_rebuilt: report.ranges_rebuilt,
             segments_applied: report.segments_applied,
             duration_ms: elapsed.as_millis() as u64,
-        });
+        }));
         tracing::info!(
             reason = reason.as_str(),
             lineage = %m.lineage,
@@ -1191,8 +1190,7 @@ impl Engine {
         let cursor = follower::lineage_start(lineage, stream_seq);
         self.replace(State::new(lineage), cursor, BatchKind::Resync { reason })
             .await?;
-        self.replica.metrics().resync(reason.as_str());
-        self.replica.record_resync(ResyncRecord {
+        self.replica.record(StatusEvent::Resync(ResyncRecord {
             reason,
             at_ms: now_ms(),
             from_seq,
@@ -1201,7 +1199,7 @@ impl Engine {
             ranges_rebuilt: 0,
             segments_applied: 0,
             duration_ms: 0,
-        });
+        }));
         tracing::info!(reason = reason.as_str(), %lineage, stream_seq, "Following a new lineage from its first envelope");
         Ok(())
     }

@@ -20,6 +20,7 @@
 //! deltasync_consumer_ready                             1 when bootstrapped and within max lag
 //! ```
 
+use crate::replica::{Notifies, StatusEvent};
 use prometheus_client::encoding::text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,14 +33,16 @@ type Labels = Vec<(String, String)>;
 /// Every metric of one consumer. Cloning shares the underlying values.
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    pub(crate) envelopes_applied: Counter,
-    pub(crate) changes_applied: Counter,
+    // What the status shows is private: only `count` changes it, and only the replica can
+    // call that (it wakes the status waiters).
+    envelopes_applied: Counter,
+    changes_applied: Counter,
     pub(crate) envelopes_skipped: Family<Labels, Counter>,
-    pub(crate) foreign_messages: Counter,
-    pub(crate) reader_stalls: Counter,
-    pub(crate) decisions: Family<Labels, Counter>,
+    foreign_messages: Counter,
+    reader_stalls: Counter,
+    decisions: Family<Labels, Counter>,
     pub(crate) resyncs: Family<Labels, Counter>,
-    pub(crate) snapshot_bytes: Counter,
+    snapshot_bytes: Counter,
     pub(crate) snapshot_seconds: Histogram,
     pub(crate) apply_seconds: Histogram,
     pub(crate) commit_seconds: Histogram,
@@ -140,12 +143,50 @@ impl Metrics {
         (m, r)
     }
 
-    pub(crate) fn decision(&self, r: &str) {
-        self.decisions.get_or_create(&reason(r)).inc();
+    /// Counts a change the status shows. Only [`crate::replica::Replica::record`] can call
+    /// this (it alone holds a [`Notifies`]): the replica then wakes its status waiters.
+    pub(crate) fn count(&self, event: &StatusEvent, _: Notifies) {
+        match event {
+            StatusEvent::Applied { changes } => {
+                self.envelopes_applied.inc();
+                self.changes_applied.inc_by(*changes);
+            }
+            StatusEvent::Foreign => {
+                self.foreign_messages.inc();
+            }
+            StatusEvent::ReaderStall => {
+                self.reader_stalls.inc();
+            }
+            StatusEvent::Decision(r) => {
+                self.decisions.get_or_create(&reason(r.as_str())).inc();
+            }
+            StatusEvent::Resync(record) => {
+                self.resyncs
+                    .get_or_create(&reason(record.reason.as_str()))
+                    .inc();
+                self.snapshot_bytes.inc_by(record.bytes_fetched);
+            }
+        }
     }
 
-    pub(crate) fn resync(&self, r: &str) {
-        self.resyncs.get_or_create(&reason(r)).inc();
+    pub(crate) fn envelopes_applied(&self) -> u64 {
+        self.envelopes_applied.get()
+    }
+
+    pub(crate) fn changes_applied(&self) -> u64 {
+        self.changes_applied.get()
+    }
+
+    pub(crate) fn foreign_messages(&self) -> u64 {
+        self.foreign_messages.get()
+    }
+
+    pub(crate) fn reader_stalls(&self) -> u64 {
+        self.reader_stalls.get()
+    }
+
+    pub(crate) fn snapshot_bytes(&self) -> u64 {
+        self.snapshot_bytes.get()
     }
 
     pub(crate) fn skipped(&self, r: &str) {

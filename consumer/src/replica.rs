@@ -12,6 +12,13 @@
 //! - A view is one `State` at one sequence: reading it never sees half a transaction, and it
 //!   never changes (the engine publishes a new one instead; `State` clones share unchanged
 //!   buckets, so a view costs a few pointer copies).
+//! - Every change of what [`Replica::status`] shows wakes [`Replica::wait_until`]: the
+//!   engine changes the status only through the replica's methods (`committed`, `set_lag`,
+//!   `set_headroom`, `record`), each of which notifies; the counters the status shows can be
+//!   changed only by [`Replica::record`] (it alone holds the [`Notifies`] that
+//!   `Metrics::count` requires). The one exception, by design: an applied envelope's counts
+//!   are announced by the commit that makes it durable (at most one commit interval later),
+//!   not one by one.
 //! - Change batches are delivered in sequence order. A subscriber that falls more than
 //!   [`EVENT_CAPACITY`] batches behind gets `RecvError::Lagged` and should re-read a view.
 
@@ -85,6 +92,26 @@ impl std::fmt::Display for Reason {
         f.write_str(self.as_str())
     }
 }
+
+/// A change of the counters the status shows, for [`Replica::record`].
+#[derive(Clone, Debug)]
+pub(crate) enum StatusEvent {
+    /// A transaction applied with that many changes (announced by its commit).
+    Applied { changes: u64 },
+    /// A stream message that is not an envelope, skipped.
+    Foreign,
+    /// The stream reader went silent while the stream held more, and was reopened.
+    ReaderStall,
+    /// A start-up or resync decision.
+    Decision(Reason),
+    /// A re-snapshot (or a lineage move) completed.
+    Resync(ResyncRecord),
+}
+
+/// Proof that the caller wakes the status waiters after changing a counter the status shows:
+/// only this module can make one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Notifies(());
 
 /// How a batch of changes came about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -414,7 +441,7 @@ impl Replica {
             Ok(mut g) => *g = Some(h),
             Err(poisoned) => *poisoned.into_inner() = Some(h),
         }
-        self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
+        self.bump();
     }
 
     fn headroom(&self) -> Option<HeadroomStatus> {
@@ -446,11 +473,11 @@ impl Replica {
             entries,
             last_resync,
             decisions: m.decisions(),
-            envelopes_applied: m.envelopes_applied.get(),
-            changes_applied: m.changes_applied.get(),
-            foreign_messages: m.foreign_messages.get(),
-            reader_stalls: m.reader_stalls.get(),
-            snapshot_bytes_fetched: m.snapshot_bytes.get(),
+            envelopes_applied: m.envelopes_applied(),
+            changes_applied: m.changes_applied(),
+            foreign_messages: m.foreign_messages(),
+            reader_stalls: m.reader_stalls(),
+            snapshot_bytes_fetched: m.snapshot_bytes(),
             headroom: self.headroom(),
         }
     }
@@ -529,8 +556,16 @@ impl Replica {
         self.bump();
     }
 
-    pub(crate) fn record_resync(&self, record: ResyncRecord) {
-        self.position().last_resync = Some(record);
+    /// Counts `event` in the status and wakes the status waiters — except for an applied
+    /// transaction, which its commit ([`Replica::committed`]) announces: no wake-up per
+    /// envelope on the hot path.
+    pub(crate) fn record(&self, event: StatusEvent) {
+        self.inner.metrics.count(&event, Notifies(()));
+        match event {
+            StatusEvent::Applied { .. } => return,
+            StatusEvent::Resync(record) => self.position().last_resync = Some(record),
+            StatusEvent::Foreign | StatusEvent::ReaderStall | StatusEvent::Decision(_) => {}
+        }
         self.bump();
     }
 
@@ -601,5 +636,39 @@ mod tests {
         tokio::task::yield_now().await;
         r.committed(Cursor::of(&s, 2), 1, Some(s.clone()), Vec::new(), true);
         assert_eq!(waiter.await.unwrap().seq(), 2);
+    }
+
+    #[tokio::test]
+    async fn every_recorded_status_event_but_an_applied_transaction_wakes_the_waiters() {
+        let r = Replica::new("r", "p", false, 10);
+        let mut rx = r.inner.changed.subscribe();
+        r.record(StatusEvent::Applied { changes: 3 });
+        assert!(!rx.has_changed().unwrap(), "its commit announces it");
+        let record = ResyncRecord {
+            reason: Reason::Fork,
+            at_ms: 1,
+            from_seq: 2,
+            seq: 3,
+            bytes_fetched: 40,
+            ranges_rebuilt: 1,
+            segments_applied: 1,
+            duration_ms: 5,
+        };
+        for event in [
+            StatusEvent::Foreign,
+            StatusEvent::ReaderStall,
+            StatusEvent::Decision(Reason::Fork),
+            StatusEvent::Resync(record.clone()),
+        ] {
+            r.record(event.clone());
+            assert!(rx.has_changed().unwrap(), "{event:?} wakes the waiters");
+            rx.mark_unchanged();
+        }
+        let s = r.status();
+        assert_eq!((s.envelopes_applied, s.changes_applied), (1, 3));
+        assert_eq!((s.foreign_messages, s.reader_stalls), (1, 1));
+        assert_eq!(s.decisions.get("fork"), Some(&1));
+        assert_eq!(s.last_resync, Some(record));
+        assert_eq!(s.snapshot_bytes_fetched, 40);
     }
 }

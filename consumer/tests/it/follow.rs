@@ -212,3 +212,60 @@ async fn a_reader_that_goes_silent_while_the_stream_holds_more_is_reopened() {
     assert_same_state(&c.replica, &p);
     c.stop().await;
 }
+
+/// Every change of the status wakes `Replica::wait_until`, also one no applied envelope
+/// follows. A replica of a pipeline without any history has decided to bootstrap and waits
+/// for the first envelope: it is not bootstrapped, so nothing else (a commit, the headroom's
+/// periodic judgement) would wake a waiter. The decision, then a foreign message counted, must
+/// each wake it at once (well within the short deadline here).
+#[tokio::test]
+async fn status_waiters_wake_for_a_decision_and_a_foreign_message_that_no_envelope_follows() {
+    logs();
+    let mut p = Pipeline::start("wake", |_| {}).await;
+    let c = Running::start(p.consumer_settings(), ephemeral("wake-1"));
+    let short = std::time::Duration::from_secs(20);
+    let bootstrap = Reason::Bootstrap.as_str();
+    let s = c
+        .replica
+        .wait_until(short, |s| s.decisions.contains_key(bootstrap))
+        .await
+        .unwrap_or_else(|s| panic!("the bootstrap decision woke no waiter: {s:#?}"));
+    assert!(!s.bootstrapped, "no history to load: {s:#?}");
+
+    // Once its stream reader is open (an ordered consumer on the server), the replica reads
+    // what is published next; before, its plan could already count the message as seen.
+    let stream =
+        p.js.get_stream(deltasync_shared::names::stream_name(&p.settings.pipeline))
+            .await
+            .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let mut infos = stream.consumers();
+        let mut reading = false;
+        while let Some(info) = futures::StreamExt::next(&mut infos).await {
+            reading |= info.unwrap().config.durable_name.is_none();
+        }
+        if reading {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the replica opened no reader");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    p.publish_raw(b"definitely not an envelope".to_vec()).await;
+    let s = c
+        .replica
+        .wait_until(short, |s| s.foreign_messages >= 1)
+        .await
+        .unwrap_or_else(|s| panic!("the foreign message woke no waiter: {s:#?}"));
+    assert_eq!(s.decisions, reasons(&[(Reason::Bootstrap, 1)]));
+    assert!(
+        !s.bootstrapped,
+        "still waiting for the first envelope: {s:#?}"
+    );
+
+    // The pipeline's first envelope is then followed.
+    p.commit(vec![Change::put("a", &b"1"[..])]).await;
+    c.wait_for(&p).await;
+    assert_same_state(&c.replica, &p);
+    c.stop().await;
+}

@@ -103,17 +103,9 @@ async fn a_lineage_start_marker_of_a_state_the_replica_lacks_waits_for_its_snaps
         1,
         "the marker is envelope 1 of the new lineage"
     );
-    // The replica met the marker and waits for the new lineage's snapshot (a decision does not
-    // wake status waiters: poll it).
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while decided(&c.replica.status(), Reason::LineageChanged) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replica never met the marker: {:#?}",
-            c.replica.status()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // The replica met the marker and waits for the new lineage's snapshot.
+    c.wait_until(|s| decided(s, Reason::LineageChanged) >= 1)
+        .await;
     let m = p.snapshot().await;
     p.churn(3, 5, 3000, 5).await;
 
