@@ -947,7 +947,7 @@ mod tests {
                             max_messages: Some(max_messages),
                             max_bytes: w.max_bytes,
                         };
-                        let room = limits.envelope_room().unwrap();
+                        let room = limits.envelope_room().unwrap_or(max_messages);
                         let unseen = w
                             .stream
                             .iter()
