@@ -247,6 +247,13 @@ impl Engine {
                     self.maybe_snapshot().await?;
                     continue;
                 }
+                // The stream's limits changed: an idle producer past half of a lowered limit
+                // cuts a snapshot now, not at its next envelope.
+                Ok(()) = self.limits.changed() => {
+                    self.apply_limits();
+                    self.maybe_snapshot().await?;
+                    continue;
+                }
             };
             let Some(cmd) = cmd else {
                 return self.seal_batch().await;
@@ -623,7 +630,7 @@ impl Engine {
             }
             tokio::select! {
                 _ = self.durable.changed() => {}
-                _ = self.limits.changed() => {}
+                Ok(()) = self.limits.changed() => self.apply_limits(),
                 () = tokio::time::sleep(SNAPSHOT_RECHECK) => {}
             }
         }
@@ -632,9 +639,13 @@ impl Engine {
     /// Counts against the stream's limits as the snapshot task last read them (a lowered
     /// limit holds publishing back, and cuts snapshots sooner, from the next envelope on).
     fn follow_limits(&mut self) {
-        if !self.limits.has_changed().unwrap_or(false) {
-            return;
+        if self.limits.has_changed().unwrap_or(false) {
+            self.apply_limits();
         }
+    }
+
+    /// Counts against the limits the snapshot task published last.
+    fn apply_limits(&mut self) {
         let limits = *self.limits.borrow_and_update();
         self.horizon
             .set_room(limits.envelope_room(), limits.byte_room());

@@ -374,7 +374,7 @@ async fn a_stream_limit_lowered_by_hand_while_running_holds_publishing_back_agai
     settings.snapshot.every_envelopes = 0;
     settings.snapshot.every = Duration::from_secs(3600);
     let producer = Producer::start(settings.clone()).await.expect("start");
-    for i in 0..5 {
+    for i in 0..40 {
         producer
             .commit(vec![Change::put(format!("k{i}"), "v")])
             .await
@@ -398,6 +398,20 @@ async fn a_stream_limit_lowered_by_hand_while_running_holds_publishing_back_agai
         async || (producer.status().retention_limits.max_messages == Some(50)).then_some(()),
     )
     .await;
+    // Idle, 40 envelopes past its (empty) start, over half the lowered limit: it cuts a
+    // snapshot now, not at its next envelope.
+    let kv = store::bucket(&js, &settings).await.expect("bucket");
+    eventually(
+        "a snapshot of the idle producer's head",
+        Duration::from_secs(30),
+        async || {
+            store::latest_manifest(&kv)
+                .await
+                .expect("read")
+                .filter(|m| m.seq == 40)
+        },
+    )
+    .await;
 
     for i in 0..300u64 {
         producer
@@ -406,7 +420,6 @@ async fn a_stream_limit_lowered_by_hand_while_running_holds_publishing_back_agai
             .expect("commit");
     }
     let status = producer.status();
-    let kv = store::bucket(&js, &settings).await.expect("bucket");
     let covered = store::latest_manifest(&kv)
         .await
         .expect("read")
@@ -426,6 +439,6 @@ async fn a_stream_limit_lowered_by_hand_while_running_holds_publishing_back_agai
     );
     assert!(stream.messages <= 50, "the stream keeps 50: {stream:?}");
     let status = producer.shutdown().await.expect("clean shutdown");
-    assert_eq!(status.seq, 305, "every transaction published");
+    assert_eq!(status.seq, 340, "every transaction published");
     assert_eq!(status.held_back, None);
 }
