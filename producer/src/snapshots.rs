@@ -29,7 +29,9 @@
 //! - The limits counted are the tighter of the settings and the stream's own configuration
 //!   ([`RetentionLimits`]), re-read by the snapshot task after each snapshot and every
 //!   [`LIMITS_RECHECK`] (one stream info request, off the publishing path): a limit an
-//!   operator lowers by hand while the producer runs holds publishing back from then on. A
+//!   operator lowers by hand while the producer runs holds publishing back from then on (the
+//!   engine applies new limits at once, and an idle engine past half of a lowered limit cuts a
+//!   snapshot right away). A
 //!   limit raised by hand above the settings loosens nothing (the next start sets the stream
 //!   back to the settings, and retention would then prune what the higher limit let through).
 //!   The server applies a lowered limit at once: what it prunes before the producer reads it
