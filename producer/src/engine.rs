@@ -32,7 +32,7 @@ use crate::error::ProducerError;
 use crate::producer::{CommitReceipt, Shared};
 use crate::publisher::{Notify, Outgoing};
 use crate::snapshots::{
-    Admit, Durable, Horizon, Schedule, SnapshotInfo, SnapshotJob, Stuck, Unblock,
+    Admit, Durable, Horizon, RetentionLimits, Schedule, SnapshotInfo, SnapshotJob, Stuck, Unblock,
 };
 use deltasync_shared::envelope::{now_ms, split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
 use deltasync_shared::settings::{Settings, ENVELOPE_STREAM_OVERHEAD};
@@ -84,6 +84,9 @@ pub(crate) struct Engine {
     horizon: Horizon,
     /// The snapshot task's news of durable snapshots.
     durable: watch::Receiver<Durable>,
+    /// The retention limits (the tighter of the settings and the stream's own), re-read by
+    /// the snapshot task.
+    limits: watch::Receiver<RetentionLimits>,
     /// Envelope sequence of the last cut handed to the snapshot task (not cut again while it
     /// is being written).
     last_cut: u64,
@@ -118,7 +121,9 @@ impl Engine {
         let p = &settings.producer;
         let durable = shared.durable.subscribe();
         let covered = *durable.borrow();
-        let horizon = Horizon::for_settings(settings, covered, state.seq());
+        let mut limits = shared.limits.subscribe();
+        let horizon =
+            Horizon::for_limits(settings, *limits.borrow_and_update(), covered, state.seq());
         let abandoned_after = (txn.seq < state.seq()).then_some(txn);
         if let Some(txn) = abandoned_after {
             tracing::info!(
@@ -133,6 +138,7 @@ impl Engine {
             abandoned_after,
             horizon,
             durable,
+            limits,
             last_cut: covered.seq,
             lineage: state.lineage(),
             state,
@@ -238,6 +244,13 @@ impl Engine {
                     if self.linger_until.is_some_and(|t| Instant::now() >= t) {
                         self.seal_batch().await?;
                     }
+                    self.maybe_snapshot().await?;
+                    continue;
+                }
+                // The stream's limits changed: an idle producer past half of a lowered limit
+                // cuts a snapshot now, not at its next envelope.
+                Ok(()) = self.limits.changed() => {
+                    self.apply_limits();
                     self.maybe_snapshot().await?;
                     continue;
                 }
@@ -442,6 +455,7 @@ impl Engine {
     /// never holds part of a transaction, and a position on abandoned parts is cut at the
     /// last complete transaction before them).
     async fn maybe_snapshot(&mut self) -> Result<(), Closed> {
+        self.follow_limits();
         if !self.schedule.due(&self.shared.snapshot_phase) {
             return Ok(());
         }
@@ -539,6 +553,7 @@ impl Engine {
         let mut held = false;
         let mut reported_failure = false;
         loop {
+            self.follow_limits();
             self.horizon.advance(*self.durable.borrow_and_update());
             let admit = self.horizon.admits(envelopes, bytes, self.shared.acked());
             if admit != Admit::Full {
@@ -615,9 +630,26 @@ impl Engine {
             }
             tokio::select! {
                 _ = self.durable.changed() => {}
+                Ok(()) = self.limits.changed() => self.apply_limits(),
                 () = tokio::time::sleep(SNAPSHOT_RECHECK) => {}
             }
         }
+    }
+
+    /// Counts against the stream's limits as the snapshot task last read them (a lowered
+    /// limit holds publishing back, and cuts snapshots sooner, from the next envelope on).
+    fn follow_limits(&mut self) {
+        if self.limits.has_changed().unwrap_or(false) {
+            self.apply_limits();
+        }
+    }
+
+    /// Counts against the limits the snapshot task published last.
+    fn apply_limits(&mut self) {
+        let limits = *self.limits.borrow_and_update();
+        self.horizon
+            .set_room(limits.envelope_room(), limits.byte_room());
+        self.schedule.set_limits(limits);
     }
 
     async fn send(&mut self, out: Outgoing) -> Result<(), Closed> {

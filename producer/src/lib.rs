@@ -60,4 +60,4 @@ pub use error::ProducerError;
 pub use producer::{
     CommitReceipt, Lifecycle, NewLineage, Observer, PendingCommit, Position, Producer, Status,
 };
-pub use snapshots::SnapshotInfo;
+pub use snapshots::{RetentionLimits, SnapshotInfo};

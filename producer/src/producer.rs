@@ -31,7 +31,7 @@ use crate::engine::{Command, Engine};
 use crate::error::ProducerError;
 use crate::metrics::Metrics;
 use crate::publisher::{envelope_message, Acked, Publisher};
-use crate::snapshots::{self, Durable, Phase, Schedule, SnapshotInfo};
+use crate::snapshots::{self, Durable, Phase, RetentionLimits, Schedule, SnapshotInfo};
 use bytes::Bytes;
 use deltasync_shared::change::Key;
 use deltasync_shared::codec::encode_envelope;
@@ -145,6 +145,9 @@ pub struct Status {
     /// stream's retention keeps after the newest durable snapshot, and the engine waits for a
     /// snapshot of its current position.
     pub held_back: Option<String>,
+    /// The retention limits publishing is held back against: the tighter of the settings and
+    /// the stream's own configuration (re-read while running).
+    pub retention_limits: RetentionLimits,
 }
 
 /// State shared by the handle, the engine, the publisher, the snapshot task and HTTP.
@@ -155,6 +158,9 @@ pub(crate) struct Shared {
     /// The newest durable snapshot, published by the snapshot task; the engine holds
     /// publishing back against it (retention must not prune what no snapshot covers).
     pub durable: watch::Sender<Durable>,
+    /// The retention limits, published by the snapshot task (which re-reads the stream's own);
+    /// the engine counts against them.
+    pub limits: watch::Sender<RetentionLimits>,
     status: Mutex<Status>,
     lineage: Lineage,
     failure: OnceLock<Arc<ProducerError>>,
@@ -196,6 +202,18 @@ impl Shared {
             }
             newer
         });
+    }
+
+    /// The retention limits to count against from now on.
+    pub(crate) fn set_limits(&self, limits: RetentionLimits) {
+        let changed = self.limits.send_if_modified(|cur| {
+            let changed = *cur != limits;
+            *cur = limits;
+            changed
+        });
+        if changed {
+            self.status_lock().retention_limits = limits;
+        }
     }
 
     /// The last envelope acknowledged: (envelope seq, stream seq).
@@ -532,10 +550,12 @@ impl Producer {
                 },
             },
         };
+        let limits = RetentionLimits::tighter(&settings.stream, None);
         let shared = Arc::new(Shared {
             metrics: Metrics::new(),
             snapshot_phase: Phase::default(),
             durable: watch::Sender::new(covered),
+            limits: watch::Sender::new(limits),
             status: Mutex::new(Status {
                 pipeline: settings.pipeline.clone(),
                 lineage: lineage.to_hex(),
@@ -548,6 +568,7 @@ impl Producer {
                 phase: Lifecycle::Running,
                 error: None,
                 held_back: None,
+                retention_limits: limits,
             }),
             lineage,
             failure: OnceLock::new(),

@@ -26,6 +26,17 @@
 //!   envelope would go past that, the engine cuts a snapshot of its live state and waits until
 //!   it is durable; while snapshots fail, nothing more is published. Age cannot be held back:
 //!   the settings require time-based snapshots at most half of `stream.max_age` apart.
+//! - The limits counted are the tighter of the settings and the stream's own configuration
+//!   ([`RetentionLimits`]), re-read by the snapshot task after each snapshot and every
+//!   [`LIMITS_RECHECK`] (one stream info request, off the publishing path): a limit an
+//!   operator lowers by hand while the producer runs holds publishing back from then on (the
+//!   engine applies new limits at once, and an idle engine past half of a lowered limit cuts a
+//!   snapshot right away). A
+//!   limit raised by hand above the settings loosens nothing (the next start sets the stream
+//!   back to the settings, and retention would then prune what the higher limit let through).
+//!   The server applies a lowered limit at once: what it prunes before the producer reads it
+//!   (within [`LIMITS_RECHECK`]), or of what was already published past the newest snapshot,
+//!   is lost to readers that had not read it (they resnapshot).
 //!
 //! ```text
 //!  stream:  … [covered] e(c+1) e(c+2) … e(head) | e(head+1) … e(head+k)
@@ -35,7 +46,10 @@
 
 use crate::error::ProducerError;
 use crate::producer::Shared;
-use deltasync_shared::settings::{Settings, ENVELOPE_STREAM_OVERHEAD, MESSAGE_OVERHEAD_MARGIN};
+use deltasync_shared::nats::{self, StreamLimits};
+use deltasync_shared::settings::{
+    Settings, StreamSettings, ENVELOPE_STREAM_OVERHEAD, MESSAGE_OVERHEAD_MARGIN,
+};
 use deltasync_shared::snapshot::Manifest;
 use deltasync_shared::state::State;
 use deltasync_shared::store::{self, StoreError};
@@ -48,6 +62,57 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Pause after a failed snapshot before the next attempt.
 const SNAPSHOT_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// How often the snapshot task re-reads the stream's own limits (besides after each snapshot).
+pub(crate) const LIMITS_RECHECK: Duration = Duration::from_secs(2);
+
+/// The retention limits publishing is held back against: the tighter of the settings and the
+/// stream's own configuration (`None`: no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct RetentionLimits {
+    /// Messages the stream keeps.
+    pub max_messages: Option<u64>,
+    /// Bytes the stream keeps.
+    pub max_bytes: Option<u64>,
+}
+
+impl RetentionLimits {
+    /// The tighter of the settings' limits and the stream's own (`None`: not read yet).
+    pub fn tighter(settings: &StreamSettings, stream: Option<&StreamLimits>) -> RetentionLimits {
+        let ours = |v: i64| u64::try_from(v).ok().filter(|v| *v > 0);
+        let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        RetentionLimits {
+            max_messages: min(
+                ours(settings.max_messages),
+                stream.and_then(|s| s.max_messages),
+            ),
+            max_bytes: min(ours(settings.max_bytes), stream.and_then(|s| s.max_bytes)),
+        }
+    }
+
+    /// These limits as stream settings (for the room and margin formulas).
+    fn as_settings(&self) -> StreamSettings {
+        let signed = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        StreamSettings {
+            max_messages: signed(self.max_messages),
+            max_bytes: signed(self.max_bytes),
+            ..StreamSettings::default()
+        }
+    }
+
+    /// Envelopes (stream positions) that may be published past the newest durable snapshot.
+    pub fn envelope_room(&self) -> Option<u64> {
+        self.as_settings().envelope_room()
+    }
+
+    /// Bytes that may be published past the newest durable snapshot.
+    pub fn byte_room(&self) -> Option<u64> {
+        self.as_settings().byte_room()
+    }
+}
 
 /// Bytes counted per envelope on top of its changes (header, message overhead in the
 /// stream), so the byte trigger errs on the early side.
@@ -147,16 +212,29 @@ impl Horizon {
         h
     }
 
-    /// The budget the settings give (the stream is created and updated with them).
-    pub(crate) fn for_settings(settings: &Settings, covered: Durable, head: u64) -> Horizon {
+    /// The budget `limits` give (at start: the settings', which the stream is created and
+    /// updated with).
+    pub(crate) fn for_limits(
+        settings: &Settings,
+        limits: RetentionLimits,
+        covered: Durable,
+        head: u64,
+    ) -> Horizon {
         let unknown = settings.producer.batch_max_bytes as u64 + ENVELOPE_OVERHEAD_BYTES;
         Horizon::new(
-            settings.stream.envelope_room(),
-            settings.stream.byte_room(),
+            limits.envelope_room(),
+            limits.byte_room(),
             covered,
             head,
             unknown,
         )
+    }
+
+    /// The stream's limits changed: count against `max_envelopes` and `max_bytes` from now
+    /// on (what is already produced counts as before).
+    pub(crate) fn set_room(&mut self, max_envelopes: Option<u64>, max_bytes: Option<u64>) {
+        self.max_envelopes = max_envelopes;
+        self.max_bytes = max_bytes;
     }
 
     /// The newest durable snapshot.
@@ -347,6 +425,13 @@ impl Schedule {
         }
     }
 
+    /// The stream's limits changed: the retention trigger fires at half of these from now on.
+    pub(crate) fn set_limits(&mut self, limits: RetentionLimits) {
+        let half = |v: u64| (v / 2).max(1);
+        self.half_messages = limits.max_messages.map(half);
+        self.half_bytes = limits.max_bytes.map(half);
+    }
+
     /// The recovered position is `envelopes` past the latest snapshot, which is `age` old
     /// (no snapshot: `None`).
     pub(crate) fn resume(&mut self, envelopes: u64, age: Option<Duration>) {
@@ -478,7 +563,20 @@ pub(crate) async fn run(
     mut rx: mpsc::UnboundedReceiver<(SnapshotJob, u64)>,
 ) {
     let mut prev: Option<(Manifest, State)> = None;
-    while let Some((job, stream_seq)) = rx.recv().await {
+    let mut watch = LimitsWatch::default();
+    let mut recheck = tokio::time::interval(LIMITS_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (job, stream_seq) = tokio::select! {
+            next = rx.recv() => match next {
+                Some(next) => next,
+                None => break,
+            },
+            _ = recheck.tick() => {
+                watch.refresh(&js, &settings, &shared).await;
+                continue;
+            }
+        };
         let seq = job.cut.seq();
         let started = Instant::now();
         let result = store::write_snapshot(
@@ -548,6 +646,60 @@ pub(crate) async fn run(
                 shared.snapshot_phase.set(RETRY);
             }
         }
+        // After each snapshot (the stream moved on by a retention's worth at most).
+        watch.refresh(&js, &settings, &shared).await;
+        recheck.reset();
+    }
+}
+
+/// What the snapshot task last read of the stream's own limits.
+#[derive(Debug, Default)]
+struct LimitsWatch {
+    /// The stream's limits last read.
+    seen: Option<StreamLimits>,
+    /// The last read failed (reported once until one succeeds).
+    failing: bool,
+}
+
+impl LimitsWatch {
+    /// Reads the stream's own limits (one stream info request) and hands the tighter of them
+    /// and the settings to the engine; WARN when they differ from the settings.
+    async fn refresh(
+        &mut self,
+        js: &async_nats::jetstream::Context,
+        settings: &Settings,
+        shared: &Shared,
+    ) {
+        let stream = match nats::stream_bounds_and_limits(js, settings).await {
+            Ok((_, stream)) => stream,
+            Err(error) => {
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!(%error, "Cannot read the stream's limits; counting with the last known ones");
+                }
+                return;
+            }
+        };
+        self.failing = false;
+        let ours = RetentionLimits::tighter(&settings.stream, None);
+        if self.seen != Some(stream) {
+            let theirs = (stream.max_messages, stream.max_bytes);
+            if theirs != (ours.max_messages, ours.max_bytes) {
+                tracing::warn!(
+                    stream_max_messages = ?stream.max_messages,
+                    stream_max_bytes = ?stream.max_bytes,
+                    settings_max_messages = ?ours.max_messages,
+                    settings_max_bytes = ?ours.max_bytes,
+                    "The stream's limits differ from the settings (changed by hand?): publishing \
+                     is held back against the tighter of both; the next start sets the stream \
+                     back to the settings"
+                );
+            } else if self.seen.is_some() {
+                tracing::info!("The stream's limits are the settings' again");
+            }
+            self.seen = Some(stream);
+        }
+        shared.set_limits(RetentionLimits::tighter(&settings.stream, Some(&stream)));
     }
 }
 
@@ -567,6 +719,8 @@ mod tests {
         Cut,
         /// A foreign message lands in the stream.
         Foreign,
+        /// An operator sets the stream's max_messages by hand, and the producer reads it.
+        Limit { max_messages: u64 },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -575,6 +729,7 @@ mod tests {
             2 => Just(Op::Durable),
             1 => Just(Op::Cut),
             1 => Just(Op::Foreign),
+            1 => (2u64..80).prop_map(|max_messages| Op::Limit { max_messages }),
         ]
     }
 
@@ -607,6 +762,11 @@ mod tests {
             self.last_stream_seq += 1;
             self.stream
                 .push_back((self.last_stream_seq, env_seq, bytes));
+            self.prune();
+        }
+
+        /// Retention drops the oldest messages beyond the limits.
+        fn prune(&mut self) {
             loop {
                 let total: u64 = self.stream.iter().map(|m| m.2).sum();
                 let over = self.stream.len() as u64 > self.max_messages
@@ -750,8 +910,12 @@ mod tests {
                         w.produce(parts, cost);
                         if w.head == before {
                             // Refused: it must not fit even in an empty budget.
-                            let room_n = settings.stream.envelope_room();
-                            let room_b = settings.stream.byte_room();
+                            let limits = RetentionLimits {
+                                max_messages: Some(w.max_messages),
+                                max_bytes: w.max_bytes,
+                            };
+                            let room_n = limits.envelope_room();
+                            let room_b = limits.byte_room();
                             prop_assert!(
                                 room_n.is_some_and(|m| parts > m)
                                     || room_b.is_some_and(|b| parts * cost > b),
@@ -772,8 +936,30 @@ mod tests {
                             .iter()
                             .filter(|m| m.1 == 0 && m.0 > w.checked_at)
                             .count() as u64;
-                        if unseen < max_messages as u64 / 10 {
+                        if unseen < w.max_messages / 10 {
                             w.append(0, 0);
+                        }
+                    }
+                    Op::Limit { max_messages } => {
+                        // The server applies a new limit at once: one below what is already in
+                        // the stream past the newest durable snapshot (with the foreign
+                        // messages not counted yet) prunes before any producer could react;
+                        // only the others are the producer's to keep.
+                        let limits = RetentionLimits {
+                            max_messages: Some(max_messages),
+                            max_bytes: w.max_bytes,
+                        };
+                        let room = limits.envelope_room().unwrap_or(max_messages);
+                        let unseen = w
+                            .stream
+                            .iter()
+                            .filter(|m| m.1 == 0 && m.0 > w.checked_at)
+                            .count() as u64;
+                        let uncovered = w.last_stream_seq - w.durable.stream_seq;
+                        if uncovered <= room && (unseen == 0 || unseen < max_messages / 10) {
+                            w.max_messages = max_messages;
+                            w.prune();
+                            w.horizon.set_room(limits.envelope_room(), limits.byte_room());
                         }
                     }
                 }
@@ -827,7 +1013,7 @@ mod tests {
                         w.make_durable();
                     }
                     Op::Cut => w.cut(),
-                    Op::Foreign => {}
+                    Op::Foreign | Op::Limit { .. } => {}
                 }
                 w.check()?;
             }

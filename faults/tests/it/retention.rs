@@ -1,6 +1,6 @@
 //! Retention against consumers: a stopped durable consumer whose position was pruned
-//! re-snapshots with reason "pruned"; with retention so tight that a snapshot's next envelope
-//! is pruned while a replica bootstraps from it, the replica retries with a newer snapshot and
+//! re-snapshots with reason "pruned"; with a snapshot's next envelope removed (purged by an
+//! operator, which no producer can hold back) while a replica bootstraps from it, the replica retries with a newer snapshot and
 //! converges once it can, or, with too few attempts allowed, stops with an error saying it
 //! cannot keep up.
 //!
@@ -84,28 +84,22 @@ async fn a_snapshot_whose_next_envelope_is_pruned_during_bootstrap_is_retried_or
     let started = Instant::now();
     let server = NatsServer::start();
     // The stream keeps 20 envelopes; the producer snapshots every 10 and commits as fast as it
-    // can, so by the time a replica has downloaded a snapshot its next envelope is gone.
+    // can.
     let s = settings(&server.url(), &unique("tight"), |s| {
         s.stream.max_messages = 20;
         s.snapshot.every_envelopes = 10;
     });
     // The producer holds publishing back to what retention keeps past its newest durable
-    // snapshot as its own settings state it; here the stream's limit is lowered behind its
-    // back (as an operator might), so it outruns a bootstrapping replica as a producer without
-    // that backpressure would.
-    let mut loose = s.clone();
-    loose.stream.max_messages = 100_000;
-    let producer = Producer::start(loose).await.unwrap();
+    // snapshot (the tighter of its settings and the stream's own limits, which it re-reads
+    // while running), so on its own it rarely outruns a bootstrapping replica. An operator's
+    // purges, which no producer can hold back, do: while the replicas bootstrap, the stream is
+    // purged down to its last few messages over and over.
+    let producer = Producer::start(s.clone()).await.unwrap();
     let js = js(&server.url()).await;
-    let mut config = js
+    let stream = js
         .get_stream(names::stream_name(&s.pipeline))
         .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
-    config.max_messages = s.stream.max_messages;
-    js.update_stream(&config).await.unwrap();
+        .unwrap();
     let mut model = Model::default();
     // A state big enough that downloading it takes a while.
     let base: Vec<Change> = (0..30_000u64)
@@ -124,6 +118,17 @@ async fn a_snapshot_whose_next_envelope_is_pruned_during_bootstrap_is_retried_or
     let model = Arc::new(Mutex::new(model));
     let load = Load::start(producer, model.clone(), 44, 30_000);
     wait_for_commits(&model, &load, 50, "the load to run").await;
+    let purging = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let purger = {
+        let purging = purging.clone();
+        tokio::spawn(async move {
+            while purging.load(std::sync::atomic::Ordering::Relaxed) {
+                stream.purge().keep(3).await.expect("purge the stream");
+                // Pacing only: the purges go on until the test stops them.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    };
 
     // Too few attempts allowed: it says it cannot keep up.
     let mut few = s.clone();
@@ -138,16 +143,23 @@ async fn a_snapshot_whose_next_envelope_is_pruned_during_bootstrap_is_retried_or
     assert!(decided(&qs, Reason::Pruned) >= 1, "{:?}", qs.decisions);
     eprintln!("with 2 attempts: {text}");
 
-    // Enough attempts: once the producer pauses, a newer snapshot is followed.
-    let patient = InProcess::memory(s.clone(), "tight-patient");
+    // Enough attempts: once the purges stop, a newer snapshot is followed.
+    let mut enough = s.clone();
+    enough.consumer.resync_max_attempts = 100;
+    let patient = InProcess::memory(enough, "tight-patient");
     patient
         .replica
         .wait_until(DEADLINE, |st| decided(st, Reason::Pruned) >= 1)
         .await
         .unwrap_or_else(|st| panic!("the snapshot's next envelope was never pruned: {st:#?}"));
+    purging.store(false, std::sync::atomic::Ordering::Relaxed);
+    purger.await.unwrap();
     let report = load.finish().await;
     assert!(report.error.is_none(), "{:?}", report.error);
     let p = report.producer.flush().await.unwrap();
+    // The last purge may have removed envelopes after the newest snapshot: a snapshot of the
+    // head lets every replica start again.
+    report.producer.snapshot().await.unwrap();
     let model = model.lock().unwrap().clone();
     let mut checked = patient.check(&p, &model, "after pruned bootstraps").await;
     let ps = patient.replica.status();

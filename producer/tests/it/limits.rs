@@ -361,3 +361,84 @@ async fn a_stop_while_failing_snapshots_hold_publishing_back_ends_with_an_error(
         before.stream_seq
     );
 }
+
+/// A stream limit lowered by hand while the producer runs (`nats stream edit`): the producer
+/// re-reads the stream's own limits and holds publishing back against the lowered one, so
+/// retention never prunes an envelope no durable snapshot covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_limit_lowered_by_hand_while_running_holds_publishing_back_against_it() {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("lowered");
+    let mut settings = support::settings(&server.url(), &pipeline);
+    settings.stream.max_messages = 1000;
+    settings.snapshot.every_envelopes = 0;
+    settings.snapshot.every = Duration::from_secs(3600);
+    let producer = Producer::start(settings.clone()).await.expect("start");
+    for i in 0..40 {
+        producer
+            .commit(vec![Change::put(format!("k{i}"), "v")])
+            .await
+            .expect("commit");
+    }
+
+    // An operator lowers the stream's max_messages behind the producer's back.
+    let js = support::js(&server.url()).await;
+    let mut config = js
+        .get_stream(names::stream_name(&pipeline))
+        .await
+        .expect("stream")
+        .cached_info()
+        .config
+        .clone();
+    config.max_messages = 50;
+    js.update_stream(&config).await.expect("lower max_messages");
+    eventually(
+        "the producer to read the lowered limit",
+        Duration::from_secs(30),
+        async || (producer.status().retention_limits.max_messages == Some(50)).then_some(()),
+    )
+    .await;
+    // Idle, 40 envelopes past its (empty) start, over half the lowered limit: it cuts a
+    // snapshot now, not at its next envelope.
+    let kv = store::bucket(&js, &settings).await.expect("bucket");
+    eventually(
+        "a snapshot of the idle producer's head",
+        Duration::from_secs(30),
+        async || {
+            store::latest_manifest(&kv)
+                .await
+                .expect("read")
+                .filter(|m| m.seq == 40)
+        },
+    )
+    .await;
+
+    for i in 0..300u64 {
+        producer
+            .commit(vec![Change::put(format!("k{}", i % 40), i.to_string())])
+            .await
+            .expect("commit");
+    }
+    let status = producer.status();
+    let covered = store::latest_manifest(&kv)
+        .await
+        .expect("read")
+        .map_or(0, |m| m.stream_seq);
+    let stream = js
+        .get_stream(names::stream_name(&pipeline))
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info")
+        .state;
+    assert!(
+        stream.first_sequence <= covered + 1,
+        "retention pruned stream seq {} past the newest snapshot at {covered} (status {status:?})",
+        stream.first_sequence - 1,
+    );
+    assert!(stream.messages <= 50, "the stream keeps 50: {stream:?}");
+    let status = producer.shutdown().await.expect("clean shutdown");
+    assert_eq!(status.seq, 340, "every transaction published");
+    assert_eq!(status.held_back, None);
+}
