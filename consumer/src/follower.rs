@@ -42,7 +42,10 @@
 //!   as a re-snapshot for `lineage_changed`. A start that verifies on the empty state only is
 //!   followed from the empty state; any other start keeps the replica as it is and
 //!   re-snapshots wanting the new lineage (its snapshot may land a moment after its marker:
-//!   an older snapshot of another lineage is refused and the attempt retried).
+//!   an older snapshot of another lineage is refused and the attempt retried, unless it is a
+//!   snapshot of the replica's own lineage ahead of its position, which fills envelopes of
+//!   the old lineage the replica missed before the marker; see
+//!   [`Follower::snapshot_acceptable`]).
 //! - A reader that delivers nothing while the stream's last sequence is beyond the read
 //!   position is not assumed stalled: the engine probes for a message after the position
 //!   first. A stream whose tail was deleted (its last sequence holds nothing) is caught up.
@@ -744,10 +747,22 @@ impl Follower {
     /// Whether a snapshot at `m` may be loaded by a re-snapshot that wants lineage `want`:
     /// one of that lineage, or one whose position covers the message that decided the
     /// re-snapshot (the history moved on to its lineage there: a new lineage's snapshot is cut
-    /// at the stream's last sequence). An older snapshot of another lineage would lead
-    /// straight back to the same break.
+    /// at the stream's last sequence), or one of the replica's own lineage ahead of it.
+    ///
+    /// Any other older snapshot of another lineage would lead straight back to the same
+    /// break. One of the replica's lineage ahead of its position need not: a lineage-start
+    /// marker fails to verify on the replica's state also when the replica missed the old
+    /// lineage's last envelopes (deleted or pruned before it read them; the marker hides the
+    /// gap, no envelope of the old lineage follows to reveal it). That snapshot fills the
+    /// hole and the marker is then adopted in place, which matters when the marker's own
+    /// snapshot never lands (the producer stopped between publishing the marker and writing
+    /// it): refusing would stop the consumer on a history it can follow. It never sends the
+    /// replica back, and cannot loop: once loaded, the replica is at its position, and the
+    /// same snapshot is not ahead any more.
     pub fn snapshot_acceptable(&self, m: &Cursor, want: Option<Lineage>) -> bool {
-        want.is_none_or(|w| w == m.lineage) || m.stream_seq >= self.resync_at
+        want.is_none_or(|w| w == m.lineage)
+            || m.stream_seq >= self.resync_at
+            || (m.lineage == self.applied.lineage && m.seq > self.applied.seq)
     }
 
     /// The cursor a snapshot at `m` gives. A snapshot whose stream position is beyond the
@@ -1083,6 +1098,71 @@ mod tests {
                 reason: Reason::LineageChanged
             }
         ));
+    }
+
+    #[test]
+    fn a_marker_after_old_envelopes_the_replica_missed_takes_an_old_snapshot_ahead_of_it() {
+        const NEW: Lineage = Lineage([9; 16]);
+        // The producer: envelopes 1 and 2, then a keep-state marker of the state after 2.
+        let mut producer = State::new(L);
+        let e1 = env(&mut producer, 1, "a");
+        let _e2 = env(&mut producer, 2, "b");
+        let m = marker(NEW, producer.digest());
+        // The replica read envelope 1; envelope 2 (stream position 2) was deleted before it
+        // read it, and the marker hides that gap: its state does not give the marker's digest.
+        let mut f = Follower::new();
+        f.restore(State::new(L), lineage_start(L, 0));
+        let step = f.on_message(1, 1, Classified::Envelope(e1), false);
+        assert!(matches!(step, Step::Applied(_)), "{step:?}");
+        let step = f.on_message(3, 0, Classified::Envelope(m.clone()), false);
+        assert!(matches!(step, Step::LineageChange { .. }), "{step:?}");
+        match f.lineage_plan(&m, 3, Some(L), true) {
+            LineagePlan::Resync { reason, want } => {
+                assert_eq!((reason, want), (Reason::LineageChanged, Some(NEW)));
+            }
+            p => panic!("{p:?}"),
+        }
+        // The marker's own snapshot never landed: the bucket's latest is the old lineage's
+        // snapshot after envelope 2. It is ahead of the replica, so it is loaded (refusing it
+        // stopped the consumer); one at the replica's own position is still refused.
+        let at_replica = Cursor {
+            lineage: L,
+            seq: 1,
+            stream_seq: 1,
+            digest: Digest::ZERO,
+        };
+        assert!(!f.snapshot_acceptable(&at_replica, Some(NEW)));
+        let ahead = Cursor {
+            lineage: L,
+            seq: 2,
+            stream_seq: 2,
+            digest: producer.digest(),
+        };
+        assert!(f.snapshot_acceptable(&ahead, Some(NEW)));
+        f.restore(producer.clone(), ahead);
+        let step = f.on_message(3, 0, Classified::Envelope(m.clone()), false);
+        assert!(matches!(step, Step::LineageChange { .. }), "{step:?}");
+        assert!(
+            matches!(
+                f.lineage_plan(&m, 3, Some(L), true),
+                LineagePlan::Adopted { .. }
+            ),
+            "the marker is adopted on the snapshot's state"
+        );
+        assert_eq!((f.applied().lineage, f.applied().seq), (NEW, 1));
+        // Loaded, the same snapshot is no longer ahead: a marker of a state the old
+        // lineage never had breaks again, and it is refused (no loop back to it).
+        let mut again = Follower::new();
+        again.restore(producer, ahead);
+        let mut lacking = State::new(NEW);
+        let _ = lacking.apply_changes(&[Change::put("z", &b"z"[..])]);
+        let m2 = marker(NEW, lacking.digest());
+        let _ = again.on_message(3, 0, Classified::Envelope(m2.clone()), false);
+        assert!(matches!(
+            again.lineage_plan(&m2, 3, Some(L), true),
+            LineagePlan::Resync { .. }
+        ));
+        assert!(!again.snapshot_acceptable(&ahead, Some(NEW)));
     }
 
     #[test]

@@ -403,7 +403,10 @@ fn build(p: &Plan) -> Scenario {
 
     // Recoverable: the envelopes after the snapshot's position are exactly the authoritative
     // ones after it, and the last one survives (a deleted last envelope is noticed only when
-    // another follows it).
+    // another follows it). A snapshot of the old lineage before a keep-state marker stays
+    // recoverable (the marker's own snapshot never landed): a replica that missed old
+    // envelopes before the marker takes that snapshot when it is ahead of it, then adopts
+    // the marker in place.
     let after: Vec<usize> = (snap.cursor.stream_seq as usize..stream.len())
         .filter(|&i| matches!(stream[i], Some(Msg::Env(_))))
         .collect();
