@@ -416,7 +416,10 @@ fn supervise(children: &mut [ChildConsumer], tally: &mut Tally) {
     for c in children {
         if let Some(status) = c.exited() {
             let tail = c.log_tail(3);
-            if tail.contains("cannot connect to NATS") && tail.contains("Connection refused") {
+            // A consumer started while the server restarts fails fast at connect, as documented
+            // (a supervisor restarts it): refused, reset by a server shutting down, or no INFO
+            // from one not yet serving. Anything else ended a running consumer by itself.
+            if tail.contains("deltasync-consumer: error: cannot connect to NATS") {
                 tally.supervised_restarts += 1;
             } else {
                 tally
