@@ -5,38 +5,14 @@
 //! model, and a restart recovers.
 
 use crate::support::{self, eventually};
-use deltasync_producer::publisher::envelope_message;
 use deltasync_producer::{Change, Producer};
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::envelope::{split_transaction, Envelope};
+use deltasync_shared::envelope::split_transaction;
 use deltasync_shared::history::Classified;
 use deltasync_shared::settings::Settings;
 use deltasync_shared::store;
-use deltasync_shared::{names, State};
+use deltasync_shared::State;
 use deltasync_testkit::NatsServer;
 use std::time::Duration;
-
-/// Publishes `envs` the way the producer does (message ids, expected last sequence) from
-/// `expected_last` on; returns the last stream sequence.
-async fn publish_raw(
-    js: &async_nats::jetstream::Context,
-    pipeline: &str,
-    envs: &[Envelope],
-    mut expected_last: u64,
-) -> u64 {
-    for e in envs {
-        let payload = encode_envelope(e).expect("encode");
-        let msg = envelope_message(payload.into(), e.lineage, e.seq, expected_last, false);
-        expected_last = js
-            .send_publish(names::subject(pipeline), msg)
-            .await
-            .expect("publish")
-            .await
-            .expect("acknowledged")
-            .sequence;
-    }
-    expected_last
-}
 
 fn tight(url: &str, pipeline: &str) -> Settings {
     let mut s = support::settings(url, pipeline);
@@ -79,7 +55,10 @@ async fn a_producer_over_an_abandoned_transaction_with_tight_retention_snapshots
     let parts = split_transaction(lineage, 7, digest, 0, changes, 1);
     assert_eq!(parts.len(), 5);
     envs.extend(parts.into_iter().take(4));
-    assert_eq!(publish_raw(&js, &pipeline, &envs, r.stream_seq).await, 10);
+    assert_eq!(
+        support::publish_raw(&js, &pipeline, &envs, r.stream_seq).await,
+        10
+    );
 
     // Restart over the abandoned parts.
     let p = Producer::start(settings.clone()).await.expect("restart");
@@ -194,7 +173,7 @@ async fn snapshot_and_shutdown_over_an_abandoned_transaction_cut_at_the_last_com
             .into_iter()
             .take(1),
     );
-    let at = publish_raw(&js, &pipeline, &envs, r.stream_seq).await;
+    let at = support::publish_raw(&js, &pipeline, &envs, r.stream_seq).await;
     assert_eq!(at, 3);
 
     let p = Producer::start(settings.clone()).await.expect("restart");
@@ -246,7 +225,7 @@ async fn abandoned_parts_leaving_no_room_for_the_next_transaction_are_ended_by_a
     let parts = split_transaction(lineage, 2, digest, 0, changes, 1);
     assert_eq!(parts.len(), 8);
     assert_eq!(
-        publish_raw(&js, &pipeline, &parts[..7], r.stream_seq).await,
+        support::publish_raw(&js, &pipeline, &parts[..7], r.stream_seq).await,
         8
     );
 
@@ -333,7 +312,10 @@ async fn ingest_over_an_abandoned_transaction_with_tight_retention_exits_zero() 
             .into_iter()
             .take(4),
     );
-    assert_eq!(publish_raw(&js, &pipeline, &envs, r.stream_seq).await, 10);
+    assert_eq!(
+        support::publish_raw(&js, &pipeline, &envs, r.stream_seq).await,
+        10
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("in.ndjson");

@@ -168,19 +168,7 @@ async fn a_failing_snapshot_stops_publishing_before_retention_prunes_and_it_resu
 
     // The bucket now refuses every value: snapshots fail.
     let js = support::js(&server.url()).await;
-    let kv_stream = format!("KV_{}", names::bucket_name(&pipeline));
-    let mut config = js
-        .get_stream(&kv_stream)
-        .await
-        .expect("bucket stream")
-        .cached_info()
-        .config
-        .clone();
-    let original = config.max_message_size;
-    config.max_message_size = 8;
-    js.update_stream(&config)
-        .await
-        .expect("shrink the bucket's messages");
+    let (config, original) = support::break_bucket(&js, &pipeline).await;
 
     let writer = producer.clone();
     let load = tokio::spawn(async move {
@@ -221,8 +209,7 @@ async fn a_failing_snapshot_stops_publishing_before_retention_prunes_and_it_resu
     );
 
     // The bucket takes values again: the retried snapshot is written and publishing resumes.
-    config.max_message_size = original;
-    js.update_stream(&config).await.expect("restore the bucket");
+    support::restore_bucket(&js, config, original).await;
     tokio::time::timeout(Duration::from_secs(60), load)
         .await
         .expect("publishing resumes")
@@ -256,18 +243,7 @@ async fn a_shutdown_whose_final_snapshot_fails_is_an_error() {
             .expect("commit");
     }
     let js = support::js(&server.url()).await;
-    let kv_stream = format!("KV_{}", names::bucket_name(&pipeline));
-    let mut config = js
-        .get_stream(&kv_stream)
-        .await
-        .expect("bucket stream")
-        .cached_info()
-        .config
-        .clone();
-    config.max_message_size = 8;
-    js.update_stream(&config)
-        .await
-        .expect("shrink the bucket's messages");
+    support::break_bucket(&js, &pipeline).await;
     let err = tokio::time::timeout(Duration::from_secs(60), producer.shutdown())
         .await
         .expect("shutdown ends")
@@ -300,18 +276,7 @@ async fn a_stop_while_failing_snapshots_hold_publishing_back_ends_with_an_error(
 
     // The bucket now refuses every value: snapshots fail.
     let js = support::js(&server.url()).await;
-    let kv_stream = format!("KV_{}", names::bucket_name(&pipeline));
-    let mut config = js
-        .get_stream(&kv_stream)
-        .await
-        .expect("bucket stream")
-        .cached_info()
-        .config
-        .clone();
-    config.max_message_size = 8;
-    js.update_stream(&config)
-        .await
-        .expect("shrink the bucket's messages");
+    support::break_bucket(&js, &pipeline).await;
 
     let writer = producer.clone();
     let load = tokio::spawn(async move {

@@ -4,10 +4,8 @@
 //! transaction is half-published cuts at the last complete transaction, never inside it.
 
 use crate::support::{self, eventually, read_stream, replay};
-use deltasync_producer::publisher::envelope_message;
 use deltasync_producer::{Change, Producer};
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::envelope::{split_transaction, Envelope};
+use deltasync_shared::envelope::split_transaction;
 use deltasync_shared::history::Classified;
 use deltasync_shared::settings::Settings;
 use deltasync_shared::store::{self, StoreError};
@@ -36,28 +34,6 @@ fn ndjson(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write ndjson");
     path
-}
-
-/// Publishes `envs` the way the producer does (message ids, expected last sequence) from
-/// `expected_last` on: a producer that dies before any snapshot covers them.
-async fn publish_raw(
-    js: &async_nats::jetstream::Context,
-    pipeline: &str,
-    envs: &[Envelope],
-    mut expected_last: u64,
-) -> u64 {
-    for e in envs {
-        let payload = encode_envelope(e).expect("encode");
-        let msg = envelope_message(payload.into(), e.lineage, e.seq, expected_last, false);
-        expected_last = js
-            .send_publish(names::subject(pipeline), msg)
-            .await
-            .expect("publish")
-            .await
-            .expect("acknowledged")
-            .sequence;
-    }
-    expected_last
 }
 
 /// The stream's (first, last, messages).
@@ -117,7 +93,7 @@ async fn a_stream_aged_out_past_the_snapshot_is_refused_or_by_setting_continued_
     let changes = vec![Change::put("b", "2")];
     let digest = after.apply_changes(&changes);
     let envs = split_transaction(old, 2, digest, 0, changes, 1 << 20);
-    assert_eq!(publish_raw(&js, &pipeline, &envs, 1).await, 2);
+    assert_eq!(support::publish_raw(&js, &pipeline, &envs, 1).await, 2);
 
     // The stream ages out while no producer runs.
     eventually(
@@ -213,7 +189,7 @@ async fn the_snapshot_command_during_a_half_published_transaction_cuts_before_it
     let digest = after.apply_changes(&changes);
     let parts = split_transaction(lineage, 2, digest, 0, changes, 1);
     assert_eq!(parts.len(), 2);
-    let at = publish_raw(&js, &pipeline, &parts[..1], r.stream_seq).await;
+    let at = support::publish_raw(&js, &pipeline, &parts[..1], r.stream_seq).await;
 
     let out = support::producer_command(&url, &pipeline)
         .arg("snapshot")
@@ -247,7 +223,7 @@ async fn the_snapshot_command_during_a_half_published_transaction_cuts_before_it
     );
 
     // The transaction completes; a restart recovers it whole.
-    publish_raw(&js, &pipeline, &parts[1..], at).await;
+    support::publish_raw(&js, &pipeline, &parts[1..], at).await;
     let p = Producer::start(settings).await.expect("restart");
     assert_eq!(p.status().seq, 3);
     assert_eq!(p.status().digest, digest.to_hex());

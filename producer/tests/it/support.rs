@@ -202,3 +202,65 @@ pub fn write_ndjson(path: &Path, prefix: &str, range: std::ops::Range<u64>, txn_
     }
     f.flush().expect("flush ndjson");
 }
+
+/// Publishes `envs` the way the producer does (message ids, expected last sequence) from
+/// `expected_last` on, e.g. a producer that dies before any snapshot covers them; returns the
+/// last stream sequence.
+pub async fn publish_raw(
+    js: &jetstream::Context,
+    pipeline: &str,
+    envs: &[Envelope],
+    mut expected_last: u64,
+) -> u64 {
+    for e in envs {
+        let payload = deltasync_shared::codec::encode_envelope(e).expect("encode");
+        let msg = deltasync_producer::publisher::envelope_message(
+            payload.into(),
+            e.lineage,
+            e.seq,
+            expected_last,
+            false,
+        );
+        expected_last = js
+            .send_publish(names::subject(pipeline), msg)
+            .await
+            .expect("publish")
+            .await
+            .expect("acknowledged")
+            .sequence;
+    }
+    expected_last
+}
+
+/// Makes the pipeline's snapshot bucket refuse every value (its messages may hold 8 bytes), so
+/// every snapshot fails; returns the bucket stream's config and its original message size, to
+/// restore it with [`restore_bucket`].
+pub async fn break_bucket(
+    js: &jetstream::Context,
+    pipeline: &str,
+) -> (jetstream::stream::Config, i32) {
+    let kv_stream = format!("KV_{}", names::bucket_name(pipeline));
+    let mut config = js
+        .get_stream(&kv_stream)
+        .await
+        .expect("bucket stream")
+        .cached_info()
+        .config
+        .clone();
+    let original = config.max_message_size;
+    config.max_message_size = 8;
+    js.update_stream(&config)
+        .await
+        .expect("shrink the bucket's messages");
+    (config, original)
+}
+
+/// Undoes [`break_bucket`]: snapshots can be written again.
+pub async fn restore_bucket(
+    js: &jetstream::Context,
+    mut config: jetstream::stream::Config,
+    original: i32,
+) {
+    config.max_message_size = original;
+    js.update_stream(&config).await.expect("restore the bucket");
+}
