@@ -8,123 +8,58 @@
 //! recovery's fallback order manifests by their place in the history, whatever their
 //! writer's clock said.
 
-use crate::support::{eventually, settings, unique_pipeline};
-use async_nats::jetstream::{self, kv};
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::envelope::split_transaction;
-use deltasync_shared::settings::Settings;
+use crate::support::{eventually, puts, Pipeline};
 use deltasync_shared::snapshot::{decode_manifest, encode_manifest, Manifest};
 use deltasync_shared::store;
-use deltasync_shared::{names, nats, Change, Lineage, State};
-use deltasync_testkit::NatsServer;
 use std::time::Duration;
 
-struct Pipeline {
-    _server: NatsServer,
-    settings: Settings,
-    js: jetstream::Context,
-    kv: kv::Store,
-    state: State,
-    stream_seq: u64,
-}
-
-impl Pipeline {
-    async fn start(prefix: &str) -> Pipeline {
-        let server = NatsServer::start();
-        let mut s = settings(&server.url(), &unique_pipeline(prefix));
+async fn start(prefix: &str) -> Pipeline {
+    Pipeline::start_with(prefix, |s| {
         s.snapshot.chunk_target_bytes = 16 * 1024;
         s.snapshot.keep = 1;
         // The collections that run inside writes keep everything: the tests run their own.
         s.snapshot.gc_grace = Duration::from_secs(3600);
-        let client = nats::connect(&s.nats).await.unwrap();
-        let js = nats::jetstream(client, &s.nats);
-        nats::ensure_stream(&js, &s).await.unwrap();
-        let kv = nats::ensure_bucket(&js, &s).await.unwrap();
-        Pipeline {
-            _server: server,
-            settings: s,
-            js,
-            kv,
-            state: State::new(Lineage::random()),
-            stream_seq: 0,
-        }
-    }
-
-    async fn commit(&mut self, changes: Vec<Change>) {
-        let digest = self.state.apply_changes(&changes);
-        let envs = split_transaction(
-            self.state.lineage(),
-            self.state.seq() + 1,
-            digest,
-            0,
-            changes,
-            512 * 1024,
-        );
-        let subject = names::subject(&self.settings.pipeline);
-        for e in &envs {
-            let ack = self
-                .js
-                .publish(subject.clone(), encode_envelope(e).unwrap().into())
-                .await
-                .unwrap();
-            self.stream_seq = ack.await.unwrap().sequence;
-        }
-        let (lineage, last) = (self.state.lineage(), envs.last().unwrap().seq);
-        self.state.set_position(lineage, last);
-    }
-
-    async fn snapshot(&self, prev: Option<(&Manifest, &State)>) -> Manifest {
-        store::write_snapshot(&self.js, &self.settings, &self.state, self.stream_seq, prev)
-            .await
-            .unwrap()
-    }
-
-    /// The server's time now, in milliseconds: when it stores a probe key.
-    async fn server_now_ms(&self) -> u64 {
-        self.kv.put("probe", "".into()).await.unwrap();
-        let entry = self.kv.entry("probe").await.unwrap().unwrap();
-        (entry.created.unix_timestamp_nanos() / 1_000_000) as u64
-    }
-
-    /// When the server stored `key`, in milliseconds.
-    async fn stored_ms(&self, key: &str) -> u64 {
-        let entry = self.kv.entry(key).await.unwrap().unwrap();
-        (entry.created.unix_timestamp_nanos() / 1_000_000) as u64
-    }
+    })
+    .await
 }
 
-fn puts(range: std::ops::Range<usize>, tag: u8) -> Vec<Change> {
-    range
-        .map(|i| Change::put(format!("key-{i:07}"), vec![tag; 100]))
-        .collect()
+/// The server's time now, in milliseconds: when it stores a probe key.
+async fn server_now_ms(p: &Pipeline) -> u64 {
+    p.kv.put("probe", "".into()).await.unwrap();
+    let entry = p.kv.entry("probe").await.unwrap().unwrap();
+    (entry.created.unix_timestamp_nanos() / 1_000_000) as u64
+}
+
+/// When the server stored `key`, in milliseconds.
+async fn stored_ms(p: &Pipeline, key: &str) -> u64 {
+    let entry = p.kv.entry(key).await.unwrap().unwrap();
+    (entry.created.unix_timestamp_nanos() / 1_000_000) as u64
 }
 
 #[tokio::test]
 async fn a_collection_between_the_reuse_decision_and_the_move_of_latest_never_leaves_latest_naming_a_removed_blob(
 ) {
-    let mut p = Pipeline::start("gc-race").await;
+    let mut p = start("gc-race").await;
     // Writer A: a base snapshot M1 it will build on.
-    p.commit(puts(0..2000, 1)).await;
+    p.commit(puts(0..2000, 1), 512 * 1024).await;
     let m1 = p.snapshot(None).await;
     let s1 = p.state.clone();
     assert!(m1.ranges.len() >= 16);
     // A few keys change; writer B (a cron'd `snapshot`) writes a new base M2, which shares
     // M1's chunks except those of the changed ranges.
-    p.commit(puts(0..3, 2)).await;
+    p.commit(puts(0..3, 2), 512 * 1024).await;
     p.snapshot(None).await;
-    p.commit(puts(10..11, 3)).await;
+    p.commit(puts(10..11, 3), 512 * 1024).await;
 
     // Collection with a one second grace: M1's blobs must be older than that on the
     // server's clock, while the blobs writer A is about to write are not.
     let grace = Duration::from_secs(1);
-    let m1_stored = p
-        .stored_ms(&store::list_manifests(&p.kv).await.unwrap()[0].0)
-        .await;
+    let m1_stored = stored_ms(&p, &store::list_manifests(&p.kv).await.unwrap()[0].0).await;
     eventually(
         "the server clock passes M1 + grace",
         Duration::from_secs(30),
         || async {
-            let now = p.server_now_ms().await;
+            let now = server_now_ms(&p).await;
             if now >= m1_stored + grace.as_millis() as u64 + 100 {
                 Ok(())
             } else {
@@ -174,10 +109,10 @@ async fn a_collection_between_the_reuse_decision_and_the_move_of_latest_never_le
 
 #[tokio::test]
 async fn manifest_ages_are_judged_on_the_servers_clock_not_their_writers() {
-    let mut p = Pipeline::start("gc-clock").await;
-    p.commit(puts(0..500, 1)).await;
+    let mut p = start("gc-clock").await;
+    p.commit(puts(0..500, 1), 512 * 1024).await;
     p.snapshot(None).await;
-    p.commit(puts(0..500, 2)).await;
+    p.commit(puts(0..500, 2), 512 * 1024).await;
     let m2 = p.snapshot(None).await;
     // M2's writer's clock is two hours behind: its manifest says it is two hours old.
     let mut skewed = m2.clone();
@@ -212,12 +147,12 @@ async fn rewrite_with_clock_off(p: &Pipeline, m: &Manifest, shift_ms: i64) -> St
 
 #[tokio::test]
 async fn manifests_are_listed_by_their_place_in_the_history_not_by_their_writers_clock() {
-    let mut p = Pipeline::start("list-clock").await;
-    p.commit(puts(0..100, 1)).await;
+    let mut p = start("list-clock").await;
+    p.commit(puts(0..100, 1), 512 * 1024).await;
     let m1 = p.snapshot(None).await;
-    p.commit(puts(0..100, 2)).await;
+    p.commit(puts(0..100, 2), 512 * 1024).await;
     let m2 = p.snapshot(None).await;
-    p.commit(puts(0..100, 3)).await;
+    p.commit(puts(0..100, 3), 512 * 1024).await;
     let m3 = p.snapshot(None).await;
     // M1's writer's clock is an hour ahead, M2's two hours behind.
     let k1 = rewrite_with_clock_off(&p, &m1, 3600 * 1000).await;
@@ -243,14 +178,14 @@ async fn manifests_are_listed_by_their_place_in_the_history_not_by_their_writers
 #[tokio::test]
 async fn recovery_past_a_damaged_latest_takes_the_newest_older_snapshot_whatever_its_writers_clock()
 {
-    let mut p = Pipeline::start("fallback-clock").await;
-    p.commit(puts(0..100, 1)).await;
+    let mut p = start("fallback-clock").await;
+    p.commit(puts(0..100, 1), 512 * 1024).await;
     let m1 = p.snapshot(None).await;
-    p.commit(puts(0..100, 2)).await;
+    p.commit(puts(0..100, 2), 512 * 1024).await;
     let m2 = p.snapshot(None).await;
-    p.commit(puts(0..100, 3)).await;
+    p.commit(puts(0..100, 3), 512 * 1024).await;
     let m3 = p.snapshot(None).await;
-    p.commit(puts(0..10, 4)).await;
+    p.commit(puts(0..10, 4), 512 * 1024).await;
     // M2's writer's clock was two hours behind; the latest manifest (M3) is damaged.
     rewrite_with_clock_off(&p, &m2, -2 * 3600 * 1000).await;
     let k3 = deltasync_shared::snapshot::manifest_key(m3.lineage, m3.seq);

@@ -4,97 +4,14 @@
 //! Talks to nats-server through `deltasync_shared::{nats, store, history}`; publishes
 //! envelopes and tampers with the bucket through plain async-nats calls.
 
-use crate::support::{settings, unique_pipeline};
-use async_nats::jetstream::{self, kv};
+use crate::support::{puts, Pipeline};
 use deltasync_shared::codec::encode_envelope;
 use deltasync_shared::envelope::split_transaction;
 use deltasync_shared::history::{self, Classified};
-use deltasync_shared::settings::Settings;
 use deltasync_shared::snapshot::{chunk_key, LATEST_KEY};
 use deltasync_shared::store::{self, StoreError};
 use deltasync_shared::{names, nats, Change, Lineage, State};
-use deltasync_testkit::NatsServer;
 use std::time::Duration;
-
-struct Pipeline {
-    _server: NatsServer,
-    settings: Settings,
-    js: jetstream::Context,
-    kv: kv::Store,
-    /// The producer's state, and the stream sequence of its last envelope.
-    state: State,
-    stream_seq: u64,
-}
-
-impl Pipeline {
-    async fn start(prefix: &str) -> Pipeline {
-        let server = NatsServer::start();
-        let mut s = settings(&server.url(), &unique_pipeline(prefix));
-        s.snapshot.chunk_target_bytes = 64 * 1024;
-        let client = nats::connect(&s.nats).await.unwrap();
-        let js = nats::jetstream(client, &s.nats);
-        nats::ensure_stream(&js, &s).await.unwrap();
-        let kv = nats::ensure_bucket(&js, &s).await.unwrap();
-        Pipeline {
-            _server: server,
-            settings: s,
-            js,
-            kv,
-            state: State::new(Lineage::random()),
-            stream_seq: 0,
-        }
-    }
-
-    /// Commits a transaction as a producer would: apply, split, publish, await acks.
-    async fn commit(&mut self, changes: Vec<Change>, max_bytes: usize) -> Vec<u64> {
-        let digest = self.state.apply_changes(&changes);
-        let envs = split_transaction(
-            self.state.lineage(),
-            self.state.seq() + 1,
-            digest,
-            0,
-            changes,
-            max_bytes,
-        );
-        let mut seqs = Vec::new();
-        for e in &envs {
-            seqs.push(self.publish_raw(encode_envelope(e).unwrap()).await);
-        }
-        let last = envs.last().unwrap().seq;
-        let lineage = self.state.lineage();
-        self.state.set_position(lineage, last);
-        seqs
-    }
-
-    async fn publish_raw(&mut self, payload: Vec<u8>) -> u64 {
-        let subject = names::subject(&self.settings.pipeline);
-        let ack = self.js.publish(subject, payload.into()).await.unwrap();
-        let seq = ack.await.unwrap().sequence;
-        self.stream_seq = seq;
-        seq
-    }
-
-    async fn snapshot(
-        &self,
-        prev: Option<(&store::Loaded, &State)>,
-    ) -> deltasync_shared::snapshot::Manifest {
-        store::write_snapshot(
-            &self.js,
-            &self.settings,
-            &self.state,
-            self.stream_seq,
-            prev.map(|(l, s)| (&l.manifest, s)),
-        )
-        .await
-        .unwrap()
-    }
-}
-
-fn puts(range: std::ops::Range<usize>, tag: u8) -> Vec<Change> {
-    range
-        .map(|i| Change::put(format!("key-{i:07}"), vec![tag; 100]))
-        .collect()
-}
 
 #[tokio::test]
 async fn a_snapshot_written_to_the_bucket_loads_back_verified() {
@@ -131,7 +48,7 @@ async fn an_incremental_snapshot_writes_a_small_fraction_and_a_replica_behind_fe
         .map(|i| Change::put(format!("key-{:07}", i * 97), vec![2; 100]))
         .collect();
     p.commit(churn, 1 << 20).await;
-    let m2 = p.snapshot(Some((&l1, &s1))).await;
+    let m2 = p.snapshot(Some((&l1.manifest, &s1))).await;
     assert_eq!(m2.base_seq, m1.seq, "stacked on the same base");
     assert!(
         m2.bytes_written * 20 < m1.bytes_written,

@@ -1,9 +1,16 @@
-//! Helpers shared by the integration tests: unique names, settings for a test server, and
-//! waiting on a condition with a deadline.
+//! Helpers shared by the integration tests: unique names, settings for a test server,
+//! waiting on a condition with a deadline, and a producer-less pipeline to snapshot.
 //!
 //! Talks to nothing itself; the tests pass it a server URL from `deltasync-testkit`.
 
+use async_nats::jetstream::{self, kv};
+use deltasync_shared::codec::encode_envelope;
+use deltasync_shared::envelope::split_transaction;
 use deltasync_shared::settings::{Settings, StorageKind};
+use deltasync_shared::snapshot::Manifest;
+use deltasync_shared::store;
+use deltasync_shared::{names, nats, Change, Lineage, State};
+use deltasync_testkit::NatsServer;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -47,4 +54,86 @@ where
             Err(err) => panic!("{what}: still failing after {deadline:?}: {err}"),
         }
     }
+}
+
+/// A pipeline without a producer: a test server, its stream and bucket, and a state the test
+/// publishes as a producer would and snapshots through `store`.
+pub struct Pipeline {
+    _server: NatsServer,
+    pub settings: Settings,
+    pub js: jetstream::Context,
+    pub kv: kv::Store,
+    /// The producer's state, and the stream sequence of its last envelope.
+    pub state: State,
+    pub stream_seq: u64,
+}
+
+impl Pipeline {
+    /// Started with 64 KiB chunks.
+    pub async fn start(prefix: &str) -> Pipeline {
+        Pipeline::start_with(prefix, |_| {}).await
+    }
+
+    /// Started with 64 KiB chunks and what `tweak` changes.
+    pub async fn start_with(prefix: &str, tweak: impl FnOnce(&mut Settings)) -> Pipeline {
+        let server = NatsServer::start();
+        let mut s = settings(&server.url(), &unique_pipeline(prefix));
+        s.snapshot.chunk_target_bytes = 64 * 1024;
+        tweak(&mut s);
+        let client = nats::connect(&s.nats).await.unwrap();
+        let js = nats::jetstream(client, &s.nats);
+        nats::ensure_stream(&js, &s).await.unwrap();
+        let kv = nats::ensure_bucket(&js, &s).await.unwrap();
+        Pipeline {
+            _server: server,
+            settings: s,
+            js,
+            kv,
+            state: State::new(Lineage::random()),
+            stream_seq: 0,
+        }
+    }
+
+    /// Commits a transaction as a producer would: apply, split, publish, await acks.
+    pub async fn commit(&mut self, changes: Vec<Change>, max_bytes: usize) -> Vec<u64> {
+        let digest = self.state.apply_changes(&changes);
+        let envs = split_transaction(
+            self.state.lineage(),
+            self.state.seq() + 1,
+            digest,
+            0,
+            changes,
+            max_bytes,
+        );
+        let mut seqs = Vec::new();
+        for e in &envs {
+            seqs.push(self.publish_raw(encode_envelope(e).unwrap()).await);
+        }
+        let last = envs.last().unwrap().seq;
+        let lineage = self.state.lineage();
+        self.state.set_position(lineage, last);
+        seqs
+    }
+
+    pub async fn publish_raw(&mut self, payload: Vec<u8>) -> u64 {
+        let subject = names::subject(&self.settings.pipeline);
+        let ack = self.js.publish(subject, payload.into()).await.unwrap();
+        let seq = ack.await.unwrap().sequence;
+        self.stream_seq = seq;
+        seq
+    }
+
+    /// Writes a snapshot of the state at the last published envelope.
+    pub async fn snapshot(&self, prev: Option<(&Manifest, &State)>) -> Manifest {
+        store::write_snapshot(&self.js, &self.settings, &self.state, self.stream_seq, prev)
+            .await
+            .unwrap()
+    }
+}
+
+/// Puts of 100-byte values `tag` for keys `range`.
+pub fn puts(range: std::ops::Range<usize>, tag: u8) -> Vec<Change> {
+    range
+        .map(|i| Change::put(format!("key-{i:07}"), vec![tag; 100]))
+        .collect()
 }
