@@ -84,11 +84,16 @@ async fn three_consumers_converge_to_the_real_producers_digest() {
     producer.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_lineage_started_by_the_operator_is_resynced_downloading_only_what_differs() {
-    logs();
-    let server = NatsServer::start();
-    let settings = producer_settings(&server.url(), "newlineage");
+/// A durable replica follows 3000 keys, the producer stops, the operator starts a new lineage
+/// `from` and commits one change on it. Returns the replica's status once it follows the new
+/// lineage there (after checking the digest and that one lineage change was recorded), with
+/// the replica and the producer still running.
+async fn a_new_lineage_from(
+    server: &NatsServer,
+    name: &str,
+    from: NewLineage,
+) -> (deltasync_consumer::Status, Running, Producer) {
+    let settings = producer_settings(&server.url(), name);
     let producer = Producer::start(settings.clone()).await.unwrap();
     producer
         .commit(
@@ -100,13 +105,13 @@ async fn a_new_lineage_started_by_the_operator_is_resynced_downloading_only_what
         .unwrap();
     producer.snapshot().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let c = Running::start(settings.clone(), durable("nl-1", dir.path()));
+    let c = Running::start(settings.clone(), durable(&format!("{name}-1"), dir.path()));
     let old = producer.flush().await.unwrap();
     c.wait_until(|s| s.seq == old.seq).await;
     producer.shutdown().await.unwrap();
 
-    // The operator starts a new lineage keeping the state, then publishes on it.
-    let producer = Producer::start_new_lineage(settings.clone(), NewLineage::KeepState)
+    // The operator starts a new lineage, then publishes on it.
+    let producer = Producer::start_new_lineage(settings.clone(), from)
         .await
         .unwrap();
     producer
@@ -125,10 +130,21 @@ async fn a_new_lineage_started_by_the_operator_is_resynced_downloading_only_what
         "{:?}",
         s.decisions
     );
-    let last = s.last_resync.unwrap();
-    assert_eq!(last.reason, Reason::LineageChanged);
     assert_eq!(
-        last.bytes_fetched, 0,
+        s.last_resync.as_ref().unwrap().reason,
+        Reason::LineageChanged
+    );
+    (s, c, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_lineage_started_by_the_operator_is_resynced_downloading_only_what_differs() {
+    logs();
+    let server = NatsServer::start();
+    let (s, c, producer) = a_new_lineage_from(&server, "newlineage", NewLineage::KeepState).await;
+    assert_eq!(
+        s.last_resync.unwrap().bytes_fetched,
+        0,
         "the new lineage starts from the same state: nothing differs"
     );
     c.stop().await;
@@ -139,47 +155,13 @@ async fn a_new_lineage_started_by_the_operator_is_resynced_downloading_only_what
 async fn a_new_empty_lineage_started_by_the_operator_is_followed_from_the_empty_state() {
     logs();
     let server = NatsServer::start();
-    let settings = producer_settings(&server.url(), "newempty");
-    let producer = Producer::start(settings.clone()).await.unwrap();
-    producer
-        .commit(
-            (0..3000)
-                .map(|i| Change::put(key(i), value(1, i)))
-                .collect(),
-        )
-        .await
-        .unwrap();
-    producer.snapshot().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let c = Running::start(settings.clone(), durable("ne-1", dir.path()));
-    let old = producer.flush().await.unwrap();
-    c.wait_until(|s| s.seq == old.seq).await;
-    producer.shutdown().await.unwrap();
-
-    // The operator starts a new lineage from the empty state, then publishes on it.
-    let producer = Producer::start_new_lineage(settings.clone(), NewLineage::Empty)
-        .await
-        .unwrap();
-    producer
-        .commit(vec![Change::put(key(1), value(9, 1))])
-        .await
-        .unwrap();
-    let position = producer.flush().await.unwrap();
-    assert_ne!(position.lineage, old.lineage);
-    let s = c
-        .wait_until(|s| s.lineage == position.lineage.to_hex() && s.seq == position.seq)
-        .await;
-    assert_eq!(s.digest, position.digest.to_hex());
+    let (s, c, producer) = a_new_lineage_from(&server, "newempty", NewLineage::Empty).await;
     assert_eq!(s.entries, 1, "only what the new lineage holds");
     assert_eq!(
-        s.decisions.get(Reason::LineageChanged.as_str()),
-        Some(&1),
-        "{:?}",
-        s.decisions
+        s.last_resync.unwrap().bytes_fetched,
+        0,
+        "the empty state needs no download"
     );
-    let last = s.last_resync.unwrap();
-    assert_eq!(last.reason, Reason::LineageChanged);
-    assert_eq!(last.bytes_fetched, 0, "the empty state needs no download");
     c.stop().await;
     producer.shutdown().await.unwrap();
 }
