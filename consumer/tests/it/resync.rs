@@ -15,6 +15,23 @@ fn decided(s: &deltasync_consumer::Status, r: Reason) -> u64 {
     s.decisions.get(r.as_str()).copied().unwrap_or(0)
 }
 
+/// One lineage change was recorded, it restored `m`, and it kept the replica's state for the
+/// re-snapshot: only the differing ranges were fetched (less than half of the snapshot).
+fn assert_one_lineage_change_fetching_only_what_differs(
+    s: &deltasync_consumer::Status,
+    m: &deltasync_shared::snapshot::Manifest,
+) {
+    assert_eq!(decided(s, Reason::LineageChanged), 1, "{:?}", s.decisions);
+    let last = s.last_resync.clone().unwrap();
+    assert_eq!((last.reason, last.seq), (Reason::LineageChanged, m.seq));
+    assert!(
+        last.bytes_fetched * 2 < m.total_bytes(),
+        "only the differing ranges: {} of {} bytes",
+        last.bytes_fetched,
+        m.total_bytes()
+    );
+}
+
 #[tokio::test]
 async fn a_pruned_position_leads_to_a_resnapshot_with_reason_pruned_and_the_exact_state() {
     logs();
@@ -110,15 +127,7 @@ async fn a_lineage_start_marker_of_a_state_the_replica_lacks_waits_for_its_snaps
     p.churn(3, 5, 3000, 5).await;
 
     let s = c.wait_for(&p).await;
-    assert_eq!(decided(&s, Reason::LineageChanged), 1, "{:?}", s.decisions);
-    let last = s.last_resync.clone().unwrap();
-    assert_eq!((last.reason, last.seq), (Reason::LineageChanged, m.seq));
-    assert!(
-        last.bytes_fetched * 2 < m.total_bytes(),
-        "the replica kept its state for the re-snapshot: only the differing ranges, {} of {} bytes",
-        last.bytes_fetched,
-        m.total_bytes()
-    );
+    assert_one_lineage_change_fetching_only_what_differs(&s, &m);
     assert_same_state(&c.replica, &p);
     c.stop().await;
 }
@@ -144,15 +153,7 @@ async fn a_lineage_change_while_stopped_resyncs_to_the_new_lineages_snapshot() {
 
     let c = Running::start(p.consumer_settings(), durable("lin-1", dir.path()));
     let s = c.wait_for(&p).await;
-    assert_eq!(decided(&s, Reason::LineageChanged), 1, "{:?}", s.decisions);
-    let last = s.last_resync.clone().unwrap();
-    assert_eq!((last.reason, last.seq), (Reason::LineageChanged, m.seq));
-    assert!(
-        last.bytes_fetched * 2 < m.total_bytes(),
-        "only the differing ranges: {} of {} bytes",
-        last.bytes_fetched,
-        m.total_bytes()
-    );
+    assert_one_lineage_change_fetching_only_what_differs(&s, &m);
     assert_same_state(&c.replica, &p);
     c.stop().await;
 }
