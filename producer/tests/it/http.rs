@@ -32,9 +32,8 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 async fn http_serves_health_readiness_metrics_and_status() {
     let server = NatsServer::start();
     let pipeline = support::pipeline("http");
-    let p = Producer::start(support::settings(&server.url(), &pipeline))
-        .await
-        .expect("start");
+    let settings = support::settings(&server.url(), &pipeline);
+    let p = Producer::start(settings.clone()).await.expect("start");
     let r = p.commit(vec![Change::put("a", "1")]).await.expect("commit");
     let stop = CancellationToken::new();
     let (addr, task) = http::spawn(
@@ -68,6 +67,12 @@ async fn http_serves_health_readiness_metrics_and_status() {
     assert_eq!(status["digest"], r.digest.to_hex());
     assert_eq!(status["phase"], "running");
     assert!(status.get("last_snapshot").is_some());
+    // Publishing flows, held back against the limits the stream was created with.
+    assert!(status["held_back"].is_null(), "{status}");
+    assert_eq!(
+        status["retention_limits"]["max_messages"], settings.stream.max_messages,
+        "{status}"
+    );
     let observer = p.observer();
     p.shutdown().await.expect("shutdown");
     assert!(!observer.ready());
