@@ -271,15 +271,15 @@ async fn main() -> Result<()> {
     let final_status = {
         // The producer has exited; its last status is what the stream holds: read it back
         // from the consumers' view of the stream head.
-        let s = deltasync_shared::settings::Settings {
+        let s = deltasync_config::settings::Settings {
             pipeline: "demo".into(),
             ..Default::default()
         };
         let mut settings = s;
         settings.nats.url = url.clone();
-        let client = deltasync_shared::nats::connect(&settings.nats).await?;
-        let js = deltasync_shared::nats::jetstream(client, &settings.nats);
-        deltasync_shared::history::recover(&js, &settings)
+        let client = deltasync_nats::connect(&settings.nats).await?;
+        let js = deltasync_nats::jetstream(client, &settings.nats);
+        deltasync_nats::history::recover(&js, &settings)
             .await?
             .context("the pipeline has no history")?
     };

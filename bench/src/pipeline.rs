@@ -5,7 +5,7 @@
 //! state the benchmark builds itself, never only against what a library says of itself.
 //!
 //! Talks to the benchmark's nats-server through `deltasync_producer::Producer`,
-//! `deltasync_consumer::Consumer`, `deltasync_shared::{nats, store, history}` and, for the
+//! `deltasync_consumer::Consumer`, `deltasync_nats` and, for the
 //! baselines, async-nats directly.
 //!
 //! ```text
@@ -20,12 +20,13 @@ use crate::scenarios::{key, publish_windowed, Rng, Sizes};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
+use deltasync_config::settings::Settings;
 use deltasync_consumer::{BatchKind, Consumer, Options, Storage};
+use deltasync_core::digest::BucketDigests;
+use deltasync_core::envelope::{now_ms, split_transaction};
+use deltasync_core::{codec, names, Change, Digest, Lineage, State};
+use deltasync_nats::{history, store};
 use deltasync_producer::Producer;
-use deltasync_shared::digest::BucketDigests;
-use deltasync_shared::envelope::{now_ms, split_transaction};
-use deltasync_shared::settings::Settings;
-use deltasync_shared::{codec, history, names, nats, store, Change, Digest, Lineage, State};
 use futures::StreamExt;
 use serde_json::json;
 use std::collections::HashMap;
@@ -167,8 +168,8 @@ pub async fn producer_ingest(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Re
     );
 
     // What the stream holds: every envelope, in order, with every change.
-    let client = nats::connect(&s.nats).await?;
-    let js = nats::jetstream(client, &s.nats);
+    let client = deltasync_nats::connect(&s.nats).await?;
+    let js = deltasync_nats::jetstream(client, &s.nats);
     let b = history::bounds(&js, &s).await?;
     ensure!(
         b.messages == position.seq && b.last_seq == position.stream_seq,
@@ -184,7 +185,7 @@ pub async fn producer_ingest(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Re
     js.delete_key_value(names::bucket_name(&s.pipeline))
         .await
         .context("deleting the ingest pipeline's snapshot bucket")?;
-    nats::ensure_bucket(&js, &s)
+    deltasync_nats::ensure_bucket(&js, &s)
         .await
         .context("creating the ingest pipeline's snapshot bucket again, empty")?;
     let (payloads, raw_read) = read_all(&js, &s, b.last_seq).await?;
@@ -215,7 +216,7 @@ pub async fn producer_ingest(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Re
 
     // Raw: the same bytes, published with the same window, to a stream of their own.
     let raw_s = settings(url, "bench-ingest-raw")?;
-    nats::ensure_stream(&js, &raw_s).await?;
+    deltasync_nats::ensure_stream(&js, &raw_s).await?;
     let raw = publish_windowed(
         &js,
         &names::subject(&raw_s.pipeline),
@@ -636,9 +637,9 @@ pub async fn latency(url: &str, sizes: Sizes, timing: Timing, rows: &mut Vec<Row
             .max(16)
     };
     let raw_s = settings(url, "bench-latency-raw")?;
-    let client = nats::connect(&raw_s.nats).await?;
-    let js = nats::jetstream(client, &raw_s.nats);
-    nats::ensure_stream(&js, &raw_s).await?;
+    let client = deltasync_nats::connect(&raw_s.nats).await?;
+    let js = deltasync_nats::jetstream(client, &raw_s.nats);
+    deltasync_nats::ensure_stream(&js, &raw_s).await?;
     let subject = names::subject(&raw_s.pipeline);
     let stream = js.get_stream(names::stream_name(&raw_s.pipeline)).await?;
     let reader = stream
@@ -855,13 +856,13 @@ pub async fn snapshot_during(
     // The snapshot loads back to the digest it records, which is the one the stream's
     // envelope at its position records. (Not `latest`: the clean shutdown wrote a final
     // snapshot of the envelopes published after it.)
-    let client = nats::connect(&s.nats).await?;
-    let js = nats::jetstream(client, &s.nats);
+    let client = deltasync_nats::connect(&s.nats).await?;
+    let js = deltasync_nats::jetstream(client, &s.nats);
     let kv = store::bucket(&js, &s).await?;
     let lineage = Lineage::from_hex(&info.lineage)?;
     let manifest = store::read_manifest(
         &kv,
-        &deltasync_shared::snapshot::manifest_key(lineage, info.seq),
+        &deltasync_core::snapshot::manifest_key(lineage, info.seq),
     )
     .await?;
     let loaded = store::load(&kv, manifest).await?;

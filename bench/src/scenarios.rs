@@ -8,12 +8,14 @@ use crate::report::{bytes, rate, secs, Row};
 use anyhow::{bail, ensure, Context as _, Result};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::digest::BucketDigests;
-use deltasync_shared::envelope::{now_ms, split_transaction};
-use deltasync_shared::history::{Classified, Tail};
-use deltasync_shared::settings::{Settings, StorageKind};
-use deltasync_shared::{names, nats, store, Change, Lineage, State};
+use deltasync_config::settings::{Settings, StorageKind};
+use deltasync_core::codec::encode_envelope;
+use deltasync_core::digest::BucketDigests;
+use deltasync_core::envelope::{now_ms, split_transaction};
+use deltasync_core::recovery::Classified;
+use deltasync_core::{names, Change, Lineage, State};
+use deltasync_nats::history::Tail;
+use deltasync_nats::store;
 use futures::StreamExt;
 use serde_json::json;
 use std::collections::HashMap;
@@ -83,10 +85,10 @@ pub fn settings(url: &str, pipeline: &str) -> Result<Settings> {
 
 /// Connects and creates the pipeline's stream and bucket.
 pub async fn open(s: &Settings) -> Result<(jetstream::Context, kv::Store)> {
-    let client = nats::connect(&s.nats).await?;
-    let js = nats::jetstream(client, &s.nats);
-    nats::ensure_stream(&js, s).await?;
-    let kv = nats::ensure_bucket(&js, s).await?;
+    let client = deltasync_nats::connect(&s.nats).await?;
+    let js = deltasync_nats::jetstream(client, &s.nats);
+    deltasync_nats::ensure_stream(&js, s).await?;
+    let kv = deltasync_nats::ensure_bucket(&js, s).await?;
     Ok((js, kv))
 }
 
@@ -534,8 +536,8 @@ pub fn memory_probe(keys: usize, value_bytes: usize) -> Result<()> {
         for c in &changes {
             if let Some(v) = c.value() {
                 digests.add(
-                    deltasync_shared::digest::bucket_of(c.key()),
-                    deltasync_shared::digest::entry_hash(c.key(), v),
+                    deltasync_core::digest::bucket_of(c.key()),
+                    deltasync_core::digest::entry_hash(c.key(), v),
                 );
             }
         }
@@ -543,7 +545,7 @@ pub fn memory_probe(keys: usize, value_bytes: usize) -> Result<()> {
             seq = e.seq;
             let bytes = encode_envelope(&e)?;
             drop(e);
-            let decoded = deltasync_shared::codec::decode_envelope(&bytes)?;
+            let decoded = deltasync_core::codec::decode_envelope(&bytes)?;
             replica
                 .apply(&decoded)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -611,7 +613,7 @@ pub fn wire_bytes(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
         for _ in 0..cycles {
             book.step();
             let next = book.to_state();
-            let changes = deltasync_shared::diff(&prev, &next);
+            let changes = deltasync_core::diff(&prev, &next);
             let digest = replica.apply_changes(&changes);
             let envs = split_transaction(
                 replica.lineage(),

@@ -14,11 +14,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
+use deltasync_config::settings::{Settings, StorageKind};
 use deltasync_consumer::{Consumer, Options, Storage};
-use deltasync_shared::codec::{decode_envelope, encode_envelope};
-use deltasync_shared::envelope::split_transaction;
-use deltasync_shared::settings::{Settings, StorageKind};
-use deltasync_shared::{names, nats, Change, Lineage, State};
+use deltasync_core::codec::{decode_envelope, encode_envelope};
+use deltasync_core::envelope::split_transaction;
+use deltasync_core::{names, Change, Lineage, State};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -130,7 +130,7 @@ fn main() {
     let mut sink = 0u8;
     for i in 0..n {
         let k = format!("instrument-{i:08}");
-        sink ^= deltasync_shared::digest::entry_hash(&k, &[b'v'; 64]).0[0];
+        sink ^= deltasync_core::digest::entry_hash(&k, &[b'v'; 64]).0[0];
     }
     let hash = t.elapsed();
     println!(
@@ -252,11 +252,11 @@ fn main() {
 async fn publish(
     settings: &Settings,
     a: &Args,
-) -> (Vec<Bytes>, (Lineage, deltasync_shared::Digest, u64)) {
-    let client = nats::connect(&settings.nats).await.unwrap();
-    let js = nats::jetstream(client, &settings.nats);
-    nats::ensure_stream(&js, settings).await.unwrap();
-    nats::ensure_bucket(&js, settings).await.unwrap();
+) -> (Vec<Bytes>, (Lineage, deltasync_core::Digest, u64)) {
+    let client = deltasync_nats::connect(&settings.nats).await.unwrap();
+    let js = deltasync_nats::jetstream(client, &settings.nats);
+    deltasync_nats::ensure_stream(&js, settings).await.unwrap();
+    deltasync_nats::ensure_bucket(&js, settings).await.unwrap();
     let subject = names::subject(&settings.pipeline);
     let lineage = Lineage::random();
     let mut state = State::new(lineage);
@@ -281,7 +281,7 @@ async fn publish(
             lineage,
             state.seq() + 1,
             digest,
-            deltasync_shared::envelope::now_ms(),
+            deltasync_core::envelope::now_ms(),
             changes,
             900 * 1024,
         );

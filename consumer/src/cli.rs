@@ -2,7 +2,7 @@
 //! compose validation) parse exactly what the binary parses.
 
 use clap::{Args, Parser, Subcommand};
-use deltasync_shared::settings::CONFIG_FILE_ENV;
+use deltasync_config::settings::CONFIG_FILE_ENV;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

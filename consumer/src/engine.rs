@@ -2,7 +2,7 @@
 //! then reads the pipeline's stream, applies envelopes, commits batches of them with the
 //! cursor, and re-snapshots when the history it needs is gone or its replica diverged.
 //!
-//! Talks to JetStream through `deltasync_shared::{history, store}` (the stream tail, stream
+//! Talks to JetStream through `deltasync_nats` (the stream tail, stream
 //! bounds, snapshots), to the local store on blocking threads, to the server-side marker, and
 //! publishes into the [`Replica`] handle.
 //!
@@ -44,11 +44,14 @@ use crate::marker::Marker;
 use crate::replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord, StatusEvent};
 use crate::ConsumerError;
 use async_nats::jetstream::{self, kv};
-use deltasync_shared::envelope::now_ms;
-use deltasync_shared::history::{self, Classified, HistoryError, StreamItem, Tail};
-use deltasync_shared::settings::Settings;
-use deltasync_shared::state::diff;
-use deltasync_shared::{names, store, Envelope, Lineage, State};
+use deltasync_config::settings::Settings;
+use deltasync_core::envelope::now_ms;
+use deltasync_core::recovery;
+use deltasync_core::recovery::Classified;
+use deltasync_core::state::diff;
+use deltasync_core::{names, Envelope, Lineage, State};
+use deltasync_nats::history::{self, HistoryError, StreamItem, Tail};
+use deltasync_nats::store;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -523,7 +526,7 @@ impl Engine {
             .await
             .map_err(|e| failed(e.to_string()))?;
         match stream.get_raw_message(at).await {
-            Ok(m) => Ok(Some(history::classify(&m.payload))),
+            Ok(m) => Ok(Some(recovery::classify(&m.payload))),
             Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(failed(e.to_string())),
         }

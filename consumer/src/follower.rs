@@ -52,9 +52,9 @@
 
 use crate::local::Cursor;
 use crate::replica::{BatchKind, ChangeBatch, Reason};
-use deltasync_shared::envelope::MAX_TXN_PARTS;
-use deltasync_shared::history::Classified;
-use deltasync_shared::{Applied, ApplyError, Change, Digest, Envelope, Lineage, State};
+use deltasync_core::envelope::MAX_TXN_PARTS;
+use deltasync_core::recovery::Classified;
+use deltasync_core::{Applied, ApplyError, Change, Digest, Envelope, Lineage, State};
 use std::time::Duration;
 
 /// How long the reader may deliver nothing while the stream holds messages after the

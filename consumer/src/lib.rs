@@ -11,7 +11,7 @@
 //! digest differs — and says why, in logs and metrics.
 //!
 //! Talks to NATS JetStream (the stream and the snapshot bucket, through
-//! `deltasync_shared::{history, store}`; a per-replica durable consumer as a position marker,
+//! `deltasync_nats`; a per-replica durable consumer as a position marker,
 //! through [`marker`]), to the local disk ([`local`]) and to HTTP clients ([`http`]).
 //!
 //! ```text
@@ -33,7 +33,7 @@
 //!
 //! ```no_run
 //! use deltasync_consumer::{BatchKind, Consumer, Options, Storage};
-//! use deltasync_shared::settings::Settings;
+//! use deltasync_config::settings::Settings;
 //! use tokio_util::sync::CancellationToken;
 //!
 //! # async fn example() -> anyhow::Result<()> {
@@ -95,10 +95,10 @@ pub use replica::{
     BatchKind, ChangeBatch, HeadroomStatus, Reason, Replica, ResyncRecord, Status, View,
 };
 
-use deltasync_shared::history::HistoryError;
-use deltasync_shared::nats::NatsError;
-use deltasync_shared::settings::Settings;
-use deltasync_shared::store::StoreError;
+use deltasync_config::settings::Settings;
+use deltasync_nats::history::HistoryError;
+use deltasync_nats::store::StoreError;
+use deltasync_nats::NatsError;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -308,8 +308,8 @@ impl Consumer {
                 "Local replica loaded"
             );
         }
-        let client = deltasync_shared::nats::connect(&self.settings.nats).await?;
-        let js = deltasync_shared::nats::jetstream(client.clone(), &self.settings.nats);
+        let client = deltasync_nats::connect(&self.settings.nats).await?;
+        let js = deltasync_nats::jetstream(client.clone(), &self.settings.nats);
         let Some(kv) = self.wait_for_pipeline(&js, cancel).await? else {
             return Ok(Outcome {
                 cursor: loaded.map(|l| l.cursor).unwrap_or_default(),
@@ -351,8 +351,8 @@ impl Consumer {
     ) -> Result<Option<async_nats::jetstream::kv::Store>, ConsumerError> {
         let mut delay = Duration::from_millis(200);
         loop {
-            let found = match deltasync_shared::history::bounds(js, &self.settings).await {
-                Ok(_) => deltasync_shared::store::bucket(js, &self.settings)
+            let found = match deltasync_nats::history::bounds(js, &self.settings).await {
+                Ok(_) => deltasync_nats::store::bucket(js, &self.settings)
                     .await
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),

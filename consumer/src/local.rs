@@ -32,7 +32,7 @@
 
 use crate::replica::ChangeBatch;
 use bytes::Bytes;
-use deltasync_shared::{Digest, Lineage, State};
+use deltasync_core::{Digest, Lineage, State};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -444,7 +444,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::replica::BatchKind;
-    use deltasync_shared::Change;
+    use deltasync_core::Change;
 
     fn batch(seq: u64, changes: Vec<Change>) -> Arc<ChangeBatch> {
         Arc::new(ChangeBatch {

@@ -2,9 +2,9 @@
 //! token (Ctrl-C, SIGTERM), then calls the library's `run` — or `dump`, which needs no NATS.
 
 use anyhow::Context;
+use deltasync_config::settings::{Overrides, Settings};
 use deltasync_consumer::cli::{Cli, Command, RunArgs};
 use deltasync_consumer::{ops, Options, Storage};
-use deltasync_shared::settings::{Overrides, Settings};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
@@ -91,7 +91,7 @@ where
         },
     )
     .context("loading settings")?;
-    deltasync_shared::telemetry::init(&settings.log).context("setting up logging")?;
+    deltasync_config::telemetry::init(&settings.log).context("setting up logging")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,7 +121,7 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         settings.consumer.http = Some(addr);
     }
     settings.validate().context("checking settings")?;
-    deltasync_shared::telemetry::init(&settings.log).context("setting up logging")?;
+    deltasync_config::telemetry::init(&settings.log).context("setting up logging")?;
     let mut options = Options::from_settings(&settings);
     options.once = args.once;
     tracing::info!(

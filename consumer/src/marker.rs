@@ -5,7 +5,7 @@
 //!
 //! Talks to JetStream: consumer create/update and consumer reset (nats-server 2.14, ADR-60).
 //! This is the only module of the crate that calls async-nats itself; the stream and the
-//! bucket are read through `deltasync_shared::{history, store}`.
+//! bucket are read through `deltasync_nats`.
 //!
 //! ## Invariants
 //!
@@ -20,8 +20,8 @@
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::ConsumerResetErrorKind;
 use async_nats::jetstream::{self};
-use deltasync_shared::names;
-use deltasync_shared::settings::Settings;
+use deltasync_config::settings::Settings;
+use deltasync_core::names;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

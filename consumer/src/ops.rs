@@ -17,19 +17,20 @@
 //!   multi-part transaction starts at the next whole one and says so on stderr.
 //! - `status` judges headroom by the stream's own limits (its configuration on the server),
 //!   the minimum over messages, bytes and age. A running consumer judges its own the same way
-//!   (`nats::position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one stream info
+//!   (`deltasync_nats::position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one stream info
 //!   request per period whatever the HTTP traffic, and a status read never waits on NATS.
 
 use crate::local::{Cursor, LocalStore};
 use crate::replica::{BatchKind, ChangeBatch};
 use async_nats::jetstream;
 use async_nats::jetstream::stream::DirectGetErrorKind;
-use deltasync_shared::history::{classify, Classified, HistoryError};
-pub use deltasync_shared::retention::{headroom, Headroom, PositionHeadroom};
-use deltasync_shared::settings::Settings;
-use deltasync_shared::snapshot::Manifest;
-use deltasync_shared::store::{self, StoreError};
-use deltasync_shared::{names, nats, ApplyError, Change, Envelope, Lineage, State};
+use deltasync_config::settings::Settings;
+use deltasync_core::recovery::{classify, Classified};
+pub use deltasync_core::retention::{headroom, Headroom, PositionHeadroom};
+use deltasync_core::snapshot::Manifest;
+use deltasync_core::{names, ApplyError, Change, Envelope, Lineage, State};
+use deltasync_nats::history::HistoryError;
+use deltasync_nats::store::{self, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use std::io::Write;
@@ -41,7 +42,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
     #[error(transparent)]
-    Nats(#[from] nats::NatsError),
+    Nats(#[from] deltasync_nats::NatsError),
     #[error(transparent)]
     History(#[from] HistoryError),
     #[error(transparent)]
@@ -99,8 +100,8 @@ pub enum OpsError {
 }
 
 async fn connect(settings: &Settings) -> Result<jetstream::Context, OpsError> {
-    let client = nats::connect(&settings.nats).await?;
-    Ok(nats::jetstream(client, &settings.nats))
+    let client = deltasync_nats::connect(&settings.nats).await?;
+    Ok(deltasync_nats::jetstream(client, &settings.nats))
 }
 
 /// The current lineage: the latest snapshot's, else the first envelope's.
@@ -272,7 +273,7 @@ async fn scan(
     lineage: Option<Lineage>,
     mut f: impl FnMut(u64, Envelope) -> Result<bool, OpsError>,
 ) -> Result<(), OpsError> {
-    let bounds = nats::stream_bounds(js, settings).await?;
+    let bounds = deltasync_nats::stream_bounds(js, settings).await?;
     if bounds.messages == 0 || from > bounds.last_seq {
         return Ok(());
     }
@@ -377,7 +378,7 @@ pub async fn replay(
 ) -> Result<ReplaySummary, OpsError> {
     let js = connect(settings).await?;
     let manifest = current_manifest(&js, settings).await?;
-    let bounds = nats::stream_bounds(&js, settings).await?;
+    let bounds = deltasync_nats::stream_bounds(&js, settings).await?;
     // The first retained envelope of the current lineage tells whether `from` survives.
     let lineage = manifest.as_ref().map(|m| m.lineage);
     let mut first: Option<(u64, u64)> = None;
@@ -806,12 +807,14 @@ pub(crate) async fn refresh_headroom(
             }
             match (
                 &stream,
-                nats::stream_bounds_and_limits(&js, &settings).await,
+                deltasync_nats::stream_bounds_and_limits(&js, &settings).await,
             ) {
                 (Some(stream), Ok((b, limits))) => {
                     let now = std::time::SystemTime::now();
-                    let h =
-                        nats::position_headroom(stream, &subject, &b, &limits, position, now).await;
+                    let h = deltasync_nats::position_headroom(
+                        stream, &subject, &b, &limits, position, now,
+                    )
+                    .await;
                     replica.set_headroom(crate::replica::HeadroomStatus {
                         position,
                         lag: h.lag,
@@ -819,7 +822,7 @@ pub(crate) async fn refresh_headroom(
                         messages: h.headroom.messages,
                         secs: h.headroom.secs,
                         limit: h.headroom.limit,
-                        at_ms: deltasync_shared::envelope::now_ms(),
+                        at_ms: deltasync_core::envelope::now_ms(),
                     });
                 }
                 (_, Err(e)) => {
@@ -841,12 +844,12 @@ pub(crate) async fn refresh_headroom(
 /// settings.
 pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
     let js = connect(settings).await?;
-    let (b, limits) = nats::stream_bounds_and_limits(&js, settings).await?;
+    let (b, limits) = deltasync_nats::stream_bounds_and_limits(&js, settings).await?;
     let now = std::time::SystemTime::now();
-    let (rate, oldest_age) = deltasync_shared::retention::rate_and_oldest_age(&b, now);
+    let (rate, oldest_age) = deltasync_core::retention::rate_and_oldest_age(&b, now);
     let kv = store::bucket(&js, settings).await?;
     let latest = store::read_pointer(&kv).await?.map(|(p, _)| p.manifest);
-    let now_ms = deltasync_shared::envelope::now_ms();
+    let now_ms = deltasync_core::envelope::now_ms();
     // Ages from when the server stored each manifest, not the writer's `created_at_ms`.
     let snapshots: Vec<SnapshotStatus> = store::list_manifests_with_stored_ms(&kv)
         .await?
@@ -882,7 +885,8 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         .filter(|i| i.config.durable_name.is_some())
     {
         let position = info.ack_floor.stream_sequence;
-        let h = nats::position_headroom(&stream, &subject, &b, &limits, position, now).await;
+        let h =
+            deltasync_nats::position_headroom(&stream, &subject, &b, &limits, position, now).await;
         let idle = info.delivered.last_active.map(|t| {
             let ts = t.unix_timestamp_nanos() as f64 / 1e9;
             let now = now_ms as f64 / 1000.0;

@@ -25,7 +25,7 @@
 use crate::local::Cursor;
 use crate::metrics::Metrics;
 use bytes::Bytes;
-use deltasync_shared::{Change, Digest, Lineage, State};
+use deltasync_core::{Change, Digest, Lineage, State};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

@@ -4,9 +4,9 @@
 //!
 //! `cargo run --release -p deltasync-producer --example ingest_bench -- 1000000`
 
+use deltasync_config::settings::Settings;
 use deltasync_producer::ingest::{self, Input};
 use deltasync_producer::Producer;
-use deltasync_shared::settings::Settings;
 use deltasync_testkit::NatsServer;
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +67,7 @@ fn phases(input: &[u8]) {
     }
     let parse = t.elapsed();
     let t = std::time::Instant::now();
-    let mut state = deltasync_shared::State::new(Default::default());
+    let mut state = deltasync_core::State::new(Default::default());
     for chunk in changes.chunks(4096) {
         state.apply_changes(chunk);
     }
@@ -75,7 +75,7 @@ fn phases(input: &[u8]) {
     let t = std::time::Instant::now();
     let mut bytes = 0;
     for chunk in changes.chunks(4096) {
-        let env = deltasync_shared::envelope::split_transaction(
+        let env = deltasync_core::envelope::split_transaction(
             Default::default(),
             1,
             state.digest(),
@@ -83,7 +83,7 @@ fn phases(input: &[u8]) {
             chunk.to_vec(),
             1 << 30,
         );
-        bytes += deltasync_shared::codec::encode_envelope(&env[0]).map_or(0, |b| b.len());
+        bytes += deltasync_core::codec::encode_envelope(&env[0]).map_or(0, |b| b.len());
     }
     let encode = t.elapsed();
     eprintln!("phases for {} changes: parse {parse:?}, apply {apply:?}, encode {encode:?} ({bytes} bytes)", changes.len());

@@ -12,7 +12,7 @@ use crate::producer::{NewLineage, Producer};
 use crate::sources::orderbook::{self, OrderbookOptions};
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
-use deltasync_shared::settings::{Overrides, Settings, CONFIG_FILE_ENV};
+use deltasync_config::settings::{Overrides, Settings, CONFIG_FILE_ENV};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -34,9 +34,9 @@ use crate::publisher::{Notify, Outgoing};
 use crate::snapshots::{
     Admit, Durable, Horizon, RetentionLimits, Schedule, SnapshotInfo, SnapshotJob, Stuck, Unblock,
 };
-use deltasync_shared::envelope::{now_ms, split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
-use deltasync_shared::settings::{Settings, ENVELOPE_STREAM_OVERHEAD};
-use deltasync_shared::{diff, Change, State};
+use deltasync_config::settings::{Settings, ENVELOPE_STREAM_OVERHEAD};
+use deltasync_core::envelope::{now_ms, split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
+use deltasync_core::{diff, Change, State};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -190,7 +190,7 @@ impl Engine {
         let err = match rx.await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(ProducerError::Snapshot {
-                source: deltasync_shared::store::StoreError::Stale { latest_seq, .. },
+                source: deltasync_nats::store::StoreError::Stale { latest_seq, .. },
                 ..
             })) if latest_seq >= seq => return Ok(()),
             Ok(Err(e)) => e,
@@ -747,7 +747,7 @@ mod tests {
         let envs = split_transaction(
             Lineage([1; 16]),
             1,
-            deltasync_shared::Digest::ZERO,
+            deltasync_core::Digest::ZERO,
             0,
             changes,
             250,

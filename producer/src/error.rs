@@ -4,11 +4,11 @@
 //! too long) is kept once behind an `Arc` and handed to every caller waiting on the producer
 //! afterwards; [`ProducerError::Fenced`] is rebuilt as itself so callers can match on it.
 
-use deltasync_shared::change::ChangeError;
-use deltasync_shared::history::HistoryError;
-use deltasync_shared::nats::NatsError;
-use deltasync_shared::settings::SettingsError;
-use deltasync_shared::store::StoreError;
+use deltasync_config::settings::SettingsError;
+use deltasync_core::change::ChangeError;
+use deltasync_nats::history::HistoryError;
+use deltasync_nats::store::StoreError;
+use deltasync_nats::NatsError;
 use std::sync::Arc;
 
 /// Why the producer could not start, publish or snapshot.
@@ -43,7 +43,7 @@ pub enum ProducerError {
     #[error(
         "a transaction of {changes} changes ({bytes} encoded bytes) needs {parts} envelopes, \
          more than the {max} a transaction may span",
-        max = deltasync_shared::envelope::MAX_TXN_PARTS
+        max = deltasync_core::envelope::MAX_TXN_PARTS
     )]
     TransactionTooLarge {
         /// Changes in the transaction.
@@ -150,7 +150,7 @@ pub enum ProducerError {
         seq: u64,
         /// The codec's error.
         #[source]
-        source: deltasync_shared::codec::EncodeError,
+        source: deltasync_core::codec::EncodeError,
     },
     /// Writing a snapshot failed.
     #[error("writing the snapshot at {seq}: {source}")]

@@ -29,8 +29,8 @@ use crate::error::ProducerError;
 use crate::producer::{Position, Producer};
 use base64::Engine as _;
 use bytes::Bytes;
-use deltasync_shared::change::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
-use deltasync_shared::{Change, Key};
+use deltasync_core::change::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use deltasync_core::{Change, Key};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -53,8 +53,8 @@ const MAX_LINE_BYTES: u64 = 1 << 30;
 /// The longest line `ingest` reads under `settings`: four times the largest transaction the
 /// pipeline publishes (JSON escaping and base64 make a change's text larger than its bytes),
 /// at least 4 MiB and at most 1 GiB.
-pub fn max_line_bytes(settings: &deltasync_shared::settings::Settings) -> u64 {
-    let parts = u64::from(deltasync_shared::envelope::MAX_TXN_PARTS)
+pub fn max_line_bytes(settings: &deltasync_config::settings::Settings) -> u64 {
+    let parts = u64::from(deltasync_core::envelope::MAX_TXN_PARTS)
         .min(settings.stream.envelope_room().unwrap_or(u64::MAX));
     let mut txn = parts.saturating_mul(settings.producer.batch_max_bytes as u64);
     if let Some(room) = settings.stream.byte_room() {

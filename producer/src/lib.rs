@@ -2,7 +2,7 @@
 //! publishes each change set as a delta envelope (gapless sequence, lineage, digest of the
 //! state after it) to the pipeline's JetStream stream, and keeps snapshots in its KV bucket.
 //!
-//! Talks to NATS (through `deltasync_shared::{nats, history, store}` and its own
+//! Talks to NATS (through `deltasync_nats` and its own
 //! [`publisher`]), to its inputs (the Rust API, NDJSON in [`ingest`], synthetic
 //! [`sources`]) and, optionally, to HTTP clients ([`http`]).
 //!
@@ -29,7 +29,7 @@
 //!
 //! ```no_run
 //! use deltasync_producer::{Change, Producer};
-//! use deltasync_shared::settings::Settings;
+//! use deltasync_config::settings::Settings;
 //!
 //! # async fn example() -> Result<(), deltasync_producer::ProducerError> {
 //! let mut settings = Settings::default();
@@ -55,7 +55,7 @@ pub mod publisher;
 mod snapshots;
 pub mod sources;
 
-pub use deltasync_shared::{Change, Key};
+pub use deltasync_core::{Change, Key};
 pub use error::ProducerError;
 pub use producer::{
     CommitReceipt, Lifecycle, NewLineage, Observer, PendingCommit, Position, Producer, Status,

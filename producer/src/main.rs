@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let args = Cli::parse();
     let settings = args.settings()?;
-    deltasync_shared::telemetry::init(&settings.log)?;
+    deltasync_config::telemetry::init(&settings.log)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     cli::run(args.command, settings, shutdown).await

@@ -2,24 +2,25 @@
 //! pipeline's status from NATS.
 //!
 //! Talks to the pipeline's stream (info, messages by sequence) and bucket through
-//! `deltasync_shared::{nats, history, store}`.
+//! `deltasync_nats`.
 //!
 //! ## Invariants
 //!
 //! - `status` reads the retention limits from the stream's own configuration on the server,
 //!   never from the caller's settings, and judges the latest snapshot's headroom (how much
 //!   more the stream can take before retention prunes an envelope no snapshot covers) the way
-//!   the consumer judges a replica's: `deltasync_shared::retention`, the minimum over
+//!   the consumer judges a replica's: `deltasync_core::retention`, the minimum over
 //!   messages, bytes and age. It changes nothing (no stream or bucket update).
 
 use crate::error::ProducerError;
 use crate::snapshots::SnapshotInfo;
 use async_nats::jetstream::stream::RawMessageErrorKind;
-use deltasync_shared::history::{self, classify, Classified};
-use deltasync_shared::names;
-use deltasync_shared::nats::{self, NatsError};
-use deltasync_shared::settings::Settings;
-use deltasync_shared::store::{self, StoreError};
+use deltasync_config::settings::Settings;
+use deltasync_core::names;
+use deltasync_core::recovery::{classify, Classified};
+use deltasync_nats::history;
+use deltasync_nats::store::{self, StoreError};
+use deltasync_nats::NatsError;
 use serde::Serialize;
 
 /// Attempts of `snapshot` when another writer (a running producer) moves `latest` between its
@@ -209,8 +210,8 @@ fn unlimited(v: Option<u64>) -> i64 {
 /// own, not `settings`'.
 pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, ProducerError> {
     settings.validate()?;
-    let client = nats::connect(&settings.nats).await?;
-    let js = nats::jetstream(client, &settings.nats);
+    let client = deltasync_nats::connect(&settings.nats).await?;
+    let js = deltasync_nats::jetstream(client, &settings.nats);
     let name = names::stream_name(&settings.pipeline);
     let mut out = PipelineStatus {
         pipeline: settings.pipeline.clone(),
@@ -220,7 +221,7 @@ pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, Prod
         last_snapshot: None,
         snapshot_headroom: None,
     };
-    let (bounds, limits) = match nats::stream_bounds_and_limits(&js, settings).await {
+    let (bounds, limits) = match deltasync_nats::stream_bounds_and_limits(&js, settings).await {
         Ok(b) => b,
         Err(NatsError::StreamNotFound { .. }) => return Ok(out),
         Err(e) => return Err(e.into()),
@@ -284,8 +285,15 @@ pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, Prod
         if let Some(m) = &latest {
             let now = std::time::SystemTime::now();
             let subject = names::subject(&settings.pipeline);
-            let h = nats::position_headroom(&stream, &subject, &bounds, &limits, m.stream_seq, now)
-                .await;
+            let h = deltasync_nats::position_headroom(
+                &stream,
+                &subject,
+                &bounds,
+                &limits,
+                m.stream_seq,
+                now,
+            )
+            .await;
             out.snapshot_headroom = Some(SnapshotHeadroom {
                 position: m.stream_seq,
                 uncovered: h.lag,

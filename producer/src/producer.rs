@@ -2,7 +2,7 @@
 //! pipeline's history), the calls a Rust program makes (commit, submit, full state, flush,
 //! snapshot, status, shutdown) and the shared status the HTTP endpoint reads.
 //!
-//! Talks to NATS only at start-up (through `deltasync_shared::{nats, history, store}`); after
+//! Talks to NATS only at start-up (through `deltasync_nats`); after
 //! that it hands work to the batching engine (its own thread) and the publisher task.
 //!
 //! ```text
@@ -18,7 +18,7 @@
 //! ## Invariants
 //!
 //! - A restart continues the recovered lineage, and only when recovery proved it saw every
-//!   envelope of it (`history::decide`): it never reuses a sequence number. A new lineage
+//!   envelope of it (`recovery::decide`): it never reuses a sequence number. A new lineage
 //!   starts only on an empty pipeline, through [`Producer::start_new_lineage`], or when the
 //!   history is lost and `producer.on_lost_history = "new_lineage"`.
 //! - A new lineage's first envelope is a marker published expecting the stream's last
@@ -33,14 +33,15 @@ use crate::metrics::Metrics;
 use crate::publisher::{envelope_message, Acked, Publisher};
 use crate::snapshots::{self, Durable, Phase, RetentionLimits, Schedule, SnapshotInfo};
 use bytes::Bytes;
-use deltasync_shared::change::Key;
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::envelope::{now_ms, Envelope, Lineage};
-use deltasync_shared::history::{HistoryError, Recovery};
-use deltasync_shared::names;
-use deltasync_shared::settings::{OnLostHistory, Settings};
-use deltasync_shared::snapshot::Manifest;
-use deltasync_shared::{history, nats, store, Change, Digest, State};
+use deltasync_config::settings::{OnLostHistory, Settings};
+use deltasync_core::change::Key;
+use deltasync_core::codec::encode_envelope;
+use deltasync_core::envelope::{now_ms, Envelope, Lineage};
+use deltasync_core::names;
+use deltasync_core::snapshot::Manifest;
+use deltasync_core::{Change, Digest, State};
+use deltasync_nats::history::{HistoryError, Recovery};
+use deltasync_nats::{history, store};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -346,7 +347,7 @@ struct Begin {
 ///
 /// ```no_run
 /// use deltasync_producer::{Change, Producer};
-/// use deltasync_shared::settings::{Overrides, Settings};
+/// use deltasync_config::settings::{Overrides, Settings};
 ///
 /// # async fn example() -> anyhow::Result<()> {
 /// let settings = Settings::load(None, Overrides {
@@ -941,10 +942,10 @@ pub(crate) async fn connect(
 ) -> Result<(async_nats::Client, async_nats::jetstream::Context), ProducerError> {
     settings.validate()?;
     snapshots::check_retention(settings)?;
-    let client = nats::connect(&settings.nats).await?;
-    let js = nats::jetstream(client.clone(), &settings.nats);
-    nats::ensure_stream(&js, settings).await?;
-    nats::ensure_bucket(&js, settings).await?;
+    let client = deltasync_nats::connect(&settings.nats).await?;
+    let js = deltasync_nats::jetstream(client.clone(), &settings.nats);
+    deltasync_nats::ensure_stream(&js, settings).await?;
+    deltasync_nats::ensure_bucket(&js, settings).await?;
     Ok((client, js))
 }
 

@@ -1,6 +1,6 @@
 //! Snapshot scheduling and the background snapshot task: decides when the producer's state
 //! is cut (every N envelopes, every T, and before the stream's retention could prune the
-//! envelopes after the latest snapshot), and writes the cuts through `deltasync_shared::store`
+//! envelopes after the latest snapshot), and writes the cuts through `deltasync_nats::store`
 //! off the publishing path.
 //!
 //! Talks to the snapshot bucket through `store::write_snapshot`; receives cuts from the
@@ -46,13 +46,13 @@
 
 use crate::error::ProducerError;
 use crate::producer::Shared;
-use deltasync_shared::nats::{self, StreamLimits};
-use deltasync_shared::settings::{
+use deltasync_config::settings::{
     Settings, StreamSettings, ENVELOPE_STREAM_OVERHEAD, MESSAGE_OVERHEAD_MARGIN,
 };
-use deltasync_shared::snapshot::Manifest;
-use deltasync_shared::state::State;
-use deltasync_shared::store::{self, StoreError};
+use deltasync_core::retention::StreamLimits;
+use deltasync_core::snapshot::Manifest;
+use deltasync_core::state::State;
+use deltasync_nats::store::{self, StoreError};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -526,7 +526,7 @@ impl Schedule {
 /// two snapshots (on top of `Settings::validate`).
 pub(crate) fn check_retention(settings: &Settings) -> Result<(), ProducerError> {
     let invalid = |key: &str, reason: String| {
-        ProducerError::Settings(deltasync_shared::settings::SettingsError::Invalid {
+        ProducerError::Settings(deltasync_config::settings::SettingsError::Invalid {
             key: key.to_owned(),
             reason,
         })
@@ -670,7 +670,7 @@ impl LimitsWatch {
         settings: &Settings,
         shared: &Shared,
     ) {
-        let stream = match nats::stream_bounds_and_limits(js, settings).await {
+        let stream = match deltasync_nats::stream_bounds_and_limits(js, settings).await {
             Ok((_, stream)) => stream,
             Err(error) => {
                 if !self.failing {

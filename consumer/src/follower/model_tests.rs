@@ -25,7 +25,7 @@
 //! Cases: 256 by default (a few seconds); `PROPTEST_CASES=20000` for a long run.
 
 use super::*;
-use deltasync_shared::history::classify;
+use deltasync_core::recovery::classify;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 

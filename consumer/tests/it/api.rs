@@ -5,7 +5,7 @@
 //! endpoint over TCP, and runs the `deltasync-consumer` binary for `dump`.
 
 use crate::support::*;
-use deltasync_shared::{names, Change};
+use deltasync_core::{names, Change};
 use std::time::Duration;
 
 #[tokio::test]
@@ -296,7 +296,7 @@ async fn the_http_status_shows_the_replicas_own_headroom_by_the_streams_own_limi
             .await;
     }
     let mut settings = p.consumer_settings();
-    let defaults = deltasync_shared::settings::Settings::default();
+    let defaults = deltasync_config::settings::Settings::default();
     settings.stream.max_bytes = defaults.stream.max_bytes;
     settings.stream.max_messages = defaults.stream.max_messages;
     let mut options = ephemeral("http-headroom-1");

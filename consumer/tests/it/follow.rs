@@ -4,7 +4,7 @@
 
 use crate::support::*;
 use deltasync_consumer::{BatchKind, Reason};
-use deltasync_shared::Change;
+use deltasync_core::Change;
 use std::collections::BTreeMap;
 
 fn reasons(pairs: &[(Reason, u64)]) -> BTreeMap<String, u64> {
@@ -180,7 +180,7 @@ async fn a_reader_that_goes_silent_while_the_stream_holds_more_is_reopened() {
     c.wait_for(&p).await;
 
     let stream =
-        p.js.get_stream(deltasync_shared::names::stream_name(&p.settings.pipeline))
+        p.js.get_stream(deltasync_core::names::stream_name(&p.settings.pipeline))
             .await
             .unwrap();
     let mut infos = stream.consumers();
@@ -235,7 +235,7 @@ async fn status_waiters_wake_for_a_decision_and_a_foreign_message_that_no_envelo
     // Once its stream reader is open (an ordered consumer on the server), the replica reads
     // what is published next; before, its plan could already count the message as seen.
     let stream =
-        p.js.get_stream(deltasync_shared::names::stream_name(&p.settings.pipeline))
+        p.js.get_stream(deltasync_core::names::stream_name(&p.settings.pipeline))
             .await
             .unwrap();
     let start = std::time::Instant::now();

@@ -8,7 +8,7 @@
 //! the status, as an operator reads them.
 
 use crate::support::*;
-use deltasync_shared::Change;
+use deltasync_core::Change;
 
 fn decided(s: &deltasync_consumer::Status, label: &str) -> u64 {
     s.decisions.get(label).copied().unwrap_or(0)

@@ -7,9 +7,9 @@
 
 use crate::support::*;
 use deltasync_consumer::ops::{self, OpsError};
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::envelope::{now_ms, Envelope};
-use deltasync_shared::{Change, Digest};
+use deltasync_core::codec::encode_envelope;
+use deltasync_core::envelope::{now_ms, Envelope};
+use deltasync_core::{Change, Digest};
 use std::time::Duration;
 
 /// A pipeline with JSON and binary values, deletes, a multi-part transaction and a snapshot
@@ -105,7 +105,7 @@ async fn replay_of_a_pruned_sequence_names_the_first_retained_and_the_latest_sna
     }
     let m = p.snapshot().await;
     let stream =
-        p.js.get_stream(deltasync_shared::names::stream_name(&p.settings.pipeline))
+        p.js.get_stream(deltasync_core::names::stream_name(&p.settings.pipeline))
             .await
             .unwrap();
     stream.purge().sequence(4).await.unwrap();
@@ -442,7 +442,7 @@ async fn status_headroom_follows_the_streams_own_byte_limit_not_the_callers_sett
             .await;
     }
     let stream =
-        p.js.get_stream(deltasync_shared::names::stream_name(&p.settings.pipeline))
+        p.js.get_stream(deltasync_core::names::stream_name(&p.settings.pipeline))
             .await
             .unwrap();
     stream
@@ -487,11 +487,11 @@ async fn status_shows_a_snapshots_age_by_the_servers_clock_not_its_writers() {
     // The snapshot's writer's clock was two hours behind.
     let mut skewed = m.clone();
     skewed.created_at_ms -= 2 * 3600 * 1000;
-    let key = deltasync_shared::snapshot::manifest_key(m.lineage, m.seq);
+    let key = deltasync_core::snapshot::manifest_key(m.lineage, m.seq);
     p._kv
         .put(
             &key,
-            deltasync_shared::snapshot::encode_manifest(&skewed)
+            deltasync_core::snapshot::encode_manifest(&skewed)
                 .unwrap()
                 .into(),
         )

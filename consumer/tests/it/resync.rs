@@ -9,7 +9,7 @@
 use crate::support::*;
 use deltasync_consumer::local::{ENTRIES, FILE_NAME};
 use deltasync_consumer::Reason;
-use deltasync_shared::Change;
+use deltasync_core::Change;
 
 fn decided(s: &deltasync_consumer::Status, r: Reason) -> u64 {
     s.decisions.get(r.as_str()).copied().unwrap_or(0)
@@ -19,7 +19,7 @@ fn decided(s: &deltasync_consumer::Status, r: Reason) -> u64 {
 /// re-snapshot: only the differing ranges were fetched (less than half of the snapshot).
 fn assert_one_lineage_change_fetching_only_what_differs(
     s: &deltasync_consumer::Status,
-    m: &deltasync_shared::snapshot::Manifest,
+    m: &deltasync_core::snapshot::Manifest,
 ) {
     assert_eq!(decided(s, Reason::LineageChanged), 1, "{:?}", s.decisions);
     let last = s.last_resync.clone().unwrap();
@@ -201,7 +201,7 @@ async fn a_foreign_message_is_counted_and_skipped_without_a_resync() {
     c.wait_for(&p).await;
     p.commit(vec![Change::put("a", &b"1"[..])]).await;
     p.publish_raw(b"definitely not an envelope".to_vec()).await;
-    let mut bad_version = deltasync_shared::codec::encode_envelope(&deltasync_shared::Envelope {
+    let mut bad_version = deltasync_core::codec::encode_envelope(&deltasync_core::Envelope {
         lineage: p.state.lineage(),
         seq: p.state.seq() + 1,
         part: 1,

@@ -3,15 +3,16 @@
 //! names, and waiting on conditions with deadlines.
 //!
 //! Talks to a real nats-server started by `deltasync-testkit` (random port, temporary store,
-//! killed on Drop), through `deltasync_shared::{nats, store}` and plain async-nats calls.
+//! killed on Drop), through `deltasync_nats` and plain async-nats calls.
 
 use async_nats::jetstream::{self, kv};
+use deltasync_config::settings::{Settings, StorageKind};
 use deltasync_consumer::{Consumer, Options, Outcome, Replica, Status, Storage};
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::envelope::split_transaction;
-use deltasync_shared::settings::{Settings, StorageKind};
-use deltasync_shared::snapshot::Manifest;
-use deltasync_shared::{names, nats, store, Change, Lineage, State};
+use deltasync_core::codec::encode_envelope;
+use deltasync_core::envelope::split_transaction;
+use deltasync_core::snapshot::Manifest;
+use deltasync_core::{names, Change, Lineage, State};
+use deltasync_nats::store;
 use deltasync_testkit::NatsServer;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -69,10 +70,10 @@ impl Pipeline {
     pub async fn start(prefix: &str, tweak: impl FnOnce(&mut Settings)) -> Pipeline {
         let server = NatsServer::start();
         let settings = settings(&server.url(), &unique_pipeline(prefix), tweak);
-        let client = nats::connect(&settings.nats).await.unwrap();
-        let js = nats::jetstream(client, &settings.nats);
-        nats::ensure_stream(&js, &settings).await.unwrap();
-        let kv = nats::ensure_bucket(&js, &settings).await.unwrap();
+        let client = deltasync_nats::connect(&settings.nats).await.unwrap();
+        let js = deltasync_nats::jetstream(client, &settings.nats);
+        deltasync_nats::ensure_stream(&js, &settings).await.unwrap();
+        let kv = deltasync_nats::ensure_bucket(&js, &settings).await.unwrap();
         Pipeline {
             _server: server,
             settings,
@@ -92,7 +93,7 @@ impl Pipeline {
             self.state.lineage(),
             self.state.seq() + 1,
             digest,
-            deltasync_shared::envelope::now_ms(),
+            deltasync_core::envelope::now_ms(),
             changes,
             max_bytes,
         );
@@ -186,13 +187,15 @@ impl Pipeline {
             .delete_stream(names::stream_name(&self.settings.pipeline))
             .await
             .unwrap();
-        nats::ensure_stream(&self.js, &self.settings).await.unwrap();
+        deltasync_nats::ensure_stream(&self.js, &self.settings)
+            .await
+            .unwrap();
         self.stream_seq = 0;
     }
 
     /// The stream's first and last sequence.
     pub async fn bounds(&self) -> (u64, u64) {
-        let b = deltasync_shared::history::bounds(&self.js, &self.settings)
+        let b = deltasync_nats::history::bounds(&self.js, &self.settings)
             .await
             .unwrap();
         (b.first_seq, b.last_seq)
@@ -309,8 +312,8 @@ pub fn assert_same_state(replica: &Replica, p: &Pipeline) {
 /// Installs a log subscriber when RUST_LOG is set (to stderr, for debugging a test).
 pub fn logs() {
     if std::env::var_os("RUST_LOG").is_some() {
-        let s = deltasync_shared::settings::LogSettings::default();
-        let _ = deltasync_shared::telemetry::init(&s);
+        let s = deltasync_config::settings::LogSettings::default();
+        let _ = deltasync_config::telemetry::init(&s);
     }
 }
 
@@ -371,7 +374,7 @@ pub fn assert_whole_snapshot(fetched: u64, m: &Manifest) {
     let empty: u64 = m
         .ranges
         .iter()
-        .filter(|r| r.digest == deltasync_shared::Digest::ZERO)
+        .filter(|r| r.digest == deltasync_core::Digest::ZERO)
         .flat_map(|r| &r.chunks)
         .map(|c| c.bytes)
         .sum();

@@ -4,9 +4,9 @@
 //! Talks to nats-server through the producer library and the consumer library.
 
 use crate::support::*;
+use deltasync_config::settings::Settings;
 use deltasync_consumer::Reason;
 use deltasync_producer::{Change, NewLineage, Producer};
-use deltasync_shared::settings::Settings;
 use deltasync_testkit::NatsServer;
 use std::time::Duration;
 

@@ -6,9 +6,10 @@
 //! and, for watching retention and snapshots, JetStream directly.
 
 use crate::support::*;
+use deltasync_core::names;
+use deltasync_core::recovery::Classified;
+use deltasync_nats::store;
 use deltasync_producer::{Change, Position};
-use deltasync_shared::history::Classified;
-use deltasync_shared::{names, store};
 use deltasync_testkit::NatsServer;
 use std::io::Write;
 use std::path::Path;
@@ -33,7 +34,7 @@ fn write_txns(path: &Path, from: u64, n: u64, model: &mut Model) {
 }
 
 /// Runs `producer ingest <path>` to its end; panics with its log unless it exits 0.
-fn ingest(s: &deltasync_shared::settings::Settings, path: &Path, log: &Path) {
+fn ingest(s: &deltasync_config::settings::Settings, path: &Path, log: &Path) {
     let status = producer_command(s, log)
         .arg("ingest")
         .arg(path)
@@ -70,7 +71,7 @@ async fn last_position(js: &async_nats::jetstream::Context, pipeline: &str) -> P
 /// envelope after the newest snapshot (with no snapshot: past the stream's start).
 fn watch_retention(
     url: String,
-    s: deltasync_shared::settings::Settings,
+    s: deltasync_config::settings::Settings,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
     tokio::spawn(async move {

@@ -18,10 +18,11 @@
 
 use crate::support::*;
 use deltasync_consumer::Reason;
+use deltasync_core::codec::encode_envelope;
+use deltasync_core::recovery::Classified;
+use deltasync_core::{names, Applied, ApplyError, Digest, Envelope, Lineage};
+use deltasync_nats::store;
 use deltasync_producer::{Change, Producer};
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::history::Classified;
-use deltasync_shared::{names, store, Applied, ApplyError, Digest, Envelope, Lineage};
 use deltasync_testkit::NatsServer;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -433,7 +434,7 @@ fn supervise(children: &mut [ChildConsumer], tally: &mut Tally) {
 }
 
 /// Starts a producer, retrying while the server is still coming back.
-async fn start_producer(s: &deltasync_shared::settings::Settings, ctx: &str) -> Producer {
+async fn start_producer(s: &deltasync_config::settings::Settings, ctx: &str) -> Producer {
     eventually(
         &format!("{ctx}: the producer to start"),
         DEADLINE,
@@ -453,7 +454,7 @@ async fn start_producer(s: &deltasync_shared::settings::Settings, ctx: &str) -> 
 /// the model with or without that transaction, and the model follows it.
 async fn settle(
     report: LoadReport,
-    s: &deltasync_shared::settings::Settings,
+    s: &deltasync_config::settings::Settings,
     model: &Arc<Mutex<Model>>,
     tally: &mut Tally,
     ctx: &str,
@@ -485,7 +486,7 @@ async fn settle(
 
 async fn recover_load(
     load: Load,
-    s: &deltasync_shared::settings::Settings,
+    s: &deltasync_config::settings::Settings,
     model: &Arc<Mutex<Model>>,
     rng: &mut Rng,
     tally: &mut Tally,
@@ -500,7 +501,7 @@ async fn recover_load(
 /// finds a hole and re-snapshots past it; the producer's recovery starts at the snapshot).
 async fn delete_below_snapshot(
     js: &async_nats::jetstream::Context,
-    s: &deltasync_shared::settings::Settings,
+    s: &deltasync_config::settings::Settings,
     rng: &mut Rng,
 ) -> bool {
     let Ok(kv) = store::bucket(js, s).await else {

@@ -6,8 +6,8 @@
 //! stream's info to find its leader.
 
 use crate::support::*;
+use deltasync_core::names;
 use deltasync_producer::Producer;
-use deltasync_shared::names;
 use deltasync_testkit::NatsCluster;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

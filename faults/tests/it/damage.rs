@@ -11,10 +11,11 @@
 use crate::support::*;
 use async_nats::jetstream::kv;
 use deltasync_consumer::{BatchKind, Reason};
+use deltasync_core::codec::encode_envelope;
+use deltasync_core::snapshot::{chunk_key, content_hash, Manifest};
+use deltasync_core::{names, Digest, Envelope, Lineage};
+use deltasync_nats::store;
 use deltasync_producer::{Change, Producer};
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::snapshot::{chunk_key, content_hash, Manifest};
-use deltasync_shared::{names, store, Digest, Envelope, Lineage};
 use deltasync_testkit::NatsServer;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

@@ -8,8 +8,8 @@
 
 use crate::support::*;
 use deltasync_consumer::Reason;
+use deltasync_core::names;
 use deltasync_producer::{Change, Producer};
-use deltasync_shared::names;
 use deltasync_testkit::NatsServer;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

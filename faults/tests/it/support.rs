@@ -16,11 +16,11 @@
 
 use async_nats::jetstream::{self, stream::RawMessageErrorKind};
 use bytes::Bytes;
+use deltasync_config::settings::{Settings, StorageKind};
 use deltasync_consumer::{Consumer, Options, Outcome, Replica, Status, Storage};
+use deltasync_core::recovery::{classify, Classified};
+use deltasync_core::{names, Applied, Digest, Envelope, Lineage, State};
 use deltasync_producer::{Change, Position, Producer, ProducerError};
-use deltasync_shared::history::{classify, Classified};
-use deltasync_shared::settings::{Settings, StorageKind};
-use deltasync_shared::{names, Applied, Digest, Envelope, Lineage, State};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -72,7 +72,7 @@ pub fn settings(url: &str, pipeline: &str, tweak: impl FnOnce(&mut Settings)) ->
 /// Installs a log subscriber on stderr when RUST_LOG is set (for debugging a test).
 pub fn logs() {
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = deltasync_shared::telemetry::init(&Default::default());
+        let _ = deltasync_config::telemetry::init(&Default::default());
     }
 }
 

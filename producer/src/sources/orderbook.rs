@@ -17,7 +17,7 @@
 use crate::error::ProducerError;
 use crate::producer::{CommitReceipt, Producer};
 use bytes::Bytes;
-use deltasync_shared::{Key, State};
+use deltasync_core::{Key, State};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -339,7 +339,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deltasync_shared::diff;
+    use deltasync_core::diff;
 
     fn opts() -> OrderbookOptions {
         OrderbookOptions {

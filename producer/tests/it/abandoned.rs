@@ -5,12 +5,12 @@
 //! model, and a restart recovers.
 
 use crate::support::{self, eventually};
+use deltasync_config::settings::Settings;
+use deltasync_core::envelope::split_transaction;
+use deltasync_core::recovery::Classified;
+use deltasync_core::State;
+use deltasync_nats::store;
 use deltasync_producer::{Change, Producer};
-use deltasync_shared::envelope::split_transaction;
-use deltasync_shared::history::Classified;
-use deltasync_shared::settings::Settings;
-use deltasync_shared::store;
-use deltasync_shared::State;
 use deltasync_testkit::NatsServer;
 use std::time::Duration;
 

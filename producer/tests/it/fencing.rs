@@ -1,9 +1,9 @@
 //! Fencing: a second writer on the pipeline stops the first, and the history stays clean.
 
 use crate::support::{self, read_stream, replay};
+use deltasync_core::State;
+use deltasync_nats::store::{self, StoreError};
 use deltasync_producer::{Change, NewLineage, Producer, ProducerError};
-use deltasync_shared::store::{self, StoreError};
-use deltasync_shared::State;
 use deltasync_testkit::NatsServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,9 @@
 //! fail, publishing stops before retention could prune what no snapshot covers.
 
 use crate::support::{self, eventually, read_stream, replay};
+use deltasync_core::names;
+use deltasync_nats::store;
 use deltasync_producer::{Change, Producer, ProducerError};
-use deltasync_shared::{names, store};
 use deltasync_testkit::NatsServer;
 use std::io::Write;
 use std::process::Output;

@@ -4,12 +4,12 @@
 //! transaction is half-published cuts at the last complete transaction, never inside it.
 
 use crate::support::{self, eventually, read_stream, replay};
+use deltasync_config::settings::Settings;
+use deltasync_core::envelope::split_transaction;
+use deltasync_core::recovery::Classified;
+use deltasync_core::{names, State};
+use deltasync_nats::store::{self, StoreError};
 use deltasync_producer::{Change, Producer};
-use deltasync_shared::envelope::split_transaction;
-use deltasync_shared::history::Classified;
-use deltasync_shared::settings::Settings;
-use deltasync_shared::store::{self, StoreError};
-use deltasync_shared::{names, State};
 use deltasync_testkit::NatsServer;
 use std::path::Path;
 use std::process::Output;

@@ -4,11 +4,11 @@
 use crate::support::{self, read_stream, replay};
 use async_nats::jetstream::context::PublishErrorKind;
 use bytes::Bytes;
+use deltasync_core::codec::encode_envelope;
+use deltasync_core::envelope::{split_transaction, Lineage};
+use deltasync_core::{names, State};
 use deltasync_producer::publisher::envelope_message;
 use deltasync_producer::{Change, Producer};
-use deltasync_shared::codec::encode_envelope;
-use deltasync_shared::envelope::{split_transaction, Lineage};
-use deltasync_shared::{names, State};
 use deltasync_testkit::{NatsCluster, NatsServer};
 use std::time::Duration;
 
@@ -101,7 +101,7 @@ async fn a_transaction_larger_than_one_message_is_split_into_parts_applied_atomi
     let parts: Vec<_> = items
         .iter()
         .filter_map(|(_, i)| match i {
-            deltasync_shared::history::Classified::Envelope(e) if e.parts > 1 => Some(e.clone()),
+            deltasync_core::recovery::Classified::Envelope(e) if e.parts > 1 => Some(e.clone()),
             _ => None,
         })
         .collect();
@@ -115,7 +115,7 @@ async fn a_transaction_larger_than_one_message_is_split_into_parts_applied_atomi
     // A replica applies nothing of the transaction until its last part arrives.
     let mut replica = State::new(parts[0].lineage);
     for (_, item) in &items {
-        let deltasync_shared::history::Classified::Envelope(e) = item else {
+        let deltasync_core::recovery::Classified::Envelope(e) = item else {
             continue;
         };
         replica.apply(e).expect("apply");

@@ -2,8 +2,8 @@
 //! retention check at start-up.
 
 use crate::support::{self, eventually};
+use deltasync_nats::store;
 use deltasync_producer::{Change, Producer, ProducerError};
-use deltasync_shared::store;
 use deltasync_testkit::NatsServer;
 use std::time::Duration;
 

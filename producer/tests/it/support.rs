@@ -3,10 +3,10 @@
 //! waiting on conditions with deadlines, spawning the binary.
 
 use async_nats::jetstream::{self, stream::RawMessageErrorKind};
-use deltasync_shared::envelope::Envelope;
-use deltasync_shared::history::{classify, Classified};
-use deltasync_shared::settings::{Settings, StorageKind};
-use deltasync_shared::{names, Applied, Lineage, State};
+use deltasync_config::settings::{Settings, StorageKind};
+use deltasync_core::envelope::Envelope;
+use deltasync_core::recovery::{classify, Classified};
+use deltasync_core::{names, Applied, Lineage, State};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -26,7 +26,7 @@ pub fn pipeline(prefix: &str) -> String {
 pub fn settings(url: &str, pipeline: &str) -> Settings {
     // Logs only when asked for (RUST_LOG=info); idempotent.
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = deltasync_shared::telemetry::init(&Default::default());
+        let _ = deltasync_config::telemetry::init(&Default::default());
     }
     let mut s = Settings {
         pipeline: pipeline.to_owned(),
@@ -213,7 +213,7 @@ pub async fn publish_raw(
     mut expected_last: u64,
 ) -> u64 {
     for e in envs {
-        let payload = deltasync_shared::codec::encode_envelope(e).expect("encode");
+        let payload = deltasync_core::codec::encode_envelope(e).expect("encode");
         let msg = deltasync_producer::publisher::envelope_message(
             payload.into(),
             e.lineage,

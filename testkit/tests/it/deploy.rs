@@ -32,7 +32,7 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use deltasync_shared::settings::{EnvVars, Overrides, Settings, SettingsError, Sources};
+use deltasync_config::settings::{EnvVars, Overrides, Settings, SettingsError, Sources};
 use deltasync_testkit::{free_port, nats_server_bin};
 use serde_norway::Value;
 
