@@ -39,7 +39,7 @@
 use crate::follower::{
     self, Bounds, Continuity, Follower, Judge, LineagePlan, NoSnapshotPlan, Step,
 };
-use crate::local::{Cursor, LoadedReplica, LocalError, LocalStore};
+use crate::local::{LoadedReplica, LocalError, LocalStore};
 use crate::marker::Marker;
 use crate::replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord, StatusEvent};
 use crate::ConsumerError;
@@ -49,6 +49,7 @@ use deltasync_core::envelope::now_ms;
 use deltasync_core::recovery;
 use deltasync_core::recovery::Classified;
 use deltasync_core::state::diff;
+use deltasync_core::Position;
 use deltasync_core::{names, Envelope, Lineage, State};
 use deltasync_nats::history::{self, HistoryError, StreamItem, Tail};
 use deltasync_nats::store;
@@ -76,7 +77,7 @@ const TICK: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     /// The committed position at exit.
-    pub cursor: Cursor,
+    pub cursor: Position,
     /// Whether the replica held a verified state at exit.
     pub bootstrapped: bool,
 }
@@ -121,7 +122,7 @@ impl Reader {
 /// A batch handed to the local store, not yet durable.
 struct Inflight {
     handle: JoinHandle<Result<(), LocalError>>,
-    cursor: Cursor,
+    cursor: Position,
     entries: usize,
     view: Option<State>,
     batches: Vec<Arc<ChangeBatch>>,
@@ -194,7 +195,7 @@ pub(crate) struct Engine {
     batch_started: Option<Instant>,
     inflight: Option<Inflight>,
     /// The durable position.
-    committed: Cursor,
+    committed: Position,
     bootstrapped: bool,
 
     /// Re-snapshot attempts since an envelope was last applied.
@@ -226,7 +227,7 @@ impl Engine {
             batch_changes: 0,
             batch_started: None,
             inflight: None,
-            committed: Cursor::default(),
+            committed: Position::default(),
             bootstrapped: false,
             resync_attempts: 0,
         }
@@ -491,7 +492,7 @@ impl Engine {
     }
 
     /// How `c` relates to the retained history (the follower judges; this reads).
-    async fn continuity(&self, c: &Cursor) -> Result<(Continuity, &'static str), ConsumerError> {
+    async fn continuity(&self, c: &Position) -> Result<(Continuity, &'static str), ConsumerError> {
         let pointer = store::read_pointer(&self.kv).await?.map(|(p, _)| p.lineage);
         let b = self.bounds().await?;
         match Follower::judge(c, pointer, b) {
@@ -921,7 +922,7 @@ impl Engine {
     /// The commit of `cursor` is durable: tell the server, the status, the readers.
     fn complete(
         &mut self,
-        cursor: Cursor,
+        cursor: Position,
         entries: usize,
         view: Option<State>,
         batches: Vec<Arc<ChangeBatch>>,
@@ -994,7 +995,7 @@ impl Engine {
     async fn replace(
         &mut self,
         next: State,
-        cursor: Cursor,
+        cursor: Position,
         kind: BatchKind,
     ) -> Result<(), ConsumerError> {
         self.flush().await?;
@@ -1083,7 +1084,7 @@ impl Engine {
         let Some(m) = store::latest_manifest(&self.kv).await? else {
             return self.start_without_snapshot(reason, want).await;
         };
-        let at = Cursor {
+        let at = Position {
             lineage: m.lineage,
             seq: m.seq,
             stream_seq: m.stream_seq,

@@ -50,10 +50,10 @@
 //!   position is not assumed stalled: the engine probes for a message after the position
 //!   first. A stream whose tail was deleted (its last sequence holds nothing) is caught up.
 
-use crate::local::Cursor;
 use crate::replica::{BatchKind, ChangeBatch, Reason};
 use deltasync_core::envelope::MAX_TXN_PARTS;
 use deltasync_core::recovery::Classified;
+use deltasync_core::Position;
 use deltasync_core::{Applied, ApplyError, Change, Digest, Envelope, Lineage, State};
 use std::time::Duration;
 
@@ -81,7 +81,7 @@ pub struct Bounds {
 #[derive(Debug)]
 pub struct Txn {
     /// The position after it.
-    pub cursor: Cursor,
+    pub cursor: Position,
     /// The position before it.
     pub prev_seq: u64,
     /// Changes applied.
@@ -195,7 +195,7 @@ pub struct Follower {
     /// The replica as applied; may be ahead of the engine's committed position.
     state: State,
     /// Position of `state` (its last complete transaction) and that envelope's stream seq.
-    applied: Cursor,
+    applied: Position,
     /// Sequence and stream sequence of the last envelope accepted, buffered parts included:
     /// the stream is re-read from the one after it, and an envelope at or below `accepted_seq`
     /// found after `accepted_stream_seq` is a fork.
@@ -236,7 +236,7 @@ impl Follower {
     pub fn new() -> Follower {
         Follower {
             state: State::new(Lineage::default()),
-            applied: Cursor::default(),
+            applied: Position::default(),
             accepted_seq: 0,
             accepted_stream_seq: 0,
             read_stream_seq: 0,
@@ -257,7 +257,7 @@ impl Follower {
     }
 
     /// The position of [`Follower::state`].
-    pub fn applied(&self) -> Cursor {
+    pub fn applied(&self) -> Position {
         self.applied
     }
 
@@ -323,7 +323,7 @@ impl Follower {
 
     /// Replaces the replica with `state` at `cursor` (a local replica, a snapshot, the start
     /// of a lineage), dropping buffered parts and pending judgements.
-    pub fn restore(&mut self, state: State, cursor: Cursor) {
+    pub fn restore(&mut self, state: State, cursor: Position) {
         self.state = state;
         self.applied = cursor;
         self.accepted_seq = cursor.seq;
@@ -340,9 +340,9 @@ impl Follower {
     pub fn wait_after(&mut self, stream_seq: u64) {
         self.restore(
             State::new(Lineage::default()),
-            Cursor {
+            Position {
                 stream_seq,
-                ..Cursor::default()
+                ..Position::default()
             },
         );
         self.read_stream_seq = stream_seq;
@@ -470,7 +470,7 @@ impl Follower {
                 });
                 self.parts.clear();
                 self.parts_kept = true;
-                self.applied = Cursor {
+                self.applied = Position {
                     lineage: env.lineage,
                     seq,
                     stream_seq,
@@ -576,7 +576,7 @@ impl Follower {
         };
         let prev_seq = self.applied.seq;
         self.state = next;
-        self.applied = Cursor {
+        self.applied = Position {
             lineage: env.lineage,
             seq,
             stream_seq,
@@ -650,7 +650,7 @@ impl Follower {
     // ------------------------------------------------------------------ start-up
 
     /// Judges a local cursor against the bucket's latest snapshot lineage and the stream.
-    pub fn judge(c: &Cursor, pointer: Option<Lineage>, b: Bounds) -> Judge {
+    pub fn judge(c: &Position, pointer: Option<Lineage>, b: Bounds) -> Judge {
         if let Some(p) = pointer {
             if p != c.lineage {
                 return Judge::Decided(
@@ -682,7 +682,7 @@ impl Follower {
     /// [`Follower::judge`] continued: `found` is the message at the cursor's stream position
     /// (None: deleted since).
     pub fn judge_cursor_message(
-        c: &Cursor,
+        c: &Position,
         found: Option<&Classified>,
     ) -> (Continuity, &'static str) {
         let same = match found {
@@ -713,7 +713,7 @@ impl Follower {
     /// [`Follower::judge`] continued: messages after the cursor are gone, `first` is the first
     /// envelope retained (its stream sequence and itself).
     pub fn judge_first(
-        c: &Cursor,
+        c: &Position,
         b: Bounds,
         first: Option<(u64, &Envelope)>,
     ) -> (Continuity, &'static str) {
@@ -759,7 +759,7 @@ impl Follower {
     /// it): refusing would stop the consumer on a history it can follow. It never sends the
     /// replica back, and cannot loop: once loaded, the replica is at its position, and the
     /// same snapshot is not ahead any more.
-    pub fn snapshot_acceptable(&self, m: &Cursor, want: Option<Lineage>) -> bool {
+    pub fn snapshot_acceptable(&self, m: &Position, want: Option<Lineage>) -> bool {
         want.is_none_or(|w| w == m.lineage)
             || m.stream_seq >= self.resync_at
             || (m.lineage == self.applied.lineage && m.seq > self.applied.seq)
@@ -768,9 +768,9 @@ impl Follower {
     /// The cursor a snapshot at `m` gives. A snapshot whose stream position is beyond the
     /// stream's last sequence was taken from a stream since recreated: its envelopes are
     /// followed from the new stream's first message (and a reused sequence there is a fork).
-    pub fn snapshot_cursor(m: Cursor, b: Bounds) -> Cursor {
+    pub fn snapshot_cursor(m: Position, b: Bounds) -> Position {
         if m.stream_seq > b.last_seq {
-            Cursor {
+            Position {
                 stream_seq: b.first_seq.saturating_sub(1).min(b.last_seq),
                 ..m
             }
@@ -809,8 +809,8 @@ impl Follower {
 }
 
 /// The cursor of the empty state of `lineage`, its envelope 1 following `stream_seq`.
-pub fn lineage_start(lineage: Lineage, stream_seq: u64) -> Cursor {
-    Cursor {
+pub fn lineage_start(lineage: Lineage, stream_seq: u64) -> Position {
+    Position {
         lineage,
         seq: 0,
         stream_seq,
@@ -1034,7 +1034,7 @@ mod tests {
         }
         assert_eq!(
             f.applied(),
-            Cursor {
+            Position {
                 lineage: NEW,
                 seq: 1,
                 stream_seq: 3,
@@ -1076,14 +1076,14 @@ mod tests {
             "the replica is kept for the re-snapshot"
         );
         // An older snapshot of the old lineage is refused: the new one is awaited.
-        let old_snap = Cursor {
+        let old_snap = Position {
             lineage: L,
             seq: 2,
             stream_seq: 2,
             digest: Digest::ZERO,
         };
         assert!(!f.snapshot_acceptable(&old_snap, Some(NEW)));
-        let new_snap = Cursor {
+        let new_snap = Position {
             lineage: NEW,
             seq: 1,
             stream_seq: 3,
@@ -1125,14 +1125,14 @@ mod tests {
         // The marker's own snapshot never landed: the bucket's latest is the old lineage's
         // snapshot after envelope 2. It is ahead of the replica, so it is loaded (refusing it
         // stopped the consumer); one at the replica's own position is still refused.
-        let at_replica = Cursor {
+        let at_replica = Position {
             lineage: L,
             seq: 1,
             stream_seq: 1,
             digest: Digest::ZERO,
         };
         assert!(!f.snapshot_acceptable(&at_replica, Some(NEW)));
-        let ahead = Cursor {
+        let ahead = Position {
             lineage: L,
             seq: 2,
             stream_seq: 2,
@@ -1178,7 +1178,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_from_a_recreated_stream_is_followed_from_the_new_streams_start() {
-        let m = Cursor {
+        let m = Position {
             lineage: L,
             seq: 9,
             stream_seq: 90,

@@ -89,8 +89,8 @@ pub mod ndjson;
 pub mod ops;
 pub mod replica;
 
+pub use deltasync_core::Position;
 pub use engine::Outcome;
-pub use local::Cursor;
 pub use replica::{
     BatchKind, ChangeBatch, HeadroomStatus, Reason, Replica, ResyncRecord, Status, View,
 };

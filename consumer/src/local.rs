@@ -32,7 +32,7 @@
 
 use crate::replica::ChangeBatch;
 use bytes::Bytes;
-use deltasync_core::{Digest, Lineage, State};
+use deltasync_core::{Digest, Position, State};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,73 +53,6 @@ const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 const CURSOR_KEY: &str = "cursor";
 const PIPELINE_KEY: &str = "pipeline";
-const CURSOR_VERSION: u8 = 1;
-const CURSOR_LEN: usize = 1 + 16 + 8 + 8 + 32;
-
-/// A replica's position: the last complete transaction it holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Cursor {
-    /// The history followed.
-    pub lineage: Lineage,
-    /// Envelope sequence of the last part of the last complete transaction (0: none yet).
-    pub seq: u64,
-    /// Stream sequence of that envelope: following resumes at `stream_seq + 1`.
-    pub stream_seq: u64,
-    /// State digest at `seq`.
-    pub digest: Digest,
-}
-
-impl Cursor {
-    /// The 65-byte stored form.
-    pub fn encode(&self) -> [u8; CURSOR_LEN] {
-        let mut out = [0u8; CURSOR_LEN];
-        out[0] = CURSOR_VERSION;
-        out[1..17].copy_from_slice(&self.lineage.0);
-        out[17..25].copy_from_slice(&self.seq.to_be_bytes());
-        out[25..33].copy_from_slice(&self.stream_seq.to_be_bytes());
-        out[33..65].copy_from_slice(&self.digest.0);
-        out
-    }
-
-    /// Parses the stored form, naming what is wrong.
-    pub fn decode(b: &[u8]) -> Result<Cursor, String> {
-        if b.len() != CURSOR_LEN {
-            return Err(format!("{} bytes, expected {CURSOR_LEN}", b.len()));
-        }
-        if b[0] != CURSOR_VERSION {
-            return Err(format!(
-                "format version {}, this build reads {CURSOR_VERSION}",
-                b[0]
-            ));
-        }
-        let u64_at = |i: usize| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(&b[i..i + 8]);
-            u64::from_be_bytes(x)
-        };
-        let mut lineage = [0u8; 16];
-        lineage.copy_from_slice(&b[1..17]);
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(&b[33..65]);
-        Ok(Cursor {
-            lineage: Lineage(lineage),
-            seq: u64_at(17),
-            stream_seq: u64_at(25),
-            digest: Digest(digest),
-        })
-    }
-
-    /// The cursor of `state` with its envelope stored at `stream_seq`.
-    pub fn of(state: &State, stream_seq: u64) -> Cursor {
-        Cursor {
-            lineage: state.lineage(),
-            seq: state.seq(),
-            stream_seq,
-            digest: state.digest(),
-        }
-    }
-}
-
 /// Why the local store failed. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -160,7 +93,7 @@ pub struct LoadedReplica {
     /// The entries, positioned at the cursor.
     pub state: State,
     /// What the file says the entries are.
-    pub cursor: Cursor,
+    pub cursor: Position,
     /// The digest recomputed from the entries; differs from `cursor.digest` when the file was
     /// changed behind the replica's back.
     pub computed: Digest,
@@ -259,9 +192,9 @@ impl LocalStore {
         };
         // An unreadable cursor leaves the entries usable: the replica is then repaired like
         // any replica whose entries do not match their cursor.
-        let (cursor, cursor_error) = match Cursor::decode(raw.value()) {
+        let (cursor, cursor_error) = match Position::decode(raw.value()) {
             Ok(c) => (c, None),
-            Err(reason) => (Cursor::default(), Some(reason)),
+            Err(reason) => (Position::default(), Some(reason)),
         };
         let entries = txn.open_table(ENTRIES).map_err(|e| rerr(e.into()))?;
         let mut state = State::new(cursor.lineage);
@@ -281,7 +214,11 @@ impl LocalStore {
 
     /// Writes the changes of `batches` (in order; the last write of a key wins) and `cursor`
     /// in one transaction, and returns once it is durable. A no-op in memory.
-    pub fn commit(&self, batches: &[Arc<ChangeBatch>], cursor: &Cursor) -> Result<(), LocalError> {
+    pub fn commit(
+        &self,
+        batches: &[Arc<ChangeBatch>],
+        cursor: &Position,
+    ) -> Result<(), LocalError> {
         let LocalStore::Durable { path, db } = self else {
             return Ok(());
         };
@@ -343,7 +280,7 @@ impl LocalStore {
 
 /// Reads only the cursor of the replica in `dir` (no NATS, no entries). `None` when the
 /// directory holds no replica or the replica has no cursor yet.
-pub fn read_cursor(dir: &Path) -> Result<Option<Cursor>, LocalError> {
+pub fn read_cursor(dir: &Path) -> Result<Option<Position>, LocalError> {
     let path = dir.join(FILE_NAME);
     if !path.exists() {
         return Ok(None);
@@ -361,7 +298,7 @@ pub fn read_cursor(dir: &Path) -> Result<Option<Cursor>, LocalError> {
     };
     let raw = meta.get(CURSOR_KEY).map_err(|e| rerr(e.into()))?;
     raw.map(|v| {
-        Cursor::decode(v.value()).map_err(|reason| LocalError::BadCursor {
+        Position::decode(v.value()).map_err(|reason| LocalError::BadCursor {
             path: path.clone(),
             reason,
         })
@@ -374,7 +311,7 @@ pub fn read_cursor(dir: &Path) -> Result<Option<Cursor>, LocalError> {
 pub fn for_each_entry(
     dir: &Path,
     mut each: impl FnMut(&str, &[u8]) -> std::io::Result<()>,
-) -> Result<Option<Cursor>, DumpError> {
+) -> Result<Option<Position>, DumpError> {
     let path = dir.join(FILE_NAME);
     if !path.exists() {
         return Err(DumpError::NoReplica { path });
@@ -389,7 +326,7 @@ pub fn for_each_entry(
         Ok(meta) => meta
             .get(CURSOR_KEY)
             .map_err(|e| rerr(e.into()))?
-            .map(|v| Cursor::decode(v.value()))
+            .map(|v| Position::decode(v.value()))
             .transpose()
             .map_err(|reason| LocalError::BadCursor {
                 path: path.clone(),
@@ -444,7 +381,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::replica::BatchKind;
-    use deltasync_core::Change;
+    use deltasync_core::{Change, Lineage};
 
     fn batch(seq: u64, changes: Vec<Change>) -> Arc<ChangeBatch> {
         Arc::new(ChangeBatch {
@@ -458,17 +395,17 @@ mod tests {
 
     #[test]
     fn the_cursor_round_trips_and_bad_bytes_are_named() {
-        let c = Cursor {
+        let c = Position {
             lineage: Lineage([3; 16]),
             seq: 42,
             stream_seq: 99,
             digest: Digest([7; 32]),
         };
-        assert_eq!(Cursor::decode(&c.encode()), Ok(c));
-        assert!(Cursor::decode(&[1, 2]).unwrap_err().contains("2 bytes"));
+        assert_eq!(Position::decode(&c.encode()), Ok(c));
+        assert!(Position::decode(&[1, 2]).unwrap_err().contains("2 bytes"));
         let mut bad = c.encode();
         bad[0] = 9;
-        assert!(Cursor::decode(&bad).unwrap_err().contains("version 9"));
+        assert!(Position::decode(&bad).unwrap_err().contains("version 9"));
     }
 
     #[test]
@@ -486,7 +423,7 @@ mod tests {
         ];
         s.apply_changes(&changes);
         s.set_position(Lineage([1; 16]), 1);
-        let cursor = Cursor::of(&s, 10);
+        let cursor = Position::of(&s, 10);
         store.commit(&[batch(1, changes)], &cursor).unwrap();
         let loaded = store.load().unwrap().unwrap();
         assert!(loaded.intact());
@@ -510,7 +447,7 @@ mod tests {
         s.apply_changes(&changes);
         s.set_position(Lineage([1; 16]), 1);
         store
-            .commit(&[batch(1, changes)], &Cursor::of(&s, 1))
+            .commit(&[batch(1, changes)], &Position::of(&s, 1))
             .unwrap();
         drop(store);
         {
@@ -546,7 +483,7 @@ mod tests {
         s.apply_changes(&changes);
         s.set_position(Lineage([1; 16]), 1);
         store
-            .commit(&[batch(1, changes)], &Cursor::of(&s, 1))
+            .commit(&[batch(1, changes)], &Position::of(&s, 1))
             .unwrap();
         drop(store);
         {

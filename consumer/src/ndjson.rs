@@ -14,7 +14,8 @@
 //! whitespace trimmed) when it is on one line, else re-serialized compactly, so every entry is
 //! exactly one line.
 
-use crate::local::{self, Cursor, DumpError};
+use crate::local::{self, DumpError};
+use deltasync_core::Position;
 use std::io::Write;
 use std::path::Path;
 
@@ -95,7 +96,7 @@ pub fn base64(out: &mut Vec<u8>, input: &[u8]) {
 
 /// Writes the replica in `data_dir` as NDJSON to `out`, sorted by key, and returns its cursor.
 /// Needs no NATS; opens the file read-only.
-pub fn dump(data_dir: &Path, out: &mut impl Write) -> Result<Option<Cursor>, DumpError> {
+pub fn dump(data_dir: &Path, out: &mut impl Write) -> Result<Option<Position>, DumpError> {
     let mut buf = Vec::with_capacity(64 * 1024);
     let cursor = local::for_each_entry(data_dir, |k, v| {
         write_line(&mut buf, k, v);

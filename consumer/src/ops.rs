@@ -20,7 +20,7 @@
 //!   (`deltasync_nats::position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one stream info
 //!   request per period whatever the HTTP traffic, and a status read never waits on NATS.
 
-use crate::local::{Cursor, LocalStore};
+use crate::local::LocalStore;
 use crate::replica::{BatchKind, ChangeBatch};
 use async_nats::jetstream;
 use async_nats::jetstream::stream::DirectGetErrorKind;
@@ -28,6 +28,7 @@ use deltasync_config::settings::Settings;
 use deltasync_core::recovery::{classify, Classified};
 pub use deltasync_core::retention::{headroom, Headroom, PositionHeadroom};
 use deltasync_core::snapshot::Manifest;
+use deltasync_core::Position;
 use deltasync_core::{names, ApplyError, Change, Envelope, Lineage, State};
 use deltasync_nats::history::HistoryError;
 use deltasync_nats::store::{self, StoreError};
@@ -622,7 +623,7 @@ pub async fn rebuild(
             })
             .collect(),
     };
-    local.commit(&[Arc::new(batch)], &Cursor::of(&state, stream_seq))?;
+    local.commit(&[Arc::new(batch)], &Position::of(&state, stream_seq))?;
     Ok(RebuildSummary {
         seq: state.seq(),
         lineage: state.lineage().to_hex(),

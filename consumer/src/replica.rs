@@ -22,9 +22,9 @@
 //! - Change batches are delivered in sequence order. A subscriber that falls more than
 //!   [`EVENT_CAPACITY`] batches behind gets `RecvError::Lagged` and should re-read a view.
 
-use crate::local::Cursor;
 use crate::metrics::Metrics;
 use bytes::Bytes;
+use deltasync_core::Position;
 use deltasync_core::{Change, Digest, Lineage, State};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -266,8 +266,8 @@ pub struct Status {
 }
 
 #[derive(Debug, Default)]
-struct Position {
-    cursor: Cursor,
+struct Progress {
+    cursor: Position,
     entries: usize,
     bootstrapped: bool,
     last_resync: Option<ResyncRecord>,
@@ -285,7 +285,7 @@ struct Inner {
     view_wanted: AtomicBool,
     /// Wakes an idle engine when a view is wanted.
     view_request: tokio::sync::Notify,
-    position: Mutex<Position>,
+    position: Mutex<Progress>,
     lag: AtomicU64,
     /// The last judgement of the replica's headroom (by `ops::refresh_headroom`).
     headroom: Mutex<Option<HeadroomStatus>>,
@@ -317,7 +317,7 @@ impl Replica {
                 view: RwLock::new(Arc::new(empty)),
                 view_wanted: AtomicBool::new(false),
                 view_request: tokio::sync::Notify::new(),
-                position: Mutex::new(Position::default()),
+                position: Mutex::new(Progress::default()),
                 lag: AtomicU64::new(0),
                 headroom: Mutex::new(None),
                 changed: watch::channel(0).0,
@@ -413,7 +413,7 @@ impl Replica {
         crate::metrics::encode(&self.inner.registry)
     }
 
-    fn position(&self) -> std::sync::MutexGuard<'_, Position> {
+    fn position(&self) -> std::sync::MutexGuard<'_, Progress> {
         match self.inner.position.lock() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
@@ -526,7 +526,7 @@ impl Replica {
     /// one was taken, and delivers its change batches.
     pub(crate) fn committed(
         &self,
-        cursor: Cursor,
+        cursor: Position,
         entries: usize,
         view: Option<State>,
         batches: Vec<Arc<ChangeBatch>>,
@@ -604,7 +604,7 @@ mod tests {
         let mut s = State::new(Lineage([1; 16]));
         s.apply_changes(&[Change::put("k", &b"v"[..])]);
         s.set_position(Lineage([1; 16]), 3);
-        let cursor = Cursor::of(&s, 7);
+        let cursor = Position::of(&s, 7);
         r.committed(cursor, 1, Some(s.clone()), Vec::new(), true);
         assert!(r.is_ready());
         r.set_lag(11);
@@ -622,11 +622,11 @@ mod tests {
         let r = Replica::new("r", "p", false, 10);
         let mut s = State::new(Lineage([1; 16]));
         s.set_position(Lineage([1; 16]), 1);
-        r.committed(Cursor::of(&s, 1), 0, Some(s.clone()), Vec::new(), true);
+        r.committed(Position::of(&s, 1), 0, Some(s.clone()), Vec::new(), true);
         // Committed without a view: the published one trails.
         s.apply_changes(&[Change::put("k", &b"v"[..])]);
         s.set_position(Lineage([1; 16]), 2);
-        r.committed(Cursor::of(&s, 2), 1, None, Vec::new(), true);
+        r.committed(Position::of(&s, 2), 1, None, Vec::new(), true);
         assert_eq!(r.view().seq(), 1);
         assert!(r.take_view_wanted());
         let waiter = {
@@ -634,7 +634,7 @@ mod tests {
             tokio::spawn(async move { r.fresh_view(Duration::from_secs(10)).await })
         };
         tokio::task::yield_now().await;
-        r.committed(Cursor::of(&s, 2), 1, Some(s.clone()), Vec::new(), true);
+        r.committed(Position::of(&s, 2), 1, Some(s.clone()), Vec::new(), true);
         assert_eq!(waiter.await.unwrap().seq(), 2);
     }
 

@@ -93,17 +93,7 @@ impl CommitReceipt {
 }
 
 /// The durable position: the last envelope acknowledged by the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    /// The lineage.
-    pub lineage: Lineage,
-    /// Last envelope acknowledged.
-    pub seq: u64,
-    /// Its stream sequence.
-    pub stream_seq: u64,
-    /// State digest after the last complete transaction acknowledged.
-    pub digest: Digest,
-}
+pub use deltasync_core::Position;
 
 /// Where the producer is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -47,7 +47,7 @@ enum Msg {
 /// A snapshot the producer could have written.
 #[derive(Clone, Debug)]
 struct Snap {
-    cursor: Cursor,
+    cursor: Position,
     state: State,
     /// seq → digest of every envelope of the history up to it (its lineage).
     ancestry: HashMap<u64, Digest>,
@@ -234,7 +234,7 @@ impl Builder {
     fn snap(&mut self) {
         let stream_seq = self.auth.last().map_or(0, |&i| i as u64 + 1);
         self.snaps.push(Snap {
-            cursor: Cursor {
+            cursor: Position {
                 lineage: self.state.lineage(),
                 seq: self.seq,
                 stream_seq,
@@ -486,7 +486,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn restore(&mut self, state: State, cursor: Cursor, ancestry: HashMap<u64, Digest>) {
+    fn restore(&mut self, state: State, cursor: Position, ancestry: HashMap<u64, Digest>) {
         self.model = entries(&state);
         self.ancestry = ancestry;
         self.at = (cursor.seq, cursor.stream_seq);
@@ -504,7 +504,7 @@ impl Driver {
         if self.attempts > MAX_ATTEMPTS {
             return Err(End::Refused(reason));
         }
-        let at = Cursor {
+        let at = Position {
             stream_seq: self.snap_stream_seq,
             ..self.snap.cursor
         };
@@ -735,9 +735,9 @@ fn prop_assert_like(cond: bool, what: &str) {
 fn run(p: &Plan) -> Result<(), TestCaseError> {
     let sc = build(p);
     let start = Snap {
-        cursor: Cursor {
+        cursor: Position {
             lineage: L1,
-            ..Cursor::default()
+            ..Position::default()
         },
         state: State::new(L1),
         ancestry: HashMap::new(),

@@ -696,7 +696,7 @@ impl ChildConsumer {
     }
 
     /// The replica on disk (read with the consumer's own reader; the process must be stopped).
-    pub fn read_replica(&self) -> (State, deltasync_consumer::Cursor) {
+    pub fn read_replica(&self) -> (State, deltasync_consumer::Position) {
         let mut entries = Vec::new();
         let cursor = deltasync_consumer::local::for_each_entry(&self.dir, |k, v| {
             entries.push((Arc::<str>::from(k), Bytes::copy_from_slice(v)));
