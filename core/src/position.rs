@@ -117,11 +117,11 @@ mod tests {
     #[test]
     fn a_wrong_length_or_version_is_refused_by_name() {
         let b = sample().encode();
-        let short = Position::decode(&b[..64]).unwrap_err();
+        let short = Position::decode(&b[..64]).expect_err("64 bytes");
         assert!(short.contains("64 bytes, expected 65"), "{short}");
         let mut other = b;
         other[0] = 2;
-        let version = Position::decode(&other).unwrap_err();
+        let version = Position::decode(&other).expect_err("version 2");
         assert!(version.contains("format version 2"), "{version}");
     }
 
