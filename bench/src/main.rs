@@ -2,6 +2,7 @@
 //! scenario against its baseline in the same run on the same server, checks each result,
 //! prints a table and writes BENCHMARKS.md and a JSON file.
 
+mod paths;
 mod pipeline;
 mod report;
 mod scenarios;
@@ -55,6 +56,11 @@ struct Args {
 /// The scenarios, as `--only` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Scenario {
+    /// `deltasync-producer ingest FILE` against the library (and a second, small ingest).
+    UserIngest,
+    /// `deltasync-consumer run --ephemeral --once` against the loader and a KV watcher (runs
+    /// user-ingest first: it bootstraps that pipeline).
+    UserBootstrap,
     Ingest,
     ApplyMemory,
     ApplyDurable,
@@ -107,6 +113,14 @@ fn main() -> Result<()> {
     let runs = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
     rt.block_on(async {
         use Scenario::*;
+        if runs(UserIngest) || runs(UserBootstrap) {
+            let (s, model) = paths::ingest(&url, sizes, &mut rows).await?;
+            done(&rows);
+            if runs(UserBootstrap) {
+                paths::bootstrap(&s, &model, &mut rows).await?;
+                done(&rows);
+            }
+        }
         if runs(Ingest) || runs(ApplyMemory) || runs(ApplyDurable) {
             let ingested = pipeline::producer_ingest(&url, sizes, &mut rows).await?;
             done(&rows);

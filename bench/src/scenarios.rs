@@ -193,60 +193,7 @@ pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(
     drop(loaded);
 
     // Bootstrap: a plain KV bucket with the same keys, read with watch_with_history.
-    let kvb = js
-        .create_key_value(kv::Config {
-            bucket: "bench_kv_baseline".into(),
-            history: 1,
-            ..Default::default()
-        })
-        .await?;
-    let payloads: Vec<(String, Bytes)> = state
-        .iter()
-        .map(|(k, v)| {
-            (
-                format!("$KV.bench_kv_baseline.{k}"),
-                Bytes::copy_from_slice(v),
-            )
-        })
-        .collect();
-    let mut acks = futures::stream::FuturesUnordered::new();
-    for (subject, v) in payloads {
-        if acks.len() >= 256 {
-            if let Some(r) = acks.next().await {
-                let _: jetstream::publish::PublishAck = r?;
-            }
-        }
-        acks.push(std::future::IntoFuture::into_future(
-            js.publish(subject, v).await?,
-        ));
-    }
-    while let Some(r) = acks.next().await {
-        r?;
-    }
-    // What a plain KV watcher's user keeps: a map, with nothing to verify it against. The
-    // check (a state built from the map, its digest) runs after the clock stops.
-    let t = Instant::now();
-    let mut watch = kvb.watch_with_history(">").await?;
-    let mut seen: HashMap<String, Bytes> = HashMap::with_capacity(sizes.keys);
-    while seen.len() < sizes.keys {
-        let entry = tokio::time::timeout(Duration::from_secs(30), watch.next())
-            .await
-            .context("KV watcher stalled")?
-            .context("KV watcher ended")??;
-        seen.insert(entry.key, entry.value);
-    }
-    let baseline = t.elapsed().as_secs_f64();
-    let mut baseline_state = State::new(state.lineage());
-    baseline_state.insert_many(
-        seen.into_iter()
-            .map(|(k, v)| (k.as_str().into(), v))
-            .collect(),
-    );
-    ensure!(
-        baseline_state.digest() == state.digest(),
-        "KV watcher state differs"
-    );
-    drop(baseline_state);
+    let baseline = kv_watch_baseline(&js, "bench_kv_baseline", &state).await?;
     let speedup = baseline / ours;
     rows.push(Row {
         scenario: format!("bootstrap of {} keys to a verified replica", sizes.keys),
@@ -341,6 +288,63 @@ pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(
     });
     let _ = raw_bytes;
     Ok(())
+}
+
+/// The plain NATS baseline of a bootstrap: `state`'s keys put into KV bucket `bucket`
+/// (pipelined), then the seconds a `watch_with_history` takes to deliver them all. What a plain
+/// KV watcher's user keeps is a map with nothing to verify it against; the check (a state built
+/// from the map, its digest) runs after the clock stops.
+pub async fn kv_watch_baseline(
+    js: &jetstream::Context,
+    bucket: &str,
+    state: &State,
+) -> Result<f64> {
+    let kvb = js
+        .create_key_value(kv::Config {
+            bucket: bucket.into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await?;
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for (k, v) in state.iter() {
+        if acks.len() >= 256 {
+            if let Some(r) = acks.next().await {
+                let _: jetstream::publish::PublishAck = r?;
+            }
+        }
+        acks.push(std::future::IntoFuture::into_future(
+            js.publish(format!("$KV.{bucket}.{k}"), Bytes::copy_from_slice(v))
+                .await?,
+        ));
+    }
+    while let Some(r) = acks.next().await {
+        r?;
+    }
+    let t = Instant::now();
+    let mut watch = kvb.watch_with_history(">").await?;
+    let mut seen: HashMap<String, Bytes> = HashMap::with_capacity(state.len());
+    while seen.len() < state.len() {
+        let entry = tokio::time::timeout(Duration::from_secs(30), watch.next())
+            .await
+            .context("KV watcher stalled")?
+            .context("KV watcher ended")??;
+        seen.insert(entry.key, entry.value);
+    }
+    let baseline = t.elapsed().as_secs_f64();
+    drop(watch);
+    let mut baseline_state = State::new(state.lineage());
+    baseline_state.insert_many(
+        seen.into_iter()
+            .map(|(k, v)| (k.as_str().into(), v))
+            .collect(),
+    );
+    ensure!(
+        baseline_state.digest() == state.digest(),
+        "KV watcher state differs"
+    );
+    js.delete_key_value(bucket).await?;
+    Ok(baseline)
 }
 
 /// Digest cost per change on a state of 1k keys vs one of `keys` keys.

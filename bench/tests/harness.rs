@@ -77,6 +77,9 @@ fn the_benchmark_harness_runs_at_tiny_sizes() {
         "consumer apply, durable (redb)",
         "end-to-end latency, commit → applied",
         "publish rate during a full snapshot of 5000 keys",
+        "ingest of 5000 puts through `deltasync-producer ingest FILE`",
+        "ingest of 1000 puts into a pipeline of 5000 keys through the binary",
+        "bootstrap of 6000 keys through `deltasync-consumer run --ephemeral --once`",
     ] {
         assert!(
             scenarios.iter().any(|s| s.starts_with(wanted)),
