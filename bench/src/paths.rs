@@ -29,9 +29,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Changes per `submit_many` call: the chunk the binary's NDJSON driver hands the producer.
-const LIB_CHUNK: usize = 4096;
-
 /// Lines of the second, small ingest into a pipeline that already holds the state.
 const TAIL_LINES: usize = 1_000;
 
@@ -196,7 +193,7 @@ pub async fn ingest(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(Set
     let lib_s = crate::scenarios::settings(url, "bench-user-ingest-lib")?;
     let t = Instant::now();
     let producer = Producer::start(lib_s.clone()).await?;
-    for chunk in changes.chunks(LIB_CHUNK) {
+    for chunk in changes.chunks(crate::pipeline::INGEST_CHUNK) {
         producer.submit_many(chunk.to_vec()).await?;
     }
     let position = producer.flush().await?;

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Changes per `submit_many` call: the chunk the NDJSON ingest path hands the producer.
-const INGEST_CHUNK: usize = 4096;
+pub const INGEST_CHUNK: usize = 4096;
 
 /// The latency scenario offers 10k changes/s: a transaction of this many changes ...
 const LATENCY_TXN_CHANGES: usize = 100;
