@@ -35,8 +35,8 @@
 //!
 //! ```text
 //! deltasync-nats-XXXXXX/     one per NatsServer (cluster: one per node)
-//! ├── store/                 -sd / {store_dir}; JetStream keeps its files in store/jetstream/
-//! ├── nats.conf              start_with_config and cluster nodes only
+//! ├── store/                 store_dir; JetStream keeps its files in store/jetstream/
+//! ├── nats.conf              the config every server runs with -c
 //! └── nats-server.log        stdout+stderr of every run, each run headed by "--- run N: ..."
 //! ```
 
@@ -186,21 +186,30 @@ impl fmt::Debug for NatsServer {
     }
 }
 
+/// The JetStream file-store limit of the servers [`NatsServer::start`] and
+/// [`NatsCluster::start`] run. Without it the server takes 75% of the free disk, and every
+/// stream with `max_bytes` (1 GiB by default) reserves that much of it up front: a test that
+/// creates seven pipelines on one server then fails with "insufficient storage resources" on a
+/// machine with less than 10 GB free, although it writes a few kilobytes. Reservations are
+/// bookkeeping; tests that need a real storage limit set their own in
+/// [`NatsServer::start_with_config`].
+pub const TEST_MAX_FILE_STORE: &str = "1TB";
+
 impl NatsServer {
-    /// Starts a single JetStream server: `-a 127.0.0.1 -p -1 -js -sd <temp store>`, and waits
-    /// (at most 20 s) until it logs its client port and "Server is ready".
+    /// Starts a single JetStream server on 127.0.0.1 (a port the server picks) with a temporary
+    /// store and [`TEST_MAX_FILE_STORE`], and waits (at most 20 s) until it logs its client
+    /// port and "Server is ready".
     pub fn start() -> NatsServer {
         let bin = nats_server_bin();
         let (dir, store_dir) = new_server_dir();
-        let args = vec![
-            OsString::from("-a"),
-            OsString::from("127.0.0.1"),
-            OsString::from("-p"),
-            OsString::from("-1"),
-            OsString::from("-js"),
-            OsString::from("-sd"),
-            store_dir.clone().into_os_string(),
-        ];
+        let config = format!(
+            "listen: 127.0.0.1:-1\n\
+             jetstream {{ store_dir: \"{store}\", max_file_store: {TEST_MAX_FILE_STORE} }}\n",
+            store = store_dir.display(),
+        );
+        let config_path = dir.path().join("nats.conf");
+        write_file(&config_path, &config);
+        let args = vec![OsString::from("-c"), config_path.into_os_string()];
         let mut server = NatsServer::unstarted(bin, args, dir, store_dir);
         server.spawn();
         if let Err(failure) = server.wait_ready() {
@@ -530,7 +539,7 @@ impl NatsCluster {
                     "server_name: {name}\n\
                      listen: 127.0.0.1:{client}\n\
                      http: 127.0.0.1:{monitor}\n\
-                     jetstream {{ store_dir: \"{store}\" }}\n\
+                     jetstream {{ store_dir: \"{store}\", max_file_store: {TEST_MAX_FILE_STORE} }}\n\
                      cluster {{\n  name: deltasync-test\n  listen: 127.0.0.1:{route}\n  \
                      routes: [{routes}]\n}}\n",
                     client = client[i],
