@@ -3,6 +3,5 @@
 //! (libraries in-process, binaries as child processes), faults injected into all of them, and
 //! every test ending by comparing each replica with an independent model of what was committed.
 //!
-//! The crate builds the real `deltasync-producer` and `deltasync-consumer` binaries from their
-//! own sources under the names `faults-producer` and `faults-consumer`, so the tests always run
-//! the current code (see `Cargo.toml`). This library is empty.
+//! The binaries are the workspace's own `deltasync-producer` and `deltasync-consumer`, built
+//! from the current sources by `deltasync_testkit::workspace_bin`. This library is empty.

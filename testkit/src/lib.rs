@@ -1,11 +1,12 @@
 //! Real `nats-server` processes for integration tests: a JetStream node on a random loopback
 //! port, stop / kill -9 / start again on the same store and port, a server from a config
-//! file, and an n-node JetStream cluster.
+//! file, and an n-node JetStream cluster; and the workspace's own binaries, built from the
+//! current sources, for tests in other packages ([`workspace_bin`]).
 //!
 //! Talks to the `nats-server` binary (spawned as a child process; a thread per run drains its
 //! stderr into a log file) and, for clusters, to the servers' HTTP monitoring endpoints
-//! (`/healthz`, `/jsz`) over plain std TCP. It has no NATS client: the crates under test bring
-//! their own.
+//! (`/healthz`, `/jsz`) over plain std TCP; `workspace_bin` runs `cargo build`. It has no NATS
+//! client: the crates under test bring their own.
 //!
 //! ## Invariants
 //! - No fixed ports: a server either picks its own (`-p -1`) and the port is read back from
@@ -55,6 +56,9 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
 use tempfile::TempDir;
+
+mod workspace_bin;
+pub use workspace_bin::{build_args, set_for_the_test, workspace_bin, Layout, WORKSPACE_BINS};
 
 /// How long a server may take from spawn to "Server is ready".
 const START_DEADLINE: Duration = Duration::from_secs(20);
@@ -810,11 +814,14 @@ fn write_file(path: &Path, text: &str) {
     fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
-fn tools_dir() -> PathBuf {
+fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("testkit lives inside the workspace")
-        .join("tools")
+}
+
+fn tools_dir() -> PathBuf {
+    workspace_root().join("tools")
 }
 
 fn is_executable_file(path: &Path) -> bool {

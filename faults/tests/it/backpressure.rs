@@ -112,6 +112,7 @@ fn watch_retention(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_through_a_tight_retention_is_held_back_until_a_snapshot_covers_it() {
     logs();
+    binaries(); // may build them: before anything timed starts
     let started = Instant::now();
     let server = NatsServer::start();
     let s = settings(&server.url(), &unique("burst"), |s| {
@@ -176,6 +177,7 @@ async fn a_burst_through_a_tight_retention_is_held_back_until_a_snapshot_covers_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_shutdown_writes_a_final_snapshot_of_uncovered_envelopes() {
     logs();
+    binaries(); // may build them: before anything timed starts
     let server = NatsServer::start();
     let s = settings(&server.url(), &unique("final"), |s| {
         s.snapshot.every_envelopes = 10_000;

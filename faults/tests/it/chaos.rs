@@ -134,6 +134,7 @@ fn garbage(rng: &mut Rng) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_chaos_run_ends_with_every_replica_equal_to_the_model() {
     logs();
+    binaries(); // may build them: before anything timed starts
     let seed = seed();
     let run_for = duration();
     eprintln!(

@@ -6,7 +6,9 @@
 //!
 //! Talks to nats-server through `deltasync-testkit` (private servers and clusters on random
 //! loopback ports, temporary stores, killed on Drop), to the producer and consumer libraries,
-//! and to the real binaries as child processes.
+//! and to the real binaries as child processes: `target/<profile>/deltasync-producer` and
+//! `deltasync-consumer` of the workspace build, which `deltasync_testkit::workspace_bin` first
+//! makes up to date with `cargo build` (once per test process).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

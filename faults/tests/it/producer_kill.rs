@@ -54,6 +54,7 @@ fn model_of(n: u64) -> Model {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_ingesting_producer_binary_loses_and_duplicates_nothing() {
     logs();
+    binaries(); // may build them: before anything timed starts
     let started = Instant::now();
     // Acknowledged only once on disk: slower acks, so more publishes are in flight at the kill.
     let server = deltasync_testkit::NatsServer::start_with_config(

@@ -3,9 +3,9 @@
 //! and as child processes, stream replay, and waiting on conditions with deadlines.
 //!
 //! Talks to real nats-server processes (through `deltasync-testkit`), to the producer and
-//! consumer libraries, to the `faults-producer` / `faults-consumer` binaries (the real
-//! binaries built from their own sources) and, for inspection and damage, to JetStream
-//! directly through async-nats.
+//! consumer libraries, to the real `deltasync-producer` / `deltasync-consumer` binaries (from
+//! the workspace build, made up to date by `deltasync_testkit::workspace_bin`) and, for
+//! inspection and damage, to JetStream directly through async-nats.
 //!
 //! ## Invariants
 //!
@@ -523,6 +523,25 @@ impl InProcess {
     }
 }
 
+/// The real `deltasync-consumer` binary, built from the current sources. The first call in a
+/// test process builds both binaries if they are not up to date, which can take minutes:
+/// tests call [`binaries`] before they start anything timed.
+pub fn consumer_bin() -> PathBuf {
+    deltasync_testkit::workspace_bin("deltasync-consumer")
+}
+
+/// The real `deltasync-producer` binary, built from the current sources (see [`consumer_bin`]).
+pub fn producer_bin() -> PathBuf {
+    deltasync_testkit::workspace_bin("deltasync-producer")
+}
+
+/// Makes sure both binaries are built from the current sources (at most one build per test
+/// process); the later `consumer_bin` / `producer_bin` calls then return at once.
+pub fn binaries() {
+    producer_bin();
+    consumer_bin();
+}
+
 /// Environment for child processes: the settings `settings` holds that flags do not carry.
 fn settings_env(cmd: &mut Command, s: &Settings) {
     // The settings loader refuses unknown DELTASYNC_* variables: the suite's own stay here.
@@ -608,7 +627,7 @@ impl ChildConsumer {
             .unwrap();
         self.runs += 1;
         writeln!(log, "--- run {} of consumer {}", self.runs, self.id).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_faults-consumer"));
+        let mut cmd = Command::new(consumer_bin());
         cmd.args(["--nats-url", &self.settings.nats.url])
             .args(["--pipeline", &self.settings.pipeline])
             .arg("run")
@@ -736,7 +755,7 @@ pub fn producer_command(settings: &Settings, log: &Path) -> Command {
         .append(true)
         .open(log)
         .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_faults-producer"));
+    let mut cmd = Command::new(producer_bin());
     cmd.args(["--nats-url", &settings.nats.url])
         .args(["--pipeline", &settings.pipeline])
         .stdin(Stdio::null())

@@ -1,5 +1,6 @@
 //! Integration tests of the testkit itself: real nats-server processes, checked with plain std
-//! TCP (the INFO line a server sends on connect) and the pure binary lookup; and of the
+//! TCP (the INFO line a server sends on connect), the pure nats-server lookup and the
+//! workspace binaries (`workspace_bin`: layout, build command, built from current sources); and of the
 //! deployment files (`deploy`): docker-compose.yml, the Dockerfile, the NATS cluster configs
 //! and deltasync.example.toml, against the settings loader and the binaries' parsers.
 
@@ -7,6 +8,7 @@ mod bin;
 mod cluster;
 mod deploy;
 mod server;
+mod workspace_bin;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
