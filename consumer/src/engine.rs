@@ -36,12 +36,13 @@
 //!                          marker reset · status · view · change batches to subscribers
 //! ```
 
+use crate::follower::Reason;
 use crate::follower::{
     self, Bounds, Continuity, Follower, Judge, LineagePlan, NoSnapshotPlan, Step,
 };
 use crate::local::{LoadedReplica, LocalError, LocalStore};
 use crate::marker::Marker;
-use crate::replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord, StatusEvent};
+use crate::replica::{BatchKind, ChangeBatch, Replica, ResyncRecord, StatusEvent};
 use crate::ConsumerError;
 use async_nats::jetstream::{self, kv};
 use deltasync_config::settings::Settings;
@@ -440,54 +441,43 @@ impl Engine {
             self.continuity(&cursor)
         })
         .await?;
-        let reason = match continuity {
-            Continuity::Continues => {
-                self.decide(Reason::Resume, why);
-                // The replica on disk is verified and continues the history: readers may use
-                // it while the engine catches up.
-                self.replica.committed(
-                    cursor,
-                    self.follower.state().len(),
-                    Some(self.follower.state().clone()),
-                    Vec::new(),
-                    true,
-                );
-                return Ok(());
-            }
-            Continuity::Pruned => Reason::Pruned,
-            Continuity::LineageChanged => Reason::LineageChanged,
-            Continuity::Fork => Reason::Fork,
-        };
+        let reason = continuity.reason();
         self.decide(reason, why);
-        self.resync(reason, None, cancel).await
+        if continuity != Continuity::Continues {
+            return self.resync(reason, None, cancel).await;
+        }
+        // The replica on disk is verified and continues the history: readers may use it
+        // while the engine catches up.
+        self.replica.committed(
+            cursor,
+            self.follower.state().len(),
+            Some(self.follower.state().clone()),
+            Vec::new(),
+            true,
+        );
+        Ok(())
     }
 
-    /// Logs and counts a decision.
+    /// Logs (at the reason's level) and counts a decision.
     fn decide(&self, reason: Reason, why: &str) {
         self.replica.record(StatusEvent::Decision(reason));
         let applied = self.follower.applied();
-        match reason {
-            Reason::Resume | Reason::Bootstrap => tracing::info!(
-                reason = reason.as_str(),
-                lineage = %applied.lineage,
-                seq = applied.seq,
-                stream_seq = applied.stream_seq,
-                "Start-up decision: {why}"
-            ),
-            Reason::DigestMismatch | Reason::CorruptLocal | Reason::Fork => tracing::error!(
-                reason = reason.as_str(),
-                lineage = %applied.lineage,
-                seq = applied.seq,
-                stream_seq = applied.stream_seq,
-                "Re-snapshot: {why}"
-            ),
-            _ => tracing::warn!(
-                reason = reason.as_str(),
-                lineage = %applied.lineage,
-                seq = applied.seq,
-                stream_seq = applied.stream_seq,
-                "Re-snapshot: {why}"
-            ),
+        macro_rules! log {
+            ($level:ident, $what:literal) => {
+                tracing::$level!(
+                    reason = reason.as_str(),
+                    lineage = %applied.lineage,
+                    seq = applied.seq,
+                    stream_seq = applied.stream_seq,
+                    "{}: {why}",
+                    $what
+                )
+            };
+        }
+        match reason.level() {
+            tracing::Level::ERROR => log!(error, "Re-snapshot"),
+            tracing::Level::WARN => log!(warn, "Re-snapshot"),
+            _ => log!(info, "Start-up decision"),
         }
     }
 

@@ -91,9 +91,8 @@ pub mod replica;
 
 pub use deltasync_core::Position;
 pub use engine::Outcome;
-pub use replica::{
-    BatchKind, ChangeBatch, HeadroomStatus, Reason, Replica, ResyncRecord, Status, View,
-};
+pub use follower::Reason;
+pub use replica::{BatchKind, ChangeBatch, HeadroomStatus, Replica, ResyncRecord, Status, View};
 
 use deltasync_config::settings::Settings;
 use deltasync_nats::history::HistoryError;
@@ -202,19 +201,9 @@ pub enum ConsumerError {
 
 impl ConsumerError {
     fn resync_failed(reason: Reason, attempts: u32, last: &str) -> ConsumerError {
-        let detail = match reason {
-            Reason::Pruned => format!(
-                "the stream prunes envelopes before this replica reaches them, even from the \
-                 newest snapshot: it cannot keep up. Retain more history (stream.max_messages, \
-                 stream.max_age) or snapshot more often. Last error: {last}"
-            ),
-            Reason::Fork => format!(
-                "the stream holds a history that forks the newest snapshot's (sequences reused \
-                 at later stream positions, or a stream purged or recreated behind the bucket): \
-                 it cannot be followed until a snapshot past the fork is written or the \
-                 pipeline starts a new lineage. Last error: {last}"
-            ),
-            _ => format!("last error: {last}"),
+        let detail = match reason.give_up_advice() {
+            Some(advice) => format!("{advice}. Last error: {last}"),
+            None => format!("last error: {last}"),
         };
         ConsumerError::ResyncFailed {
             reason,

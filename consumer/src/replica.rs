@@ -22,6 +22,7 @@
 //! - Change batches are delivered in sequence order. A subscriber that falls more than
 //!   [`EVENT_CAPACITY`] batches behind gets `RecvError::Lagged` and should re-read a view.
 
+use crate::follower::Reason;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use deltasync_core::Position;
@@ -34,64 +35,6 @@ use tokio::sync::{broadcast, watch};
 
 /// Change batches a subscriber may fall behind before it is told it lagged.
 pub const EVENT_CAPACITY: usize = 4096;
-
-/// Why the replica took the path it took; the label of logs and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// The local cursor continues the retained history: follow from it.
-    Resume,
-    /// No local state: load the latest snapshot.
-    Bootstrap,
-    /// The envelopes after the position are no longer in the stream.
-    Pruned,
-    /// The stream or the latest snapshot belongs to another lineage.
-    LineageChanged,
-    /// An envelope is missing from the stream.
-    Gap,
-    /// The replica's digest after a transaction differs from the producer's.
-    DigestMismatch,
-    /// The local replica does not match its stored digest.
-    CorruptLocal,
-    /// The stream forks the replica's history: an envelope reuses a sequence the replica
-    /// has at a later stream position or with another digest, or the stream ends before the
-    /// replica's position (purged or recreated).
-    Fork,
-}
-
-impl Reason {
-    /// Every reason, in label order.
-    pub const ALL: [Reason; 8] = [
-        Reason::Resume,
-        Reason::Bootstrap,
-        Reason::Pruned,
-        Reason::LineageChanged,
-        Reason::Gap,
-        Reason::DigestMismatch,
-        Reason::CorruptLocal,
-        Reason::Fork,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Resume => "resume",
-            Reason::Bootstrap => "bootstrap",
-            Reason::Pruned => "pruned",
-            Reason::LineageChanged => "lineage_changed",
-            Reason::Gap => "gap",
-            Reason::DigestMismatch => "digest_mismatch",
-            Reason::CorruptLocal => "corrupt_local",
-            Reason::Fork => "fork",
-        }
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A change of the counters the status shows, for [`Replica::record`].
 #[derive(Clone, Debug)]
