@@ -36,13 +36,13 @@
 //!                          marker reset · status · view · change batches to subscribers
 //! ```
 
-use crate::follower::Reason;
 use crate::follower::{
-    self, Bounds, Continuity, Follower, Judge, LineagePlan, NoSnapshotPlan, Step,
+    self, BatchKind, Bounds, ChangeBatch, Continuity, Follower, Judge, LineagePlan, NoSnapshotPlan,
+    Reason, Step,
 };
 use crate::local::{LoadedReplica, LocalError, LocalStore};
 use crate::marker::Marker;
-use crate::replica::{BatchKind, ChangeBatch, Replica, ResyncRecord, StatusEvent};
+use crate::replica::{Replica, ResyncRecord, StatusEvent};
 use crate::ConsumerError;
 use async_nats::jetstream::{self, kv};
 use deltasync_config::settings::Settings;

@@ -6,7 +6,9 @@
 //!
 //! Talks to nothing. The engine (`engine.rs`) carries out its steps against JetStream, the
 //! bucket and the local store, like a `raft-rs` `RawNode` driver; `follower/model_tests.rs`
-//! drives it through hostile histories against a simple model.
+//! drives it through hostile histories against a simple model. Its vocabulary lives beside
+//! it: `follower/reason.rs` (why it re-snapshots: [`Reason`]) and `follower/batch.rs` (the
+//! [`ChangeBatch`]es it makes, which the engine commits and the replica handle delivers).
 //!
 //! ## Invariants
 //!
@@ -50,14 +52,15 @@
 //!   position is not assumed stalled: the engine probes for a message after the position
 //!   first. A stream whose tail was deleted (its last sequence holds nothing) is caught up.
 
-use crate::replica::{BatchKind, ChangeBatch};
 use deltasync_core::envelope::MAX_TXN_PARTS;
 use deltasync_core::recovery::Classified;
 use deltasync_core::Position;
 use deltasync_core::{Applied, ApplyError, Change, Digest, Envelope, Lineage, State};
 use std::time::Duration;
 
+mod batch;
 mod reason;
+pub use batch::{BatchKind, ChangeBatch};
 pub use reason::Reason;
 
 /// How long the reader may deliver nothing while the stream holds messages after the

@@ -17,9 +17,10 @@
 //! ```text
 //!  lib.rs     Consumer, run(), options, errors
 //!  engine     carries out the follower's steps: reading, commits, re-snapshots
-//!  follower   every decision about the history, synchronous and I/O-free
+//!  follower   every decision about the history, synchronous and I/O-free; the resync
+//!             reasons (follower/reason.rs) and the change batches it makes (follower/batch.rs)
 //!  local      the replica and cursor on disk (redb)
-//!  replica    the read handle: views, status, change batches
+//!  replica    the read handle: views, status, change batch subscriptions
 //!  marker     the replica's position shown on the server
 //!  http       /healthz /readyz /metrics /v1/status /v1/keys /v1/state
 //!  ndjson     entries as NDJSON (dump, /v1/state, /v1/keys)
@@ -91,8 +92,8 @@ pub mod replica;
 
 pub use deltasync_core::Position;
 pub use engine::Outcome;
-pub use follower::Reason;
-pub use replica::{BatchKind, ChangeBatch, HeadroomStatus, Replica, ResyncRecord, Status, View};
+pub use follower::{BatchKind, ChangeBatch, Reason};
+pub use replica::{HeadroomStatus, Replica, ResyncRecord, Status, View};
 
 use deltasync_config::settings::Settings;
 use deltasync_nats::history::HistoryError;

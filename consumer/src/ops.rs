@@ -20,8 +20,8 @@
 //!   (`deltasync_nats::position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one stream info
 //!   request per period whatever the HTTP traffic, and a status read never waits on NATS.
 
+use crate::follower::{BatchKind, ChangeBatch};
 use crate::local::LocalStore;
-use crate::replica::{BatchKind, ChangeBatch};
 use async_nats::jetstream;
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use deltasync_config::settings::Settings;

@@ -22,11 +22,11 @@
 //! - Change batches are delivered in sequence order. A subscriber that falls more than
 //!   [`EVENT_CAPACITY`] batches behind gets `RecvError::Lagged` and should re-read a view.
 
-use crate::follower::Reason;
+use crate::follower::{ChangeBatch, Reason};
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use deltasync_core::Position;
-use deltasync_core::{Change, Digest, Lineage, State};
+use deltasync_core::{Digest, Lineage, State};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -55,30 +55,6 @@ pub(crate) enum StatusEvent {
 /// only this module can make one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Notifies(());
-
-/// How a batch of changes came about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BatchKind {
-    /// One transaction of the stream, applied.
-    Applied,
-    /// A re-snapshot: the changes turn the previous state into the snapshot's.
-    Resync { reason: Reason },
-}
-
-/// Changes the replica committed, with the sequence they lead to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChangeBatch {
-    /// The lineage of `seq`.
-    pub lineage: Lineage,
-    /// The position before (for a re-snapshot possibly in another lineage).
-    pub prev_seq: u64,
-    /// The position after.
-    pub seq: u64,
-    /// A transaction or a re-snapshot.
-    pub kind: BatchKind,
-    /// In order; applying them to the state at `prev_seq` gives the state at `seq`.
-    pub changes: Vec<Change>,
-}
 
 /// A consistent, immutable view of the replica at one committed sequence.
 #[derive(Clone, Debug)]
@@ -539,6 +515,7 @@ impl Replica {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use deltasync_core::Change;
 
     #[test]
     fn ready_means_bootstrapped_and_within_the_allowed_lag() {
