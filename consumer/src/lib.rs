@@ -20,11 +20,11 @@
 //!  follower   every decision about the history, synchronous and I/O-free; the resync
 //!             reasons (follower/reason.rs) and the change batches it makes (follower/batch.rs)
 //!  local      the replica and cursor on disk (redb)
-//!  replica    the read handle: views, status, change batch subscriptions
+//!  replica    the read handle: views, status, change batch subscriptions, and its
+//!             Prometheus metrics (replica/metrics.rs, re-exported as `metrics`)
 //!  marker     the replica's position shown on the server
 //!  http       /healthz /readyz /metrics /v1/status /v1/keys /v1/state
 //!  ndjson     entries as NDJSON (dump, /v1/state, /v1/keys)
-//!  metrics    Prometheus metrics
 //!  cli, ops   command line; operator commands (replay, rebuild, verify, status)
 //! ```
 //!
@@ -85,7 +85,6 @@ pub mod follower;
 pub mod http;
 pub mod local;
 pub mod marker;
-pub mod metrics;
 pub mod ndjson;
 pub mod ops;
 pub mod replica;
@@ -93,6 +92,7 @@ pub mod replica;
 pub use deltasync_core::Position;
 pub use engine::Outcome;
 pub use follower::{BatchKind, ChangeBatch, Reason};
+pub use replica::metrics;
 pub use replica::{HeadroomStatus, Replica, ResyncRecord, Status, View};
 
 use deltasync_config::settings::Settings;

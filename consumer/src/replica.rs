@@ -23,7 +23,6 @@
 //!   [`EVENT_CAPACITY`] batches behind gets `RecvError::Lagged` and should re-read a view.
 
 use crate::follower::{ChangeBatch, Reason};
-use crate::metrics::Metrics;
 use bytes::Bytes;
 use deltasync_core::Position;
 use deltasync_core::{Digest, Lineage, State};
@@ -32,6 +31,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
+
+pub mod metrics;
+use metrics::Metrics;
 
 /// Change batches a subscriber may fall behind before it is told it lagged.
 pub const EVENT_CAPACITY: usize = 4096;
@@ -52,7 +54,7 @@ pub(crate) enum StatusEvent {
 }
 
 /// Proof that the caller wakes the status waiters after changing a counter the status shows:
-/// only this module can make one.
+/// only this module (and its `metrics` child, which only takes one) can make one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Notifies(());
 
@@ -329,7 +331,7 @@ impl Replica {
 
     /// The metrics in Prometheus text format.
     pub fn metrics_text(&self) -> String {
-        crate::metrics::encode(&self.inner.registry)
+        metrics::encode(&self.inner.registry)
     }
 
     fn position(&self) -> std::sync::MutexGuard<'_, Progress> {

@@ -1,5 +1,6 @@
-//! The consumer's Prometheus metrics (prometheus-client), served at `/metrics` and read by
-//! `/v1/status`. Pure bookkeeping: no I/O.
+//! The replica's Prometheus metrics (prometheus-client), served at `/metrics` and read by
+//! `/v1/status`. Pure bookkeeping: no I/O. A child of the replica handle, which owns the
+//! registry and alone changes what the status shows (through [`Metrics::count`]).
 //!
 //! ```text
 //! deltasync_consumer_envelopes_applied_total           transactions applied (after their last part)
@@ -20,7 +21,7 @@
 //!
 //! A `reason` label is a [`Reason`](crate::follower::Reason) label (`follower/reason.rs`).
 
-use crate::replica::{Notifies, StatusEvent};
+use super::{Notifies, StatusEvent};
 use prometheus_client::encoding::text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -143,7 +144,7 @@ impl Metrics {
         (m, r)
     }
 
-    /// Counts a change the status shows. Only [`crate::replica::Replica::record`] can call
+    /// Counts a change the status shows. Only [`Replica::record`](super::Replica::record) can call
     /// this (it alone holds a [`Notifies`]): the replica then wakes its status waiters.
     pub(crate) fn count(&self, event: &StatusEvent, _: Notifies) {
         match event {
