@@ -3,9 +3,9 @@
 
 use anyhow::Context;
 use deltasync_config::settings::{Overrides, Settings};
+use deltasync_config::shutdown;
 use deltasync_consumer::cli::{Cli, Command, RunArgs};
 use deltasync_consumer::{ops, Options, Storage};
-use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let cli = <Cli as clap::Parser>::parse();
@@ -139,8 +139,7 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let cancel = CancellationToken::new();
-        tokio::spawn(cancel_on_signals(cancel.clone()));
+        let cancel = shutdown::token("stopping, committing the replica");
         let outcome = deltasync_consumer::run(settings, options, cancel).await?;
         tracing::info!(
             lineage = %outcome.cursor.lineage,
@@ -150,30 +149,4 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         );
         Ok(())
     })
-}
-
-/// Cancels `cancel` at the first Ctrl-C or SIGTERM.
-async fn cancel_on_signals(cancel: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot listen for SIGTERM; only Ctrl-C stops cleanly");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("Shutdown requested");
-    cancel.cancel();
 }
