@@ -2,9 +2,9 @@
 //! then reads the pipeline's stream, applies envelopes, commits batches of them with the
 //! cursor, and re-snapshots when the history it needs is gone or its replica diverged.
 //!
-//! Talks to JetStream through `deltasync_nats` (the stream tail, stream
-//! bounds, snapshots), to the local store on blocking threads, to the server-side marker, and
-//! publishes into the [`Replica`] handle.
+//! Talks to JetStream through `deltasync_nats` (the stream tail, stream bounds, snapshots) and
+//! the crate's `nats` module (one-message probes, the server-side marker), to the local store
+//! on blocking threads, and publishes into the [`Replica`] handle.
 //!
 //! Every decision (what a message means, when to re-read or re-snapshot and why, how a local
 //! cursor relates to the stream, whether the reader stalled) is the [`Follower`]'s: this
@@ -41,10 +41,10 @@ use crate::follower::{
     Reason, Step,
 };
 use crate::local::{LoadedReplica, LocalError, LocalStore};
-use crate::marker::Marker;
+use crate::nats::marker::Marker;
+use crate::nats::{self, Bucket, JetStream};
 use crate::replica::{Replica, ResyncRecord, StatusEvent};
 use crate::ConsumerError;
-use async_nats::jetstream::{self, kv};
 use deltasync_config::settings::Settings;
 use deltasync_core::envelope::now_ms;
 use deltasync_core::recovery;
@@ -97,7 +97,7 @@ impl Drop for Reader {
 }
 
 impl Reader {
-    fn open(js: &jetstream::Context, settings: &Settings, from: u64) -> Reader {
+    fn open(js: &JetStream, settings: &Settings, from: u64) -> Reader {
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let js = js.clone();
         let settings = settings.clone();
@@ -176,8 +176,8 @@ enum Event {
 
 pub(crate) struct Engine {
     settings: Settings,
-    js: jetstream::Context,
-    kv: kv::Store,
+    js: JetStream,
+    kv: Bucket,
     store: LocalStore,
     replica: Replica,
     marker: Marker,
@@ -206,8 +206,8 @@ pub(crate) struct Engine {
 impl Engine {
     pub(crate) fn new(
         settings: Settings,
-        js: jetstream::Context,
-        kv: kv::Store,
+        js: JetStream,
+        kv: Bucket,
         store: LocalStore,
         replica: Replica,
         marker: Marker,
@@ -504,22 +504,13 @@ impl Engine {
 
     /// The message at stream sequence `at`, classified (None: there is none).
     async fn message_at(&self, at: u64) -> Result<Option<Classified>, ConsumerError> {
-        use async_nats::jetstream::stream::RawMessageErrorKind;
-        let name = names::stream_name(&self.settings.pipeline);
-        let failed = |detail: String| ConsumerError::Probe {
-            stream: name.clone(),
-            from: at,
-            detail,
-        };
-        let stream = self
-            .js
-            .get_stream_no_info(&name)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        match stream.get_raw_message(at).await {
-            Ok(m) => Ok(Some(recovery::classify(&m.payload))),
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(failed(e.to_string())),
+        match nats::message_at(&self.js, &self.settings, at).await {
+            Ok(payload) => Ok(payload.map(|p| recovery::classify(&p))),
+            Err(detail) => Err(ConsumerError::Probe {
+                stream: names::stream_name(&self.settings.pipeline),
+                from: at,
+                detail,
+            }),
         }
     }
 
@@ -787,29 +778,13 @@ impl Engine {
     /// The stream sequence of the first message at or after `from`, if any (one request to
     /// the stream leader).
     async fn probe(&self, from: u64) -> Result<Option<u64>, ConsumerError> {
-        use async_nats::jetstream::stream::RawMessageErrorKind;
-        let name = names::stream_name(&self.settings.pipeline);
-        let failed = |detail: String| ConsumerError::Probe {
-            stream: name.clone(),
-            from,
-            detail,
-        };
-        let stream = self
-            .js
-            .get_stream_no_info(&name)
+        nats::first_at_or_after(&self.js, &self.settings, from)
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        let got = stream
-            .raw_message_builder()
-            .sequence(from)
-            .next_by_subject(names::subject(&self.settings.pipeline))
-            .send()
-            .await;
-        match got {
-            Ok(m) => Ok(Some(m.sequence)),
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(failed(e.to_string())),
-        }
+            .map_err(|detail| ConsumerError::Probe {
+                stream: names::stream_name(&self.settings.pipeline),
+                from,
+                detail,
+            })
     }
 
     fn update_lag(&self) {

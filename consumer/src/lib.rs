@@ -10,9 +10,10 @@
 //! re-snapshots — downloading only the segments after its position or the bucket ranges whose
 //! digest differs — and says why, in logs and metrics.
 //!
-//! Talks to NATS JetStream (the stream and the snapshot bucket, through
-//! `deltasync_nats`; a per-replica durable consumer as a position marker,
-//! through [`marker`]), to the local disk ([`local`]) and to HTTP clients ([`http`]).
+//! Talks to NATS JetStream (the stream and the snapshot bucket through `deltasync_nats`;
+//! connecting, probes and a per-replica durable consumer as a position marker through
+//! [`nats`], the only module that names async-nats), to the local disk ([`local`]) and to
+//! HTTP clients ([`http`]).
 //!
 //! ```text
 //!  lib.rs     Consumer, run(), options, errors
@@ -22,7 +23,8 @@
 //!  local      the replica and cursor on disk (redb)
 //!  replica    the read handle: views, status, change batch subscriptions, and its
 //!             Prometheus metrics (replica/metrics.rs, re-exported as `metrics`)
-//!  marker     the replica's position shown on the server
+//!  nats       what the consumer says to NATS itself: connect, probes, the ops reader, and
+//!             the replica's position shown on the server (nats/marker.rs)
 //!  http       /healthz /readyz /metrics /v1/status /v1/keys /v1/state
 //!  ndjson     entries as NDJSON (dump, /v1/state, /v1/keys)
 //!  cli, ops   command line; operator commands (replay, rebuild, verify, status)
@@ -84,7 +86,7 @@ pub mod engine;
 pub mod follower;
 pub mod http;
 pub mod local;
-pub mod marker;
+pub mod nats;
 pub mod ndjson;
 pub mod ops;
 pub mod replica;
@@ -298,15 +300,14 @@ impl Consumer {
                 "Local replica loaded"
             );
         }
-        let client = deltasync_nats::connect(&self.settings.nats).await?;
-        let js = deltasync_nats::jetstream(client.clone(), &self.settings.nats);
+        let (client, js) = nats::connect(&self.settings).await?;
         let Some(kv) = self.wait_for_pipeline(&js, cancel).await? else {
             return Ok(Outcome {
                 cursor: loaded.map(|l| l.cursor).unwrap_or_default(),
                 bootstrapped: false,
             });
         };
-        let marker = marker::Marker::start(js.clone(), &self.settings, &self.options.id);
+        let marker = nats::marker::Marker::start(js.clone(), &self.settings, &self.options.id);
         let headroom_stop = cancel.child_token();
         let headroom = tokio::spawn(ops::refresh_headroom(
             js.clone(),
@@ -326,9 +327,7 @@ impl Consumer {
         let outcome = engine.run(loaded, cancel).await;
         headroom_stop.cancel();
         let _ = headroom.await;
-        if let Err(e) = client.drain().await {
-            tracing::debug!(error = %e, "Draining the NATS connection failed");
-        }
+        nats::drain(client).await;
         outcome
     }
 
@@ -336,9 +335,9 @@ impl Consumer {
     /// `once`, does not wait. `None` when cancelled meanwhile.
     async fn wait_for_pipeline(
         &self,
-        js: &async_nats::jetstream::Context,
+        js: &nats::JetStream,
         cancel: &CancellationToken,
-    ) -> Result<Option<async_nats::jetstream::kv::Store>, ConsumerError> {
+    ) -> Result<Option<nats::Bucket>, ConsumerError> {
         let mut delay = Duration::from_millis(200);
         loop {
             let found = match deltasync_nats::history::bounds(js, &self.settings).await {
