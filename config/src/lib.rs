@@ -1,5 +1,7 @@
 //! What both deltasync binaries read and set up at start: `settings` (defaults, file,
-//! environment and flags, validated into one [`settings::Settings`]) and `telemetry` (logging).
+//! environment and flags, validated into one [`settings::Settings`]), `telemetry` (logging)
+//! and `shutdown` (the token Ctrl-C and SIGTERM cancel).
 
 pub mod settings;
+pub mod shutdown;
 pub mod telemetry;

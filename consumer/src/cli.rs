@@ -1,10 +1,18 @@
-//! The `deltasync-consumer` command line (clap). In the library so that tests (and the
-//! compose validation) parse exactly what the binary parses.
+//! The `deltasync-consumer` command line: flags, subcommands, and what each one runs. `main`
+//! parses, loads settings ([`Cli::settings`]), sets up logging and the shutdown token, then
+//! calls [`run`]; tests (and the compose validation) parse and run exactly what the binary
+//! does.
+//!
+//! Talks to the library only (the consumer, `ops`, `ndjson`) and prints results to stdout
+//! (logs go to stderr).
 
+use crate::{ops, Options, Storage};
+use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use deltasync_config::settings::CONFIG_FILE_ENV;
+use deltasync_config::settings::{Overrides, Settings, CONFIG_FILE_ENV};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
 
 /// Keeps an exact replica of a deltasync pipeline, and operates the pipeline.
 #[derive(Parser, Debug)]
@@ -89,6 +97,158 @@ pub struct RunArgs {
     pub once: bool,
 }
 
+impl Cli {
+    /// Loads the settings: defaults, `--config`, environment, then `--nats-url`/`--pipeline`,
+    /// and for `run` its flags over them ([`RunArgs::apply`]), validated again.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let mut settings = Settings::load(
+            self.config.as_deref(),
+            Overrides {
+                nats_url: self.nats_url.clone(),
+                pipeline: self.pipeline.clone(),
+            },
+        )
+        .context("loading settings")?;
+        if let Command::Run(args) = &self.command {
+            args.apply(&mut settings);
+            settings.validate().context("checking settings")?;
+        }
+        Ok(settings)
+    }
+}
+
+impl RunArgs {
+    /// Writes the flags over the `consumer` settings they override.
+    pub fn apply(&self, settings: &mut Settings) {
+        let c = &mut settings.consumer;
+        if let Some(id) = &self.id {
+            c.id = Some(id.clone());
+        }
+        if let Some(dir) = &self.data_dir {
+            c.data_dir = Some(dir.clone());
+        }
+        if self.ephemeral {
+            c.data_dir = None;
+        }
+        if let Some(addr) = self.http {
+            c.http = Some(addr);
+        }
+    }
+}
+
+/// Runs the command: `run` until `shutdown` fires (or, with `--once`, until caught up), then
+/// commits the replica; an operator command until it completes (`shutdown` interrupts it
+/// with an error). Results go to stdout, logs to stderr.
+pub async fn run(
+    command: Command,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => {
+            let mut options = Options::from_settings(&settings);
+            options.once = args.once;
+            tracing::info!(
+                id = %options.id,
+                pipeline = %settings.pipeline,
+                storage = match &options.storage {
+                    Storage::Memory => "memory".to_owned(),
+                    Storage::Durable(d) => d.display().to_string(),
+                },
+                once = options.once,
+                "Starting the consumer"
+            );
+            let outcome = crate::run(settings, options, shutdown).await?;
+            tracing::info!(
+                lineage = %outcome.cursor.lineage,
+                seq = outcome.cursor.seq,
+                stream_seq = outcome.cursor.stream_seq,
+                "Consumer stopped; replica committed"
+            );
+            Ok(())
+        }
+        Command::Dump { data_dir } => tokio::task::spawn_blocking(move || dump(&data_dir))
+            .await
+            .context("dumping the replica")?,
+        Command::Replay { from_seq, to_seq } => {
+            interruptible(&shutdown, async {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                let s = ops::replay(&settings, from_seq, to_seq, &mut out, progress).await?;
+                if progress {
+                    eprintln!(
+                        "replayed {} transactions ({}..{})",
+                        s.transactions, s.first_seq, s.last_seq
+                    );
+                }
+                Ok(())
+            })
+            .await
+        }
+        Command::Rebuild { at_seq, data_dir } => {
+            interruptible(&shutdown, async {
+                let s = ops::rebuild(&settings, at_seq, &data_dir).await?;
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                Ok(())
+            })
+            .await
+        }
+        Command::Verify { from_seq } => {
+            interruptible(&shutdown, async {
+                let r = ops::verify(&settings, from_seq).await?;
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                match r.divergence {
+                    None => Ok(()),
+                    Some(d) => {
+                        bail!("the history diverges at envelope {}: {}", d.seq, d.reason)
+                    }
+                }
+            })
+            .await
+        }
+        Command::Status { json } => {
+            interruptible(&shutdown, async {
+                let s = ops::status(&settings).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s)?);
+                } else {
+                    print!("{}", ops::render_status(&s));
+                }
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+/// Runs an operator command until it completes or `shutdown` fires (then an error: the
+/// command stopped where it was, and nothing after that point was written).
+async fn interruptible(
+    shutdown: &CancellationToken,
+    command: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => bail!("interrupted"),
+        result = command => result,
+    }
+}
+
+/// `dump`: prints the replica in `data_dir` as NDJSON sorted by key. Reads the data directory
+/// only (no settings, logging or NATS); a closed pipe (`| head`) is not an error.
+pub fn dump(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match crate::ndjson::dump(data_dir, &mut out) {
+        Ok(_) => Ok(()),
+        Err(crate::local::DumpError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +288,41 @@ mod tests {
             parse(&["status", "--json"]).map(|c| c.command),
             Ok(Command::Status { json: true })
         ));
+    }
+
+    #[test]
+    fn run_flags_override_the_consumer_settings() {
+        let mut settings = Settings::default();
+        settings.consumer.data_dir = Some("from-file".into());
+        let Ok(Cli {
+            command: Command::Run(args),
+            ..
+        }) = parse(&["run", "--id", "r1", "--ephemeral", "--http", "127.0.0.1:0"])
+        else {
+            panic!("run parses");
+        };
+        args.apply(&mut settings);
+        assert_eq!(settings.consumer.id.as_deref(), Some("r1"));
+        assert_eq!(
+            settings.consumer.data_dir, None,
+            "--ephemeral drops the file's data_dir"
+        );
+        assert_eq!(settings.consumer.http, "127.0.0.1:0".parse().ok());
+
+        let Ok(Cli {
+            command: Command::Run(args),
+            ..
+        }) = parse(&["run", "--data-dir", "d"])
+        else {
+            panic!("run parses");
+        };
+        args.apply(&mut settings);
+        assert_eq!(settings.consumer.data_dir, Some(PathBuf::from("d")));
+        assert_eq!(
+            settings.consumer.id.as_deref(),
+            Some("r1"),
+            "absent flags change nothing"
+        );
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! then reads the pipeline's stream, applies envelopes, commits batches of them with the
 //! cursor, and re-snapshots when the history it needs is gone or its replica diverged.
 //!
-//! Talks to JetStream through `deltasync_nats` (the stream tail, stream
-//! bounds, snapshots), to the local store on blocking threads, to the server-side marker, and
-//! publishes into the [`Replica`] handle.
+//! Talks to JetStream through `deltasync_nats` (the stream tail, stream bounds, snapshots) and
+//! the crate's `nats` module (one-message probes, the server-side marker), to the local store
+//! on blocking threads, and publishes into the [`Replica`] handle.
 //!
 //! Every decision (what a message means, when to re-read or re-snapshot and why, how a local
 //! cursor relates to the stream, whether the reader stalled) is the [`Follower`]'s: this
@@ -37,13 +37,14 @@
 //! ```
 
 use crate::follower::{
-    self, Bounds, Continuity, Follower, Judge, LineagePlan, NoSnapshotPlan, Step,
+    self, BatchKind, Bounds, ChangeBatch, Continuity, Follower, Judge, LineagePlan, NoSnapshotPlan,
+    Reason, Step,
 };
 use crate::local::{LoadedReplica, LocalError, LocalStore};
-use crate::marker::Marker;
-use crate::replica::{BatchKind, ChangeBatch, Reason, Replica, ResyncRecord, StatusEvent};
+use crate::nats::marker::Marker;
+use crate::nats::{self, Bucket, JetStream};
+use crate::replica::{Replica, ResyncRecord, StatusEvent};
 use crate::ConsumerError;
-use async_nats::jetstream::{self, kv};
 use deltasync_config::settings::Settings;
 use deltasync_core::envelope::now_ms;
 use deltasync_core::recovery;
@@ -96,7 +97,7 @@ impl Drop for Reader {
 }
 
 impl Reader {
-    fn open(js: &jetstream::Context, settings: &Settings, from: u64) -> Reader {
+    fn open(js: &JetStream, settings: &Settings, from: u64) -> Reader {
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let js = js.clone();
         let settings = settings.clone();
@@ -175,8 +176,8 @@ enum Event {
 
 pub(crate) struct Engine {
     settings: Settings,
-    js: jetstream::Context,
-    kv: kv::Store,
+    js: JetStream,
+    kv: Bucket,
     store: LocalStore,
     replica: Replica,
     marker: Marker,
@@ -205,8 +206,8 @@ pub(crate) struct Engine {
 impl Engine {
     pub(crate) fn new(
         settings: Settings,
-        js: jetstream::Context,
-        kv: kv::Store,
+        js: JetStream,
+        kv: Bucket,
         store: LocalStore,
         replica: Replica,
         marker: Marker,
@@ -440,54 +441,43 @@ impl Engine {
             self.continuity(&cursor)
         })
         .await?;
-        let reason = match continuity {
-            Continuity::Continues => {
-                self.decide(Reason::Resume, why);
-                // The replica on disk is verified and continues the history: readers may use
-                // it while the engine catches up.
-                self.replica.committed(
-                    cursor,
-                    self.follower.state().len(),
-                    Some(self.follower.state().clone()),
-                    Vec::new(),
-                    true,
-                );
-                return Ok(());
-            }
-            Continuity::Pruned => Reason::Pruned,
-            Continuity::LineageChanged => Reason::LineageChanged,
-            Continuity::Fork => Reason::Fork,
-        };
+        let reason = continuity.reason();
         self.decide(reason, why);
-        self.resync(reason, None, cancel).await
+        if continuity != Continuity::Continues {
+            return self.resync(reason, None, cancel).await;
+        }
+        // The replica on disk is verified and continues the history: readers may use it
+        // while the engine catches up.
+        self.replica.committed(
+            cursor,
+            self.follower.state().len(),
+            Some(self.follower.state().clone()),
+            Vec::new(),
+            true,
+        );
+        Ok(())
     }
 
-    /// Logs and counts a decision.
+    /// Logs (at the reason's level) and counts a decision.
     fn decide(&self, reason: Reason, why: &str) {
         self.replica.record(StatusEvent::Decision(reason));
         let applied = self.follower.applied();
-        match reason {
-            Reason::Resume | Reason::Bootstrap => tracing::info!(
-                reason = reason.as_str(),
-                lineage = %applied.lineage,
-                seq = applied.seq,
-                stream_seq = applied.stream_seq,
-                "Start-up decision: {why}"
-            ),
-            Reason::DigestMismatch | Reason::CorruptLocal | Reason::Fork => tracing::error!(
-                reason = reason.as_str(),
-                lineage = %applied.lineage,
-                seq = applied.seq,
-                stream_seq = applied.stream_seq,
-                "Re-snapshot: {why}"
-            ),
-            _ => tracing::warn!(
-                reason = reason.as_str(),
-                lineage = %applied.lineage,
-                seq = applied.seq,
-                stream_seq = applied.stream_seq,
-                "Re-snapshot: {why}"
-            ),
+        macro_rules! log {
+            ($level:ident, $what:literal) => {
+                tracing::$level!(
+                    reason = reason.as_str(),
+                    lineage = %applied.lineage,
+                    seq = applied.seq,
+                    stream_seq = applied.stream_seq,
+                    "{}: {why}",
+                    $what
+                )
+            };
+        }
+        match reason.level() {
+            tracing::Level::ERROR => log!(error, "Re-snapshot"),
+            tracing::Level::WARN => log!(warn, "Re-snapshot"),
+            _ => log!(info, "Start-up decision"),
         }
     }
 
@@ -514,22 +504,13 @@ impl Engine {
 
     /// The message at stream sequence `at`, classified (None: there is none).
     async fn message_at(&self, at: u64) -> Result<Option<Classified>, ConsumerError> {
-        use async_nats::jetstream::stream::RawMessageErrorKind;
-        let name = names::stream_name(&self.settings.pipeline);
-        let failed = |detail: String| ConsumerError::Probe {
-            stream: name.clone(),
-            from: at,
-            detail,
-        };
-        let stream = self
-            .js
-            .get_stream_no_info(&name)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        match stream.get_raw_message(at).await {
-            Ok(m) => Ok(Some(recovery::classify(&m.payload))),
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(failed(e.to_string())),
+        match nats::message_at(&self.js, &self.settings, at).await {
+            Ok(payload) => Ok(payload.map(|p| recovery::classify(&p))),
+            Err(detail) => Err(ConsumerError::Probe {
+                stream: names::stream_name(&self.settings.pipeline),
+                from: at,
+                detail,
+            }),
         }
     }
 
@@ -797,29 +778,13 @@ impl Engine {
     /// The stream sequence of the first message at or after `from`, if any (one request to
     /// the stream leader).
     async fn probe(&self, from: u64) -> Result<Option<u64>, ConsumerError> {
-        use async_nats::jetstream::stream::RawMessageErrorKind;
-        let name = names::stream_name(&self.settings.pipeline);
-        let failed = |detail: String| ConsumerError::Probe {
-            stream: name.clone(),
-            from,
-            detail,
-        };
-        let stream = self
-            .js
-            .get_stream_no_info(&name)
+        nats::first_at_or_after(&self.js, &self.settings, from)
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        let got = stream
-            .raw_message_builder()
-            .sequence(from)
-            .next_by_subject(names::subject(&self.settings.pipeline))
-            .send()
-            .await;
-        match got {
-            Ok(m) => Ok(Some(m.sequence)),
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(failed(e.to_string())),
-        }
+            .map_err(|detail| ConsumerError::Probe {
+                stream: names::stream_name(&self.settings.pipeline),
+                from,
+                detail,
+            })
     }
 
     fn update_lag(&self) {

@@ -6,7 +6,9 @@
 //!
 //! Talks to nothing. The engine (`engine.rs`) carries out its steps against JetStream, the
 //! bucket and the local store, like a `raft-rs` `RawNode` driver; `follower/model_tests.rs`
-//! drives it through hostile histories against a simple model.
+//! drives it through hostile histories against a simple model. Its vocabulary lives beside
+//! it: `follower/reason.rs` (why it re-snapshots: [`Reason`]) and `follower/batch.rs` (the
+//! [`ChangeBatch`]es it makes, which the engine commits and the replica handle delivers).
 //!
 //! ## Invariants
 //!
@@ -50,12 +52,16 @@
 //!   position is not assumed stalled: the engine probes for a message after the position
 //!   first. A stream whose tail was deleted (its last sequence holds nothing) is caught up.
 
-use crate::replica::{BatchKind, ChangeBatch, Reason};
 use deltasync_core::envelope::MAX_TXN_PARTS;
 use deltasync_core::recovery::Classified;
 use deltasync_core::Position;
 use deltasync_core::{Applied, ApplyError, Change, Digest, Envelope, Lineage, State};
 use std::time::Duration;
+
+mod batch;
+mod reason;
+pub use batch::{BatchKind, ChangeBatch};
+pub use reason::Reason;
 
 /// How long the reader may deliver nothing while the stream holds messages after the
 /// position before the engine probes the stream (and reopens the reader if the probe finds a
@@ -143,6 +149,19 @@ pub enum Continuity {
     Pruned,
     LineageChanged,
     Fork,
+}
+
+impl Continuity {
+    /// The reason of the start-up decision it leads to: resume when the cursor continues the
+    /// history, else a re-snapshot for why it does not.
+    pub fn reason(self) -> Reason {
+        match self {
+            Continuity::Continues => Reason::Resume,
+            Continuity::Pruned => Reason::Pruned,
+            Continuity::LineageChanged => Reason::LineageChanged,
+            Continuity::Fork => Reason::Fork,
+        }
+    }
 }
 
 /// A start-up judgement that may need the first envelope retained.
@@ -826,6 +845,14 @@ mod tests {
     use super::*;
 
     const L: Lineage = Lineage([7; 16]);
+
+    #[test]
+    fn a_continuing_cursor_resumes_and_every_other_continuity_resyncs_for_itself() {
+        assert_eq!(Continuity::Continues.reason(), Reason::Resume);
+        assert_eq!(Continuity::Pruned.reason(), Reason::Pruned);
+        assert_eq!(Continuity::LineageChanged.reason(), Reason::LineageChanged);
+        assert_eq!(Continuity::Fork.reason(), Reason::Fork);
+    }
 
     /// Envelope `seq` (one part) of lineage `L` that puts `key`, on `state`.
     fn env(state: &mut State, seq: u64, key: &str) -> Envelope {

@@ -10,20 +10,23 @@
 //! re-snapshots — downloading only the segments after its position or the bucket ranges whose
 //! digest differs — and says why, in logs and metrics.
 //!
-//! Talks to NATS JetStream (the stream and the snapshot bucket, through
-//! `deltasync_nats`; a per-replica durable consumer as a position marker,
-//! through [`marker`]), to the local disk ([`local`]) and to HTTP clients ([`http`]).
+//! Talks to NATS JetStream (the stream and the snapshot bucket through `deltasync_nats`;
+//! connecting, probes and a per-replica durable consumer as a position marker through
+//! [`nats`], the only module that names async-nats), to the local disk ([`local`]) and to
+//! HTTP clients ([`http`]).
 //!
 //! ```text
 //!  lib.rs     Consumer, run(), options, errors
 //!  engine     carries out the follower's steps: reading, commits, re-snapshots
-//!  follower   every decision about the history, synchronous and I/O-free
+//!  follower   every decision about the history, synchronous and I/O-free; the resync
+//!             reasons (follower/reason.rs) and the change batches it makes (follower/batch.rs)
 //!  local      the replica and cursor on disk (redb)
-//!  replica    the read handle: views, status, change batches
-//!  marker     the replica's position shown on the server
+//!  replica    the read handle: views, status, change batch subscriptions, and its
+//!             Prometheus metrics (replica/metrics.rs, re-exported as `metrics`)
+//!  nats       what the consumer says to NATS itself: connect, probes, the ops reader, and
+//!             the replica's position shown on the server (nats/marker.rs)
 //!  http       /healthz /readyz /metrics /v1/status /v1/keys /v1/state
 //!  ndjson     entries as NDJSON (dump, /v1/state, /v1/keys)
-//!  metrics    Prometheus metrics
 //!  cli, ops   command line; operator commands (replay, rebuild, verify, status)
 //! ```
 //!
@@ -83,17 +86,16 @@ pub mod engine;
 pub mod follower;
 pub mod http;
 pub mod local;
-pub mod marker;
-pub mod metrics;
+pub mod nats;
 pub mod ndjson;
 pub mod ops;
 pub mod replica;
 
 pub use deltasync_core::Position;
 pub use engine::Outcome;
-pub use replica::{
-    BatchKind, ChangeBatch, HeadroomStatus, Reason, Replica, ResyncRecord, Status, View,
-};
+pub use follower::{BatchKind, ChangeBatch, Reason};
+pub use replica::metrics;
+pub use replica::{HeadroomStatus, Replica, ResyncRecord, Status, View};
 
 use deltasync_config::settings::Settings;
 use deltasync_nats::history::HistoryError;
@@ -202,19 +204,9 @@ pub enum ConsumerError {
 
 impl ConsumerError {
     fn resync_failed(reason: Reason, attempts: u32, last: &str) -> ConsumerError {
-        let detail = match reason {
-            Reason::Pruned => format!(
-                "the stream prunes envelopes before this replica reaches them, even from the \
-                 newest snapshot: it cannot keep up. Retain more history (stream.max_messages, \
-                 stream.max_age) or snapshot more often. Last error: {last}"
-            ),
-            Reason::Fork => format!(
-                "the stream holds a history that forks the newest snapshot's (sequences reused \
-                 at later stream positions, or a stream purged or recreated behind the bucket): \
-                 it cannot be followed until a snapshot past the fork is written or the \
-                 pipeline starts a new lineage. Last error: {last}"
-            ),
-            _ => format!("last error: {last}"),
+        let detail = match reason.give_up_advice() {
+            Some(advice) => format!("{advice}. Last error: {last}"),
+            None => format!("last error: {last}"),
         };
         ConsumerError::ResyncFailed {
             reason,
@@ -308,15 +300,14 @@ impl Consumer {
                 "Local replica loaded"
             );
         }
-        let client = deltasync_nats::connect(&self.settings.nats).await?;
-        let js = deltasync_nats::jetstream(client.clone(), &self.settings.nats);
+        let (client, js) = nats::connect(&self.settings).await?;
         let Some(kv) = self.wait_for_pipeline(&js, cancel).await? else {
             return Ok(Outcome {
                 cursor: loaded.map(|l| l.cursor).unwrap_or_default(),
                 bootstrapped: false,
             });
         };
-        let marker = marker::Marker::start(js.clone(), &self.settings, &self.options.id);
+        let marker = nats::marker::Marker::start(js.clone(), &self.settings, &self.options.id);
         let headroom_stop = cancel.child_token();
         let headroom = tokio::spawn(ops::refresh_headroom(
             js.clone(),
@@ -336,9 +327,7 @@ impl Consumer {
         let outcome = engine.run(loaded, cancel).await;
         headroom_stop.cancel();
         let _ = headroom.await;
-        if let Err(e) = client.drain().await {
-            tracing::debug!(error = %e, "Draining the NATS connection failed");
-        }
+        nats::drain(client).await;
         outcome
     }
 
@@ -346,9 +335,9 @@ impl Consumer {
     /// `once`, does not wait. `None` when cancelled meanwhile.
     async fn wait_for_pipeline(
         &self,
-        js: &async_nats::jetstream::Context,
+        js: &nats::JetStream,
         cancel: &CancellationToken,
-    ) -> Result<Option<async_nats::jetstream::kv::Store>, ConsumerError> {
+    ) -> Result<Option<nats::Bucket>, ConsumerError> {
         let mut delay = Duration::from_millis(200);
         loop {
             let found = match deltasync_nats::history::bounds(js, &self.settings).await {

@@ -30,7 +30,7 @@
 //!                        33  32  digest                      of the entries above
 //! ```
 
-use crate::replica::ChangeBatch;
+use crate::follower::ChangeBatch;
 use bytes::Bytes;
 use deltasync_core::{Digest, Position, State};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -380,7 +380,7 @@ pub enum DumpError {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::replica::BatchKind;
+    use crate::follower::BatchKind;
     use deltasync_core::{Change, Lineage};
 
     fn batch(seq: u64, changes: Vec<Change>) -> Arc<ChangeBatch> {

@@ -3,14 +3,16 @@
 //! retained history) and `status` (stream bounds, snapshots, every consumer's position,
 //! lag and headroom before retention prunes it).
 //!
-//! Talks to JetStream through the shared `history` and `store` modules, to the stream's
-//! consumer list for positions, and to a local redb replica (`local`) for `rebuild`.
+//! Talks to JetStream through `deltasync_nats` (`history`, `store`, bounds and headroom) and
+//! the crate's `nats` module (connecting, the bounded stream reader), to the stream's
+//! consumer list for positions (`status`, the one async-nats call left outside `nats`), and
+//! to a local redb replica (`local`) for `rebuild`.
 //!
 //! ## Invariants
 //!
 //! - `replay`, `verify` and `rebuild` read up to the stream's last sequence as it was when
 //!   they started, or fail naming the sequence: a read that stalls is opened again where it
-//!   stopped ([`READ_ATTEMPTS`] times in a row, each wait bounded by `nats.request_timeout`),
+//!   stopped ([`READ_ATTEMPTS`](crate::nats::reader::READ_ATTEMPTS) times in a row, each wait bounded by `nats.request_timeout`),
 //!   a missing envelope is an error, and a read ends early only when the server says nothing
 //!   is stored up to the end.
 //! - Only whole transactions are printed, applied or checked: `replay` from inside a
@@ -20,19 +22,20 @@
 //!   (`deltasync_nats::position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one stream info
 //!   request per period whatever the HTTP traffic, and a status read never waits on NATS.
 
+use crate::follower::{BatchKind, ChangeBatch};
 use crate::local::LocalStore;
-use crate::replica::{BatchKind, ChangeBatch};
+use crate::nats::reader::{Reader, Stalled};
+use crate::nats::{self, JetStream};
 use async_nats::jetstream;
-use async_nats::jetstream::stream::DirectGetErrorKind;
 use deltasync_config::settings::Settings;
-use deltasync_core::recovery::{classify, Classified};
+use deltasync_core::recovery::Classified;
 pub use deltasync_core::retention::{headroom, Headroom, PositionHeadroom};
 use deltasync_core::snapshot::Manifest;
 use deltasync_core::Position;
 use deltasync_core::{names, ApplyError, Change, Envelope, Lineage, State};
 use deltasync_nats::history::HistoryError;
 use deltasync_nats::store::{self, StoreError};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
@@ -100,167 +103,28 @@ pub enum OpsError {
     },
 }
 
-async fn connect(settings: &Settings) -> Result<jetstream::Context, OpsError> {
-    let client = deltasync_nats::connect(&settings.nats).await?;
-    Ok(deltasync_nats::jetstream(client, &settings.nats))
+async fn connect(settings: &Settings) -> Result<JetStream, OpsError> {
+    Ok(nats::connect(settings).await?.1)
+}
+
+impl From<Stalled> for OpsError {
+    fn from(s: Stalled) -> OpsError {
+        OpsError::Stalled {
+            stream_seq: s.stream_seq,
+            end: s.end,
+            attempts: s.attempts,
+            reason: s.reason,
+        }
+    }
 }
 
 /// The current lineage: the latest snapshot's, else the first envelope's.
 async fn current_manifest(
-    js: &jetstream::Context,
+    js: &JetStream,
     settings: &Settings,
 ) -> Result<Option<Manifest>, OpsError> {
     let kv = store::bucket(js, settings).await?;
     Ok(store::latest_manifest(&kv).await?)
-}
-
-/// How many times a read that stops delivering before the end it was asked for is opened
-/// again (each wait bounded by `nats.request_timeout`) before the command fails.
-pub const READ_ATTEMPTS: u32 = 3;
-
-/// Reads the envelope stream in order from one stream sequence through another, whatever
-/// happens on the way: a read that stops delivering (a timeout, a consumer that ended, a
-/// server that does not answer) is opened again where it stopped, at most [`READ_ATTEMPTS`]
-/// times in a row, then fails naming the stream sequence it waited for. It ends early only
-/// when the server says that nothing is stored between where it is and the end (the tail was
-/// deleted), never because a wait ran out.
-struct Reader {
-    stream: jetstream::stream::Stream,
-    subject: String,
-    settings: Settings,
-    messages: Option<jetstream::consumer::pull::Ordered>,
-    /// The next stream sequence wanted.
-    next: u64,
-    /// The last stream sequence wanted (the stream's head when the command started).
-    end: u64,
-}
-
-impl Reader {
-    async fn open(
-        js: &jetstream::Context,
-        settings: &Settings,
-        from: u64,
-        end: u64,
-    ) -> Result<Reader, OpsError> {
-        let name = names::stream_name(&settings.pipeline);
-        let mut last_error = String::new();
-        for _ in 0..READ_ATTEMPTS {
-            match tokio::time::timeout(settings.nats.request_timeout, js.get_stream(&name)).await {
-                Ok(Ok(stream)) => {
-                    return Ok(Reader {
-                        stream,
-                        subject: names::subject(&settings.pipeline),
-                        settings: settings.clone(),
-                        messages: None,
-                        next: from.max(1),
-                        end,
-                    })
-                }
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = "timed out".into(),
-            }
-        }
-        Err(OpsError::Stalled {
-            stream_seq: from,
-            end,
-            attempts: READ_ATTEMPTS,
-            reason: last_error,
-        })
-    }
-
-    /// The next stored message at or before the end: its stream sequence and what it holds.
-    /// `None` once the end is reached.
-    async fn next(&mut self) -> Result<Option<(u64, Classified)>, OpsError> {
-        let wait = self.settings.nats.request_timeout;
-        let mut failures = 0u32;
-        let mut reason = String::new();
-        loop {
-            if self.next > self.end {
-                return Ok(None);
-            }
-            if self.messages.is_none() {
-                match tokio::time::timeout(wait, self.subscribe()).await {
-                    Ok(Ok(m)) => self.messages = Some(m),
-                    Ok(Err(e)) => reason = format!("opening a reader: {e}"),
-                    Err(_) => reason = "opening a reader timed out".into(),
-                }
-            }
-            if let Some(messages) = &mut self.messages {
-                match tokio::time::timeout(wait, messages.next()).await {
-                    Ok(Some(Ok(msg))) => match msg.info() {
-                        Ok(info) => {
-                            let seq = info.stream_sequence;
-                            if seq < self.next {
-                                continue; // redelivered after a re-open
-                            }
-                            self.next = seq + 1;
-                            if seq > self.end {
-                                return Ok(None);
-                            }
-                            return Ok(Some((seq, classify(&msg.payload))));
-                        }
-                        Err(e) => reason = format!("reading a message's metadata: {e}"),
-                    },
-                    Ok(Some(Err(e))) => reason = format!("reading: {e}"),
-                    Ok(None) => reason = "the reader ended".into(),
-                    Err(_) => reason = format!("nothing arrived within {wait:?}"),
-                }
-            }
-            // Nothing came. Either nothing is stored up to the end any more (deleted or
-            // pruned meanwhile), or the read stalled: ask the server which.
-            self.messages = None;
-            match tokio::time::timeout(
-                wait,
-                self.stream
-                    .direct_get_next_for_subject(self.subject.clone(), Some(self.next)),
-            )
-            .await
-            {
-                Ok(Ok(m)) if m.sequence > self.end => return Ok(None),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
-                Ok(Err(e)) => reason = format!("{reason}; asking what is stored: {e}"),
-                Err(_) => reason = format!("{reason}; asking what is stored timed out"),
-            }
-            failures += 1;
-            if failures >= READ_ATTEMPTS {
-                return Err(OpsError::Stalled {
-                    stream_seq: self.next,
-                    end: self.end,
-                    attempts: failures,
-                    reason,
-                });
-            }
-            tracing::warn!(
-                stream_seq = self.next,
-                end = self.end,
-                attempt = failures,
-                %reason,
-                "The read stalled before the end; reading again from where it stopped"
-            );
-        }
-    }
-
-    async fn subscribe(&self) -> Result<jetstream::consumer::pull::Ordered, async_nats::Error> {
-        let consumer = self
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: self.next,
-                },
-                max_batch: read_batch(&self.settings),
-                ..Default::default()
-            })
-            .await?;
-        Ok(consumer.messages().await?)
-    }
-}
-
-/// Messages one pull asks for: about 16 MiB of the largest envelopes in flight (the server
-/// cuts a connection with much more pending as a slow consumer).
-fn read_batch(settings: &Settings) -> i64 {
-    let max_message = i64::from(settings.stream.max_message_bytes).max(64 * 1024);
-    (16 * 1024 * 1024 / max_message).clamp(8, 200)
 }
 
 /// Reads envelopes of `lineage` from stream sequence `from` up to the stream's head at the
@@ -268,7 +132,7 @@ fn read_batch(settings: &Settings) -> i64 {
 /// Foreign messages and envelopes of other lineages are skipped. A read that stalls before
 /// the head is read again (bounded) and then fails: this never ends early and quietly.
 async fn scan(
-    js: &jetstream::Context,
+    js: &JetStream,
     settings: &Settings,
     from: u64,
     lineage: Option<Lineage>,
@@ -516,7 +380,7 @@ pub async fn replay(
 /// A state at an exact position of the current lineage, built from the newest retained
 /// snapshot at or before it plus the envelopes up to it.
 async fn state_at(
-    js: &jetstream::Context,
+    js: &JetStream,
     settings: &Settings,
     at: Option<u64>,
 ) -> Result<(State, u64, Option<Manifest>), OpsError> {
@@ -793,18 +657,17 @@ pub const HEADROOM_REFRESH: Duration = Duration::from_secs(5);
 /// position means nothing yet); a failed read keeps the last judgement, which carries its
 /// time.
 pub(crate) async fn refresh_headroom(
-    js: jetstream::Context,
+    js: JetStream,
     settings: Settings,
     replica: crate::replica::Replica,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let name = names::stream_name(&settings.pipeline);
     let subject = names::subject(&settings.pipeline);
     let mut stream = None;
     loop {
         if let Some(position) = replica.bootstrapped_position() {
             if stream.is_none() {
-                stream = js.get_stream_no_info(&name).await.ok();
+                stream = nats::stream(&js, &settings).await;
             }
             match (
                 &stream,

@@ -22,76 +22,21 @@
 //! - Change batches are delivered in sequence order. A subscriber that falls more than
 //!   [`EVENT_CAPACITY`] batches behind gets `RecvError::Lagged` and should re-read a view.
 
-use crate::metrics::Metrics;
+use crate::follower::{ChangeBatch, Reason};
 use bytes::Bytes;
 use deltasync_core::Position;
-use deltasync_core::{Change, Digest, Lineage, State};
+use deltasync_core::{Digest, Lineage, State};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
+pub mod metrics;
+use metrics::Metrics;
+
 /// Change batches a subscriber may fall behind before it is told it lagged.
 pub const EVENT_CAPACITY: usize = 4096;
-
-/// Why the replica took the path it took; the label of logs and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// The local cursor continues the retained history: follow from it.
-    Resume,
-    /// No local state: load the latest snapshot.
-    Bootstrap,
-    /// The envelopes after the position are no longer in the stream.
-    Pruned,
-    /// The stream or the latest snapshot belongs to another lineage.
-    LineageChanged,
-    /// An envelope is missing from the stream.
-    Gap,
-    /// The replica's digest after a transaction differs from the producer's.
-    DigestMismatch,
-    /// The local replica does not match its stored digest.
-    CorruptLocal,
-    /// The stream forks the replica's history: an envelope reuses a sequence the replica
-    /// has at a later stream position or with another digest, or the stream ends before the
-    /// replica's position (purged or recreated).
-    Fork,
-}
-
-impl Reason {
-    /// Every reason, in label order.
-    pub const ALL: [Reason; 8] = [
-        Reason::Resume,
-        Reason::Bootstrap,
-        Reason::Pruned,
-        Reason::LineageChanged,
-        Reason::Gap,
-        Reason::DigestMismatch,
-        Reason::CorruptLocal,
-        Reason::Fork,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Resume => "resume",
-            Reason::Bootstrap => "bootstrap",
-            Reason::Pruned => "pruned",
-            Reason::LineageChanged => "lineage_changed",
-            Reason::Gap => "gap",
-            Reason::DigestMismatch => "digest_mismatch",
-            Reason::CorruptLocal => "corrupt_local",
-            Reason::Fork => "fork",
-        }
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A change of the counters the status shows, for [`Replica::record`].
 #[derive(Clone, Debug)]
@@ -109,33 +54,9 @@ pub(crate) enum StatusEvent {
 }
 
 /// Proof that the caller wakes the status waiters after changing a counter the status shows:
-/// only this module can make one.
+/// only this module (and its `metrics` child, which only takes one) can make one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Notifies(());
-
-/// How a batch of changes came about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BatchKind {
-    /// One transaction of the stream, applied.
-    Applied,
-    /// A re-snapshot: the changes turn the previous state into the snapshot's.
-    Resync { reason: Reason },
-}
-
-/// Changes the replica committed, with the sequence they lead to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChangeBatch {
-    /// The lineage of `seq`.
-    pub lineage: Lineage,
-    /// The position before (for a re-snapshot possibly in another lineage).
-    pub prev_seq: u64,
-    /// The position after.
-    pub seq: u64,
-    /// A transaction or a re-snapshot.
-    pub kind: BatchKind,
-    /// In order; applying them to the state at `prev_seq` gives the state at `seq`.
-    pub changes: Vec<Change>,
-}
 
 /// A consistent, immutable view of the replica at one committed sequence.
 #[derive(Clone, Debug)]
@@ -410,7 +331,7 @@ impl Replica {
 
     /// The metrics in Prometheus text format.
     pub fn metrics_text(&self) -> String {
-        crate::metrics::encode(&self.inner.registry)
+        metrics::encode(&self.inner.registry)
     }
 
     fn position(&self) -> std::sync::MutexGuard<'_, Progress> {
@@ -596,6 +517,7 @@ impl Replica {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use deltasync_core::Change;
 
     #[test]
     fn ready_means_bootstrapped_and_within_the_allowed_lag() {

@@ -4,7 +4,7 @@
 //! without the replica.
 //!
 //! Talks to JetStream: consumer create/update and consumer reset (nats-server 2.14, ADR-60).
-//! This is the only module of the crate that calls async-nats itself; the stream and the
+//! Part of the crate's `nats` module, the only one that names async-nats; the stream and the
 //! bucket are read through `deltasync_nats`.
 //!
 //! ## Invariants

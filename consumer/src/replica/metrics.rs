@@ -1,14 +1,13 @@
-//! The consumer's Prometheus metrics (prometheus-client), served at `/metrics` and read by
-//! `/v1/status`. Pure bookkeeping: no I/O.
+//! The replica's Prometheus metrics (prometheus-client), served at `/metrics` and read by
+//! `/v1/status`. Pure bookkeeping: no I/O. A child of the replica handle, which owns the
+//! registry and alone changes what the status shows (through [`Metrics::count`]).
 //!
 //! ```text
 //! deltasync_consumer_envelopes_applied_total           transactions applied (after their last part)
 //! deltasync_consumer_changes_applied_total             changes in them
 //! deltasync_consumer_envelopes_skipped_total{reason}   duplicate | stale
 //! deltasync_consumer_foreign_messages_total            stream messages that are not envelopes
-//! deltasync_consumer_sync_decisions_total{reason}      resume | bootstrap | pruned | lineage_changed
-//!                                                      | gap | digest_mismatch | corrupt_local
-//!                                                      | fork
+//! deltasync_consumer_sync_decisions_total{reason}      start-up and resync decisions, by reason
 //! deltasync_consumer_resyncs_total{reason}             re-snapshots done, by reason
 //! deltasync_consumer_snapshot_bytes_fetched_total      snapshot bytes downloaded
 //! deltasync_consumer_snapshot_seconds                  histogram of re-snapshot durations
@@ -19,8 +18,10 @@
 //! deltasync_consumer_entries                           keys in the replica
 //! deltasync_consumer_ready                             1 when bootstrapped and within max lag
 //! ```
+//!
+//! A `reason` label is a [`Reason`](crate::follower::Reason) label (`follower/reason.rs`).
 
-use crate::replica::{Notifies, StatusEvent};
+use super::{Notifies, StatusEvent};
 use prometheus_client::encoding::text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -143,7 +144,7 @@ impl Metrics {
         (m, r)
     }
 
-    /// Counts a change the status shows. Only [`crate::replica::Replica::record`] can call
+    /// Counts a change the status shows. Only [`Replica::record`](super::Replica::record) can call
     /// this (it alone holds a [`Notifies`]): the replica then wakes its status waiters.
     pub(crate) fn count(&self, event: &StatusEvent, _: Notifies) {
         match event {
@@ -196,7 +197,7 @@ impl Metrics {
     /// How often each decision was taken, by reason.
     pub fn decisions(&self) -> std::collections::BTreeMap<String, u64> {
         let mut out = std::collections::BTreeMap::new();
-        for r in crate::Reason::ALL {
+        for r in crate::follower::Reason::ALL {
             if let Some(c) = self.decisions.get(&reason(r.as_str())) {
                 out.insert(r.as_str().to_owned(), c.get());
             }
@@ -207,7 +208,7 @@ impl Metrics {
     /// Re-snapshots done, by reason.
     pub fn resyncs(&self) -> std::collections::BTreeMap<String, u64> {
         let mut out = std::collections::BTreeMap::new();
-        for r in crate::Reason::ALL {
+        for r in crate::follower::Reason::ALL {
             if let Some(c) = self.resyncs.get(&reason(r.as_str())) {
                 out.insert(r.as_str().to_owned(), c.get());
             }
