@@ -26,10 +26,11 @@
 //! - A line longer than [`max_line_bytes`] is a bad line; it is never read into memory whole.
 
 use crate::error::ProducerError;
-use crate::producer::{Position, Producer};
+use crate::producer::Producer;
 use base64::Engine as _;
 use bytes::Bytes;
 use deltasync_core::change::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use deltasync_core::Position;
 use deltasync_core::{Change, Key};
 use serde::de::IgnoredAny;
 use serde::Deserialize;

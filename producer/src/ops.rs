@@ -13,7 +13,7 @@
 //!   messages, bytes and age. It changes nothing (no stream or bucket update).
 
 use crate::error::ProducerError;
-use crate::snapshots::SnapshotInfo;
+use crate::handoff::SnapshotInfo;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use deltasync_config::settings::Settings;
 use deltasync_core::names;

@@ -44,9 +44,9 @@
 //! byte-for-byte this one.
 
 use crate::error::ProducerError;
+use crate::handoff::{Acked, Notify, Outgoing, SnapshotJob};
 use crate::metrics::Metrics;
-use crate::producer::{CommitReceipt, Position, Shared};
-use crate::snapshots::SnapshotJob;
+use crate::shared::Shared;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::RawMessageErrorKind;
@@ -64,51 +64,11 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// Most publishes in flight: async-nats's context allows 5,000 outstanding acks and would
 /// make `send_publish` wait for a permit that only polling the window's acks can free.
 const MAX_WINDOW: usize = 4096;
-
-/// What a caller waits for; answered when the envelope it is attached to is acknowledged.
-#[derive(Debug)]
-pub(crate) enum Notify {
-    /// A transaction's last part.
-    Commit {
-        receipt: CommitReceipt,
-        reply: Option<oneshot::Sender<Result<CommitReceipt, ProducerError>>>,
-    },
-    /// Everything sent before it.
-    Flush(oneshot::Sender<Result<Position, ProducerError>>),
-    /// A snapshot cut at the envelope it is attached to.
-    Snapshot(SnapshotJob),
-}
-
-/// What the batching engine hands the publisher, in order.
-#[derive(Debug)]
-pub(crate) enum Outgoing {
-    /// An envelope to publish, and what waits on it.
-    Envelope {
-        env: Envelope,
-        notify: Option<Notify>,
-    },
-    /// Answered once everything sent before it is acknowledged.
-    Notify(Notify),
-}
-
-/// The last envelope the stream acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Acked {
-    /// Its envelope sequence (0 before any).
-    pub seq: u64,
-    /// Its stream sequence (for a lineage with no envelope yet: the stream's last sequence
-    /// when the lineage started, where a reader of the lineage starts).
-    pub stream_seq: u64,
-    /// Envelope sequence of the last complete transaction acknowledged.
-    pub txn_seq: u64,
-    /// State digest after that transaction.
-    pub digest: Digest,
-}
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 type PublishError = async_nats::jetstream::context::PublishError;
