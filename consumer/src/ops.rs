@@ -290,60 +290,6 @@ async fn scan(
     Ok(())
 }
 
-/// One replayed transaction, in the ingest format.
-#[derive(Serialize)]
-struct ReplayLine<'a> {
-    seq: u64,
-    lineage: String,
-    txn: Vec<IngestChange<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum IngestChange<'a> {
-    Put {
-        op: &'static str,
-        key: &'a str,
-        value: &'a serde_json::value::RawValue,
-    },
-    PutBinary {
-        op: &'static str,
-        key: &'a str,
-        value_b64: String,
-    },
-    Del {
-        op: &'static str,
-        key: &'a str,
-    },
-}
-
-fn ingest_change(c: &Change) -> IngestChange<'_> {
-    match c {
-        Change::Delete { key } => IngestChange::Del { op: "del", key },
-        Change::Put { key, value } => {
-            let raw = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| serde_json::from_str::<&serde_json::value::RawValue>(s).ok());
-            match raw {
-                Some(value) => IngestChange::Put {
-                    op: "put",
-                    key,
-                    value,
-                },
-                None => {
-                    let mut b64 = Vec::new();
-                    crate::ndjson::base64(&mut b64, value);
-                    IngestChange::PutBinary {
-                        op: "put",
-                        key,
-                        value_b64: String::from_utf8_lossy(&b64).into_owned(),
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// What `replay` printed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReplaySummary {
@@ -460,13 +406,9 @@ pub async fn replay(
         if last {
             let changes: Vec<&Change> = pending.iter().flat_map(|p| p.changes.iter()).collect();
             if !changes.is_empty() {
-                let line = ReplayLine {
-                    seq,
-                    lineage: lineage.to_hex(),
-                    txn: changes.into_iter().map(ingest_change).collect(),
-                };
-                serde_json::to_writer(&mut *out, &line).map_err(std::io::Error::from)?;
-                out.write_all(b"\n")?;
+                let mut line = Vec::new();
+                deltasync_core::ndjson::write_txn(&mut line, seq, &lineage.to_hex(), changes);
+                out.write_all(&line)?;
                 summary.transactions += 1;
                 if summary.first_seq == 0 {
                     summary.first_seq = seq;
