@@ -109,6 +109,13 @@ pub fn names() -> PossibleValuesParser {
 #[derive(Debug, Clone, Default)]
 pub struct SourceFlags(ArgMatches);
 
+impl SourceFlags {
+    /// The flags of source `S`.
+    pub fn parse<S: Source>(&self) -> Result<S, clap::Error> {
+        S::from_arg_matches(&self.0)
+    }
+}
+
 impl FromArgMatches for SourceFlags {
     fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
         Ok(SourceFlags(matches.clone()))
@@ -139,46 +146,4 @@ pub async fn run(
         anyhow::bail!("no source named {name:?}");
     };
     (source.run)(&flags.0, producer, cancel).await
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::{CommandFactory, Parser};
-
-    #[test]
-    fn every_registered_source_is_a_run_flag_value_and_the_flags_do_not_clash() {
-        // Panics when two sources declare a flag of the same name.
-        Cli::command().debug_assert();
-        for s in SOURCES {
-            assert!(find(s.name).is_some());
-            let cli = Cli::try_parse_from(["deltasync-producer", "run", "--source", s.name]);
-            assert!(cli.is_ok(), "{}: {cli:?}", s.name);
-        }
-        assert!(Cli::try_parse_from(["deltasync-producer", "run", "--source", "nope"]).is_err());
-    }
-
-    #[test]
-    fn a_sources_flags_reach_it_through_the_registry() {
-        let cli = Cli::try_parse_from([
-            "deltasync-producer",
-            "run",
-            "--source",
-            "orderbook",
-            "--orders",
-            "500",
-            "--cycle-interval",
-            "10ms",
-        ])
-        .unwrap();
-        let Command::Run { source, flags, .. } = cli.command else {
-            panic!("not run");
-        };
-        assert_eq!(source, "orderbook");
-        let o = orderbook::OrderbookSource::from_arg_matches(&flags.0).unwrap();
-        assert_eq!((o.orders, o.churn, o.seed), (500, 1.0, 42));
-        assert_eq!(o.cycle_interval, std::time::Duration::from_millis(10));
-    }
 }
