@@ -2,8 +2,8 @@
 //! publishes each change set as a delta envelope (gapless sequence, lineage, digest of the
 //! state after it) to the pipeline's JetStream stream, and keeps snapshots in its KV bucket.
 //!
-//! Talks to NATS (through `deltasync_nats` and its own
-//! [`publisher`]), to its inputs (the Rust API, NDJSON in [`ingest`], synthetic
+//! Talks to NATS through `deltasync_nats` and [`publisher`], the one module of this crate
+//! that calls async-nats itself, to its inputs (the Rust API, NDJSON in [`ingest`], synthetic
 //! [`sources`]) and, optionally, to HTTP clients ([`http`]).
 //!
 //! ```text

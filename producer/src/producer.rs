@@ -3,8 +3,10 @@
 //! flush, snapshot, status, shutdown). The status they share lives in [`crate::shared`], the
 //! data they hand each other in [`crate::handoff`].
 //!
-//! Talks to NATS only at start-up (through `deltasync_nats`); after
-//! that it hands work to the batching engine (its own thread) and the publisher task.
+//! Talks to NATS only at start-up, through `deltasync_nats` (connect, stream and bucket,
+//! recovery, the new lineage's first snapshot) and the publisher (the new lineage's first
+//! envelope); after that it hands work to the batching engine (its own thread) and the
+//! publisher task.
 //!
 //! ```text
 //!  callers ──Command──▶ engine (thread: State, batching, digests, snapshot cuts)
@@ -30,10 +32,10 @@
 
 use crate::budget::{self, Durable, Phase, RetentionLimits, Schedule};
 use crate::engine::{Command, Engine};
-use crate::error::ProducerError;
+use crate::error::{BoxError, ProducerError};
 use crate::handoff::{Acked, CommitReceipt, SnapshotInfo};
 use crate::metrics::Metrics;
-use crate::publisher::{envelope_message, Publisher};
+use crate::publisher::{self, envelope_message, JetStream, NatsClient, Publisher};
 use crate::shared::{Lifecycle, Observer, Shared, Status};
 use crate::snapshots;
 use bytes::Bytes;
@@ -143,7 +145,7 @@ pub struct Producer {
     commands: mpsc::Sender<Command>,
     buffer: Mutex<Vec<Change>>,
     shared: Arc<Shared>,
-    client: async_nats::Client,
+    client: NatsClient,
     publisher: JoinHandle<Result<Acked, ProducerError>>,
     snapshotter: JoinHandle<()>,
     engine: std::thread::JoinHandle<Result<(), ProducerError>>,
@@ -289,8 +291,8 @@ impl Producer {
 
     fn launch(
         settings: Settings,
-        client: async_nats::Client,
-        js: async_nats::jetstream::Context,
+        client: NatsClient,
+        js: JetStream,
         begin: Begin,
     ) -> Result<Producer, ProducerError> {
         let settings = Arc::new(settings);
@@ -575,7 +577,7 @@ impl Producer {
             .await
             .map_err(|e| ProducerError::Internal(format!("engine thread: {e}")))?
             .map_err(|_| ProducerError::Internal("the engine thread panicked".into()))?;
-        if let Err(e) = client.flush().await {
+        if let Err(e) = publisher::flush_client(&client).await {
             tracing::warn!(error = %e, "Flushing the NATS connection at shutdown failed");
         }
         flushed?;
@@ -622,7 +624,7 @@ impl Producer {
 /// `expected_last` (a fence: any other writer's next publish fails, and so does this one if
 /// another writer published meanwhile), then writes a snapshot at the marker.
 async fn begin_new_lineage(
-    js: &async_nats::jetstream::Context,
+    js: &JetStream,
     settings: &Settings,
     mut state: State,
     expected_last: u64,
@@ -642,7 +644,7 @@ async fn begin_new_lineage(
     let payload =
         encode_envelope(&marker).map_err(|source| ProducerError::Encode { seq: 1, source })?;
     let stream = names::stream_name(&settings.pipeline);
-    let publish_err = |source: async_nats::Error| ProducerError::Publish {
+    let publish_err = |source: BoxError| ProducerError::Publish {
         stream: stream.clone(),
         seq: 1,
         source: format!(
@@ -652,13 +654,9 @@ async fn begin_new_lineage(
         .into(),
     };
     let msg = envelope_message(payload.into(), lineage, 1, expected_last, false);
-    let ack = js
-        .send_publish(names::subject(&settings.pipeline), msg)
+    let stream_seq = publisher::publish_one(js, names::subject(&settings.pipeline), msg)
         .await
-        .map_err(|e| publish_err(e.into()))?
-        .await
-        .map_err(|e| publish_err(e.into()))?;
-    let stream_seq = ack.sequence;
+        .map_err(publish_err)?;
     let manifest = store::write_snapshot(js, settings, &state, stream_seq, None)
         .await
         .map_err(|source| ProducerError::Snapshot { seq: 1, source })?;
@@ -697,9 +695,7 @@ fn validate(changes: &[Change]) -> Result<(), ProducerError> {
 }
 
 /// Connects and makes sure the stream and bucket exist with the settings' limits.
-pub(crate) async fn connect(
-    settings: &Settings,
-) -> Result<(async_nats::Client, async_nats::jetstream::Context), ProducerError> {
+pub(crate) async fn connect(settings: &Settings) -> Result<(NatsClient, JetStream), ProducerError> {
     settings.validate()?;
     budget::check_retention(settings)?;
     let client = deltasync_nats::connect(&settings.nats).await?;

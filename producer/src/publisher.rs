@@ -1,4 +1,5 @@
-//! The publisher: the one module of the producer that publishes to JetStream. It keeps a
+//! The publisher: the one module of the producer that calls async-nats itself (every other
+//! NATS call goes through `deltasync_nats`), and the only one that publishes. It keeps a
 //! bounded window of envelopes awaiting their acknowledgement, fences every publish with the
 //! stream sequence it expects, and reconciles with the stream when a publish is refused.
 //!
@@ -85,6 +86,29 @@ struct InFlight {
     predicted: u64,
     sent_at: Instant,
     notify: Vec<Notify>,
+}
+
+/// The JetStream context the producer's parts hold (its calls are made here and in
+/// `deltasync_nats`).
+pub(crate) type JetStream = jetstream::Context;
+
+/// The NATS connection the producer holds.
+pub(crate) type NatsClient = async_nats::Client;
+
+/// Publishes one message to `subject` and waits for its acknowledgement; returns its stream
+/// sequence (the new lineage's first envelope, published before the window starts).
+pub(crate) async fn publish_one(
+    js: &JetStream,
+    subject: String,
+    msg: PublishMessage,
+) -> Result<u64, async_nats::Error> {
+    let ack = js.send_publish(subject, msg).await?.await?;
+    Ok(ack.sequence)
+}
+
+/// Flushes what the connection buffers (at shutdown).
+pub(crate) async fn flush_client(client: &NatsClient) -> Result<(), async_nats::Error> {
+    Ok(client.flush().await?)
 }
 
 /// Builds the message for envelope `seq` of `lineage`: payload, message id, expected last

@@ -9,6 +9,7 @@
 use crate::budget::{Durable, RetentionLimits};
 use crate::error::ProducerError;
 use crate::handoff::{SnapshotInfo, SnapshotJob};
+use crate::publisher::JetStream;
 use crate::shared::Shared;
 use deltasync_config::settings::Settings;
 use deltasync_core::retention::StreamLimits;
@@ -28,7 +29,7 @@ pub(crate) const LIMITS_RECHECK: Duration = Duration::from_secs(2);
 /// Writes cuts one at a time, keeping the previous one (manifest and state) so the next
 /// snapshot is incremental.
 pub(crate) async fn run(
-    js: async_nats::jetstream::Context,
+    js: JetStream,
     settings: Arc<Settings>,
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<(SnapshotJob, u64)>,
@@ -135,12 +136,7 @@ struct LimitsWatch {
 impl LimitsWatch {
     /// Reads the stream's own limits (one stream info request) and hands the tighter of them
     /// and the settings to the engine; WARN when they differ from the settings.
-    async fn refresh(
-        &mut self,
-        js: &async_nats::jetstream::Context,
-        settings: &Settings,
-        shared: &Shared,
-    ) {
+    async fn refresh(&mut self, js: &JetStream, settings: &Settings, shared: &Shared) {
         let stream = match deltasync_nats::stream_bounds_and_limits(js, settings).await {
             Ok((_, stream)) => stream,
             Err(error) => {
