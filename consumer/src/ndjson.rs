@@ -1,4 +1,6 @@
-//! The replica's entries as NDJSON lines, shared by `dump`, `/v1/state` and `/v1/keys`.
+//! The replica's entries as NDJSON lines, shared by `dump`, `/v1/state` and `/v1/keys`. Not
+//! the re-ingestible change line (`replay` writes that through `deltasync_core::ndjson`), but
+//! built from its pieces: the key as a JSON string, bytes that are not JSON as `value_b64`.
 //!
 //! Talks to nothing; `dump` reads the redb file through `local`.
 //!
@@ -15,6 +17,7 @@
 //! exactly one line.
 
 use crate::local::{self, DumpError};
+use deltasync_core::ndjson;
 use deltasync_core::Position;
 use std::io::Write;
 use std::path::Path;
@@ -22,8 +25,7 @@ use std::path::Path;
 /// Appends the line of one entry (with its newline) to `out`.
 pub fn write_line(out: &mut Vec<u8>, key: &str, value: &[u8]) {
     out.extend_from_slice(b"{\"key\":");
-    // Serializing a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, key);
+    ndjson::write_json_str(out, key);
     match json_value(value) {
         Some(JsonValue::Raw(raw)) => {
             out.extend_from_slice(b",\"value\":");
@@ -65,34 +67,8 @@ fn json_value(bytes: &[u8]) -> Option<JsonValue<'_>> {
     }
 }
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 (RFC 4648) with padding.
-pub fn base64(out: &mut Vec<u8>, input: &[u8]) {
-    let mut chunks = input.chunks_exact(3);
-    for c in &mut chunks {
-        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
-        for shift in [18, 12, 6, 0] {
-            out.push(ALPHABET[((n >> shift) & 63) as usize]);
-        }
-    }
-    match *chunks.remainder() {
-        [a] => {
-            let n = u32::from(a) << 16;
-            out.push(ALPHABET[((n >> 18) & 63) as usize]);
-            out.push(ALPHABET[((n >> 12) & 63) as usize]);
-            out.extend_from_slice(b"==");
-        }
-        [a, b] => {
-            let n = (u32::from(a) << 16) | (u32::from(b) << 8);
-            out.push(ALPHABET[((n >> 18) & 63) as usize]);
-            out.push(ALPHABET[((n >> 12) & 63) as usize]);
-            out.push(ALPHABET[((n >> 6) & 63) as usize]);
-            out.push(b'=');
-        }
-        _ => {}
-    }
-}
+/// Standard base64 (RFC 4648) with padding: the core's, as the re-ingestible line uses it.
+pub use deltasync_core::ndjson::write_base64 as base64;
 
 /// Writes the replica in `data_dir` as NDJSON to `out`, sorted by key, and returns its cursor.
 /// Needs no NATS; opens the file read-only.
@@ -114,28 +90,6 @@ pub fn dump(data_dir: &Path, out: &mut impl Write) -> Result<Option<Position>, D
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn b64(s: &[u8]) -> String {
-        let mut out = Vec::new();
-        base64(&mut out, s);
-        String::from_utf8(out).unwrap_or_default()
-    }
-
-    #[test]
-    fn base64_matches_rfc_4648_vectors() {
-        for (input, want) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(b64(input.as_bytes()), want);
-        }
-        assert_eq!(b64(&[0xff, 0xfe, 0x00]), "//4A");
-    }
 
     #[test]
     fn json_values_are_embedded_and_other_bytes_are_base64() {

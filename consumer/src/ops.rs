@@ -34,6 +34,8 @@ use deltasync_core::snapshot::Manifest;
 use deltasync_core::Position;
 use deltasync_core::{names, ApplyError, Change, Envelope, Lineage, State};
 use deltasync_nats::history::HistoryError;
+pub use deltasync_nats::status::StreamStatus;
+use deltasync_nats::status::StreamView;
 use deltasync_nats::store::{self, StoreError};
 use futures::TryStreamExt;
 use serde::Serialize;
@@ -154,60 +156,6 @@ async fn scan(
     Ok(())
 }
 
-/// One replayed transaction, in the ingest format.
-#[derive(Serialize)]
-struct ReplayLine<'a> {
-    seq: u64,
-    lineage: String,
-    txn: Vec<IngestChange<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum IngestChange<'a> {
-    Put {
-        op: &'static str,
-        key: &'a str,
-        value: &'a serde_json::value::RawValue,
-    },
-    PutBinary {
-        op: &'static str,
-        key: &'a str,
-        value_b64: String,
-    },
-    Del {
-        op: &'static str,
-        key: &'a str,
-    },
-}
-
-fn ingest_change(c: &Change) -> IngestChange<'_> {
-    match c {
-        Change::Delete { key } => IngestChange::Del { op: "del", key },
-        Change::Put { key, value } => {
-            let raw = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| serde_json::from_str::<&serde_json::value::RawValue>(s).ok());
-            match raw {
-                Some(value) => IngestChange::Put {
-                    op: "put",
-                    key,
-                    value,
-                },
-                None => {
-                    let mut b64 = Vec::new();
-                    crate::ndjson::base64(&mut b64, value);
-                    IngestChange::PutBinary {
-                        op: "put",
-                        key,
-                        value_b64: String::from_utf8_lossy(&b64).into_owned(),
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// What `replay` printed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReplaySummary {
@@ -324,13 +272,9 @@ pub async fn replay(
         if last {
             let changes: Vec<&Change> = pending.iter().flat_map(|p| p.changes.iter()).collect();
             if !changes.is_empty() {
-                let line = ReplayLine {
-                    seq,
-                    lineage: lineage.to_hex(),
-                    txn: changes.into_iter().map(ingest_change).collect(),
-                };
-                serde_json::to_writer(&mut *out, &line).map_err(std::io::Error::from)?;
-                out.write_all(b"\n")?;
+                let mut line = Vec::new();
+                deltasync_core::ndjson::write_txn(&mut line, seq, &lineage.to_hex(), changes);
+                out.write_all(&line)?;
                 summary.transactions += 1;
                 if summary.first_seq == 0 {
                     summary.first_seq = seq;
@@ -600,26 +544,6 @@ pub struct Status {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct StreamStatus {
-    pub name: String,
-    pub first_seq: u64,
-    pub last_seq: u64,
-    pub messages: u64,
-    pub bytes: u64,
-    pub oldest_age_secs: Option<f64>,
-    /// Messages per second over the retained window (the rate headroom is judged at).
-    pub rate_per_sec: Option<f64>,
-    /// The stream's own limits, as the server holds them (not the caller's settings);
-    /// -1 is unlimited, as in the stream configuration.
-    pub max_messages: i64,
-    pub max_bytes: i64,
-    /// 0 is unlimited.
-    pub max_age_secs: f64,
-    /// False when the stream discards new messages (publishes fail instead of pruning).
-    pub discard_old: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
 pub struct SnapshotStatus {
     pub seq: u64,
     pub stream_seq: u64,
@@ -708,9 +632,7 @@ pub(crate) async fn refresh_headroom(
 /// settings.
 pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
     let js = connect(settings).await?;
-    let (b, limits) = deltasync_nats::stream_bounds_and_limits(&js, settings).await?;
-    let now = std::time::SystemTime::now();
-    let (rate, oldest_age) = deltasync_core::retention::rate_and_oldest_age(&b, now);
+    let view = StreamView::read(&js, settings).await?;
     let kv = store::bucket(&js, settings).await?;
     let latest = store::read_pointer(&kv).await?.map(|(p, _)| p.manifest);
     let now_ms = deltasync_core::envelope::now_ms();
@@ -732,25 +654,19 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         .await?
         .map(|m| m.lineage.to_hex());
 
-    let stream_name = names::stream_name(&settings.pipeline);
-    let stream = js
-        .get_stream(&stream_name)
-        .await
-        .map_err(|e| OpsError::Consumers(e.to_string()))?;
-    let infos: Vec<jetstream::consumer::Info> = stream
+    let infos: Vec<jetstream::consumer::Info> = view
+        .stream()
         .consumers()
         .try_collect()
         .await
         .map_err(|e| OpsError::Consumers(e.to_string()))?;
-    let subject = names::subject(&settings.pipeline);
     let mut consumers = Vec::new();
     for info in infos
         .into_iter()
         .filter(|i| i.config.durable_name.is_some())
     {
         let position = info.ack_floor.stream_sequence;
-        let h =
-            deltasync_nats::position_headroom(&stream, &subject, &b, &limits, position, now).await;
+        let h = view.headroom(position).await;
         let idle = info.delivered.last_active.map(|t| {
             let ts = t.unix_timestamp_nanos() as f64 / 1e9;
             let now = now_ms as f64 / 1000.0;
@@ -767,22 +683,9 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
             idle_secs: idle,
         });
     }
-    let unlimited = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
     Ok(Status {
         pipeline: settings.pipeline.clone(),
-        stream: StreamStatus {
-            name: stream_name,
-            first_seq: b.first_seq,
-            last_seq: b.last_seq,
-            messages: b.messages,
-            bytes: b.bytes,
-            oldest_age_secs: oldest_age,
-            rate_per_sec: rate,
-            max_messages: unlimited(limits.max_messages),
-            max_bytes: unlimited(limits.max_bytes),
-            max_age_secs: limits.max_age.map_or(0.0, |a| a.as_secs_f64()),
-            discard_old: limits.discard_old,
-        },
+        stream: view.status,
         lineage,
         snapshots,
         consumers,

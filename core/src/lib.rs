@@ -7,6 +7,7 @@
 //! - `digest`, `state`: the keyed state and the digest that proves two copies equal.
 //! - `snapshot`: the chunked snapshot format and its manifest.
 //! - `names`: the stream, subject and bucket names of a pipeline.
+//! - `ndjson`: the re-ingestible NDJSON line (`ingest` reads it, `replay` writes it).
 //! - `position`: where a state is in the history (lineage, sequence, stream sequence, digest).
 //! - `recovery`: whether a history read from the stream can be continued.
 //! - `retention`: how far a stream's own limits are from pruning a position.
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod digest;
 pub mod envelope;
 pub mod names;
+pub mod ndjson;
 pub mod position;
 pub mod recovery;
 pub mod retention;

@@ -5,6 +5,7 @@
 
 pub mod connect;
 pub mod history;
+pub mod status;
 pub mod store;
 
 pub use connect::{

@@ -9,13 +9,12 @@ use crate::http;
 use crate::ingest::{self, Input};
 use crate::ops;
 use crate::producer::{NewLineage, Producer};
-use crate::sources::orderbook::{self, OrderbookOptions};
+use crate::sources::{self, SourceFlags};
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use deltasync_config::settings::{Overrides, Settings, CONFIG_FILE_ENV};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// deltasync producer: publishes a keyed state's changes as gapless, digest-chained delta
@@ -40,32 +39,17 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a source: produce its states until interrupted (or --cycles).
+    /// Run a source: produce its states until interrupted (or until the source is done).
     Run {
         /// Which source.
-        #[arg(long, value_enum)]
-        source: Source,
+        #[arg(long, value_parser = sources::names())]
+        source: String,
         /// HTTP address for /healthz, /readyz, /metrics, /v1/status (overrides producer.http).
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
-        /// Percentage of orders touched per cycle.
-        #[arg(long, default_value_t = 1.0, value_name = "PCT")]
-        churn: f64,
-        /// Orders in the book.
-        #[arg(long, default_value_t = 10_000, value_name = "N")]
-        orders: usize,
-        /// Tokens traded.
-        #[arg(long, default_value_t = 64, value_name = "N")]
-        tokens: usize,
-        /// Time between cycles (e.g. 500ms, 2s).
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DUR")]
-        cycle_interval: Duration,
-        /// Stop after this many cycles.
-        #[arg(long, value_name = "N")]
-        cycles: Option<u64>,
-        /// Generator seed (the same seed gives the same book).
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        /// The sources' own flags (each source's under its heading).
+        #[command(flatten)]
+        flags: SourceFlags,
     },
     /// Publish NDJSON changes from PATH (or stdin): {"op":"put","key":K,"value":V},
     /// {"op":"del","key":K}, {"txn":[...]}. Stops at the first bad line with an error naming
@@ -98,13 +82,6 @@ pub enum Command {
     },
 }
 
-/// Sources `run` can drive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Source {
-    /// A synthetic order book, produced as full states and published as diffs.
-    Orderbook,
-}
-
 impl Cli {
     /// Loads the settings: defaults, `--config`, environment, then `--nats-url`/`--pipeline`.
     pub fn settings(&self) -> anyhow::Result<Settings> {
@@ -127,28 +104,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     match command {
         Command::Run {
-            source: Source::Orderbook,
+            source,
             http,
-            churn,
-            orders,
-            tokens,
-            cycle_interval,
-            cycles,
-            seed,
-        } => {
-            if !(0.0..=100.0).contains(&churn) {
-                bail!("--churn {churn} is not a percentage (0 to 100)");
-            }
-            let opts = OrderbookOptions {
-                orders,
-                churn_pct: churn,
-                tokens,
-                cycle_interval,
-                cycles,
-                seed,
-            };
-            with_producer(settings, http, shutdown, Work::Orderbook(opts)).await
-        }
+            flags,
+        } => with_producer(settings, http, shutdown, Work::Source(source, flags)).await,
         Command::Ingest { path, http } => {
             let input = match path {
                 Some(p) if p.as_os_str() != "-" => Input::File(p),
@@ -288,7 +247,7 @@ pub async fn run(
 
 /// What runs inside a producer's life.
 enum Work {
-    Orderbook(OrderbookOptions),
+    Source(String, SourceFlags),
     Ingest(Input),
 }
 
@@ -316,10 +275,7 @@ async fn with_producer(
         None => None,
     };
     let result: anyhow::Result<()> = match work {
-        Work::Orderbook(opts) => orderbook::run(&producer, opts, shutdown.clone())
-            .await
-            .map(drop)
-            .map_err(Into::into),
+        Work::Source(name, flags) => sources::run(&name, &flags, &producer, shutdown.clone()).await,
         Work::Ingest(input) => ingest::ingest(&producer, input, shutdown.clone())
             .await
             .map(drop)
@@ -333,4 +289,46 @@ async fn with_producer(
     result?;
     stopped?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::sources::{find, orderbook, SOURCES};
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_registered_source_is_a_run_flag_value_and_the_flags_do_not_clash() {
+        // Panics when two sources declare a flag of the same name.
+        Cli::command().debug_assert();
+        for s in SOURCES {
+            assert!(find(s.name).is_some());
+            let cli = Cli::try_parse_from(["deltasync-producer", "run", "--source", s.name]);
+            assert!(cli.is_ok(), "{}: {cli:?}", s.name);
+        }
+        assert!(Cli::try_parse_from(["deltasync-producer", "run", "--source", "nope"]).is_err());
+    }
+
+    #[test]
+    fn a_sources_flags_reach_it_through_the_registry() {
+        let cli = Cli::try_parse_from([
+            "deltasync-producer",
+            "run",
+            "--source",
+            "orderbook",
+            "--orders",
+            "500",
+            "--cycle-interval",
+            "10ms",
+        ])
+        .unwrap();
+        let Command::Run { source, flags, .. } = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(source, "orderbook");
+        let o = flags.parse::<orderbook::OrderbookSource>().unwrap();
+        assert_eq!((o.orders, o.churn, o.seed), (500, 1.0, 42));
+        assert_eq!(o.cycle_interval, std::time::Duration::from_millis(10));
+    }
 }

@@ -28,12 +28,10 @@
 //!   stream sequence — the state is the same, and a reader following from there skips the
 //!   abandoned parts.
 
+use crate::budget::{Admit, Durable, Horizon, RetentionLimits, Schedule, Stuck, Unblock};
 use crate::error::ProducerError;
-use crate::producer::{CommitReceipt, Shared};
-use crate::publisher::{Notify, Outgoing};
-use crate::snapshots::{
-    Admit, Durable, Horizon, RetentionLimits, Schedule, SnapshotInfo, SnapshotJob, Stuck, Unblock,
-};
+use crate::handoff::{CommitReceipt, Notify, Outgoing, SnapshotInfo, SnapshotJob};
+use crate::shared::Shared;
 use deltasync_config::settings::{Settings, ENVELOPE_STREAM_OVERHEAD};
 use deltasync_core::envelope::{now_ms, split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
 use deltasync_core::{diff, Change, State};
@@ -61,7 +59,7 @@ pub(crate) enum Command {
         reply: Option<oneshot::Sender<Result<CommitReceipt, ProducerError>>>,
     },
     /// Answered when everything before is acknowledged.
-    Flush(oneshot::Sender<Result<crate::producer::Position, ProducerError>>),
+    Flush(oneshot::Sender<Result<deltasync_core::Position, ProducerError>>),
     /// Take a snapshot now.
     Snapshot(oneshot::Sender<Result<SnapshotInfo, ProducerError>>),
 }

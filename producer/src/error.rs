@@ -11,6 +11,9 @@ use deltasync_nats::store::StoreError;
 use deltasync_nats::NatsError;
 use std::sync::Arc;
 
+/// A client error as the NATS layer reports it (the same type as `async_nats::Error`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why the producer could not start, publish or snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum ProducerError {
@@ -115,7 +118,7 @@ pub enum ProducerError {
         seq: u64,
         /// async-nats's error.
         #[source]
-        source: async_nats::Error,
+        source: BoxError,
     },
     /// NATS did not answer for longer than the producer retries.
     #[error(
@@ -130,7 +133,7 @@ pub enum ProducerError {
         waited: std::time::Duration,
         /// The last error.
         #[source]
-        source: async_nats::Error,
+        source: BoxError,
     },
     /// The stream holds this producer's envelopes out of order: something outside the
     /// protocol changed the stream. Never expected; the producer stops.

@@ -10,7 +10,7 @@
 //! GET /v1/status   JSON: pipeline, lineage, seq, stream_seq, digest, last snapshot, phase
 //! ```
 
-use crate::producer::{Observer, Status};
+use crate::shared::{Observer, Status};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};

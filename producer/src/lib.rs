@@ -2,15 +2,16 @@
 //! publishes each change set as a delta envelope (gapless sequence, lineage, digest of the
 //! state after it) to the pipeline's JetStream stream, and keeps snapshots in its KV bucket.
 //!
-//! Talks to NATS (through `deltasync_nats` and its own
-//! [`publisher`]), to its inputs (the Rust API, NDJSON in [`ingest`], synthetic
+//! Talks to NATS through `deltasync_nats` and [`publisher`], the one module of this crate
+//! that calls async-nats itself, to its inputs (the Rust API, NDJSON in [`ingest`], synthetic
 //! [`sources`]) and, optionally, to HTTP clients ([`http`]).
 //!
 //! ```text
 //!   Rust API / ingest / sources
 //!            │ changes, transactions, full states
 //!            ▼
-//!   engine      batching, State + digests, snapshot cuts          (engine.rs, own thread)
+//!   engine      batching, State + digests, snapshot cuts          (engine.rs, own thread;
+//!               when to cut and how far retention lets it publish: budget.rs)
 //!            │ envelopes, in order
 //!            ▼
 //!   publisher   window of acks, expected-last-sequence fence      (publisher.rs)
@@ -18,6 +19,10 @@
 //!            ▼                          ▼
 //!   stream DELTASYNC_<pipeline>     snapshot task → KV deltasync_<pipeline>  (snapshots.rs)
 //! ```
+//!
+//! What these parts share sits below them: `shared.rs` (status, failure, durable snapshot,
+//! limits) and `handoff.rs` (receipts, cuts, envelopes in flight), so the modules import each
+//! other in one direction only.
 //!
 //! ## Invariants
 //!
@@ -43,21 +48,24 @@
 //! # }
 //! ```
 
+mod budget;
 pub mod cli;
 mod engine;
 pub mod error;
+mod handoff;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod ops;
 mod producer;
 pub mod publisher;
+mod shared;
 mod snapshots;
 pub mod sources;
 
+pub use budget::RetentionLimits;
 pub use deltasync_core::{Change, Key};
 pub use error::ProducerError;
-pub use producer::{
-    CommitReceipt, Lifecycle, NewLineage, Observer, PendingCommit, Position, Producer, Status,
-};
-pub use snapshots::{RetentionLimits, SnapshotInfo};
+pub use handoff::{CommitReceipt, SnapshotInfo};
+pub use producer::{NewLineage, PendingCommit, Position, Producer};
+pub use shared::{Lifecycle, Observer, Status};

@@ -1,8 +1,9 @@
 //! Operator commands that need no running producer: take a snapshot now, and read a
 //! pipeline's status from NATS.
 //!
-//! Talks to the pipeline's stream (info, messages by sequence) and bucket through
-//! `deltasync_nats`.
+//! Talks to the pipeline's stream and bucket through `deltasync_nats` (the stream's status
+//! and newest envelope through `deltasync_nats::status`, shared with the consumer's
+//! `status`); no async-nats call of its own.
 //!
 //! ## Invariants
 //!
@@ -13,12 +14,12 @@
 //!   messages, bytes and age. It changes nothing (no stream or bucket update).
 
 use crate::error::ProducerError;
-use crate::snapshots::SnapshotInfo;
-use async_nats::jetstream::stream::RawMessageErrorKind;
+use crate::handoff::SnapshotInfo;
 use deltasync_config::settings::Settings;
 use deltasync_core::names;
-use deltasync_core::recovery::{classify, Classified};
 use deltasync_nats::history;
+use deltasync_nats::status::StreamView;
+pub use deltasync_nats::status::{HeadEnvelope, StreamStatus};
 use deltasync_nats::store::{self, StoreError};
 use deltasync_nats::NatsError;
 use serde::Serialize;
@@ -122,29 +123,6 @@ pub async fn snapshot_now(settings: &Settings) -> Result<SnapshotOutcome, Produc
     }
 }
 
-/// The stream's extent and its own limits.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StreamStatus {
-    /// Stream name.
-    pub name: String,
-    /// First stream sequence retained.
-    pub first_seq: u64,
-    /// Last stream sequence.
-    pub last_seq: u64,
-    /// Messages retained.
-    pub messages: u64,
-    /// Bytes retained.
-    pub bytes: u64,
-    /// The stream's own limits, as the server holds them (not the caller's settings);
-    /// -1 is unlimited, as in the stream configuration.
-    pub max_messages: i64,
-    pub max_bytes: i64,
-    /// 0 is unlimited.
-    pub max_age_secs: f64,
-    /// False when the stream discards new messages (publishes fail instead of pruning).
-    pub discard_old: bool,
-}
-
 /// How much more the stream can take before retention prunes an envelope that the latest
 /// snapshot does not cover (the first one after its position).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -162,25 +140,6 @@ pub struct SnapshotHeadroom {
     pub secs: Option<f64>,
     /// The limit that binds first: "messages", "bytes" or "age".
     pub limit: Option<&'static str>,
-}
-
-/// The newest envelope in the stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HeadEnvelope {
-    /// Lineage (hex).
-    pub lineage: String,
-    /// Envelope sequence.
-    pub seq: u64,
-    /// Part of its transaction.
-    pub part: u32,
-    /// Parts of its transaction.
-    pub parts: u32,
-    /// Digest after its transaction (hex).
-    pub digest: String,
-    /// Where it is in the stream.
-    pub stream_seq: u64,
-    /// When it was produced (ms since the epoch).
-    pub produced_at_ms: u64,
 }
 
 /// A pipeline's status as read from NATS by `status`.
@@ -201,18 +160,12 @@ pub struct PipelineStatus {
     pub snapshot_headroom: Option<SnapshotHeadroom>,
 }
 
-/// A limit as the stream configuration writes it: -1 for none.
-fn unlimited(v: Option<u64>) -> i64 {
-    v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
-}
-
 /// Reads the pipeline's status without changing anything. Retention limits are the stream's
 /// own, not `settings`'.
 pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, ProducerError> {
     settings.validate()?;
     let client = deltasync_nats::connect(&settings.nats).await?;
     let js = deltasync_nats::jetstream(client, &settings.nats);
-    let name = names::stream_name(&settings.pipeline);
     let mut out = PipelineStatus {
         pipeline: settings.pipeline.clone(),
         stream: None,
@@ -221,79 +174,29 @@ pub async fn pipeline_status(settings: &Settings) -> Result<PipelineStatus, Prod
         last_snapshot: None,
         snapshot_headroom: None,
     };
-    let (bounds, limits) = match deltasync_nats::stream_bounds_and_limits(&js, settings).await {
-        Ok(b) => b,
+    let view = match StreamView::read(&js, settings).await {
+        Ok(v) => v,
         Err(NatsError::StreamNotFound { .. }) => return Ok(out),
         Err(e) => return Err(e.into()),
     };
-    out.stream = Some(StreamStatus {
-        name: name.clone(),
-        first_seq: bounds.first_seq,
-        last_seq: bounds.last_seq,
-        messages: bounds.messages,
-        bytes: bounds.bytes,
-        max_messages: unlimited(limits.max_messages),
-        max_bytes: unlimited(limits.max_bytes),
-        max_age_secs: limits.max_age.map_or(0.0, |a| a.as_secs_f64()),
-        discard_old: limits.discard_old,
-    });
-    let stream = js
-        .get_stream(&name)
+    out.stream = Some(view.status.clone());
+    let (head, foreign) = view
+        .head_envelope(STATUS_LOOKBACK)
         .await
-        .map_err(|e| ProducerError::Publish {
-            stream: name.clone(),
+        .map_err(|source| ProducerError::Publish {
+            stream: view.status.name.clone(),
             seq: 0,
-            source: e.into(),
+            source,
         })?;
-    let mut s = bounds.last_seq;
-    let floor = bounds
-        .first_seq
-        .max(bounds.last_seq.saturating_sub(STATUS_LOOKBACK));
-    while s >= floor && s > 0 {
-        match stream.get_raw_message(s).await {
-            Ok(m) => match classify(&m.payload) {
-                Classified::Envelope(e) => {
-                    out.head = Some(HeadEnvelope {
-                        lineage: e.lineage.to_hex(),
-                        seq: e.seq,
-                        part: e.part,
-                        parts: e.parts,
-                        digest: e.digest.to_hex(),
-                        stream_seq: s,
-                        produced_at_ms: e.produced_at_ms,
-                    });
-                    break;
-                }
-                Classified::Foreign { .. } => out.foreign_after_head += 1,
-            },
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
-            Err(e) => {
-                return Err(ProducerError::Publish {
-                    stream: name.clone(),
-                    seq: 0,
-                    source: e.into(),
-                })
-            }
-        }
-        s -= 1;
-    }
+    out.head = head;
+    out.foreign_after_head = foreign;
     if let Ok(kv) = store::bucket(&js, settings).await {
         let latest = store::latest_manifest(&kv)
             .await
             .map_err(|source| ProducerError::Snapshot { seq: 0, source })?;
         out.last_snapshot = latest.as_ref().map(SnapshotInfo::from);
         if let Some(m) = &latest {
-            let now = std::time::SystemTime::now();
-            let subject = names::subject(&settings.pipeline);
-            let h = deltasync_nats::position_headroom(
-                &stream,
-                &subject,
-                &bounds,
-                &limits,
-                m.stream_seq,
-                now,
-            )
-            .await;
+            let h = view.headroom(m.stream_seq).await;
             out.snapshot_headroom = Some(SnapshotHeadroom {
                 position: m.stream_seq,
                 uncovered: h.lag,

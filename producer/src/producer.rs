@@ -1,9 +1,12 @@
 //! The producer handle: start-up (connect, create the stream and bucket, recover the
-//! pipeline's history), the calls a Rust program makes (commit, submit, full state, flush,
-//! snapshot, status, shutdown) and the shared status the HTTP endpoint reads.
+//! pipeline's history), and the calls a Rust program makes (commit, submit, full state,
+//! flush, snapshot, status, shutdown). The status they share lives in [`crate::shared`], the
+//! data they hand each other in [`crate::handoff`].
 //!
-//! Talks to NATS only at start-up (through `deltasync_nats`); after
-//! that it hands work to the batching engine (its own thread) and the publisher task.
+//! Talks to NATS only at start-up, through `deltasync_nats` (connect, stream and bucket,
+//! recovery, the new lineage's first snapshot) and the publisher (the new lineage's first
+//! envelope); after that it hands work to the batching engine (its own thread) and the
+//! publisher task.
 //!
 //! ```text
 //!  callers ──Command──▶ engine (thread: State, batching, digests, snapshot cuts)
@@ -27,11 +30,14 @@
 //!   are acknowledged by the stream.
 //! - Once the producer failed (fenced, history broken), every call returns that failure.
 
+use crate::budget::{self, Durable, Phase, RetentionLimits, Schedule};
 use crate::engine::{Command, Engine};
-use crate::error::ProducerError;
+use crate::error::{BoxError, ProducerError};
+use crate::handoff::{Acked, CommitReceipt, SnapshotInfo};
 use crate::metrics::Metrics;
-use crate::publisher::{envelope_message, Acked, Publisher};
-use crate::snapshots::{self, Durable, Phase, RetentionLimits, Schedule, SnapshotInfo};
+use crate::publisher::{self, envelope_message, JetStream, NatsClient, Publisher};
+use crate::shared::{Lifecycle, Observer, Shared, Status};
+use crate::snapshots;
 use bytes::Bytes;
 use deltasync_config::settings::{OnLostHistory, Settings};
 use deltasync_core::change::Key;
@@ -39,10 +45,9 @@ use deltasync_core::codec::encode_envelope;
 use deltasync_core::envelope::{now_ms, Envelope, Lineage};
 use deltasync_core::names;
 use deltasync_core::snapshot::Manifest;
-use deltasync_core::{Change, Digest, State};
+use deltasync_core::{Change, State};
 use deltasync_nats::history::{HistoryError, Recovery};
 use deltasync_nats::{history, store};
-use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -56,241 +61,8 @@ const SUBMIT_CHUNK: usize = 1024;
 /// changes).
 const COMMAND_QUEUE: usize = 64;
 
-/// What a committed transaction became, returned once it is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct CommitReceipt {
-    /// Sequence of its first envelope.
-    pub first_seq: u64,
-    /// Sequence of its last envelope (the position a replica reaches with it). When
-    /// `parts` is 0 nothing was published and this is the position that was already current.
-    pub last_seq: u64,
-    /// Envelopes it took: 1, more for a multi-part transaction, 0 for a full state equal to
-    /// the current one.
-    pub parts: u32,
-    /// State digest after it.
-    #[serde(serialize_with = "hex_digest")]
-    pub digest: Digest,
-    /// Changes in it.
-    pub changes: usize,
-    /// Encoded bytes of its changes (an upper bound).
-    pub bytes: u64,
-    /// Stream sequence of its last envelope.
-    pub stream_seq: u64,
-}
-
-impl CommitReceipt {
-    pub(crate) fn unchanged(seq: u64, digest: Digest) -> CommitReceipt {
-        CommitReceipt {
-            first_seq: seq + 1,
-            last_seq: seq,
-            parts: 0,
-            digest,
-            changes: 0,
-            bytes: 0,
-            stream_seq: 0,
-        }
-    }
-}
-
 /// The durable position: the last envelope acknowledged by the stream.
 pub use deltasync_core::Position;
-
-/// Where the producer is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Lifecycle {
-    /// Publishing.
-    Running,
-    /// Taking no more input, awaiting acknowledgements.
-    ShuttingDown,
-    /// Shut down cleanly.
-    Stopped,
-    /// Stopped by a failure (see `error`).
-    Failed,
-}
-
-/// The producer's status, as `/v1/status` and `status --json` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Status {
-    /// The pipeline.
-    pub pipeline: String,
-    /// The lineage (hex).
-    pub lineage: String,
-    /// Last envelope acknowledged by the stream.
-    pub seq: u64,
-    /// Stream sequence of envelope `seq`.
-    pub stream_seq: u64,
-    /// State digest after the last complete transaction acknowledged (hex).
-    pub digest: String,
-    /// Last envelope handed to the publisher (≥ `seq`; the difference is in flight).
-    pub produced_seq: u64,
-    /// Foreign messages found in the stream since start (recovery included).
-    pub foreign_messages: u64,
-    /// The latest snapshot written (at start: the one recovery started from).
-    pub last_snapshot: Option<SnapshotInfo>,
-    /// Running, shutting down, stopped or failed.
-    pub phase: Lifecycle,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Why publishing is held back, while it is: the next envelope would go past what the
-    /// stream's retention keeps after the newest durable snapshot, and the engine waits for a
-    /// snapshot of its current position.
-    pub held_back: Option<String>,
-    /// The retention limits publishing is held back against: the tighter of the settings and
-    /// the stream's own configuration (re-read while running).
-    pub retention_limits: RetentionLimits,
-}
-
-/// State shared by the handle, the engine, the publisher, the snapshot task and HTTP.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub metrics: Metrics,
-    pub snapshot_phase: Phase,
-    /// The newest durable snapshot, published by the snapshot task; the engine holds
-    /// publishing back against it (retention must not prune what no snapshot covers).
-    pub durable: watch::Sender<Durable>,
-    /// The retention limits, published by the snapshot task (which re-reads the stream's own);
-    /// the engine counts against them.
-    pub limits: watch::Sender<RetentionLimits>,
-    status: Mutex<Status>,
-    lineage: Lineage,
-    failure: OnceLock<Arc<ProducerError>>,
-    ready: AtomicBool,
-}
-
-impl Shared {
-    fn status_lock(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn acknowledged(&self, acked: Acked) {
-        let mut s = self.status_lock();
-        s.seq = acked.seq;
-        s.stream_seq = acked.stream_seq;
-        if s.digest.is_empty() || acked.txn_seq == acked.seq {
-            s.digest = acked.digest.to_hex();
-        }
-    }
-
-    pub(crate) fn produced(&self, seq: u64) {
-        self.status_lock().produced_seq = seq;
-    }
-
-    pub(crate) fn foreign_message(&self) {
-        self.status_lock().foreign_messages += 1;
-    }
-
-    pub(crate) fn snapshot_written(&self, info: SnapshotInfo) {
-        self.status_lock().last_snapshot = Some(info);
-    }
-
-    /// A snapshot is durable (an older one than known changes nothing).
-    pub(crate) fn snapshot_durable(&self, d: Durable) {
-        self.durable.send_if_modified(|cur| {
-            let newer = d.seq > cur.seq || (d.seq == cur.seq && d.stream_seq > cur.stream_seq);
-            if newer {
-                *cur = d;
-            }
-            newer
-        });
-    }
-
-    /// The retention limits to count against from now on.
-    pub(crate) fn set_limits(&self, limits: RetentionLimits) {
-        let changed = self.limits.send_if_modified(|cur| {
-            let changed = *cur != limits;
-            *cur = limits;
-            changed
-        });
-        if changed {
-            self.status_lock().retention_limits = limits;
-        }
-    }
-
-    /// The last envelope acknowledged: (envelope seq, stream seq).
-    pub(crate) fn acked(&self) -> (u64, u64) {
-        let s = self.status_lock();
-        (s.seq, s.stream_seq)
-    }
-
-    /// Publishing is held back for `reason`, or no longer (`None`).
-    pub(crate) fn held_back(&self, reason: Option<String>) {
-        self.status_lock().held_back = reason;
-    }
-
-    pub(crate) fn position(&self) -> Position {
-        let s = self.status_lock();
-        Position {
-            lineage: self.lineage,
-            seq: s.seq,
-            stream_seq: s.stream_seq,
-            digest: Digest::from_hex(&s.digest).unwrap_or_default(),
-        }
-    }
-
-    /// Records the failure that ends the producer (the first one wins).
-    pub(crate) fn fail(&self, err: ProducerError) -> Arc<ProducerError> {
-        let cause = self.failure.get_or_init(|| Arc::new(err)).clone();
-        self.ready.store(false, Ordering::Release);
-        let mut s = self.status_lock();
-        s.phase = Lifecycle::Failed;
-        s.error = Some(cause.to_string());
-        cause
-    }
-
-    /// Whether a failure ended the producer.
-    pub(crate) fn has_failed(&self) -> bool {
-        self.failure.get().is_some()
-    }
-
-    /// The error for a caller arriving after the producer stopped.
-    pub(crate) fn stopped_error(&self) -> ProducerError {
-        match self.failure.get() {
-            Some(cause) => ProducerError::shared(cause),
-            None => ProducerError::ShutDown,
-        }
-    }
-
-    /// Whether a clean stop has been asked for.
-    pub(crate) fn shutting_down(&self) -> bool {
-        self.status_lock().phase == Lifecycle::ShuttingDown
-    }
-
-    fn set_phase(&self, phase: Lifecycle) {
-        let mut s = self.status_lock();
-        if s.phase != Lifecycle::Failed {
-            s.phase = phase;
-        }
-    }
-}
-
-/// A read-only view of a running producer for health checks, status and metrics (what the
-/// HTTP endpoint serves). Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Observer(Arc<Shared>);
-
-impl Observer {
-    /// The current status.
-    pub fn status(&self) -> Status {
-        self.0.status_lock().clone()
-    }
-    /// Prometheus text exposition of the producer's metrics.
-    pub fn metrics_text(&self) -> String {
-        self.0.metrics.render()
-    }
-    /// The metrics themselves.
-    pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
-    }
-    /// Recovered and publishing (not failed, not shutting down).
-    pub fn ready(&self) -> bool {
-        self.0.ready.load(Ordering::Acquire)
-    }
-    /// Not failed.
-    pub fn healthy(&self) -> bool {
-        self.0.failure.get().is_none()
-    }
-}
 
 /// A commit handed over without waiting; await [`PendingCommit::wait`] for its receipt.
 #[derive(Debug)]
@@ -373,7 +145,7 @@ pub struct Producer {
     commands: mpsc::Sender<Command>,
     buffer: Mutex<Vec<Change>>,
     shared: Arc<Shared>,
-    client: async_nats::Client,
+    client: NatsClient,
     publisher: JoinHandle<Result<Acked, ProducerError>>,
     snapshotter: JoinHandle<()>,
     engine: std::thread::JoinHandle<Result<(), ProducerError>>,
@@ -519,8 +291,8 @@ impl Producer {
 
     fn launch(
         settings: Settings,
-        client: async_nats::Client,
-        js: async_nats::jetstream::Context,
+        client: NatsClient,
+        js: JetStream,
         begin: Begin,
     ) -> Result<Producer, ProducerError> {
         let settings = Arc::new(settings);
@@ -805,7 +577,7 @@ impl Producer {
             .await
             .map_err(|e| ProducerError::Internal(format!("engine thread: {e}")))?
             .map_err(|_| ProducerError::Internal("the engine thread panicked".into()))?;
-        if let Err(e) = client.flush().await {
+        if let Err(e) = publisher::flush_client(&client).await {
             tracing::warn!(error = %e, "Flushing the NATS connection at shutdown failed");
         }
         flushed?;
@@ -852,7 +624,7 @@ impl Producer {
 /// `expected_last` (a fence: any other writer's next publish fails, and so does this one if
 /// another writer published meanwhile), then writes a snapshot at the marker.
 async fn begin_new_lineage(
-    js: &async_nats::jetstream::Context,
+    js: &JetStream,
     settings: &Settings,
     mut state: State,
     expected_last: u64,
@@ -872,7 +644,7 @@ async fn begin_new_lineage(
     let payload =
         encode_envelope(&marker).map_err(|source| ProducerError::Encode { seq: 1, source })?;
     let stream = names::stream_name(&settings.pipeline);
-    let publish_err = |source: async_nats::Error| ProducerError::Publish {
+    let publish_err = |source: BoxError| ProducerError::Publish {
         stream: stream.clone(),
         seq: 1,
         source: format!(
@@ -882,13 +654,9 @@ async fn begin_new_lineage(
         .into(),
     };
     let msg = envelope_message(payload.into(), lineage, 1, expected_last, false);
-    let ack = js
-        .send_publish(names::subject(&settings.pipeline), msg)
+    let stream_seq = publisher::publish_one(js, names::subject(&settings.pipeline), msg)
         .await
-        .map_err(|e| publish_err(e.into()))?
-        .await
-        .map_err(|e| publish_err(e.into()))?;
-    let stream_seq = ack.sequence;
+        .map_err(publish_err)?;
     let manifest = store::write_snapshot(js, settings, &state, stream_seq, None)
         .await
         .map_err(|source| ProducerError::Snapshot { seq: 1, source })?;
@@ -927,18 +695,12 @@ fn validate(changes: &[Change]) -> Result<(), ProducerError> {
 }
 
 /// Connects and makes sure the stream and bucket exist with the settings' limits.
-pub(crate) async fn connect(
-    settings: &Settings,
-) -> Result<(async_nats::Client, async_nats::jetstream::Context), ProducerError> {
+pub(crate) async fn connect(settings: &Settings) -> Result<(NatsClient, JetStream), ProducerError> {
     settings.validate()?;
-    snapshots::check_retention(settings)?;
+    budget::check_retention(settings)?;
     let client = deltasync_nats::connect(&settings.nats).await?;
     let js = deltasync_nats::jetstream(client.clone(), &settings.nats);
     deltasync_nats::ensure_stream(&js, settings).await?;
     deltasync_nats::ensure_bucket(&js, settings).await?;
     Ok((client, js))
-}
-
-fn hex_digest<S: serde::Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&d.to_hex())
 }

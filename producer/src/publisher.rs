@@ -1,4 +1,5 @@
-//! The publisher: the one module of the producer that publishes to JetStream. It keeps a
+//! The publisher: the one module of the producer that calls async-nats itself (every other
+//! NATS call goes through `deltasync_nats`), and the only one that publishes. It keeps a
 //! bounded window of envelopes awaiting their acknowledgement, fences every publish with the
 //! stream sequence it expects, and reconciles with the stream when a publish is refused.
 //!
@@ -44,9 +45,9 @@
 //! byte-for-byte this one.
 
 use crate::error::ProducerError;
+use crate::handoff::{Acked, Notify, Outgoing, SnapshotJob};
 use crate::metrics::Metrics;
-use crate::producer::{CommitReceipt, Position, Shared};
-use crate::snapshots::SnapshotJob;
+use crate::shared::Shared;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::RawMessageErrorKind;
@@ -64,51 +65,11 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// Most publishes in flight: async-nats's context allows 5,000 outstanding acks and would
 /// make `send_publish` wait for a permit that only polling the window's acks can free.
 const MAX_WINDOW: usize = 4096;
-
-/// What a caller waits for; answered when the envelope it is attached to is acknowledged.
-#[derive(Debug)]
-pub(crate) enum Notify {
-    /// A transaction's last part.
-    Commit {
-        receipt: CommitReceipt,
-        reply: Option<oneshot::Sender<Result<CommitReceipt, ProducerError>>>,
-    },
-    /// Everything sent before it.
-    Flush(oneshot::Sender<Result<Position, ProducerError>>),
-    /// A snapshot cut at the envelope it is attached to.
-    Snapshot(SnapshotJob),
-}
-
-/// What the batching engine hands the publisher, in order.
-#[derive(Debug)]
-pub(crate) enum Outgoing {
-    /// An envelope to publish, and what waits on it.
-    Envelope {
-        env: Envelope,
-        notify: Option<Notify>,
-    },
-    /// Answered once everything sent before it is acknowledged.
-    Notify(Notify),
-}
-
-/// The last envelope the stream acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Acked {
-    /// Its envelope sequence (0 before any).
-    pub seq: u64,
-    /// Its stream sequence (for a lineage with no envelope yet: the stream's last sequence
-    /// when the lineage started, where a reader of the lineage starts).
-    pub stream_seq: u64,
-    /// Envelope sequence of the last complete transaction acknowledged.
-    pub txn_seq: u64,
-    /// State digest after that transaction.
-    pub digest: Digest,
-}
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 type PublishError = async_nats::jetstream::context::PublishError;
@@ -125,6 +86,29 @@ struct InFlight {
     predicted: u64,
     sent_at: Instant,
     notify: Vec<Notify>,
+}
+
+/// The JetStream context the producer's parts hold (its calls are made here and in
+/// `deltasync_nats`).
+pub(crate) type JetStream = jetstream::Context;
+
+/// The NATS connection the producer holds.
+pub(crate) type NatsClient = async_nats::Client;
+
+/// Publishes one message to `subject` and waits for its acknowledgement; returns its stream
+/// sequence (the new lineage's first envelope, published before the window starts).
+pub(crate) async fn publish_one(
+    js: &JetStream,
+    subject: String,
+    msg: PublishMessage,
+) -> Result<u64, async_nats::Error> {
+    let ack = js.send_publish(subject, msg).await?.await?;
+    Ok(ack.sequence)
+}
+
+/// Flushes what the connection buffers (at shutdown).
+pub(crate) async fn flush_client(client: &NatsClient) -> Result<(), async_nats::Error> {
+    Ok(client.flush().await?)
 }
 
 /// Builds the message for envelope `seq` of `lineage`: payload, message id, expected last

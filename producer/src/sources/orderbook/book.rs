@@ -15,7 +15,8 @@
 //! ```
 
 use crate::error::ProducerError;
-use crate::producer::{CommitReceipt, Producer};
+use crate::handoff::CommitReceipt;
+use crate::producer::Producer;
 use bytes::Bytes;
 use deltasync_core::{Key, State};
 use std::collections::BTreeMap;
