@@ -29,12 +29,14 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use deltasync_config::settings::Settings;
 use deltasync_core::change::Change;
+use deltasync_core::codec::classify;
 use deltasync_core::codec::DecodeError;
 use deltasync_core::names;
-use deltasync_core::recovery::{classify, Classified};
+use deltasync_core::snapshot::fence::{may_replace_latest, needs_latest_manifest};
+use deltasync_core::snapshot::gc::{referenced_blobs, unreferenced_blob, Policy};
 use deltasync_core::snapshot::{
     self, apply_segment, catch_up_segments, decode_manifest, decode_pointer, differing_ranges,
-    encode_manifest, encode_pointer, manifest_key, verify, Manifest, Pointer, LATEST_KEY,
+    encode_manifest, encode_pointer, manifest_key, verify, Cut, Manifest, Pointer, LATEST_KEY,
 };
 use deltasync_core::state::State;
 use futures::{StreamExt, TryStreamExt};
@@ -540,8 +542,14 @@ pub async fn write_snapshot_with_hook(
     before_manifest: impl FnOnce() -> futures::future::BoxFuture<'static, ()>,
 ) -> Result<Manifest, StoreError> {
     let kv = bucket(js, settings).await?;
-    check_in_history(js, settings, state, stream_seq).await?;
-    let (_, latest_rev) = check_not_stale(&kv, state, stream_seq).await?;
+    let cut = Cut {
+        lineage: state.lineage(),
+        seq: state.seq(),
+        stream_seq,
+        digest: state.digest(),
+    };
+    check_in_history(js, settings, &cut).await?;
+    let (_, latest_rev) = check_not_stale(&kv, &cut).await?;
 
     // The previous snapshot's blobs are not written again while they are in the bucket. One
     // that is gone (purged, lost) would stay referenced by every snapshot stacked on that base,
@@ -686,20 +694,20 @@ async fn put_manifest(kv: &kv::Store, key: &str, manifest: &Manifest) -> Result<
         })
 }
 
-/// Fencing: the envelope at `stream_seq` must be `state`'s position in `state`'s lineage.
+/// Fencing: the envelope at `stream_seq` must be `state`'s position in `state`'s lineage
+/// (the rule is `Cut::check`'s; this reads the envelope).
 async fn check_in_history(
     js: &jetstream::Context,
     settings: &Settings,
-    state: &State,
-    stream_seq: u64,
+    cut: &Cut,
 ) -> Result<(), StoreError> {
-    if state.seq() == 0 {
+    if !cut.needs_fencing() {
         return Ok(()); // a new lineage's empty start: nothing to be part of yet
     }
     let not_in = |reason: String| StoreError::NotInHistory {
-        lineage: state.lineage().to_hex(),
-        seq: state.seq(),
-        stream_seq,
+        lineage: cut.lineage.to_hex(),
+        seq: cut.seq,
+        stream_seq: cut.stream_seq,
         reason,
     };
     let name = names::stream_name(&settings.pipeline);
@@ -708,68 +716,38 @@ async fn check_in_history(
         .await
         .map_err(|e| not_in(e.to_string()))?;
     let msg = stream
-        .direct_get(stream_seq)
+        .direct_get(cut.stream_seq)
         .await
         .map_err(|e| not_in(e.to_string()))?;
-    match classify(&msg.payload) {
-        Classified::Envelope(e) if e.lineage == state.lineage() && e.seq == state.seq() => {
-            // A cut inside a transaction would leave `latest` where no replica can start: the
-            // transaction's next part cannot apply to a state without its earlier parts.
-            if !e.is_last_part() {
-                return Err(not_in(format!(
-                    "the envelope there is part {} of {} of a transaction; snapshots are cut \
-                     only at a transaction's last part",
-                    e.part, e.parts
-                )));
-            }
-            if e.digest != state.digest() {
-                return Err(not_in(format!(
-                    "the envelope there records digest {}",
-                    e.digest
-                )));
-            }
-            Ok(())
-        }
-        Classified::Envelope(e) => Err(not_in(format!(
-            "the stream holds envelope {}:{} there",
-            e.lineage, e.seq
-        ))),
-        Classified::Foreign { reason } => Err(not_in(format!(
-            "the stream holds a foreign message there ({reason})"
-        ))),
-    }
+    cut.check(&classify(&msg.payload))
+        .map_err(|mismatch| not_in(mismatch.to_string()))
 }
 
-/// Refuses to move `latest` backwards within a lineage; returns the pointer and revision.
+/// Refuses to move `latest` backwards (the rule is `may_replace_latest`'s; this reads the
+/// pointer, and the manifest it names when the rule needs it); returns the pointer and
+/// revision.
 async fn check_not_stale(
     kv: &kv::Store,
-    state: &State,
-    stream_seq: u64,
+    cut: &Cut,
 ) -> Result<(Option<Pointer>, Option<u64>), StoreError> {
     let Some((p, rev)) = read_pointer(kv).await? else {
         return Ok((None, None));
     };
-    let stale = |latest_seq: u64| StoreError::Stale {
-        latest_lineage: p.lineage.to_hex(),
-        latest_seq,
-        seq: state.seq(),
-    };
-    if p.lineage == state.lineage() && p.seq >= state.seq() && p.seq > 0 {
-        return Err(stale(p.seq));
-    }
-    // Another lineage: only a position strictly later in the stream may replace it (a new
-    // lineage starts with a marker envelope after the old lineage's last one; a zombie of the
-    // old lineage is at or behind the position the new lineage's snapshot names, and a tie
-    // between two different cuts goes to the one already there).
-    if p.lineage != state.lineage() {
+    let latest_manifest = if needs_latest_manifest(&p, cut) {
         match read_manifest(kv, &p.manifest).await {
-            Ok(m) if m.stream_seq >= stream_seq => return Err(stale(m.seq)),
-            Ok(_) => {}
+            Ok(m) => Some(m),
             // A latest pointer whose manifest is gone or corrupt protects nothing.
-            Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => {}
+            Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => None,
             Err(e) => return Err(e),
         }
-    }
+    } else {
+        None
+    };
+    may_replace_latest(&p, latest_manifest.as_ref(), cut).map_err(|stale| StoreError::Stale {
+        latest_lineage: stale.latest_lineage.to_hex(),
+        latest_seq: stale.latest_seq,
+        seq: cut.seq,
+    })?;
     Ok((Some(p), Some(rev)))
 }
 
@@ -789,23 +767,21 @@ pub struct GcReport {
 /// lower bound of "now" that no writer's clock skews; just after a snapshot it is that
 /// snapshot's `latest`). Manifests written meanwhile by another writer are read again right
 /// before blobs are removed, and a blob is removed only at the revision whose age was judged,
-/// so one written again since is kept.
+/// so one written again since is kept. What may go is `deltasync_core::snapshot::gc`'s verdict;
+/// this lists, reads the server's times, re-checks and purges.
 pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreError> {
-    let grace_ms = settings.snapshot.gc_grace.as_millis() as u64;
-    let keep = settings.snapshot.keep.max(1);
+    let policy = Policy::new(settings.snapshot.keep, settings.snapshot.gc_grace);
     let now = server_now_ms(kv).await?;
     let latest = read_pointer(kv).await?.map(|(p, _)| p.manifest);
     let manifests = list_manifests_stored(kv).await?;
+    let stored: Vec<(&str, u64)> = manifests
+        .iter()
+        .map(|(key, _, stored_ms)| (key.as_str(), *stored_ms))
+        .collect();
+    let removable = policy.removable_manifests(now, latest.as_deref(), &stored);
     let mut report = GcReport::default();
     let mut remaining = Vec::new();
-    let n = manifests.len();
-    for (i, (key, m, _)) in manifests.iter().enumerate() {
-        let successor_age = manifests
-            .get(i + 1)
-            .map(|(_, _, stored_ms)| now.saturating_sub(*stored_ms));
-        let removable = i + keep < n
-            && latest.as_deref() != Some(key.as_str())
-            && successor_age.is_some_and(|age| age >= grace_ms);
+    for ((key, m, _), removable) in manifests.iter().zip(removable) {
         if removable {
             kv.purge(key).await.map_err(|e| StoreError::Write {
                 key: key.clone(),
@@ -816,11 +792,10 @@ pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreEr
             remaining.push(m);
         }
     }
-    let mut referenced: HashSet<String> = remaining.iter().flat_map(|m| m.blob_keys()).collect();
+    let mut referenced = referenced_blobs(remaining);
     let mut doomed = Vec::new();
     for key in list_keys(kv).await? {
-        if !(key.starts_with("chunk.") || key.starts_with("segment.")) || referenced.contains(&key)
-        {
+        if !unreferenced_blob(&key, &referenced) {
             continue;
         }
         let entry = kv.entry(&key).await.map_err(|e| StoreError::Read {
@@ -828,7 +803,7 @@ pub async fn gc(kv: &kv::Store, settings: &Settings) -> Result<GcReport, StoreEr
             source: e.into(),
         })?;
         let Some(entry) = entry else { continue };
-        if now.saturating_sub(server_ms(entry.created.unix_timestamp_nanos())) >= grace_ms {
+        if policy.old_enough(now, server_ms(entry.created.unix_timestamp_nanos())) {
             doomed.push((key, entry.revision));
         }
     }
