@@ -474,6 +474,26 @@ impl<'de> Deserialize<'de> for Lineage {
     }
 }
 
+/// A message of the pipeline's stream, classified: what a reader of the stream (recovery, a
+/// replica, a snapshot writer's fencing) sees at a position.
+#[derive(Debug, Clone)]
+pub enum Classified {
+    /// A valid envelope (of any lineage).
+    Envelope(Envelope),
+    /// Not part of any history: garbage, a wrong version, a truncated message.
+    Foreign { reason: String },
+}
+
+/// Decodes a payload, classifying anything that is not a valid envelope as foreign.
+pub fn classify(payload: &[u8]) -> Classified {
+    match decode_envelope(payload) {
+        Ok(e) => Classified::Envelope(e),
+        Err(e) => Classified::Foreign {
+            reason: e.to_string(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,9 +3,11 @@
 //! NATS client and the configuration loader out of this crate, and everything here is tested
 //! without a server.
 //!
-//! - `change`, `envelope`, `codec`: what a delta is and its bytes on the wire.
+//! - `change`, `envelope`, `codec`: what a delta is and its bytes on the wire (and a stream
+//!   message classified as an envelope or foreign).
 //! - `digest`, `state`: the keyed state and the digest that proves two copies equal.
-//! - `snapshot`: the chunked snapshot format and its manifest.
+//! - `snapshot`: the chunked snapshot format and its manifest; `snapshot::fence` (may a
+//!   writer's cut become `latest`) and `snapshot::gc` (what garbage collection may remove).
 //! - `names`: the stream, subject and bucket names of a pipeline.
 //! - `ndjson`: the re-ingestible NDJSON line (`ingest` reads it, `replay` writes it).
 //! - `position`: where a state is in the history (lineage, sequence, stream sequence, digest).

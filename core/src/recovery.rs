@@ -1,7 +1,9 @@
-//! The pure verdict on a pipeline's history: classifying a message of the stream and deciding,
-//! from a snapshot's cut and the messages read after it, whether a lineage can be continued —
-//! and if not, a [`Refusal`] naming what is lost or broken. No I/O: `deltasync-nats`'s
-//! `history` reads the stream and the bucket and hands what it read to [`decide`].
+//! The pure verdict on a pipeline's history: deciding, from a snapshot's cut and the messages
+//! read after it (each [`classify`]d by `codec`), whether a lineage can be continued — and if
+//! not, a [`Refusal`] naming what is lost or broken. The snapshot's own message is checked
+//! with the rule snapshot writers are fenced by (`snapshot::fence`). No I/O:
+//! `deltasync-nats`'s `history` reads the stream and the bucket and hands what it read to
+//! [`decide`].
 //!
 //! ## Invariants
 //!
@@ -17,54 +19,15 @@
 //!            └ may be aged out ┘  └──────── must all be retained and read ────────────┘
 //! ```
 
-use crate::codec::decode_envelope;
-use crate::digest::Digest;
 use crate::envelope::{Envelope, Lineage};
 use crate::retention::StreamBounds as Bounds;
-use crate::snapshot::Manifest;
+use crate::snapshot::fence::CutMismatch;
 use crate::state::{Applied, ApplyError, State};
 
-/// A message of the pipeline's stream, classified.
-#[derive(Debug, Clone)]
-pub enum Classified {
-    /// A valid envelope (of any lineage).
-    Envelope(Envelope),
-    /// Not part of any history: garbage, a wrong version, a truncated message.
-    Foreign { reason: String },
-}
-
-/// Decodes a payload, classifying anything that is not a valid envelope as foreign.
-pub fn classify(payload: &[u8]) -> Classified {
-    match decode_envelope(payload) {
-        Ok(e) => Classified::Envelope(e),
-        Err(e) => Classified::Foreign {
-            reason: e.to_string(),
-        },
-    }
-}
-
-/// A snapshot's cut, as its manifest states it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cut {
-    pub lineage: Lineage,
-    /// The envelope the state is after (the last part of a complete transaction).
-    pub seq: u64,
-    /// Where envelope `seq` is in the stream.
-    pub stream_seq: u64,
-    /// The state digest the manifest records.
-    pub digest: Digest,
-}
-
-impl From<&Manifest> for Cut {
-    fn from(m: &Manifest) -> Cut {
-        Cut {
-            lineage: m.lineage,
-            seq: m.seq,
-            stream_seq: m.stream_seq,
-            digest: m.digest,
-        }
-    }
-}
+// Recovery's vocabulary, defined beside what it describes: a classified stream message
+// (`codec`) and a snapshot's cut (`snapshot`).
+pub use crate::codec::{classify, Classified};
+pub use crate::snapshot::Cut;
 
 /// Where recovery starts.
 #[derive(Debug)]
@@ -607,40 +570,34 @@ impl Decision {
     }
 }
 
-/// The snapshot's own message: its envelope, the last part of its transaction, its digest.
+/// The snapshot's own message: its envelope, the last part of its transaction, its digest
+/// ([`Cut::check`], the rule a snapshot writer is fenced by), as a refusal to recover.
 fn check_cut(cut: Cut, item: &Classified) -> Result<(), Refusal> {
-    match item {
-        Classified::Envelope(e) if e.lineage == cut.lineage && e.seq == cut.seq => {
-            if !e.is_last_part() {
-                return Err(Refusal::InsideTransaction {
-                    cut,
-                    part: e.part,
-                    parts: e.parts,
-                });
-            }
-            if e.digest != cut.digest {
-                return Err(Refusal::NotInStream {
-                    cut,
-                    found: format!(
-                        "envelope {}:{} recording digest {}",
-                        e.lineage, e.seq, e.digest
-                    ),
-                });
-            }
-            Ok(())
+    cut.check(item).map_err(|mismatch| match mismatch {
+        CutMismatch::InsideTransaction { part, parts } => {
+            Refusal::InsideTransaction { cut, part, parts }
         }
-        Classified::Envelope(e) => Err(Refusal::NotInStream {
+        CutMismatch::Digest { found } => Refusal::NotInStream {
             cut,
             found: format!(
-                "envelope {}:{} (part {} of {})",
-                e.lineage, e.seq, e.part, e.parts
+                "envelope {}:{} recording digest {found}",
+                cut.lineage, cut.seq
             ),
-        }),
-        Classified::Foreign { reason } => Err(Refusal::NotInStream {
+        },
+        CutMismatch::OtherEnvelope {
+            lineage,
+            seq,
+            part,
+            parts,
+        } => Refusal::NotInStream {
+            cut,
+            found: format!("envelope {lineage}:{seq} (part {part} of {parts})"),
+        },
+        CutMismatch::Foreign { reason } => Refusal::NotInStream {
             cut,
             found: format!("a foreign message ({reason})"),
-        }),
-    }
+        },
+    })
 }
 
 /// A lineage's first envelope: applied to the state before it (a lineage that kept the

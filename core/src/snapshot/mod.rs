@@ -1,6 +1,8 @@
 //! The snapshot format and its pure logic: cutting a state into content-addressed chunks
-//! along bucket ranges, delta segments on top of a base, and verified assembly. No I/O: the
-//! `store` module moves these bytes to and from the KV bucket.
+//! along bucket ranges, delta segments on top of a base, and verified assembly. No I/O:
+//! `deltasync-nats`'s `store` moves these bytes to and from the KV bucket and asks the pure
+//! rules here what it may do: [`fence`] (may a writer store this cut and move `latest` to it)
+//! and [`gc`] (which manifests and blobs garbage collection may remove).
 //!
 //! ## Layout in the bucket
 //!
@@ -46,6 +48,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::ops::Range;
+
+pub mod fence;
+pub mod gc;
 
 /// The bucket key of the pointer to the latest manifest.
 pub const LATEST_KEY: &str = "latest";
@@ -183,6 +188,30 @@ pub struct Manifest {
     pub segments: Vec<SegmentRef>,
     /// Bytes this snapshot wrote that earlier ones had not (informational).
     pub bytes_written: u64,
+}
+
+/// A snapshot's cut, as its manifest states it (or as a writer states it for the state it
+/// is about to store): what recovery and the writer's fencing check the stream against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    pub lineage: Lineage,
+    /// The envelope the state is after (the last part of a complete transaction).
+    pub seq: u64,
+    /// Where envelope `seq` is in the stream.
+    pub stream_seq: u64,
+    /// The state digest the manifest records.
+    pub digest: Digest,
+}
+
+impl From<&Manifest> for Cut {
+    fn from(m: &Manifest) -> Cut {
+        Cut {
+            lineage: m.lineage,
+            seq: m.seq,
+            stream_seq: m.stream_seq,
+            digest: m.digest,
+        }
+    }
 }
 
 impl Manifest {
