@@ -3,30 +3,30 @@
 //! retained history) and `status` (stream bounds, snapshots, every consumer's position,
 //! lag and headroom before retention prunes it).
 //!
-//! Talks to JetStream through `deltasync_nats` (`history`, `store`, bounds and headroom) and
-//! the crate's `nats` module (connecting, the bounded stream reader), to the stream's
-//! consumer list for positions (`status`, the one async-nats call left outside `nats`), and
-//! to a local redb replica (`local`) for `rebuild`.
+//! Talks to JetStream through `deltasync_nats` (`history`, `store`, and `status`: the stream's
+//! bounds, its durable consumers and their headroom) and the crate's `nats` module
+//! (connecting, the bounded stream reader), and to a local redb replica (`local`) for
+//! `rebuild`.
 //!
 //! ## Invariants
 //!
 //! - `replay`, `verify` and `rebuild` read up to the stream's last sequence as it was when
 //!   they started, or fail naming the sequence: a read that stalls is opened again where it
-//!   stopped ([`READ_ATTEMPTS`](crate::nats::reader::READ_ATTEMPTS) times in a row, each wait bounded by `nats.request_timeout`),
-//!   a missing envelope is an error, and a read ends early only when the server says nothing
+//!   stopped ([`READ_ATTEMPTS`](crate::nats::reader::READ_ATTEMPTS) times in a row, each wait
+//!   bounded by `nats.request_timeout`), a missing envelope is an error, and a read ends early only when the server says nothing
 //!   is stored up to the end.
 //! - Only whole transactions are printed, applied or checked: `replay` from inside a
 //!   multi-part transaction starts at the next whole one and says so on stderr.
 //! - `status` judges headroom by the stream's own limits (its configuration on the server),
 //!   the minimum over messages, bytes and age. A running consumer judges its own the same way
-//!   (`deltasync_nats::position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one stream info
-//!   request per period whatever the HTTP traffic, and a status read never waits on NATS.
+//!   (`deltasync_nats::position_headroom`) every [`HEADROOM_REFRESH`] for `/v1/status`: one
+//!   stream info request per period whatever the HTTP traffic, and a status read never waits
+//!   on NATS.
 
 use crate::follower::{BatchKind, ChangeBatch};
 use crate::local::LocalStore;
 use crate::nats::reader::{Reader, Stalled};
 use crate::nats::{self, JetStream};
-use async_nats::jetstream;
 use deltasync_config::settings::Settings;
 use deltasync_core::recovery::Classified;
 pub use deltasync_core::retention::{headroom, Headroom, PositionHeadroom};
@@ -37,7 +37,6 @@ use deltasync_nats::history::HistoryError;
 pub use deltasync_nats::status::StreamStatus;
 use deltasync_nats::status::StreamView;
 use deltasync_nats::store::{self, StoreError};
-use futures::TryStreamExt;
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
@@ -654,33 +653,22 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         .await?
         .map(|m| m.lineage.to_hex());
 
-    let infos: Vec<jetstream::consumer::Info> = view
-        .stream()
-        .consumers()
-        .try_collect()
-        .await
-        .map_err(|e| OpsError::Consumers(e.to_string()))?;
     let mut consumers = Vec::new();
-    for info in infos
-        .into_iter()
-        .filter(|i| i.config.durable_name.is_some())
+    for c in view
+        .durable_consumers()
+        .await
+        .map_err(|e| OpsError::Consumers(e.to_string()))?
     {
-        let position = info.ack_floor.stream_sequence;
-        let h = view.headroom(position).await;
-        let idle = info.delivered.last_active.map(|t| {
-            let ts = t.unix_timestamp_nanos() as f64 / 1e9;
-            let now = now_ms as f64 / 1000.0;
-            (now - ts).max(0.0)
-        });
+        let h = view.headroom(c.position).await;
         consumers.push(ConsumerStatus {
-            name: info.name,
-            position,
+            name: c.name,
+            position: c.position,
             lag: h.lag,
             headroom_messages: h.headroom.messages,
             headroom_secs: h.headroom.secs,
             headroom_limit: h.headroom.limit,
             pruned: h.pruned,
-            idle_secs: idle,
+            idle_secs: c.idle_secs,
         });
     }
     Ok(Status {

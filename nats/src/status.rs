@@ -1,7 +1,7 @@
 //! A pipeline's stream as the operators' `status` commands show it: one [`StreamStatus`]
 //! and one reader ([`StreamView::read`]) shared by `deltasync-producer status` and
 //! `deltasync-consumer status`, plus what each adds from the stream (the newest envelope,
-//! a position's headroom).
+//! a position's headroom, its durable consumers).
 //!
 //! Talks to the pipeline's stream (info, messages by sequence, one direct get for an age
 //! limit) through async-nats; the verdicts are `deltasync_core`'s (`recovery::classify`,
@@ -85,6 +85,17 @@ pub struct HeadEnvelope {
     pub produced_at_ms: u64,
 }
 
+/// A durable consumer of the stream as a status lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurableConsumer {
+    /// The consumer's name.
+    pub name: String,
+    /// Its acknowledged floor: the stream sequence everything up to is acknowledged.
+    pub position: u64,
+    /// Seconds since it was last delivered a message, if ever.
+    pub idle_secs: Option<f64>,
+}
+
 /// The pipeline's stream, read once for a status: its status, bounds and own limits, and the
 /// handle further reads go through.
 #[derive(Debug)]
@@ -125,9 +136,31 @@ impl StreamView {
         })
     }
 
-    /// The stream, for reads a status adds (its consumers).
-    pub fn stream(&self) -> &jetstream::stream::Stream {
-        &self.stream
+    /// The stream's durable consumers (replicas' and operators'; ephemeral readers are left
+    /// out), each with its acknowledged position and how long it has been idle, by name.
+    pub async fn durable_consumers(&self) -> Result<Vec<DurableConsumer>, async_nats::Error> {
+        use futures::TryStreamExt;
+        let infos: Vec<jetstream::consumer::Info> =
+            self.stream.consumers().try_collect().await?;
+        let now = self
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let mut out: Vec<DurableConsumer> = infos
+            .into_iter()
+            .filter(|i| i.config.durable_name.is_some())
+            .map(|info| DurableConsumer {
+                idle_secs: info.delivered.last_active.map(|t| {
+                    let ts = t.unix_timestamp_nanos() as f64 / 1e9;
+                    (now - ts).max(0.0)
+                }),
+                position: info.ack_floor.stream_sequence,
+                name: info.name,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     /// The headroom of stream position `position` under the stream's own limits.
