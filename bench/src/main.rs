@@ -122,10 +122,10 @@ fn main() -> Result<()> {
             }
         }
         if runs(Ingest) || runs(ApplyMemory) || runs(ApplyDurable) {
-            let ingested = pipeline::producer_ingest(&url, sizes, &mut rows).await?;
+            let mut ingested = pipeline::producer_ingest(&url, sizes, &mut rows).await?;
             done(&rows);
             if runs(ApplyMemory) {
-                pipeline::consumer_memory(&ingested, &mut rows).await?;
+                pipeline::consumer_memory(&mut ingested, &mut rows).await?;
                 done(&rows);
             }
             if runs(ApplyDurable) {

@@ -185,8 +185,13 @@ fn main() {
         assert_eq!(outcome.cursor.seq, expected.2);
         assert_eq!(outcome.cursor.digest, expected.1);
         let s = replica.status();
-        let file = std::fs::metadata(dir.path().join(deltasync_consumer::local::FILE_NAME))
-            .map(|m| m.len())
+        // What the data directory holds: the local snapshot and the logs.
+        let file: u64 = std::fs::read_dir(dir.path())
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0);
         println!(
             "consumer {:<8} (in-process): {:>6.2} s  {:>10.0} changes/s  ({} envelopes, {} keys{})",
@@ -196,7 +201,7 @@ fn main() {
             s.envelopes_applied,
             s.entries,
             if durable {
-                format!(", redb file {:.1} MB", file as f64 / 1e6)
+                format!(", data dir {:.1} MB", file as f64 / 1e6)
             } else {
                 String::new()
             }

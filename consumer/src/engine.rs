@@ -30,7 +30,7 @@
 //!  reader task: Tail (ordered consumer) ─ decode ─► channel ─► engine ─► Follower (steps)
 //!                                                                 │ batch of transactions
 //!                                                                 ▼
-//!                     blocking thread: redb write txn (entries + cursor), fsync
+//!                  blocking thread: one log record (changes + cursor), fdatasync
 //!                                                                 │ durable
 //!                                                                 ▼
 //!                          marker reset · status · view · change batches to subscribers
@@ -841,7 +841,12 @@ impl Engine {
         if self.store.is_durable() {
             let store = self.store.clone();
             let for_store = batches.clone();
-            let handle = tokio::task::spawn_blocking(move || store.commit(&for_store, &cursor));
+            // The state is at `cursor` here: a copy-on-write clone for a local snapshot.
+            let snapshot = store
+                .wants_snapshot()
+                .then(|| self.follower.state().clone());
+            let handle =
+                tokio::task::spawn_blocking(move || store.commit(&for_store, &cursor, snapshot));
             self.inflight = Some(Inflight {
                 handle,
                 cursor,
@@ -955,8 +960,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Replaces the replica with `next` at `cursor`: commits `diff(state, next)` and the
-    /// cursor in one transaction, then publishes.
+    /// Replaces the replica with `next` at `cursor`: writes it as the local snapshot (when
+    /// durable), then publishes, with `diff(state, next)` for subscribers.
     async fn replace(
         &mut self,
         next: State,
@@ -964,8 +969,7 @@ impl Engine {
         kind: BatchKind,
     ) -> Result<(), ConsumerError> {
         self.flush().await?;
-        let need_changes = self.store.is_durable() || self.replica.has_subscribers();
-        let changes = if need_changes {
+        let changes = if self.replica.has_subscribers() {
             diff(self.follower.state(), &next)
         } else {
             Vec::new()
@@ -980,8 +984,8 @@ impl Engine {
         if self.store.is_durable() {
             let started = Instant::now();
             let store = self.store.clone();
-            let for_store = batches.clone();
-            tokio::task::spawn_blocking(move || store.commit(&for_store, &cursor))
+            let snapshot = next.clone();
+            tokio::task::spawn_blocking(move || store.replace(&snapshot, &cursor))
                 .await
                 .map_err(|e| ConsumerError::Writer(e.to_string()))??;
             self.replica

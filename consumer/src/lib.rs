@@ -4,8 +4,8 @@
 //! A consumer bootstraps from the pipeline's latest snapshot (verified chunk by chunk, then
 //! range by range, then the whole digest), follows the envelope stream from the snapshot's
 //! position, applies each transaction all-or-nothing and checks the producer's digest after
-//! it, and commits its replica with its cursor in one local transaction (redb, with
-//! `--data-dir`). When the history it needs is gone (pruned, deleted), belongs to another
+//! it, and commits what it applied with its cursor as one record of a local log (with
+//! `--data-dir`; a local snapshot replaces the log from time to time). When the history it needs is gone (pruned, deleted), belongs to another
 //! lineage, or its replica diverged (digest mismatch, a replica changed on disk), it
 //! re-snapshots — downloading only the segments after its position or the bucket ranges whose
 //! digest differs — and says why, in logs and metrics.
@@ -20,7 +20,7 @@
 //!  engine     carries out the follower's steps: reading, commits, re-snapshots
 //!  follower   every decision about the history, synchronous and I/O-free; the resync
 //!             reasons (follower/reason.rs) and the change batches it makes (follower/batch.rs)
-//!  local      the replica and cursor on disk (redb)
+//!  local      the replica and cursor on disk: a local snapshot and an append-only log
 //!  replica    the read handle: views, status, change batch subscriptions, and its
 //!             Prometheus metrics (replica/metrics.rs, re-exported as `metrics`)
 //!  nats       what the consumer says to NATS itself: connect, probes, the ops reader, and
@@ -111,7 +111,7 @@ use tokio_util::sync::CancellationToken;
 pub enum Storage {
     /// Memory only: every start bootstraps from the latest snapshot.
     Memory,
-    /// A redb file in this directory, with the cursor: restarts resume from it.
+    /// A local snapshot and log in this directory, with the cursor: restarts resume from it.
     Durable(PathBuf),
 }
 
@@ -277,8 +277,9 @@ impl Consumer {
             Storage::Memory => local::LocalStore::Memory,
             Storage::Durable(dir) => {
                 let dir = dir.clone();
+                let log_bytes = self.settings.consumer.local_snapshot_log_bytes;
                 tokio::task::spawn_blocking(move || {
-                    local::LocalStore::open_durable(&dir, &pipeline)
+                    local::LocalStore::open_durable_with(&dir, &pipeline, log_bytes)
                 })
                 .await
                 .map_err(|e| ConsumerError::Writer(e.to_string()))??

@@ -2,7 +2,7 @@
 //! the re-ingestible change line (`replay` writes that through `deltasync_core::ndjson`), but
 //! built from its pieces: the key as a JSON string, bytes that are not JSON as `value_b64`.
 //!
-//! Talks to nothing; `dump` reads the redb file through `local`.
+//! Talks to nothing; `dump` reads the data directory through `local`.
 //!
 //! ## Format
 //!

@@ -5,7 +5,7 @@
 //!
 //! Talks to JetStream through `deltasync_nats` (`history`, `store`, and `status`: the stream's
 //! bounds, its durable consumers and their headroom) and the crate's `nats` module
-//! (connecting, the bounded stream reader), and to a local redb replica (`local`) for
+//! (connecting, the bounded stream reader), and to a local replica (`local`) for
 //! `rebuild`.
 //!
 //! ## Invariants
@@ -23,7 +23,6 @@
 //!   stream info request per period whatever the HTTP traffic, and a status read never waits
 //!   on NATS.
 
-use crate::follower::{BatchKind, ChangeBatch};
 use crate::local::LocalStore;
 use crate::nats::reader::{Reader, Stalled};
 use crate::nats::{self, JetStream};
@@ -40,7 +39,6 @@ use deltasync_nats::store::{self, StoreError};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Why an operator command failed; each names what to do next where it can.
@@ -417,20 +415,7 @@ pub async fn rebuild(
     let js = connect(settings).await?;
     let (state, stream_seq, base) = state_at(&js, settings, Some(at)).await?;
     let local = LocalStore::open_durable(data_dir, &settings.pipeline)?;
-    let batch = ChangeBatch {
-        lineage: state.lineage(),
-        prev_seq: 0,
-        seq: state.seq(),
-        kind: BatchKind::Applied,
-        changes: state
-            .iter()
-            .map(|(k, v)| Change::Put {
-                key: k.into(),
-                value: bytes::Bytes::copy_from_slice(v),
-            })
-            .collect(),
-    };
-    local.commit(&[Arc::new(batch)], &Position::of(&state, stream_seq))?;
+    local.replace(&state, &Position::of(&state, stream_seq))?;
     Ok(RebuildSummary {
         seq: state.seq(),
         lineage: state.lineage().to_hex(),

@@ -140,8 +140,7 @@ impl StreamView {
     /// out), each with its acknowledged position and how long it has been idle, by name.
     pub async fn durable_consumers(&self) -> Result<Vec<DurableConsumer>, async_nats::Error> {
         use futures::TryStreamExt;
-        let infos: Vec<jetstream::consumer::Info> =
-            self.stream.consumers().try_collect().await?;
+        let infos: Vec<jetstream::consumer::Info> = self.stream.consumers().try_collect().await?;
         let now = self
             .at
             .duration_since(SystemTime::UNIX_EPOCH)

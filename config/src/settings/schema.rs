@@ -347,6 +347,9 @@ pub struct ConsumerSettings {
     pub inactive_threshold: Duration,
     /// Consecutive failed resynchronisations (snapshot restore) before the replica gives up.
     pub resync_max_attempts: u32,
+    /// A durable replica writes a new local snapshot (and drops its log) once the log since
+    /// the last one holds this many bytes and twice that snapshot's size.
+    pub local_snapshot_log_bytes: u64,
 }
 
 impl Default for ConsumerSettings {
@@ -360,6 +363,7 @@ impl Default for ConsumerSettings {
             commit_interval: Duration::from_millis(100),
             inactive_threshold: Duration::from_secs(3600),
             resync_max_attempts: 5,
+            local_snapshot_log_bytes: 64 * 1024 * 1024,
         }
     }
 }

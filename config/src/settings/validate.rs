@@ -391,6 +391,12 @@ impl Settings {
                 "must be > 0",
             ));
         }
+        if c.local_snapshot_log_bytes == 0 {
+            return Err(SettingsError::invalid(
+                "consumer.local_snapshot_log_bytes",
+                "must be > 0",
+            ));
+        }
         if c.commit_interval.is_zero() {
             return Err(SettingsError::invalid(
                 "consumer.commit_interval",

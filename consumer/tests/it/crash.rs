@@ -1,5 +1,5 @@
-//! Crashes: a consumer process killed with SIGKILL in the middle of a backlog restarts from
-//! its durable cursor.
+//! Crashes: a consumer process killed with SIGKILL in the middle of a backlog, or while it
+//! writes a local snapshot, restarts from its durable cursor.
 //!
 //! Talks to nats-server through the test producer in `support`; runs the
 //! `deltasync-consumer` binary as a child process and polls its HTTP status.
@@ -19,6 +19,16 @@ impl Drop for Killed {
 }
 
 fn spawn_consumer(p: &Pipeline, id: &str, dir: &std::path::Path, port: u16) -> Killed {
+    spawn_consumer_with(p, id, dir, port, &[])
+}
+
+fn spawn_consumer_with(
+    p: &Pipeline,
+    id: &str,
+    dir: &std::path::Path,
+    port: u16,
+    env: &[(&str, &str)],
+) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_deltasync-consumer"))
         .args(["--nats-url", &p.settings.nats.url])
         .args(["--pipeline", &p.settings.pipeline])
@@ -32,6 +42,7 @@ fn spawn_consumer(p: &Pipeline, id: &str, dir: &std::path::Path, port: u16) -> K
         .env("DELTASYNC_CONSUMER__COMMIT_INTERVAL", "5ms")
         .env_remove("DELTASYNC_CONFIG")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -117,6 +128,94 @@ async fn a_consumer_killed_mid_apply_restarts_and_converges_with_no_change_appli
     assert_eq!(s.snapshot_bytes_fetched, 0);
     assert_eq!(s.digest, p.state.digest().to_hex());
     assert_same_state(&replica, &p);
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_consumer_killed_while_writing_a_local_snapshot_restarts_from_its_log() {
+    logs();
+    let mut p = Pipeline::start("kill9snap", |_| {}).await;
+    p.commit(puts(0, 20_000, 1)).await;
+    let base = p.snapshot().await;
+    p.churn(1500, 200, 20_000, 2).await;
+    let last = p.state.seq();
+
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("replica.snap.tmp");
+    // A local snapshot as soon as the log outgrows twice the last one: many to be killed in.
+    let env = [("DELTASYNC_CONSUMER__LOCAL_SNAPSHOT_LOG_BYTES", "1")];
+    let mut killed_in_snapshot = false;
+    for attempt in 0..20 {
+        let port = deltasync_testkit::free_port();
+        let mut child = spawn_consumer_with(&p, "kill9snap-1", dir.path(), port, &env);
+        // Past the bootstrap (whose snapshot is written in the foreground), a temporary
+        // snapshot file is a background one.
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < DEADLINE, "no background snapshot seen");
+            let seq = status_of(port).await.and_then(|s| s["seq"].as_u64());
+            if seq.is_some_and(|s| s >= last) {
+                break; // caught up before a kill landed: run it again
+            }
+            if seq.is_some_and(|s| s > base.seq) && tmp.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        child.0.kill().unwrap(); // SIGKILL
+        child.0.wait().unwrap();
+        if tmp.exists() {
+            eprintln!("killed while writing a local snapshot (attempt {attempt})");
+            killed_in_snapshot = true;
+            break;
+        }
+    }
+    assert!(
+        killed_in_snapshot,
+        "no kill landed during a local snapshot in 20 runs"
+    );
+    let committed = deltasync_consumer::local::read_cursor(dir.path())
+        .unwrap()
+        .expect("a committed cursor");
+    assert!(
+        committed.seq > base.seq && committed.seq < last,
+        "{committed:?}"
+    );
+
+    // Restart in-process: it resumes from the snapshot and log on disk, without a download,
+    // applying every envelope after the durable cursor exactly once.
+    let consumer = deltasync_consumer::Consumer::new(
+        p.consumer_settings(),
+        durable("kill9snap-1", dir.path()),
+    )
+    .unwrap();
+    let replica = consumer.replica();
+    let mut rx = replica.subscribe();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(consumer.run(cancel.clone()));
+    let mut applied = Vec::new();
+    while applied.last() != Some(&last) {
+        let b = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .expect("batches keep coming")
+            .unwrap();
+        assert_eq!(b.kind, BatchKind::Applied, "no re-snapshot after a crash");
+        applied.push(b.seq);
+    }
+    let expected: Vec<u64> = (committed.seq + 1..=last).collect();
+    assert_eq!(
+        applied, expected,
+        "each envelope after the cursor exactly once"
+    );
+    let s = replica
+        .wait_until(DEADLINE, |s| s.seq == last)
+        .await
+        .unwrap();
+    assert_eq!(s.decisions.get(Reason::Resume.as_str()), Some(&1));
+    assert_eq!(s.snapshot_bytes_fetched, 0);
+    assert_same_state(&replica, &p);
+    assert!(!tmp.exists(), "the partial snapshot is removed at open");
     cancel.cancel();
     handle.await.unwrap().unwrap();
 }

@@ -3,13 +3,14 @@
 //! re-snapshot downloads.
 //!
 //! Talks to nats-server through the test producer in `support` (which deletes messages and
-//! publishes garbage where a test needs it) and the consumer library; edits the replica's redb
+//! publishes garbage where a test needs it) and the consumer library; edits the replica's log
 //! file directly.
 
 use crate::support::*;
-use deltasync_consumer::local::{ENTRIES, FILE_NAME};
+use deltasync_consumer::local::{format, read_cursor};
 use deltasync_consumer::Reason;
 use deltasync_core::Change;
+use std::io::Write as _;
 
 fn decided(s: &deltasync_consumer::Status, r: Reason) -> u64 {
     s.decisions.get(r.as_str()).copied().unwrap_or(0)
@@ -236,16 +237,28 @@ async fn a_replica_changed_on_disk_is_caught_by_its_digest_and_repaired_incremen
     c.wait_for(&p).await;
     c.stop().await;
 
-    // Change one value and add one key through redb while the consumer is stopped.
+    // Change one value and add one key while the consumer is stopped: a well-formed record
+    // appended to the newest log that claims the replica's position is unchanged.
     {
-        let db = redb::Database::open(dir.path().join(FILE_NAME)).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut t = txn.open_table(ENTRIES).unwrap();
-            t.insert(key(17).as_str(), &b"tampered"[..]).unwrap();
-            t.insert("intruder", &b"x"[..]).unwrap();
-        }
-        txn.commit().unwrap();
+        let cursor = read_cursor(dir.path()).unwrap().expect("a cursor on disk");
+        let newest = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("log."))
+            .max()
+            .expect("a log");
+        let tampered = [
+            Change::put(key(17), &b"tampered"[..]),
+            Change::put("intruder", &b"x"[..]),
+        ];
+        let mut record = Vec::new();
+        format::commit(&mut record, &cursor, tampered.len(), tampered.iter());
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(newest)
+            .unwrap();
+        f.write_all(&record).unwrap();
+        f.sync_all().unwrap();
     }
 
     let c = Running::start(p.consumer_settings(), durable("tamper-1", dir.path()));

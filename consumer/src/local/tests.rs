@@ -1,0 +1,377 @@
+//! The local store against a model: commits, local snapshots, replaces, reopenings and logs
+//! cut short at any byte, each load compared with the state the model says is durable.
+
+#![allow(clippy::unwrap_used)]
+use super::*;
+use crate::follower::BatchKind;
+use deltasync_core::{Change, Lineage};
+use proptest::prelude::*;
+
+const L: Lineage = Lineage([1; 16]);
+
+fn batch(seq: u64, changes: Vec<Change>) -> Arc<ChangeBatch> {
+    Arc::new(ChangeBatch {
+        lineage: L,
+        prev_seq: seq.saturating_sub(1),
+        seq,
+        kind: BatchKind::Applied,
+        changes,
+    })
+}
+
+/// Applies `changes` to `s` as transaction `seq` and returns its position.
+fn apply(s: &mut State, seq: u64, changes: &[Change]) -> Position {
+    s.apply_changes(changes);
+    s.set_position(L, seq);
+    Position::of(s, seq + 100)
+}
+
+fn snapshot_running(store: &LocalStore) -> bool {
+    let LocalStore::Durable(j) = store else {
+        return false;
+    };
+    j.lock()
+        .snapshot
+        .as_ref()
+        .is_some_and(|(_, h)| !h.is_finished())
+}
+
+fn logs(dir: &Path) -> Vec<u64> {
+    Files::scan(dir)
+        .unwrap()
+        .logs
+        .iter()
+        .map(|(g, _)| *g)
+        .collect()
+}
+
+#[test]
+fn commits_load_back_verified_with_their_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    assert!(store.load().unwrap().is_none());
+    let mut s = State::new(L);
+    let changes = vec![
+        Change::put("a", &b"1"[..]),
+        Change::put("b", &b"2"[..]),
+        Change::put("a", &b"3"[..]),
+        Change::delete("b"),
+        Change::put("c", &b"4"[..]),
+    ];
+    let cursor = apply(&mut s, 1, &changes);
+    store.commit(&[batch(1, changes)], &cursor, None).unwrap();
+    let loaded = store.load().unwrap().unwrap();
+    assert!(loaded.intact());
+    assert_eq!(loaded.cursor, cursor);
+    assert_eq!(loaded.state, s);
+    assert_eq!(
+        loaded.state.get("a").map(|v| v.to_vec()),
+        Some(b"3".to_vec())
+    );
+    assert_eq!(loaded.state.get("b"), None);
+    drop(store);
+    assert_eq!(read_cursor(dir.path()).unwrap(), Some(cursor));
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused_while_the_first_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let err = LocalStore::open_durable(dir.path(), "p").unwrap_err();
+    assert!(matches!(err, LocalError::Locked { .. }), "{err}");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    drop(first);
+    LocalStore::open_durable(dir.path(), "p").unwrap();
+}
+
+#[test]
+fn a_data_directory_of_another_pipeline_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(LocalStore::open_durable(dir.path(), "one").unwrap());
+    let err = LocalStore::open_durable(dir.path(), "two").unwrap_err();
+    assert!(matches!(err, LocalError::OtherPipeline { .. }), "{err}");
+    assert!(err.to_string().contains("\"one\""), "{err}");
+}
+
+#[test]
+fn a_record_that_does_not_match_its_digest_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let mut s = State::new(L);
+    let changes = vec![Change::put("a", &b"1"[..]), Change::put("b", &b"2"[..])];
+    let cursor = apply(&mut s, 1, &changes);
+    store.commit(&[batch(1, changes)], &cursor, None).unwrap();
+    // A record claiming the same position over different entries: a tampered log.
+    let tampered = vec![Change::put("a", &b"tampered"[..])];
+    store.commit(&[batch(1, tampered)], &cursor, None).unwrap();
+    drop(store);
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let loaded = store.load().unwrap().unwrap();
+    assert!(!loaded.intact());
+    assert_eq!(loaded.cursor, cursor);
+    assert_ne!(loaded.computed, cursor.digest);
+}
+
+#[test]
+fn a_damaged_snapshot_marks_the_replica_for_repair_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let mut s = State::new(L);
+    let cursor = apply(&mut s, 1, &[Change::put("a", &b"1"[..])]);
+    store.replace(&s, &cursor).unwrap();
+    drop(store);
+    let path = dir.path().join(SNAPSHOT_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 20;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let loaded = store.load().unwrap().unwrap();
+    assert!(!loaded.intact());
+    let why = loaded.cursor_error.unwrap();
+    assert!(
+        why.contains(SNAPSHOT_FILE) && why.contains("damaged"),
+        "{why}"
+    );
+    assert!(loaded.state.is_empty());
+}
+
+#[test]
+fn a_replace_writes_the_snapshot_and_drops_the_logs_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let mut s = State::new(L);
+    let c1 = apply(&mut s, 1, &[Change::put("a", &b"1"[..])]);
+    store
+        .commit(&[batch(1, vec![Change::put("a", &b"1"[..])])], &c1, None)
+        .unwrap();
+    let mut next = State::new(L);
+    let entries: Vec<Change> = (0..5000)
+        .map(|i| Change::put(format!("k{i}"), vec![i as u8; 40]))
+        .collect();
+    let c2 = apply(&mut next, 9, &entries);
+    store.replace(&next, &c2).unwrap();
+    assert_eq!(logs(dir.path()), vec![1], "only the log after the snapshot");
+    let more = vec![Change::delete("k7")];
+    let c3 = apply(&mut next, 10, &more);
+    store.commit(&[batch(10, more)], &c3, None).unwrap();
+    drop(store);
+    let loaded = LocalStore::open_durable(dir.path(), "p")
+        .unwrap()
+        .load()
+        .unwrap()
+        .unwrap();
+    assert!(loaded.intact());
+    assert_eq!(loaded.cursor, c3);
+    assert_eq!(loaded.state, next);
+}
+
+#[test]
+fn a_background_snapshot_replaces_the_logs_and_a_crash_before_its_rename_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_durable_with(dir.path(), "p", 1).unwrap();
+    let mut s = State::new(L);
+    let mut seq = 0;
+    let mut last = None;
+    for round in 0..3 {
+        for _ in 0..4 {
+            seq += 1;
+            let changes: Vec<Change> = (0..50)
+                .map(|i| Change::put(format!("k{}", (seq * 7 + i) % 300), vec![seq as u8; 30]))
+                .collect();
+            let cursor = apply(&mut s, seq, &changes);
+            let snap = store.wants_snapshot().then(|| s.clone());
+            store.commit(&[batch(seq, changes)], &cursor, snap).unwrap();
+            last = Some(cursor);
+        }
+        // Wait (bounded) for the snapshot thread.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while snapshot_running(&store) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: no snapshot"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    assert!(dir.path().join(SNAPSHOT_FILE).exists());
+    drop(store);
+    // What a crash mid-snapshot leaves: a partial temporary file.
+    std::fs::write(dir.path().join(SNAPSHOT_TMP), b"partial").unwrap();
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    assert!(!dir.path().join(SNAPSHOT_TMP).exists());
+    let loaded = store.load().unwrap().unwrap();
+    assert!(loaded.intact());
+    assert_eq!(Some(loaded.cursor), last);
+    assert_eq!(loaded.state, s);
+    assert!(
+        logs(dir.path()).len() <= 3,
+        "covered logs are removed: {:?}",
+        logs(dir.path())
+    );
+}
+
+#[test]
+fn dump_reads_entries_in_key_order_and_says_when_there_is_no_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = for_each_entry(&dir.path().join("none"), |_, _| Ok(())).unwrap_err();
+    assert!(matches!(err, DumpError::NoReplica { .. }), "{err}");
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let mut s = State::new(L);
+    let changes = vec![
+        Change::put("b", &b"2"[..]),
+        Change::put("a", &b"1"[..]),
+        Change::put("c", &b"3"[..]),
+    ];
+    let cursor = apply(&mut s, 1, &changes);
+    store.commit(&[batch(1, changes)], &cursor, None).unwrap();
+    let mut seen = Vec::new();
+    let at = for_each_entry(dir.path(), |k, v| {
+        seen.push((k.to_owned(), v.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(at, Some(cursor));
+    let keys: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["a", "b", "c"]);
+}
+
+/// One step of a hostile history.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Commit `n` changes over a small key space (puts and deletes).
+    Commit { n: usize, salt: u8 },
+    /// Commit and hand the store a clone for a local snapshot when it wants one.
+    CommitWithSnapshot { n: usize, salt: u8 },
+    /// Replace the replica with a fresh state (a re-snapshot).
+    Replace { n: usize, salt: u8 },
+    /// Close and reopen cleanly.
+    Reopen,
+    /// Close, cut the newest log at a fraction of its last record, reopen: a crash
+    /// mid-append. The model forgets the last commit only if it was cut.
+    Crash { cut: u8 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1usize..30, any::<u8>()).prop_map(|(n, salt)| Op::Commit { n, salt }),
+        2 => (1usize..30, any::<u8>()).prop_map(|(n, salt)| Op::CommitWithSnapshot { n, salt }),
+        1 => (0usize..40, any::<u8>()).prop_map(|(n, salt)| Op::Replace { n, salt }),
+        1 => Just(Op::Reopen),
+        2 => any::<u8>().prop_map(|cut| Op::Crash { cut }),
+    ]
+}
+
+fn changes(n: usize, salt: u8, seq: u64) -> Vec<Change> {
+    (0..n)
+        .map(|i| {
+            let key = format!("k{}", (i * 13 + salt as usize) % 40);
+            if (i + salt as usize).is_multiple_of(5) {
+                Change::delete(key)
+            } else {
+                Change::put(key, vec![salt ^ seq as u8; (i + salt as usize) % 9])
+            }
+        })
+        .collect()
+}
+
+fn newest_log(dir: &Path) -> PathBuf {
+    Files::scan(dir).unwrap().logs.last().unwrap().1.clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever the history, a load gives the last state whose commit returned, unless a
+    /// crash cut that commit's record, in which case it gives the state before it; never a
+    /// state that was not committed, never a broken digest.
+    #[test]
+    fn a_load_always_returns_the_last_whole_commit(ops in proptest::collection::vec(op(), 1..25)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Some(LocalStore::open_durable_with(dir.path(), "p", 256).unwrap());
+        let mut model = State::new(L);
+        let mut durable: Option<(State, Position)> = None;
+        let mut previous: Option<(State, Position)> = None;
+        let mut last_was_commit = false;
+        let mut seq = 0;
+        for op in ops {
+            let st = store.as_ref().unwrap();
+            match op {
+                Op::Commit { n, salt } | Op::CommitWithSnapshot { n, salt } => {
+                    seq += 1;
+                    let cs = changes(n, salt, seq);
+                    let cursor = apply(&mut model, seq, &cs);
+                    let snap = matches!(op, Op::CommitWithSnapshot { .. })
+                        .then(|| st.wants_snapshot().then(|| model.clone()))
+                        .flatten();
+                    st.commit(&[batch(seq, cs)], &cursor, snap).unwrap();
+                    previous = durable.replace((model.clone(), cursor));
+                    last_was_commit = true;
+                }
+                Op::Replace { n, salt } => {
+                    seq += 1;
+                    let mut next = State::new(L);
+                    let cursor = apply(&mut next, seq, &changes(n, salt, seq));
+                    st.replace(&next, &cursor).unwrap();
+                    model = next;
+                    durable = Some((model.clone(), cursor));
+                    previous = None;
+                    last_was_commit = false;
+                }
+                Op::Reopen => {
+                    drop(store.take());
+                    store = Some(LocalStore::open_durable_with(dir.path(), "p", 256).unwrap());
+                    last_was_commit = false;
+                }
+                Op::Crash { cut } => {
+                    drop(store.take()); // joins a background snapshot: the files are as a crash left them
+                    let path = newest_log(dir.path());
+                    let len = std::fs::metadata(&path).unwrap().len();
+                    // Cut inside the last record when the newest log holds the last commit.
+                    let mut torn = false;
+                    if last_was_commit {
+                        let bytes = std::fs::read(&path).unwrap();
+                        let mut r = Records::new(&bytes[..]);
+                        let mut starts = Vec::new();
+                        loop {
+                            let at = r.offset;
+                            match r.read().unwrap() {
+                                Ok(Some(_)) => starts.push(at),
+                                _ => break,
+                            }
+                        }
+                        if starts.len() > 1 {
+                            let start = *starts.last().unwrap();
+                            let at = start + (len - start) * cut as u64 / 256;
+                            std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(at).unwrap();
+                            torn = at < len;
+                        }
+                    }
+                    if torn {
+                        durable = previous.take();
+                        if let Some((s, _)) = &durable {
+                            model = s.clone();
+                        } else {
+                            model = State::new(L);
+                        }
+                    }
+                    store = Some(LocalStore::open_durable_with(dir.path(), "p", 256).unwrap());
+                    last_was_commit = false;
+                }
+            }
+            let loaded = store.as_ref().unwrap().load().unwrap();
+            match (&durable, loaded) {
+                (None, None) => {}
+                (Some((s, c)), Some(l)) => {
+                    prop_assert!(l.intact(), "a broken replica after {:?}", c);
+                    prop_assert_eq!(&l.cursor, c);
+                    prop_assert_eq!(&l.state, s);
+                }
+                (d, l) => prop_assert!(false, "model {:?}, loaded {:?}", d.as_ref().map(|x| x.1), l.map(|x| x.cursor)),
+            }
+        }
+    }
+}
