@@ -74,7 +74,7 @@ fn the_benchmark_harness_runs_at_tiny_sizes() {
     for wanted in [
         "producer ingest of 5000 changes",
         "consumer apply, memory, digest verified (consumer library",
-        "consumer apply, durable (redb)",
+        "consumer apply, durable (local log + snapshot)",
         "end-to-end latency, commit → applied",
         "publish rate during a full snapshot of 5000 keys",
         "ingest of 5000 puts through `deltasync-producer ingest FILE`",
