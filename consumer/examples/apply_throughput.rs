@@ -3,7 +3,7 @@
 //!
 //! Talks to a nats-server it starts itself (`deltasync-testkit`), publishes a backlog of
 //! envelopes with the shared protocol pieces, then catches a consumer up on it with `once`:
-//! in-process (the library, memory then redb), and as child processes of the
+//! in-process (the library, memory then the durable local log), and as child processes of the
 //! `deltasync-consumer` binary (peak RSS from /proc).
 //!
 //! ```text

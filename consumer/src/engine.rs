@@ -19,7 +19,7 @@
 //! - JetStream does not say when it pruned a position: the engine compares the stream's first
 //!   sequence with the position it needs, and treats a tail that starts later than asked
 //!   (`HistoryError::Pruned`) as lost messages to be judged by the next envelope.
-//! - A position is committed (entries and cursor in one local transaction) before it is
+//! - A position is committed (changes and cursor in one synced local log record) before it is
 //!   acknowledged to the server, shown in the status, or published as a view or change batch.
 //! - Re-snapshots are bounded: `consumer.resync_max_attempts` consecutive attempts without
 //!   progress past the stream position where the previous one was decided (re-applying the
