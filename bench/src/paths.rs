@@ -305,19 +305,43 @@ pub async fn bootstrap(s: &Settings, model: &State, rows: &mut Vec<Row>) -> Resu
     cmd.args(["run", "--ephemeral", "--once", "--id", "bench-bootstrap"]);
     let ran = run(cmd).await?;
     let logs = format!("{}{}", ran.stdout, ran.stderr);
-    let stopped = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| {
-            v.pointer("/fields/message").and_then(|m| m.as_str())
-                == Some("Consumer stopped; replica committed")
-        })
+    let stopped = logged(&logs, "Consumer stopped; replica committed")
         .context("the consumer did not log that it stopped with its replica committed")?;
     let field = |k: &str| stopped.pointer(&format!("/fields/{k}")).cloned();
     ensure!(
         field("seq") == Some(json!(seq)) && field("lineage") == Some(json!(lineage.to_string())),
         "the consumer stopped at {stopped}, the head is {lineage}:{seq}"
     );
+
+    // A durable replica through the binary: its bootstrap (which writes the local snapshot),
+    // then a restart from the data directory, each with `--once`.
+    let data_dir = tempfile::tempdir()?;
+    let durable_run = || -> Result<Command> {
+        let mut cmd = command("deltasync-consumer", s)?;
+        cmd.args(["run", "--once", "--id", "bench-restart", "--data-dir"])
+            .arg(data_dir.path());
+        Ok(cmd)
+    };
+    let durable_boot = run(durable_run()?).await?;
+    let restart = run(durable_run()?).await?;
+    let restart_logs = format!("{}{}", restart.stdout, restart.stderr);
+    let loaded = logged(&restart_logs, "Local replica loaded")
+        .context("the restarted consumer did not load its local replica")?;
+    let stopped_again = logged(&restart_logs, "Consumer stopped; replica committed")
+        .context("the restarted consumer did not stop with its replica committed")?;
+    ensure!(
+        loaded.pointer("/fields/entries") == Some(&json!(model.len()))
+            && stopped_again.pointer("/fields/seq") == Some(&json!(seq))
+            && logged(
+                &restart_logs,
+                "Replica restored from the snapshot and verified"
+            )
+            .is_none(),
+        "the restart did not resume its {} local keys at {seq} without a snapshot download: \
+         loaded {loaded}, stopped {stopped_again}",
+        model.len()
+    );
+    drop(data_dir);
 
     // The baseline: the same keys in a plain KV bucket, read back with watch_with_history.
     let baseline = kv_watch_baseline(&js, "bench_kv_user", model).await?;
@@ -346,7 +370,42 @@ pub async fn bootstrap(s: &Settings, model: &State, rows: &mut Vec<Row>) -> Resu
         figures: json!({"binary_s": ours, "loader_s": loader, "kv_watch_s": baseline,
             "peak_rss": ran.peak_rss, "raw_bytes": raw_bytes}),
     });
+    let (boot_s, restart_s) = (durable_boot.wall.as_secs_f64(), restart.wall.as_secs_f64());
+    rows.push(Row {
+        scenario: format!(
+            "restart of a durable {}-key replica through `deltasync-consumer run --data-dir D \
+             --once` (local snapshot + log, spawn to exit)",
+            model.len()
+        ),
+        ours: format!(
+            "{}, peak RSS {} ({:.2}× raw)",
+            secs(restart_s),
+            bytes(restart.peak_rss as f64),
+            restart.peak_rss as f64 / raw_bytes
+        ),
+        baseline: format!(
+            "{} (its durable bootstrap from the bucket, local snapshot written)",
+            secs(boot_s)
+        ),
+        ratio: format!("{:.2}×", restart_s / boot_s),
+        target: "≤ its bootstrap time".into(),
+        met: restart_s <= boot_s,
+        check: format!(
+            "the restart loaded {} keys from disk and stopped at {lineage}:{seq} with no \
+             snapshot download",
+            model.len()
+        ),
+        figures: json!({"restart_s": restart_s, "durable_bootstrap_s": boot_s,
+            "restart_peak_rss": restart.peak_rss, "durable_bootstrap_peak_rss": durable_boot.peak_rss}),
+    });
     Ok(())
+}
+
+/// The JSON log line whose message is `message`, if `logs` has one.
+fn logged(logs: &str, message: &str) -> Option<serde_json::Value> {
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.pointer("/fields/message").and_then(|m| m.as_str()) == Some(message))
 }
 
 #[cfg(test)]

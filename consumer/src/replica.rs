@@ -28,7 +28,7 @@ use deltasync_core::Position;
 use deltasync_core::{Digest, Lineage, State};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, LazyLock, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
@@ -63,6 +63,39 @@ pub(crate) struct Notifies(());
 pub struct View {
     state: State,
     stream_seq: u64,
+}
+
+/// Views of at least this many keys are freed on a background thread (see [`View`]'s `Drop`).
+const FREE_IN_BACKGROUND: usize = 65_536;
+
+/// The last view of a large state frees its entries on a background thread: a million keys
+/// are a million frees (~0.1 s), which would otherwise stall the async thread that happened
+/// to drop the view — or, in `run --once`, delay the exit by as much. A view that shares its
+/// buckets with the engine's state only gives back its references there.
+impl Drop for View {
+    fn drop(&mut self) {
+        if self.state.len() >= FREE_IN_BACKGROUND {
+            let lineage = self.state.lineage();
+            free_in_background(std::mem::replace(&mut self.state, State::new(lineage)));
+        }
+    }
+}
+
+/// Hands `state` to one long-lived thread that drops what it receives (dropped here when
+/// that thread cannot be started).
+fn free_in_background(state: State) {
+    static FREER: LazyLock<Option<mpsc::Sender<State>>> = LazyLock::new(|| {
+        let (tx, rx) = mpsc::channel::<State>();
+        std::thread::Builder::new()
+            .name("deltasync-free".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()?;
+        Some(tx)
+    });
+    if let Some(tx) = FREER.as_ref() {
+        // A send fails only when the thread is gone; the state is then dropped here.
+        let _ = tx.send(state);
+    }
 }
 
 impl View {
@@ -518,6 +551,26 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use deltasync_core::Change;
+
+    #[test]
+    fn a_large_view_dropped_in_the_background_leaves_the_state_it_shared_intact() {
+        let mut s = State::new(Lineage([2; 16]));
+        let changes: Vec<Change> = (0..FREE_IN_BACKGROUND + 10)
+            .map(|i| Change::put(format!("key-{i}"), format!("value-{i}").into_bytes()))
+            .collect();
+        s.apply_changes(&changes);
+        let digest = s.digest();
+        let view = View::new(s.clone(), 1);
+        let moved_out = View::new(s.clone(), 1);
+        drop(view);
+        drop(moved_out);
+        assert_eq!(s.len(), FREE_IN_BACKGROUND + 10);
+        assert_eq!(s.digest(), digest);
+        assert_eq!(s.get("key-65540"), Some(&b"value-65540"[..]));
+        // The state keeps working after the views that shared its buckets are gone.
+        s.apply_changes(&[Change::put("key-0", &b"changed"[..])]);
+        assert_eq!(s.get("key-0"), Some(&b"changed"[..]));
+    }
 
     #[test]
     fn ready_means_bootstrapped_and_within_the_allowed_lag() {

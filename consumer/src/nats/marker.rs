@@ -25,6 +25,7 @@ use deltasync_core::names;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Fewest time between two resets: a busy replica commits far more often than operators look.
 const MIN_INTERVAL: Duration = Duration::from_millis(250);
@@ -33,6 +34,9 @@ const MIN_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct Marker {
     tx: watch::Sender<Option<u64>>,
+    /// Cancelled by [`Marker::finish`]: the task cuts its pause between resets short and
+    /// sends the last position at once.
+    finishing: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -43,8 +47,21 @@ impl Marker {
         let name = names::consumer_name(&settings.pipeline, id);
         let stream = names::stream_name(&settings.pipeline);
         let threshold = settings.consumer.inactive_threshold;
-        let task = tokio::spawn(run(js, stream, name, id.to_owned(), threshold, rx));
-        Marker { tx, task }
+        let finishing = CancellationToken::new();
+        let task = tokio::spawn(run(
+            js,
+            stream,
+            name,
+            id.to_owned(),
+            threshold,
+            rx,
+            finishing.clone(),
+        ));
+        Marker {
+            tx,
+            finishing,
+            task,
+        }
     }
 
     /// The replica committed up to `stream_seq`.
@@ -55,6 +72,7 @@ impl Marker {
     /// Publishes the last position (bounded by `wait`) and stops.
     pub async fn finish(self, wait: Duration) {
         drop(self.tx);
+        self.finishing.cancel();
         let mut task = self.task;
         if tokio::time::timeout(wait, &mut task).await.is_err() {
             task.abort();
@@ -69,6 +87,7 @@ async fn run(
     id: String,
     threshold: Duration,
     mut rx: watch::Receiver<Option<u64>>,
+    finishing: CancellationToken,
 ) {
     // Keep-alive well inside the threshold, so a live replica's consumer is never removed.
     let keepalive = if threshold.is_zero() {
@@ -104,7 +123,12 @@ async fn run(
         if closed {
             return;
         }
-        tokio::time::sleep(MIN_INTERVAL).await;
+        // A stopping replica does not wait out the pause (a `--once` bootstrap spent a
+        // quarter second here): its last position goes out now.
+        tokio::select! {
+            _ = tokio::time::sleep(MIN_INTERVAL) => {}
+            _ = finishing.cancelled() => {}
+        }
     }
 }
 
