@@ -12,7 +12,7 @@ use deltasync_core::change::{Change, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use deltasync_core::codec::{decode_envelope, encode_envelope, HEADER_LEN};
 use deltasync_core::digest::{bucket_of, entry_hash, BucketDigests, Digest, BUCKETS};
 use deltasync_core::envelope::{split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
-use deltasync_core::state::{diff, Applied, ApplyError, State};
+use deltasync_core::state::{diff, Applied, ApplyError, Prepared, State};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
@@ -445,6 +445,8 @@ enum Op {
     Insert(String, Vec<u8>),
     /// `clear_buckets` over the buckets around a key's.
     ClearAround(String, usize, usize),
+    /// `Prepared::puts` then `put_prepared`, the snapshot-restore path.
+    Prepared(Vec<(String, Vec<u8>)>),
     /// Keep a clone aside; later writes must not reach it.
     Fork,
 }
@@ -454,6 +456,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => small_changes(8).prop_map(Op::Changes),
         1 => (small_key(), small_value()).prop_map(|(k, v)| Op::Insert(k, v)),
         1 => (small_key(), 0usize..3, 0usize..3).prop_map(|(k, l, r)| Op::ClearAround(k, l, r)),
+        2 => prop::collection::vec((small_key(), small_value()), 0..8).prop_map(Op::Prepared),
         1 => Just(Op::Fork),
     ]
 }
@@ -483,6 +486,15 @@ proptest! {
                     let range = b.saturating_sub(left)..(b + right).min(BUCKETS);
                     state.clear_buckets(range.clone());
                     model.retain(|k, _| !range.contains(&bucket_of(k)));
+                }
+                Op::Prepared(puts) => {
+                    let mut prepared = Prepared::puts(puts.iter().map(|(k, v)| (k.as_str(), &v[..])));
+                    prop_assert_eq!(prepared.len(), puts.len());
+                    state.put_prepared(&mut prepared);
+                    prop_assert!(prepared.is_empty());
+                    for (k, v) in puts {
+                        model.insert(k, v);
+                    }
                 }
                 Op::Fork => forks.push((state.clone(), model.clone())),
             }

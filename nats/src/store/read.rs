@@ -9,12 +9,11 @@
 use super::{get_required, read_manifest, read_manifests, read_pointer, StoreError, CONCURRENCY};
 use async_nats::jetstream::kv;
 use deltasync_config::settings::Settings;
-use deltasync_core::change::Change;
 use deltasync_core::codec::DecodeError;
 use deltasync_core::snapshot::{
     self, apply_segment, catch_up_segments, differing_ranges, manifest_key, verify, Manifest,
 };
-use deltasync_core::state::State;
+use deltasync_core::state::{Prepared, State};
 use futures::StreamExt;
 use std::sync::Arc;
 
@@ -157,20 +156,22 @@ async fn rebuild_ranges(
                 (bytes, &shared[r].chunks[c], &shared[r])
             })
             .collect();
-        // Changes for `apply_changes`, built here rather than on the applying thread.
+        // Entries built whole here (hashed, allocated, copied), so that the applying thread
+        // only links them into the state's tables; the decoded chunk is freed here too.
         snapshot::decode_chunks(&refs)
             .into_iter()
             .map(|chunk| {
-                let entries = chunk?.entries.into_iter();
-                Ok(entries
-                    .map(|(key, value)| Change::Put { key, value })
-                    .collect::<Vec<_>>())
+                let chunk = chunk?;
+                Ok(Prepared::puts(
+                    chunk
+                        .entries
+                        .iter()
+                        .map(|(key, value)| (&**key, &value[..])),
+                ))
             })
             .collect()
     };
-    let apply = |state: &mut State, changes: &Vec<Change>| {
-        state.apply_changes(changes);
-    };
+    let apply = |state: &mut State, prepared: &mut Prepared| state.put_prepared(prepared);
     let mut fetched = fetch_and_apply(kv, state, keys, decode, apply).await?;
     let all: Vec<usize> = (0..m.segments.len()).collect();
     fetched += apply_segments(kv, state, m, &all, move |b| keep[b]).await?;
@@ -204,7 +205,8 @@ async fn apply_segments(
             .collect();
         snapshot::decode_segments(&refs)
     };
-    let apply = move |state: &mut State, seg: &snapshot::Segment| apply_segment(state, seg, &keep);
+    let apply =
+        move |state: &mut State, seg: &mut snapshot::Segment| apply_segment(state, seg, &keep);
     fetch_and_apply(kv, state, keys, decode, apply).await
 }
 
@@ -230,7 +232,7 @@ async fn fetch_and_apply<T: Send + 'static>(
     state: &mut State,
     keys: Vec<String>,
     decode: impl Fn(&[(usize, &[u8])]) -> Vec<Result<T, DecodeError>> + Send + Sync + 'static,
-    mut apply: impl FnMut(&mut State, &T) + Send + 'static,
+    mut apply: impl FnMut(&mut State, &mut T) + Send + 'static,
 ) -> Result<u64, StoreError> {
     if keys.is_empty() {
         return Ok(0);
@@ -242,8 +244,8 @@ async fn fetch_and_apply<T: Send + 'static>(
     let (garbage, applied) = std::sync::mpsc::channel::<Vec<T>>();
     tokio::task::spawn_blocking(move || applied.into_iter().for_each(drop));
     let applier = tokio::task::spawn_blocking(move || {
-        while let Some(items) = rx.blocking_recv() {
-            for item in &items {
+        while let Some(mut items) = rx.blocking_recv() {
+            for item in &mut items {
                 apply(&mut owned, item);
             }
             // Freeing a batch costs the applying thread about as much as converting it.
