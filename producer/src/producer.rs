@@ -99,6 +99,9 @@ struct Begin {
     /// parts of an abandoned one, when recovery found such parts at the end).
     txn_stream_seq: u64,
     manifest: Option<Manifest>,
+    /// The state at `manifest`, when known: the producer's first snapshot is then
+    /// incremental on it (segments of what changed since) rather than a full rewrite.
+    base: Option<State>,
     foreign: u64,
 }
 
@@ -189,6 +192,7 @@ impl Producer {
                     expected_last: rec.last_stream_seq,
                     state: rec.state,
                     manifest: rec.manifest,
+                    base: rec.snapshot_state,
                     foreign: rec.foreign_messages,
                 }
             }
@@ -363,11 +367,16 @@ impl Producer {
             snap_tx,
         );
         let publisher = tokio::spawn(publisher.run(out_rx));
+        let base = match (&begin.manifest, begin.base) {
+            (Some(m), Some(s)) if m.lineage == lineage && s.seq() == m.seq => Some((m.clone(), s)),
+            _ => None,
+        };
         let snapshotter = tokio::spawn(snapshots::run(
             js,
             settings.clone(),
             shared.clone(),
             snap_rx,
+            base,
         ));
 
         let txn = Durable {
@@ -680,6 +689,7 @@ fn fresh(state: State, stream_seq: u64, manifest: Option<Manifest>) -> Begin {
         },
         txn_stream_seq: stream_seq,
         expected_last: stream_seq,
+        base: manifest.as_ref().map(|_| state.clone()),
         state,
         manifest,
         foreign: 0,

@@ -27,14 +27,17 @@ const SNAPSHOT_RETRY_AFTER: Duration = Duration::from_secs(2);
 pub(crate) const LIMITS_RECHECK: Duration = Duration::from_secs(2);
 
 /// Writes cuts one at a time, keeping the previous one (manifest and state) so the next
-/// snapshot is incremental.
+/// snapshot is incremental; the first is incremental on `base`, the snapshot the producer
+/// recovered from, when given (a restarted producer's first snapshot then writes what
+/// changed since, not the whole state again).
 pub(crate) async fn run(
     js: JetStream,
     settings: Arc<Settings>,
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<(SnapshotJob, u64)>,
+    base: Option<(Manifest, State)>,
 ) {
-    let mut prev: Option<(Manifest, State)> = None;
+    let mut prev: Option<(Manifest, State)> = base;
     let mut watch = LimitsWatch::default();
     let mut recheck = tokio::time::interval(LIMITS_RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -38,6 +38,9 @@ pub struct Recovered {
     pub txn_stream_seq: u64,
     /// The snapshot recovery started from.
     pub manifest: Option<Manifest>,
+    /// The state at that snapshot (a copy-on-write clone taken before the envelopes after
+    /// it were applied): the base the producer's next snapshot is cut incrementally on.
+    pub snapshot_state: Option<State>,
     /// Messages that were not envelopes.
     pub foreign_messages: u64,
     /// Parts of a transaction the producer never completed.
@@ -133,6 +136,7 @@ pub async fn recover_history(
                     txn_seq: c.txn_seq,
                     txn_stream_seq: c.txn_stream_seq,
                     manifest,
+                    snapshot_state: snapshot.map(|s| s.1),
                     foreign_messages: c.foreign_messages,
                     abandoned_parts: c.abandoned_parts,
                     envelopes_applied: c.envelopes_applied,

@@ -149,3 +149,63 @@ async fn ingest_stops_at_the_first_bad_line_having_published_every_line_before_i
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ingest_through_the_binary_snapshots_incrementally_on_the_snapshot_it_recovered() {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("ingest-incremental");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first, second) = (
+        dir.path().join("first.ndjson"),
+        dir.path().join("second.ndjson"),
+    );
+    support::write_ndjson(&first, "k", 0..20_000, 0);
+    support::write_ndjson(&second, "later", 0..10, 0);
+    for path in [&first, &second] {
+        let out = support::producer_command(&server.url(), &pipeline)
+            .arg("ingest")
+            .arg(path)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let s = support::settings(&server.url(), &pipeline);
+    let js = support::js(&server.url()).await;
+    let kv = deltasync_nats::store::bucket(&js, &s)
+        .await
+        .expect("bucket");
+    let latest = deltasync_nats::store::latest_manifest(&kv)
+        .await
+        .expect("read latest")
+        .expect("a snapshot");
+    let replayed = replay(&read_stream(&js, &pipeline).await).state;
+    assert_eq!(
+        latest.seq,
+        replayed.seq(),
+        "the final snapshot is at the head"
+    );
+    assert_eq!(latest.entries, 20_010);
+    // The second run's final snapshot stacks on the first run's (which it recovered from):
+    // a segment of the 10 new keys, not every chunk written again.
+    assert!(
+        latest.base_seq < latest.seq && !latest.segments.is_empty(),
+        "the second snapshot is a new base: base_seq {} seq {} segments {}",
+        latest.base_seq,
+        latest.seq,
+        latest.segments.len()
+    );
+    assert!(
+        latest.bytes_written * 20 < latest.total_bytes(),
+        "the second snapshot wrote {} of {} bytes",
+        latest.bytes_written,
+        latest.total_bytes()
+    );
+    let loaded = deltasync_nats::store::load(&kv, latest)
+        .await
+        .expect("load");
+    assert_eq!(loaded.state.digest(), replayed.digest());
+}
