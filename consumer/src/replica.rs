@@ -28,7 +28,7 @@ use deltasync_core::Position;
 use deltasync_core::{Digest, Lineage, State};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, LazyLock, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
@@ -76,25 +76,11 @@ impl Drop for View {
     fn drop(&mut self) {
         if self.state.len() >= FREE_IN_BACKGROUND {
             let lineage = self.state.lineage();
-            free_in_background(std::mem::replace(&mut self.state, State::new(lineage)));
+            deltasync_core::state::free_in_background(std::mem::replace(
+                &mut self.state,
+                State::new(lineage),
+            ));
         }
-    }
-}
-
-/// Hands `state` to one long-lived thread that drops what it receives (dropped here when
-/// that thread cannot be started).
-fn free_in_background(state: State) {
-    static FREER: LazyLock<Option<mpsc::Sender<State>>> = LazyLock::new(|| {
-        let (tx, rx) = mpsc::channel::<State>();
-        std::thread::Builder::new()
-            .name("deltasync-free".into())
-            .spawn(move || rx.into_iter().for_each(drop))
-            .ok()?;
-        Some(tx)
-    });
-    if let Some(tx) = FREER.as_ref() {
-        // A send fails only when the thread is gone; the state is then dropped here.
-        let _ = tx.send(state);
     }
 }
 

@@ -300,6 +300,25 @@ pub enum Applied {
     Buffered { seq: u64, part: u32, parts: u32 },
 }
 
+/// Drops `state` on one long-lived background thread (started on first use; if it cannot be
+/// started, `state` is dropped here). A million entries are a million frees, ~0.1 s: a
+/// thread that must not stall that long (an async runtime's, one a shutdown waits for, a
+/// command about to exit) hands a large state over instead. Only memory is involved: no I/O.
+pub fn free_in_background(state: State) {
+    static FREER: LazyLock<Option<std::sync::mpsc::Sender<State>>> = LazyLock::new(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<State>();
+        std::thread::Builder::new()
+            .name("deltasync-free".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()?;
+        Some(tx)
+    });
+    if let Some(tx) = FREER.as_ref() {
+        // A send fails only when the thread is gone; the state is then dropped here.
+        let _ = tx.send(state);
+    }
+}
+
 /// The keyed map, its digest and its position in a lineage.
 #[derive(Clone, Debug)]
 pub struct State {

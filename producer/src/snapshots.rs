@@ -14,7 +14,7 @@ use crate::shared::Shared;
 use deltasync_config::settings::Settings;
 use deltasync_core::retention::StreamLimits;
 use deltasync_core::snapshot::Manifest;
-use deltasync_core::state::State;
+use deltasync_core::state::{free_in_background, State};
 use deltasync_nats::store::{self, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,6 +124,11 @@ pub(crate) async fn run(
         // After each snapshot (the stream moved on by a retention's worth at most).
         watch.refresh(&js, &settings, &shared).await;
         recheck.reset();
+    }
+    // The last snapshot's state may hold the last references to every entry (the engine
+    // has handed its own off already): freed off the runtime, as shutdown waits for this.
+    if let Some((_, state)) = prev {
+        free_in_background(state);
     }
 }
 
