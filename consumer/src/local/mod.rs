@@ -44,7 +44,7 @@
 pub mod format;
 
 use crate::follower::ChangeBatch;
-use deltasync_core::{Digest, Lineage, Position, State};
+use deltasync_core::{Change, Digest, Lineage, Position, Prepared, State};
 use format::{Bad, Header, Records};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Write};
@@ -691,8 +691,44 @@ fn read_snapshot(path: &Path) -> Result<Result<(Header, State), String>, LocalEr
         return Ok(Err("a log header where the snapshot's belongs".into()));
     };
     let mut state = State::new(position.lineage);
+    // Records are read, checked, decoded and built into entries on a thread of their own
+    // while this one links the entries into the state: a restart keeps both cores busy.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Prepared>(4);
+    let (read, entries) = std::thread::scope(|s| {
+        let reader = s.spawn(move || read_snapshot_entries(&mut r, path, &tx));
+        let mut entries = 0u64;
+        for mut prepared in rx {
+            entries += prepared.len() as u64;
+            state.put_prepared(&mut prepared);
+        }
+        (reader.join(), entries)
+    });
+    let read = match read {
+        Ok(read) => read?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    match read {
+        Ok(n) if n == entries && n == state.len() as u64 => {}
+        Ok(n) => {
+            return Ok(Err(format!(
+                "it ends saying {n} entries, {entries} were read ({} distinct)",
+                state.len()
+            )))
+        }
+        Err(reason) => return Ok(Err(reason)),
+    }
+    state.set_position(position.lineage, position.seq);
+    Ok(Ok((header, state)))
+}
+
+/// Reads a local snapshot's `ENTRIES` records up to its `END`, sending each as prepared puts
+/// to `tx`; returns the count `END` states, or why the file is damaged.
+fn read_snapshot_entries(
+    r: &mut Records<BufReader<File>>,
+    path: &Path,
+    tx: &std::sync::mpsc::SyncSender<Prepared>,
+) -> Result<Result<u64, String>, LocalError> {
     let mut changes = Vec::new();
-    let mut entries = 0u64;
     loop {
         match r.read().map_err(read_err(path))? {
             Ok(Some((format::ENTRIES, payload))) => {
@@ -700,26 +736,20 @@ fn read_snapshot(path: &Path) -> Result<Result<(Header, State), String>, LocalEr
                 if let Err(reason) = format::read_entries(payload, &mut changes) {
                     return Ok(Err(reason));
                 }
-                entries += changes.len() as u64;
-                state.apply_changes(&changes);
-            }
-            Ok(Some((format::END, payload))) => match format::read_end(payload) {
-                Ok(n) if n == entries && n == state.len() as u64 => break,
-                Ok(n) => {
-                    return Ok(Err(format!(
-                        "it ends saying {n} entries, {entries} were read ({} distinct)",
-                        state.len()
-                    )))
+                let puts = changes.iter().filter_map(|c| match c {
+                    Change::Put { key, value } => Some((&**key, &value[..])),
+                    Change::Delete { .. } => None,
+                });
+                if tx.send(Prepared::puts(puts)).is_err() {
+                    return Ok(Err("the snapshot's entries were no longer wanted".into()));
                 }
-                Err(reason) => return Ok(Err(reason)),
-            },
+            }
+            Ok(Some((format::END, payload))) => return Ok(format::read_end(payload)),
             Ok(Some((kind, _))) => return Ok(Err(format!("record kind {kind} in a snapshot"))),
             Ok(None) => return Ok(Err("it ends before its END record".into())),
             Err(b) => return Ok(Err(b.to_string())),
         }
     }
-    state.set_position(position.lineage, position.seq);
-    Ok(Ok((header, state)))
 }
 
 /// Reads the replica in `dir` (snapshot, then logs), checking the pipeline when given.
