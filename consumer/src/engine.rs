@@ -843,7 +843,7 @@ impl Engine {
             let for_store = batches.clone();
             // The state is at `cursor` here: a copy-on-write clone for a local snapshot.
             let snapshot = store
-                .wants_snapshot()
+                .wants_snapshot(entries)
                 .then(|| self.follower.state().clone());
             let handle =
                 tokio::task::spawn_blocking(move || store.commit(&for_store, &cursor, snapshot));

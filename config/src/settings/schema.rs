@@ -348,7 +348,8 @@ pub struct ConsumerSettings {
     /// Consecutive failed resynchronisations (snapshot restore) before the replica gives up.
     pub resync_max_attempts: u32,
     /// A durable replica writes a new local snapshot (and drops its log) once the log since
-    /// the last one holds this many bytes and twice that snapshot's size.
+    /// the last one holds this many bytes and twice the replica's size (the last snapshot's,
+    /// or an estimate from its keys when larger or when there is none).
     pub local_snapshot_log_bytes: u64,
 }
 

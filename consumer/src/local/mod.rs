@@ -18,7 +18,8 @@
 //! The records are [`format`]'s. A commit appends one record and `fdatasync`s the log: one
 //! sync per group of envelopes the engine commits together (`consumer.commit_interval`,
 //! `consumer.commit_every_envelopes`). Once the logs since the last local snapshot hold
-//! `consumer.local_snapshot_log_bytes` and twice the snapshot's size, the next commit starts a
+//! `consumer.local_snapshot_log_bytes` and twice the replica's size (the last snapshot's, or
+//! the entries times the mean change record when that is larger), the next commit starts a
 //! new log generation and a new local snapshot of the state at that commit; when it is renamed
 //! into place the logs it covers are deleted. A replica so written costs about its applied bytes
 //! once in the log plus at most half of that again in snapshots.
@@ -151,6 +152,10 @@ struct Writer {
     log_bytes: u64,
     /// The size of the newest local snapshot.
     snapshot_bytes: u64,
+    /// Bytes and changes this process appended to logs: the mean size of a change record,
+    /// which estimates what a snapshot of the replica would take when there is none yet.
+    appended_bytes: u64,
+    appended_changes: u64,
     /// Bytes this store has written (logs and snapshots).
     written: u64,
     /// A local snapshot being written in the background: its generation and thread.
@@ -248,6 +253,8 @@ impl LocalStore {
                 generation,
                 log_bytes,
                 snapshot_bytes,
+                appended_bytes: 0,
+                appended_changes: 0,
                 written,
                 snapshot: None,
                 buf: Vec::new(),
@@ -270,15 +277,24 @@ impl LocalStore {
         }
     }
 
-    /// Whether the next commit should carry a clone of the state for a new local snapshot:
-    /// the logs have grown past the threshold and no snapshot is being written.
-    pub fn wants_snapshot(&self) -> bool {
+    /// Whether the next commit should carry a clone of the state (which holds `entries`
+    /// keys) for a new local snapshot: no snapshot is being written, and the logs since the
+    /// last one hold `consumer.local_snapshot_log_bytes` and twice the replica's size — the
+    /// last local snapshot's, or, when larger or when there is none, `entries` times the mean
+    /// change record. So a snapshot costs at most half the bytes applied, and a replica caught
+    /// up from an empty start is not snapshotted half-way through its backlog.
+    pub fn wants_snapshot(&self, entries: usize) -> bool {
         let LocalStore::Durable(j) = self else {
             return false;
         };
         let w = j.lock();
+        let estimate = (entries as u64)
+            .saturating_mul(w.appended_bytes)
+            .checked_div(w.appended_changes)
+            .unwrap_or(0);
+        let replica = w.snapshot_bytes.max(estimate);
         w.snapshot.as_ref().is_none_or(|(_, h)| h.is_finished())
-            && w.log_bytes >= j.snapshot_log_bytes.max(2 * w.snapshot_bytes)
+            && w.log_bytes >= j.snapshot_log_bytes.max(replica.saturating_mul(2))
     }
 
     /// Appends the changes of `batches` (in order) and `cursor` as one record and returns once
@@ -313,6 +329,8 @@ impl LocalStore {
         w.log.sync_data().map_err(werr)?;
         w.log_bytes += buf.len() as u64;
         w.written += buf.len() as u64;
+        w.appended_bytes += buf.len() as u64;
+        w.appended_changes += count as u64;
         // Keep a buffer of a usual size, not the largest commit's.
         if buf.capacity() <= 16 << 20 {
             w.buf = buf;

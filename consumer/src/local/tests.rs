@@ -26,6 +26,46 @@ fn apply(s: &mut State, seq: u64, changes: &[Change]) -> Position {
     Position::of(s, seq + 100)
 }
 
+#[test]
+fn a_replica_built_from_its_log_is_not_snapshotted_before_the_log_is_twice_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_durable_with(dir.path(), "p", 1).unwrap();
+    let mut s = State::new(L);
+    let mut seq = 0;
+    // 2,000 new keys: the log holds the replica once, never twice.
+    for round in 0..20 {
+        seq += 1;
+        let changes: Vec<Change> = (0..100)
+            .map(|i| Change::put(format!("key-{round}-{i}"), vec![7u8; 50]))
+            .collect();
+        let cursor = apply(&mut s, seq, &changes);
+        store.commit(&[batch(seq, changes)], &cursor, None).unwrap();
+        assert!(
+            !store.wants_snapshot(s.len()),
+            "a snapshot after {seq} commits of new keys only"
+        );
+    }
+    // Rewriting the same keys grows the log, not the replica: twice its size asks for one.
+    let mut asked_at = None;
+    for round in 0..40 {
+        seq += 1;
+        let changes: Vec<Change> = (0..100)
+            .map(|i| Change::put(format!("key-{}-{i}", round % 20), vec![round as u8; 50]))
+            .collect();
+        let cursor = apply(&mut s, seq, &changes);
+        store.commit(&[batch(seq, changes)], &cursor, None).unwrap();
+        if store.wants_snapshot(s.len()) {
+            asked_at = Some(round);
+            break;
+        }
+    }
+    assert_eq!(
+        asked_at,
+        Some(19),
+        "asked once the log held 2,000 rewrites on top of the 2,000 inserts"
+    );
+}
+
 fn snapshot_running(store: &LocalStore) -> bool {
     let LocalStore::Durable(j) = store else {
         return false;
@@ -183,7 +223,7 @@ fn a_background_snapshot_replaces_the_logs_and_a_crash_before_its_rename_loses_n
                 .map(|i| Change::put(format!("k{}", (seq * 7 + i) % 300), vec![seq as u8; 30]))
                 .collect();
             let cursor = apply(&mut s, seq, &changes);
-            let snap = store.wants_snapshot().then(|| s.clone());
+            let snap = store.wants_snapshot(s.len()).then(|| s.clone());
             store.commit(&[batch(seq, changes)], &cursor, snap).unwrap();
             last = Some(cursor);
         }
@@ -305,7 +345,7 @@ proptest! {
                     let cs = changes(n, salt, seq);
                     let cursor = apply(&mut model, seq, &cs);
                     let snap = matches!(op, Op::CommitWithSnapshot { .. })
-                        .then(|| st.wants_snapshot().then(|| model.clone()))
+                        .then(|| st.wants_snapshot(model.len()).then(|| model.clone()))
                         .flatten();
                     st.commit(&[batch(seq, cs)], &cursor, snap).unwrap();
                     previous = durable.replace((model.clone(), cursor));
