@@ -403,3 +403,56 @@ async fn a_producer_restarted_over_a_damaged_latest_snapshot_recovers_from_the_s
     assert_eq!(again.status().digest, model.digest().to_hex());
     again.shutdown().await.unwrap();
 }
+
+/// The restart half of the defect above: a producer restarted over a snapshot with an
+/// overwritten chunk refuses that snapshot in recovery, and its first snapshot (incremental on
+/// whatever verified base it recovered from, or full) leaves the bucket loadable again.
+#[tokio::test]
+async fn a_producer_restarted_over_an_overwritten_chunk_writes_a_snapshot_a_newcomer_loads() {
+    logs();
+    let server = NatsServer::start();
+    let s = settings(&server.url(), &unique("chunk-restart"), |s| {
+        s.snapshot.every_envelopes = 0; // snapshots only when the test asks
+    });
+    let producer = Producer::start(s.clone()).await.unwrap();
+    let mut model = Model::default();
+    let mut rng = Rng::new(56);
+    let base: Vec<Change> = (0..3000)
+        .map(|i| Change::put(key(i), format!("{i}")))
+        .collect();
+    producer.commit(base.clone()).await.unwrap();
+    model.apply(&base);
+    producer.snapshot().await.unwrap();
+    let js = js(&server.url()).await;
+    let kv: kv::Store = store::bucket(&js, &s).await.unwrap();
+    let damaged = a_chunk_of(&store::latest_manifest(&kv).await.unwrap().unwrap());
+    kv.put(&damaged, b"not the chunk".to_vec().into())
+        .await
+        .unwrap();
+    producer.shutdown().await.unwrap();
+
+    let producer = Producer::start(s.clone()).await.unwrap();
+    for _ in 0..5 {
+        let txn = random_txn(&mut rng, 3000, 0);
+        producer.commit(txn.clone()).await.unwrap();
+        model.apply(&txn);
+    }
+    producer.snapshot().await.unwrap();
+    let p = producer.flush().await.unwrap();
+    let latest = store::latest_manifest(&kv).await.unwrap().unwrap();
+    let loaded = store::load(&kv, latest)
+        .await
+        .expect("the snapshot written after the restart loads and verifies");
+    assert_eq!(loaded.manifest.seq, p.seq);
+    let newcomer = InProcess::memory(s.clone(), "chunk-restart-newcomer");
+    let checked = newcomer
+        .check(&p, &model, "after a restart over an overwritten chunk")
+        .await;
+    assert_eq!(
+        checked,
+        model.entries.len(),
+        "the newcomer holds every key of the model"
+    );
+    newcomer.stop().await;
+    producer.shutdown().await.unwrap();
+}
