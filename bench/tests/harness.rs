@@ -80,6 +80,7 @@ fn the_benchmark_harness_runs_at_tiny_sizes() {
         "ingest of 5000 puts through `deltasync-producer ingest FILE`",
         "ingest of 1000 puts into a pipeline of 5000 keys through the binary",
         "bootstrap of 6000 keys through `deltasync-consumer run --ephemeral --once`",
+        "bootstrap of 6000 keys through the library (`Consumer` with `once`",
         "restart of a durable 6000-key replica through `deltasync-consumer run --data-dir D",
     ] {
         assert!(

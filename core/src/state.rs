@@ -305,18 +305,47 @@ pub enum Applied {
 /// thread that must not stall that long (an async runtime's, one a shutdown waits for, a
 /// command about to exit) hands a large state over instead. Only memory is involved: no I/O.
 pub fn free_in_background(state: State) {
-    static FREER: LazyLock<Option<std::sync::mpsc::Sender<State>>> = LazyLock::new(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<State>();
+    if let Some(tx) = freer() {
+        // A send fails only when the thread is gone; the state is then dropped here.
+        let _ = tx.send(Freed::State(Box::new(state)));
+    }
+}
+
+/// Returns once every state handed to [`free_in_background`] before the call is freed: for a
+/// benchmark, so that the next measurement does not share the CPU with those frees.
+pub fn wait_for_background_frees() {
+    if let Some(tx) = freer() {
+        let (done, wait) = std::sync::mpsc::channel();
+        if tx.send(Freed::Sync(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+enum Freed {
+    State(Box<State>),
+    Sync(std::sync::mpsc::Sender<()>),
+}
+
+fn freer() -> Option<&'static std::sync::mpsc::Sender<Freed>> {
+    static FREER: LazyLock<Option<std::sync::mpsc::Sender<Freed>>> = LazyLock::new(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Freed>();
         std::thread::Builder::new()
             .name("deltasync-free".into())
-            .spawn(move || rx.into_iter().for_each(drop))
+            .spawn(move || {
+                for item in rx {
+                    match item {
+                        Freed::State(state) => drop(state),
+                        Freed::Sync(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
             .ok()?;
         Some(tx)
     });
-    if let Some(tx) = FREER.as_ref() {
-        // A send fails only when the thread is gone; the state is then dropped here.
-        let _ = tx.send(state);
-    }
+    FREER.as_ref()
 }
 
 /// The keyed map, its digest and its position in a lineage.
@@ -802,6 +831,22 @@ mod tests {
     use crate::envelope::split_transaction;
 
     const L: Lineage = Lineage([5; 16]);
+
+    #[test]
+    fn a_state_freed_in_the_background_is_gone_once_the_frees_are_waited_for() {
+        let mut s = State::new(L);
+        s.apply_changes(&[Change::put("k", &b"v"[..])]);
+        let b = bucket_of("k");
+        let bucket = Arc::clone(&s.buckets[b]);
+        assert_eq!(Arc::strong_count(&bucket), 2);
+        free_in_background(s);
+        wait_for_background_frees();
+        assert_eq!(
+            Arc::strong_count(&bucket),
+            1,
+            "the state's reference was dropped"
+        );
+    }
 
     #[test]
     fn a_same_length_put_never_changes_what_a_clone_sees() {
