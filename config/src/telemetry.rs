@@ -2,7 +2,8 @@
 //!
 //! Talks to stderr only. The filter comes from `RUST_LOG` when that is set, else from
 //! `log.filter` in the settings; the format is human-readable text or one JSON object per
-//! line (`log.format`).
+//! line (`log.format`). Text is coloured only on a terminal, and never when `NO_COLOR` is set
+//! (<https://no-color.org>): `docker compose logs` and log files get plain text.
 
 use crate::settings::{LogFormat, LogSettings};
 use tracing_subscriber::EnvFilter;
@@ -27,8 +28,13 @@ pub enum TelemetryError {
 /// call, or tests sharing a process), leaving the first in place.
 pub fn init(log: &LogSettings) -> Result<(), TelemetryError> {
     let filter = filter(log, std::env::var("RUST_LOG").ok())?;
+    let colour = use_colour(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     // `try_init` fails only when a global subscriber already exists: not fatal.
     let _already_set = match log.format {
@@ -36,6 +42,12 @@ pub fn init(log: &LogSettings) -> Result<(), TelemetryError> {
         LogFormat::Json => builder.json().try_init().is_err(),
     };
     Ok(())
+}
+
+/// Whether text logs are coloured: on a terminal, unless `NO_COLOR` is set to anything but
+/// the empty string.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The filter to use: `rust_log` when set and non-empty, else `log.filter`.
@@ -71,6 +83,16 @@ mod tests {
         assert_eq!(f.to_string(), "warn");
         let f = filter(&log, Some(String::new())).unwrap();
         assert_eq!(f.to_string(), "warn");
+    }
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(false, Some(OsStr::new("1"))));
     }
 
     #[test]

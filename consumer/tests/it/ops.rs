@@ -275,6 +275,31 @@ async fn run_consumer(p: &Pipeline, args: &[&str]) -> (bool, String, String) {
 }
 
 #[tokio::test]
+async fn logs_written_to_a_pipe_carry_no_terminal_colour_codes() {
+    let mut p = Pipeline::start("plain-logs", |_| {}).await;
+    p.commit(puts(0, 3, 1)).await;
+    let mut cmd = consumer_cmd(
+        &p,
+        &["run", "--ephemeral", "--once", "--id", "plain-logs"],
+        &[("RUST_LOG", "info")],
+    );
+    let out = tokio::time::timeout(
+        DEADLINE,
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+    )
+    .await
+    .expect("the command ends")
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Starting the consumer"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "escape codes in piped logs: {err:?}"
+    );
+}
+
+#[tokio::test]
 async fn replay_from_inside_a_multi_part_transaction_starts_at_the_next_whole_one() {
     let mut p = Pipeline::start("replay-mid", |_| {}).await;
     // Ten puts, one per envelope: envelopes 1..=10 are one transaction.

@@ -34,10 +34,13 @@ async fn ingest_publishes_every_line_and_exits_zero_when_input_ends() {
         .arg(&path)
         .output()
         .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Logs to a pipe are plain text: no terminal colour codes (`docker compose logs`, files).
+    assert!(stderr.contains("Connected to NATS"), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !stderr.contains('\u{1b}'),
+        "escape codes in piped logs: {stderr:?}"
     );
     let js = support::js(&server.url()).await;
     let state = replay(&read_stream(&js, &pipeline).await).state;
