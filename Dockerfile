@@ -12,7 +12,7 @@
 # Stage 2 is Debian slim with ca-certificates (tls:// NATS URLs), curl (compose healthchecks
 # on /healthz) and a non-root user; /data holds consumer data directories.
 
-ARG RUST_VERSION=1
+ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder

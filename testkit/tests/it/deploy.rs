@@ -720,7 +720,14 @@ fn every_healthcheck_targets_the_port_its_command_listens_on() {
             "{}: {host}",
             s.name
         );
-        assert_eq!(path, "/healthz", "{}", s.name);
+        // A consumer is healthy once ready (bootstrapped, within its allowed lag), so
+        // `docker compose up --wait` returns with replicas that can be read.
+        let wanted = if s.is_consumer() {
+            "/readyz"
+        } else {
+            "/healthz"
+        };
+        assert_eq!(path, wanted, "{}", s.name);
         let listens = if s.is_deltasync() {
             let argv = argv(s, HOSTNAMES[0]);
             let settings = settings_of(s, &argv).expect("settings");
@@ -952,8 +959,20 @@ fn the_dockerfile_builds_the_binaries_the_compose_file_runs_as_a_non_root_user()
         .collect();
     assert_eq!(stages.len(), 2, "builder and runtime: {stages:?}");
     assert!(
-        stages[0].contains("rust:") && stages[0].contains("AS builder"),
+        stages[0].contains("rust:${RUST_VERSION}") && stages[0].contains("AS builder"),
         "{stages:?}"
+    );
+    // The builder's Rust is pinned to a minor release (1.N), not a moving `1` or `latest`.
+    let pinned = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG RUST_VERSION="))
+        .expect("ARG RUST_VERSION=…");
+    let minor = pinned
+        .strip_prefix("1.")
+        .and_then(|m| m.parse::<u32>().ok());
+    assert!(
+        minor.is_some(),
+        "RUST_VERSION={pinned} is not a 1.N release"
     );
     assert!(
         stages[1].contains("debian:") && stages[1].contains("-slim"),
