@@ -1,5 +1,6 @@
 //! The producer's Prometheus metrics: one registry per producer (so several producers in one
-//! process, as in tests, never mix their figures), rendered as text by `/metrics`.
+//! process, as in tests, never mix their figures), rendered as text by `/metrics`; beside them
+//! `deltasync_build_info{version,role="producer"}`.
 //!
 //! Talks to nothing; the publisher, the batching engine and the snapshot task update it.
 
@@ -7,6 +8,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -49,7 +51,16 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered under `deltasync_producer_`.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("deltasync_producer");
+        let mut top = Registry::default();
+        top.register(
+            "deltasync_build",
+            "The deltasync build: its version and role",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("role", "producer"),
+            ]),
+        );
+        let registry = top.sub_registry_with_prefix("deltasync_producer");
         let m = Metrics {
             registry: Registry::default(),
             envelopes: Counter::default(),
@@ -122,7 +133,7 @@ impl Metrics {
             "Envelope sequence last acknowledged",
             m.last_seq.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics { registry: top, ..m }
     }
 
     /// The OpenMetrics text exposition.

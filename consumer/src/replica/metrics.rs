@@ -17,6 +17,7 @@
 //! deltasync_consumer_seq                               committed envelope sequence
 //! deltasync_consumer_entries                           keys in the replica
 //! deltasync_consumer_ready                             1 when bootstrapped and within max lag
+//! deltasync_build_info{version,role}                   1, naming the build (role "consumer")
 //! ```
 //!
 //! A `reason` label is a [`Reason`](crate::follower::Reason) label (`follower/reason.rs`).
@@ -27,6 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
@@ -77,7 +79,16 @@ impl Metrics {
             entries: Gauge::default(),
             ready: Gauge::default(),
         };
-        let mut r = Registry::with_prefix("deltasync_consumer");
+        let mut top = Registry::default();
+        top.register(
+            "deltasync_build",
+            "The deltasync build: its version and role",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("role", "consumer"),
+            ]),
+        );
+        let r = top.sub_registry_with_prefix("deltasync_consumer");
         r.register(
             "envelopes_applied",
             "Transactions applied (counted at their last part)",
@@ -141,7 +152,7 @@ impl Metrics {
             "1 when bootstrapped and within the allowed lag",
             m.ready.clone(),
         );
-        (m, r)
+        (m, top)
     }
 
     /// Counts a change the status shows. Only [`Replica::record`](super::Replica::record) can call

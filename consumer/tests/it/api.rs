@@ -54,6 +54,11 @@ async fn the_http_endpoint_serves_health_readiness_metrics_status_keys_and_state
         "deltasync_consumer_snapshot_bytes_fetched_total",
         "deltasync_consumer_snapshot_seconds_count 1",
         "deltasync_consumer_foreign_messages_total 0",
+        concat!(
+            "deltasync_build_info{version=\"",
+            env!("CARGO_PKG_VERSION"),
+            "\",role=\"consumer\"} 1"
+        ),
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");
     }

@@ -56,6 +56,11 @@ async fn http_serves_health_readiness_metrics_and_status() {
         "deltasync_producer_foreign_messages_total",
         "deltasync_producer_snapshots_total",
         "deltasync_producer_snapshot_bytes_written_total",
+        concat!(
+            "deltasync_build_info{version=\"",
+            env!("CARGO_PKG_VERSION"),
+            "\",role=\"producer\"} 1"
+        ),
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
