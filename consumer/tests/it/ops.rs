@@ -259,7 +259,16 @@ fn consumer_cmd(p: &Pipeline, args: &[&str], env: &[(&str, &str)]) -> std::proce
 
 /// Runs the binary to completion (bounded by DEADLINE): exit success, stdout, stderr.
 async fn run_consumer(p: &Pipeline, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = consumer_cmd(p, args, &[]);
+    run_consumer_with(p, args, &[]).await
+}
+
+/// [`run_consumer`] with `env` added to its environment.
+async fn run_consumer_with(
+    p: &Pipeline,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let mut cmd = consumer_cmd(p, args, env);
     let out = tokio::time::timeout(
         DEADLINE,
         tokio::task::spawn_blocking(move || cmd.output().unwrap()),
@@ -278,20 +287,13 @@ async fn run_consumer(p: &Pipeline, args: &[&str]) -> (bool, String, String) {
 async fn logs_written_to_a_pipe_carry_no_terminal_colour_codes() {
     let mut p = Pipeline::start("plain-logs", |_| {}).await;
     p.commit(puts(0, 3, 1)).await;
-    let mut cmd = consumer_cmd(
+    let (ok, _, err) = run_consumer_with(
         &p,
         &["run", "--ephemeral", "--once", "--id", "plain-logs"],
         &[("RUST_LOG", "info")],
-    );
-    let out = tokio::time::timeout(
-        DEADLINE,
-        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
     )
-    .await
-    .expect("the command ends")
-    .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    .await;
+    assert!(ok, "{err}");
     assert!(err.contains("Starting the consumer"), "{err}");
     assert!(
         !err.contains('\u{1b}'),

@@ -34,6 +34,24 @@ fn a_chunk_of(m: &Manifest) -> String {
     chunk_key(&range.chunks[0].hash)
 }
 
+/// Commits puts of keys 0..3000 (value: the key's number) as one transaction.
+async fn commit_base_keys(producer: &Producer, model: &mut Model) {
+    let base: Vec<Change> = (0..3000)
+        .map(|i| Change::put(key(i), format!("{i}")))
+        .collect();
+    producer.commit(base.clone()).await.unwrap();
+    model.apply(&base);
+}
+
+/// Commits `n` random transactions over those keys.
+async fn commit_random_txns(producer: &Producer, model: &mut Model, rng: &mut Rng, n: usize) {
+    for _ in 0..n {
+        let txn = random_txn(rng, 3000, 0);
+        producer.commit(txn.clone()).await.unwrap();
+        model.apply(&txn);
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum ChunkDamage {
     /// The value replaced by other bytes (as a bad disk or a stray writer would).
@@ -57,11 +75,7 @@ async fn a_damaged_chunk(damage: ChunkDamage) {
     let producer = Producer::start(s.clone()).await.unwrap();
     let mut model = Model::default();
     let mut rng = Rng::new(55);
-    let base: Vec<Change> = (0..3000)
-        .map(|i| Change::put(key(i), format!("{i}")))
-        .collect();
-    producer.commit(base.clone()).await.unwrap();
-    model.apply(&base);
+    commit_base_keys(&producer, &mut model).await;
     let m = {
         producer.snapshot().await.unwrap();
         let js = js(&server.url()).await;
@@ -108,11 +122,7 @@ async fn a_damaged_chunk(damage: ChunkDamage) {
     assert!(newcomer.replica.view().is_empty());
 
     // The pipeline goes on; the producer writes its next snapshot.
-    for _ in 0..20 {
-        let txn = random_txn(&mut rng, 3000, 0);
-        producer.commit(txn.clone()).await.unwrap();
-        model.apply(&txn);
-    }
+    commit_random_txns(&producer, &mut model, &mut rng, 20).await;
     let next = producer.snapshot().await.unwrap();
     let p = producer.flush().await.unwrap();
     assert_eq!(next.seq, p.seq);
@@ -378,11 +388,7 @@ async fn a_producer_restarted_over_a_damaged_latest_snapshot_recovers_from_the_s
     let producer = Producer::start(s.clone()).await.unwrap();
     let lineage = producer.lineage();
     let mut model = Model::default();
-    let base: Vec<Change> = (0..3000)
-        .map(|i| Change::put(key(i), format!("{i}")))
-        .collect();
-    producer.commit(base.clone()).await.unwrap();
-    model.apply(&base);
+    commit_base_keys(&producer, &mut model).await;
     producer.snapshot().await.unwrap();
     let js = js(&server.url()).await;
     let kv = store::bucket(&js, &s).await.unwrap();
@@ -417,11 +423,7 @@ async fn a_producer_restarted_over_an_overwritten_chunk_writes_a_snapshot_a_newc
     let producer = Producer::start(s.clone()).await.unwrap();
     let mut model = Model::default();
     let mut rng = Rng::new(56);
-    let base: Vec<Change> = (0..3000)
-        .map(|i| Change::put(key(i), format!("{i}")))
-        .collect();
-    producer.commit(base.clone()).await.unwrap();
-    model.apply(&base);
+    commit_base_keys(&producer, &mut model).await;
     producer.snapshot().await.unwrap();
     let js = js(&server.url()).await;
     let kv: kv::Store = store::bucket(&js, &s).await.unwrap();
@@ -432,11 +434,7 @@ async fn a_producer_restarted_over_an_overwritten_chunk_writes_a_snapshot_a_newc
     producer.shutdown().await.unwrap();
 
     let producer = Producer::start(s.clone()).await.unwrap();
-    for _ in 0..5 {
-        let txn = random_txn(&mut rng, 3000, 0);
-        producer.commit(txn.clone()).await.unwrap();
-        model.apply(&txn);
-    }
+    commit_random_txns(&producer, &mut model, &mut rng, 5).await;
     producer.snapshot().await.unwrap();
     let p = producer.flush().await.unwrap();
     let latest = store::latest_manifest(&kv).await.unwrap().unwrap();
