@@ -27,6 +27,11 @@ pub struct Cli {
     /// Pipeline name (overrides pipeline).
     #[arg(long, global = true)]
     pub pipeline: Option<String>,
+    /// A `nats` CLI context (a name under ~/.config/nats/context, or a path; over
+    /// NATS_CONTEXT): its URL, credentials, TLS and JetStream domain, under the settings
+    /// file and DELTASYNC_* variables.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -106,6 +111,7 @@ impl Cli {
             Overrides {
                 nats_url: self.nats_url.clone(),
                 pipeline: self.pipeline.clone(),
+                context: self.context.clone(),
             },
         )
         .context("loading settings")?;

@@ -7,9 +7,13 @@
 //!
 //! ## Invariants
 //!
-//! - [`connect`] never retries the initial connection: an unreachable NATS fails within
-//!   `nats.connect_timeout` per listed server with an error naming the URL. Once connected,
-//!   the client reconnects on its own; disconnects are logged at WARN, reconnects at INFO.
+//! - [`connect`] retries the initial connection only with `nats.retry_on_initial_connect`,
+//!   and then only while the failure can pass (refused, unreachable, timed out) and for at
+//!   most `nats.initial_connect_wait`; otherwise an unreachable NATS fails within
+//!   `nats.connect_timeout` per listed server with an error naming the URL. Refused
+//!   credentials and TLS failures are never retried. Once connected, the client reconnects on
+//!   its own; disconnects are logged at WARN, reconnects at INFO.
+//! - Every JetStream call goes through [`jetstream`], which applies `nats.jetstream_domain`.
 //! - [`ensure_stream`] and [`ensure_bucket`] are idempotent: they create what is missing and
 //!   bring the limits deltasync manages to the settings, leaving every other field of an
 //!   existing stream as the operator set it.
@@ -55,6 +59,21 @@ pub enum NatsError {
         source: ConnectError,
         /// Which settings to look at, when the failure says (`; ...`), else empty.
         hint: &'static str,
+    },
+    /// Nothing answers JetStream API requests in `nats.jetstream_domain`.
+    #[error(
+        "no JetStream answers in domain {domain:?} at {url}: {source}; check \
+         nats.jetstream_domain (or the context's jetstream_domain) against the server's \
+         `jetstream {{ domain: ... }}`"
+    )]
+    JetStreamDomain {
+        /// The domain asked.
+        domain: String,
+        /// The server address(es).
+        url: String,
+        /// async-nats's error.
+        #[source]
+        source: async_nats::jetstream::context::AccountError,
     },
     /// `nats.creds_file` could not be read or parsed.
     #[error("cannot read NATS credentials file {path}: {source}")]
@@ -162,8 +181,74 @@ pub enum NatsError {
 ///
 /// Fails (never hangs) when no server answers: each address gets `connect_timeout`, and the
 /// whole attempt is bounded by `connect_timeout` × the number of addresses (plus name
-/// resolution slack). The returned client reconnects by itself after later disconnects.
+/// resolution slack). With `retry_on_initial_connect`, a failure that can pass (nothing
+/// listening yet, unreachable, timed out) is retried with a growing pause (0.1 s to 2 s) until
+/// `initial_connect_wait` has passed. With `jetstream_domain`, checks that JetStream answers
+/// in that domain. The returned client reconnects by itself after later disconnects.
 pub async fn connect(settings: &NatsSettings) -> Result<Client, NatsError> {
+    let client = connect_retrying(settings).await?;
+    if let Some(domain) = &settings.jetstream_domain {
+        // A wrong domain would otherwise surface as "resource does not exist" on the first
+        // stream or bucket call.
+        if let Err(source) = jetstream(client.clone(), settings).query_account().await {
+            return Err(NatsError::JetStreamDomain {
+                domain: domain.clone(),
+                url: settings
+                    .urls()
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                source,
+            });
+        }
+    }
+    Ok(client)
+}
+
+async fn connect_retrying(settings: &NatsSettings) -> Result<Client, NatsError> {
+    if !settings.retry_on_initial_connect {
+        return connect_once(settings).await;
+    }
+    let deadline = tokio::time::Instant::now() + settings.initial_connect_wait;
+    let mut pause = Duration::from_millis(100);
+    let mut attempts = 1u32;
+    loop {
+        match connect_once(settings).await {
+            Ok(client) => return Ok(client),
+            Err(err) if may_pass(&err) && tokio::time::Instant::now() + pause < deadline => {
+                if attempts == 1 || attempts.is_power_of_two() {
+                    tracing::warn!(
+                        error = %err,
+                        attempts,
+                        "NATS is not reachable yet; retrying (nats.retry_on_initial_connect)"
+                    );
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                attempts += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Whether a failed initial connection may succeed later by itself: nothing listens yet, the
+/// host is unreachable or slow — not refused credentials, bad TLS or a bad address.
+fn may_pass(err: &NatsError) -> bool {
+    match err {
+        NatsError::Connect { source, hint, .. } => {
+            hint.is_empty()
+                && matches!(
+                    source.kind(),
+                    ConnectErrorKind::Io | ConnectErrorKind::TimedOut | ConnectErrorKind::Dns
+                )
+        }
+        _ => false,
+    }
+}
+
+async fn connect_once(settings: &NatsSettings) -> Result<Client, NatsError> {
     let urls = settings.urls();
     // Never log credentials a URL may carry (validated settings carry none).
     let url_list = urls
@@ -263,6 +348,9 @@ async fn options(settings: &NatsSettings) -> Result<ConnectOptions, NatsError> {
     if let Some(seed) = &settings.nkey_seed {
         options = options.nkey(seed.expose().to_owned());
     }
+    if let Some(path) = &settings.nkey_file {
+        options = options.nkey(read_nkey_file(path)?);
+    }
     if let Some(path) = &settings.creds_file {
         options =
             options
@@ -289,6 +377,26 @@ async fn options(settings: &NatsSettings) -> Result<ConnectOptions, NatsError> {
     Ok(options)
 }
 
+/// The user seed (`SU...`) in an nkey file: the first line that is one (the `nk` tool and
+/// `nsc` write the seed alone, or with comment lines around it).
+fn read_nkey_file(path: &std::path::Path) -> Result<String, NatsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| NatsError::Credentials {
+        path: path.display().to_string(),
+        source,
+    })?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU"))
+        .map(str::to_owned)
+        .ok_or_else(|| NatsError::Credentials {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "holds no user nkey seed (a line starting with SU)",
+            ),
+        })
+}
+
 fn log_event(event: Event, connected_once: &AtomicBool) {
     match event {
         Event::Connected => {
@@ -309,11 +417,17 @@ fn log_event(event: Event, connected_once: &AtomicBool) {
 }
 
 /// The JetStream context every deltasync component uses: API requests and awaited publish
-/// acks bounded by `nats.request_timeout`, and publishing that waits (instead of failing)
-/// when 5,000 acks are outstanding.
+/// acks bounded by `nats.request_timeout`, publishing that waits (instead of failing) when
+/// 5,000 acks are outstanding, and the API of `nats.jetstream_domain` when set.
 pub fn jetstream(client: Client, settings: &NatsSettings) -> jetstream::Context {
-    jetstream::context::ContextBuilder::new()
-        .timeout(settings.request_timeout)
+    let builder = jetstream::context::ContextBuilder::new();
+    let builder = match &settings.jetstream_domain {
+        Some(domain) => builder
+            .domain(domain.clone())
+            .timeout(settings.request_timeout),
+        None => builder.timeout(settings.request_timeout),
+    };
+    builder
         // Acks whose future was dropped are still reaped; give them the same bound.
         .ack_timeout(settings.request_timeout)
         .backpressure_on_inflight(true)

@@ -31,6 +31,11 @@ pub struct Cli {
     /// Pipeline name (overrides `pipeline`).
     #[arg(long, global = true, value_name = "NAME")]
     pub pipeline: Option<String>,
+    /// A `nats` CLI context (a name under ~/.config/nats/context, or a path; over
+    /// NATS_CONTEXT): its URL, credentials, TLS and JetStream domain, under the settings
+    /// file and DELTASYNC_* variables.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -90,6 +95,7 @@ impl Cli {
             Overrides {
                 nats_url: self.nats_url.clone(),
                 pipeline: self.pipeline.clone(),
+                context: self.context.clone(),
             },
         )?)
     }

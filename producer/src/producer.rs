@@ -118,6 +118,7 @@ struct Begin {
 /// let settings = Settings::load(None, Overrides {
 ///     nats_url: Some("nats://127.0.0.1:4222".into()),
 ///     pipeline: Some("orders".into()),
+///     ..Overrides::default()
 /// })?;
 /// let producer = Producer::start(settings).await?;
 ///

@@ -5,7 +5,7 @@
 //! Talks to the file system (the settings file) and the process environment, through the
 //! `config` crate; to nothing on the network.
 
-use super::{Settings, SettingsError};
+use super::{nats_env, Settings, SettingsError};
 use config::{Config, ConfigError, Environment, File, FileFormat, Value, ValueKind};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -23,6 +23,8 @@ pub struct Overrides {
     pub nats_url: Option<String>,
     /// `--pipeline`.
     pub pipeline: Option<String>,
+    /// `--context`: a `nats` CLI context to read (over `NATS_CONTEXT`).
+    pub context: Option<String>,
 }
 
 /// Where environment settings come from.
@@ -99,6 +101,15 @@ fn build(sources: &Sources<'_>) -> Result<Config, SettingsError> {
             .collect(),
         EnvVars::Map(map) => map.clone(),
     };
+    // The NATS habits, just above the built-in defaults (which are serde's, outside the
+    // builder): a context, then NATS_* variables.
+    let context = nats_env::read_context(sources.overrides.context.as_deref(), &vars)?;
+    for entry in nats_env::layer(context.as_ref(), &vars)? {
+        let value = Value::new(Some(&entry.origin), ValueKind::String(entry.value));
+        builder = builder
+            .set_default(entry.key, value)
+            .map_err(|err| load_error(err, &Value::new(None, ValueKind::Nil)))?;
+    }
     let vars = vars
         .into_iter()
         .filter(|(k, _)| !k.eq_ignore_ascii_case(CONFIG_FILE_ENV))
@@ -433,6 +444,7 @@ filter = "info,deltasync=debug"
             overrides: Overrides {
                 nats_url: Some("nats://cli:4222".to_owned()),
                 pipeline: Some("from-cli".to_owned()),
+                context: None,
             },
             ..Sources::default()
         })
@@ -559,6 +571,115 @@ filter = "info,deltasync=debug"
         assert_eq!(
             env_var_name("nats.tls.ca_file"),
             "DELTASYNC_NATS__TLS__CA_FILE"
+        );
+    }
+
+    /// Writes a `nats` CLI context the way `nats context save` does (every field, unset
+    /// ones empty) under `home`/.config/nats/context/`name`.json.
+    fn write_context(home: &Path, name: &str, url: &str, creds: &Path) {
+        let dir = home.join(".config/nats/context");
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = serde_json::json!({
+            "description": "", "url": url, "socks_proxy": "", "token": "", "user": "",
+            "password": "", "creds": creds, "nkey": "", "cert": "", "key": "", "ca": "",
+            "nsc": "", "jetstream_domain": "hub", "jetstream_api_prefix": "",
+            "jetstream_event_prefix": "", "inbox_prefix": "", "user_jwt": "",
+            "color_scheme": "", "tls_first": false, "windows_cert_store": "",
+            "windows_cert_match_by": "", "windows_cert_match": "", "windows_ca_certs_match": []
+        });
+        std::fs::write(dir.join(format!("{name}.json")), json.to_string()).unwrap();
+    }
+
+    #[test]
+    fn a_nats_context_and_nats_variables_sit_under_the_file_and_deltasync_variables() {
+        let home = tempfile::tempdir().unwrap();
+        let creds = home.path().join("user.creds");
+        std::fs::write(&creds, "not checked until connecting").unwrap();
+        write_context(home.path(), "orders", "nats://from-context:4222", &creds);
+        let home_var = ("HOME", home.path().to_str().unwrap());
+
+        // The context alone: its URL, creds and domain.
+        let s = Settings::load_from(Sources {
+            env: env(&[home_var, ("NATS_CONTEXT", "orders")]),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(s.nats.url, "nats://from-context:4222");
+        assert_eq!(s.nats.creds_file.as_deref(), Some(creds.as_path()));
+        assert_eq!(s.nats.jetstream_domain.as_deref(), Some("hub"));
+
+        // NATS_URL over the context; the file over NATS_URL; DELTASYNC_ over the file.
+        let vars = [
+            home_var,
+            ("NATS_CONTEXT", "orders"),
+            ("NATS_URL", "nats://from-nats-url:4222"),
+        ];
+        let s = Settings::load_from(Sources {
+            env: env(&vars),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(s.nats.url, "nats://from-nats-url:4222");
+        let file = "[nats]\nurl = \"nats://from-file:4222\"\n";
+        let s = Settings::load_from(Sources {
+            toml: Some(file),
+            env: env(&vars),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(s.nats.url, "nats://from-file:4222");
+        let mut with_ours = vars.to_vec();
+        with_ours.push(("DELTASYNC_NATS__URL", "nats://from-deltasync:4222"));
+        let s = Settings::load_from(Sources {
+            toml: Some(file),
+            env: env(&with_ours),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(s.nats.url, "nats://from-deltasync:4222");
+        assert_eq!(
+            s.nats.creds_file.as_deref(),
+            Some(creds.as_path()),
+            "the rest stays"
+        );
+
+        // --context picks another context over NATS_CONTEXT.
+        write_context(home.path(), "staging", "nats://staging:4222", &creds);
+        let s = Settings::load_from(Sources {
+            env: env(&[home_var, ("NATS_CONTEXT", "orders")]),
+            overrides: Overrides {
+                context: Some("staging".into()),
+                ..Overrides::default()
+            },
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(s.nats.url, "nats://staging:4222");
+    }
+
+    #[test]
+    fn a_missing_context_or_a_bad_value_from_one_names_where_it_came_from() {
+        let home = tempfile::tempdir().unwrap();
+        let home_var = ("HOME", home.path().to_str().unwrap());
+        let err = Settings::load_from(Sources {
+            env: env(&[home_var, ("NATS_CONTEXT", "nope")]),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("NATS_CONTEXT names context \"nope\""), "{err}");
+        assert!(err.contains("nope.json"), "{err}");
+
+        // A creds file that does not exist, from NATS_CREDS: validation names the setting.
+        let err = Settings::load_from(Sources {
+            env: env(&[("NATS_CREDS", "/nonexistent/x.creds")]),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("nats.creds_file") && err.contains("/nonexistent/x.creds"),
+            "{err}"
         );
     }
 }

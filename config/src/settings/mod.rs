@@ -8,10 +8,12 @@
 //!
 //! ```text
 //! built-in defaults   (serde(default) on every struct, see each Default impl)
+//! NATS habits         a `nats` CLI context (--context NAME or NATS_CONTEXT), then NATS_URL,
+//!                     NATS_CREDS, NATS_USER, ... over it (see `nats_env`)
 //! TOML file           (--config / Settings::load's `config_file`)
 //! environment         DELTASYNC_<SECTION>__<KEY>, e.g. DELTASYNC_STREAM__MAX_MESSAGES=5000
 //!                     DELTASYNC_PIPELINE (top-level keys have no section)
-//! CLI overrides       --nats-url, --pipeline
+//! CLI overrides       --nats-url, --pipeline (and --context, which picks the context)
 //! ```
 //!
 //! Environment names are the setting's path upper-cased, `.` written `__`; single underscores
@@ -36,9 +38,11 @@
 //! - `schema`: the settings structs, their defaults and one doc comment per field: what a
 //!   setting is.
 //! - `load`: the layering above (file, environment, flags), refusing unknown keys.
+//! - `nats_env`: the NATS context and `NATS_*` variables, mapped to settings.
 //! - `validate`: [`Settings::validate`], refusing settings that parse but cannot work.
 
 mod load;
+pub mod nats_env;
 mod schema;
 mod validate;
 

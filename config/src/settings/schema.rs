@@ -81,6 +81,9 @@ pub struct NatsSettings {
     pub creds_file: Option<PathBuf>,
     /// An nkey seed (`SU...`) for nkey authentication.
     pub nkey_seed: Option<Secret>,
+    /// A file holding the nkey seed (what `NATS_NKEY` and a `nats` context's `nkey` name),
+    /// the alternative to `nkey_seed`.
+    pub nkey_file: Option<PathBuf>,
     /// TLS towards the server.
     pub tls: TlsSettings,
     /// Bound on reaching a server at start-up, per listed server, so an unreachable NATS fails
@@ -97,6 +100,16 @@ pub struct NatsSettings {
     /// cannot listen to the replies (stream reads, snapshot downloads) of other clients in the
     /// account. See `docs/permissions.md`.
     pub inbox_prefix: Option<String>,
+    /// The JetStream domain of the stream and bucket (a leaf node's or a hub's
+    /// `jetstream { domain: ... }`); the local one when unset.
+    pub jetstream_domain: Option<String>,
+    /// At start-up, keep trying to reach NATS (for up to `initial_connect_wait`) instead of
+    /// failing at once: for a stack started before its NATS server is up. Refused
+    /// credentials and bad TLS still fail at once.
+    pub retry_on_initial_connect: bool,
+    /// How long `retry_on_initial_connect` keeps trying.
+    #[serde(with = "duration")]
+    pub initial_connect_wait: Duration,
 }
 
 impl Default for NatsSettings {
@@ -113,6 +126,10 @@ impl Default for NatsSettings {
             request_timeout: Duration::from_secs(10),
             client_name: None,
             inbox_prefix: None,
+            nkey_file: None,
+            jetstream_domain: None,
+            retry_on_initial_connect: false,
+            initial_connect_wait: Duration::from_secs(60),
         }
     }
 }

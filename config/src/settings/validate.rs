@@ -93,6 +93,7 @@ impl Settings {
             ("nats.token", nats.token.is_some()),
             ("nats.creds_file", nats.creds_file.is_some()),
             ("nats.nkey_seed", nats.nkey_seed.is_some()),
+            ("nats.nkey_file", nats.nkey_file.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))
@@ -100,7 +101,8 @@ impl Settings {
         if methods.len() > 1 {
             return Err(SettingsError::invalid(
                 &methods.join(" / "),
-                "choose one authentication method: user/password, token, creds_file or nkey_seed",
+                "choose one authentication method: user/password, token, creds_file, nkey_seed \
+                 or nkey_file",
             ));
         }
         if let Some(token) = &nats.token {
@@ -134,6 +136,25 @@ impl Settings {
             }
         }
         require_file("nats.creds_file", nats.creds_file.as_deref())?;
+        require_file("nats.nkey_file", nats.nkey_file.as_deref())?;
+        if let Some(domain) = &nats.jetstream_domain {
+            if domain.is_empty()
+                || !domain
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(SettingsError::invalid(
+                    "nats.jetstream_domain",
+                    format!("{domain:?} is not a JetStream domain (A-Z a-z 0-9 _ -)"),
+                ));
+            }
+        }
+        if nats.retry_on_initial_connect && nats.initial_connect_wait.is_zero() {
+            return Err(SettingsError::invalid(
+                "nats.initial_connect_wait",
+                "is 0 while nats.retry_on_initial_connect is on: give the retrying a bound",
+            ));
+        }
         require_file("nats.tls.ca_file", nats.tls.ca_file.as_deref())?;
         require_file("nats.tls.cert_file", nats.tls.cert_file.as_deref())?;
         require_file("nats.tls.key_file", nats.tls.key_file.as_deref())?;

@@ -434,6 +434,7 @@ fn settings_of(s: Service, argv: &[String]) -> Result<Settings, SettingsError> {
         overrides: Overrides {
             nats_url: flag(argv, "--nats-url"),
             pipeline: flag(argv, "--pipeline"),
+            context: flag(argv, "--context"),
         },
         ..Sources::default()
     })

@@ -2,11 +2,14 @@
 //! TCP (the INFO line a server sends on connect), the pure nats-server lookup and the
 //! workspace binaries (`workspace_bin`: layout, build command, built from current sources); and of the
 //! deployment files (`deploy`): docker-compose.yml, the Dockerfile, the NATS cluster configs
-//! and deltasync.example.toml, against the settings loader and the binaries' parsers.
+//! and deltasync.example.toml, against the settings loader and the binaries' parsers; and of
+//! the HTTP APIs from outside (`clients`): the Python client and the OpenAPI documents against
+//! the real binaries.
 
 mod bin;
 mod cluster;
 mod deploy;
+mod nats_habits;
 mod server;
 mod workspace_bin;
 
