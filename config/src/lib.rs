@@ -1,7 +1,9 @@
 //! What both deltasync binaries read and set up at start: `settings` (defaults, file,
 //! environment and flags, validated into one [`settings::Settings`]), `telemetry` (logging)
-//! and `shutdown` (the token Ctrl-C and SIGTERM cancel).
+//! and `shutdown` (the token Ctrl-C and SIGTERM cancel); and what they do at the end: `exit`
+//! (one error format, exit codes).
 
+pub mod exit;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

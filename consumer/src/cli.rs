@@ -206,9 +206,11 @@ pub async fn run(
                 println!("{}", serde_json::to_string_pretty(&r)?);
                 match r.divergence {
                     None => Ok(()),
-                    Some(d) => {
-                        bail!("the history diverges at envelope {}: {}", d.seq, d.reason)
-                    }
+                    Some(d) => Err(deltasync_config::exit::Finding(format!(
+                        "the history diverges at envelope {}: {}",
+                        d.seq, d.reason
+                    ))
+                    .into()),
                 }
             })
             .await

@@ -191,6 +191,46 @@ async fn verify_reports_a_consistent_history_and_then_the_first_injected_diverge
     let d = report.divergence.expect("the divergence is found");
     assert_eq!((d.seq, d.stream_seq), (bad.seq, stream_seq));
     assert!(d.reason.contains("digest mismatch"), "{}", d.reason);
+
+    // Through the binary: "found a problem" exits 2, with one error line naming it.
+    let (code, stdout, stderr) = run_consumer_code(&p, &["verify", "--from-seq", "1"], &[]).await;
+    assert_eq!(code, Some(2), "stdout: {stdout}\nstderr: {stderr}");
+    let line = format!(
+        "deltasync-consumer: error: the history diverges at envelope {}",
+        bad.seq
+    );
+    assert!(stderr.contains(&line), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["divergence"]["seq"], bad.seq);
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_run_exits_1_with_one_error_line() {
+    let p = Pipeline::start("cannot-run", |_| {}).await;
+    // Unreachable NATS.
+    let port = deltasync_testkit::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_deltasync-consumer"))
+        .args(["--nats-url", &url, "--pipeline", &p.settings.pipeline])
+        .args(["replay", "--from-seq", "1"])
+        .env("DELTASYNC_NATS__CONNECT_TIMEOUT", "1s")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].starts_with("deltasync-consumer: error: ") && errors[0].contains(&url[7..]),
+        "{stderr}"
+    );
+    // A usage error is "could not run" too (clap's own code, 2, would mean "found a problem").
+    let (code, _, stderr) = run_consumer_code(&p, &["verify", "--from-seq", "x"], &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--from-seq"), "{stderr}");
+    let (code, stdout, _) = run_consumer_code(&p, &["--help"], &[]).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("Usage"), "{stdout}");
 }
 
 #[tokio::test]
@@ -260,6 +300,27 @@ fn consumer_cmd(p: &Pipeline, args: &[&str], env: &[(&str, &str)]) -> std::proce
 /// Runs the binary to completion (bounded by DEADLINE): exit success, stdout, stderr.
 async fn run_consumer(p: &Pipeline, args: &[&str]) -> (bool, String, String) {
     run_consumer_with(p, args, &[]).await
+}
+
+/// The binary's exit code, stdout and stderr.
+async fn run_consumer_code(
+    p: &Pipeline,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let mut cmd = consumer_cmd(p, args, env);
+    let out = tokio::time::timeout(
+        DEADLINE,
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+    )
+    .await
+    .expect("the command ends")
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// [`run_consumer`] with `env` added to its environment.

@@ -186,3 +186,38 @@ fn status_reads_the_streams_own_limits_and_judges_the_snapshots_headroom_by_them
         "{text}"
     );
 }
+
+#[test]
+fn errors_are_one_line_and_exit_codes_say_could_not_run() {
+    // Unreachable NATS: 1, one line `deltasync-producer: error: …` with the cause chain, no
+    // backtrace.
+    let port = deltasync_testkit::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let out = support::producer_command(&url, "exit-codes")
+        .arg("status")
+        .env("DELTASYNC_NATS__CONNECT_TIMEOUT", "1s")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run the producer");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].starts_with("deltasync-producer: error: ")
+            && errors[0].contains(&format!("127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("Caused by") && !stderr.contains("stack backtrace"),
+        "{stderr}"
+    );
+
+    // A usage error: 1 as well (2 means "found a problem").
+    let out = support::producer_command(&url, "exit-codes")
+        .args(["ingest", "--no-such-flag"])
+        .output()
+        .expect("run the producer");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+}
