@@ -56,6 +56,9 @@ pub enum Command {
         /// Last envelope sequence (default: the stream's head at start).
         #[arg(long)]
         to_seq: Option<u64>,
+        /// Print the summary as JSON on stderr at the end (stdout carries the history).
+        #[arg(long)]
+        json: bool,
     },
     /// Write a replica at envelope sequence M into an empty data directory; `run` then
     /// follows from M.
@@ -66,6 +69,9 @@ pub enum Command {
         /// The data directory to create.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Replay the retained history from a snapshot, checking every recorded digest.
     Verify {
@@ -73,6 +79,9 @@ pub enum Command {
         /// retained snapshot).
         #[arg(long)]
         from_seq: Option<u64>,
+        /// Print JSON (the report is printed before a divergence's exit status 2).
+        #[arg(long)]
+        json: bool,
     },
     /// Stream bounds, snapshots, and every consumer's position, lag and headroom.
     Status {
@@ -176,13 +185,19 @@ pub async fn run(
         Command::Dump { data_dir } => tokio::task::spawn_blocking(move || dump(&data_dir))
             .await
             .context("dumping the replica")?,
-        Command::Replay { from_seq, to_seq } => {
+        Command::Replay {
+            from_seq,
+            to_seq,
+            json,
+        } => {
             interruptible(&shutdown, async {
                 let stdout = std::io::stdout();
                 let mut out = std::io::BufWriter::new(stdout.lock());
                 let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
                 let s = ops::replay(&settings, from_seq, to_seq, &mut out, progress).await?;
-                if progress {
+                if json {
+                    eprintln!("{}", serde_json::to_string(&s)?);
+                } else if progress {
                     eprintln!(
                         "replayed {} transactions ({}..{})",
                         s.transactions, s.first_seq, s.last_seq
@@ -192,18 +207,41 @@ pub async fn run(
             })
             .await
         }
-        Command::Rebuild { at_seq, data_dir } => {
+        Command::Rebuild {
+            at_seq,
+            data_dir,
+            json,
+        } => {
             interruptible(&shutdown, async {
                 let s = ops::rebuild(&settings, at_seq, &data_dir).await?;
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s)?);
+                } else {
+                    println!(
+                        "rebuilt {} at envelope {} ({} keys, digest {}, lineage {}) from {}",
+                        data_dir.display(),
+                        s.seq,
+                        s.entries,
+                        s.digest,
+                        s.lineage,
+                        match s.from_snapshot {
+                            Some(seq) => format!("the snapshot at {seq}"),
+                            None => "the first envelope".to_owned(),
+                        }
+                    );
+                }
                 Ok(())
             })
             .await
         }
-        Command::Verify { from_seq } => {
+        Command::Verify { from_seq, json } => {
             interruptible(&shutdown, async {
                 let r = ops::verify(&settings, from_seq).await?;
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", ops::render_verify(&r));
+                }
                 match r.divergence {
                     None => Ok(()),
                     Some(d) => Err(deltasync_config::exit::Finding(format!(
@@ -281,16 +319,24 @@ mod tests {
             cli.map(|c| c.command),
             Ok(Command::Replay {
                 from_seq: 5,
-                to_seq: Some(9)
+                to_seq: Some(9),
+                json: false
             })
         ));
         assert!(matches!(
-            parse(&["rebuild", "--at-seq", "3", "--data-dir", "d"]).map(|c| c.command),
-            Ok(Command::Rebuild { at_seq: 3, .. })
+            parse(&["rebuild", "--at-seq", "3", "--data-dir", "d", "--json"]).map(|c| c.command),
+            Ok(Command::Rebuild {
+                at_seq: 3,
+                json: true,
+                ..
+            })
         ));
         assert!(matches!(
             parse(&["verify"]).map(|c| c.command),
-            Ok(Command::Verify { from_seq: None })
+            Ok(Command::Verify {
+                from_seq: None,
+                json: false
+            })
         ));
         assert!(matches!(
             parse(&["status", "--json"]).map(|c| c.command),

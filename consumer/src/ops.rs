@@ -154,7 +154,7 @@ async fn scan(
 }
 
 /// What `replay` printed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ReplaySummary {
     pub transactions: u64,
     pub envelopes: u64,
@@ -443,6 +443,25 @@ pub struct Divergence {
     pub seq: u64,
     pub stream_seq: u64,
     pub reason: String,
+}
+
+/// `verify`'s report as text.
+pub fn render_verify(r: &VerifyReport) -> String {
+    let from = match r.from_snapshot {
+        Some(seq) => format!("from the snapshot at {seq}"),
+        None => "from the first envelope".to_owned(),
+    };
+    match &r.divergence {
+        None => format!(
+            "consistent: {} envelopes checked ({}..{}) {from}\n",
+            r.envelopes_checked, r.first_seq, r.last_seq
+        ),
+        Some(d) => format!(
+            "DIVERGES at envelope {} (stream sequence {}): {}\n{} envelopes checked before it \
+             ({}..) {from}\n",
+            d.seq, d.stream_seq, d.reason, r.envelopes_checked, r.first_seq
+        ),
+    }
 }
 
 /// Digest-anchored replay: from the newest retained snapshot at or before `from` (the oldest

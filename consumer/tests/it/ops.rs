@@ -147,6 +147,45 @@ async fn rebuild_makes_a_replica_at_a_past_sequence_that_run_then_follows() {
         "started from the retained snapshot"
     );
 
+    // Through the binary: text by default, the same summary with --json.
+    let other = tempfile::tempdir().unwrap();
+    let (at_text, text_dir, json_dir) = (
+        at.to_string(),
+        other.path().join("text"),
+        other.path().join("json"),
+    );
+    let (ok, out, err) = run_consumer(
+        &p,
+        &[
+            "rebuild",
+            "--at-seq",
+            &at_text,
+            "--data-dir",
+            text_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("rebuilt ") && out.contains(&format!("at envelope {at} ")),
+        "{out}"
+    );
+    let (ok, out, err) = run_consumer(
+        &p,
+        &[
+            "rebuild",
+            "--at-seq",
+            &at_text,
+            "--data-dir",
+            json_dir.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["digest"], expected.digest().to_hex());
+
     // A second rebuild into the same directory is refused.
     let err = ops::rebuild(&p.settings, at, dir.path()).await.unwrap_err();
     assert!(err.to_string().contains("already holds a replica"), "{err}");
@@ -193,7 +232,8 @@ async fn verify_reports_a_consistent_history_and_then_the_first_injected_diverge
     assert!(d.reason.contains("digest mismatch"), "{}", d.reason);
 
     // Through the binary: "found a problem" exits 2, with one error line naming it.
-    let (code, stdout, stderr) = run_consumer_code(&p, &["verify", "--from-seq", "1"], &[]).await;
+    let (code, stdout, stderr) =
+        run_consumer_code(&p, &["verify", "--from-seq", "1", "--json"], &[]).await;
     assert_eq!(code, Some(2), "stdout: {stdout}\nstderr: {stderr}");
     let line = format!(
         "deltasync-consumer: error: the history diverges at envelope {}",
@@ -202,6 +242,12 @@ async fn verify_reports_a_consistent_history_and_then_the_first_injected_diverge
     assert!(stderr.contains(&line), "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["divergence"]["seq"], bad.seq);
+    let (code, stdout, _) = run_consumer_code(&p, &["verify", "--from-seq", "1"], &[]).await;
+    assert_eq!(code, Some(2));
+    assert!(
+        stdout.starts_with(&format!("DIVERGES at envelope {} ", bad.seq)),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -447,6 +493,24 @@ async fn replay_verify_and_rebuild_fail_naming_a_missing_envelope() {
     let (ok, out, err) = run_consumer(&p, &["replay", "--from-seq", "1", "--to-seq", "2"]).await;
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 2, "{out}");
+    // --json: the summary as JSON on stderr, the history alone on stdout.
+    let (ok, out, err) = run_consumer(
+        &p,
+        &["replay", "--from-seq", "1", "--to-seq", "2", "--json"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let summary: serde_json::Value =
+        serde_json::from_str(err.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(
+        (
+            summary["transactions"].as_u64(),
+            summary["last_seq"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{summary}"
+    );
 }
 
 /// Sends `signal` (STOP, CONT) to a process.
