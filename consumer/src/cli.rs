@@ -83,6 +83,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a retired replica's position marker (its durable consumer) from the server,
+    /// which otherwise keeps it until consumer.inactive_threshold passes.
+    Forget {
+        /// The replica's id (or the marker's name as `status` lists it).
+        #[arg(long)]
+        id: String,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stream bounds, snapshots, and every consumer's position, lag and headroom.
     Status {
         /// Print JSON.
@@ -250,6 +263,27 @@ pub async fn run(
                     ))
                     .into()),
                 }
+            })
+            .await
+        }
+        Command::Forget { id, dry_run, json } => {
+            interruptible(&shutdown, async {
+                let r = ops::forget(&settings, &id, dry_run).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    let idle = r
+                        .marker
+                        .idle_secs
+                        .map_or("unknown".to_owned(), |s| format!("{s:.0} s"));
+                    println!(
+                        "{} the marker {} (position {}, idle {idle})",
+                        if r.deleted { "removed" } else { "would remove" },
+                        r.marker.name,
+                        r.marker.position
+                    );
+                }
+                Ok(())
             })
             .await
         }

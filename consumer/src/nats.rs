@@ -22,6 +22,8 @@ pub use async_nats::jetstream::kv::Store as Bucket;
 pub use async_nats::jetstream::Context as JetStream;
 /// A connection to the NATS server.
 pub use async_nats::Client;
+/// async-nats's catch-all error (consumer listing and deletion).
+pub use async_nats::Error as ClientError;
 /// A handle on the pipeline's stream (for `deltasync_nats::position_headroom`).
 pub type Stream = async_nats::jetstream::stream::Stream<()>;
 

@@ -78,6 +78,12 @@ pub enum OpsError {
     Output(#[from] std::io::Error),
     #[error("listing the stream's consumers: {0}")]
     Consumers(String),
+    #[error("no replica position marker {name} (replica id {id:?}) on the stream; the stream's markers: {known}")]
+    NoMarker {
+        id: String,
+        name: String,
+        known: String,
+    },
     /// A read stopped delivering before the end it was asked for, and kept stopping.
     #[error(
         "reading the stream stalled at stream sequence {stream_seq} before its end \
@@ -443,6 +449,58 @@ pub struct Divergence {
     pub seq: u64,
     pub stream_seq: u64,
     pub reason: String,
+}
+
+/// What `forget` found and did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ForgetReport {
+    /// The marker: its name, position and idle time.
+    #[serde(flatten)]
+    pub marker: nats::marker::MarkerInfo,
+    /// Whether it was deleted (`false` with `--dry-run`).
+    pub deleted: bool,
+}
+
+/// Removes the position marker of retired replica `id` (or the marker named `id`, as `status`
+/// lists it) from the server; with `dry_run`, only says what it would remove. A marker not
+/// on the server is an error listing the markers that are.
+pub async fn forget(
+    settings: &Settings,
+    id: &str,
+    dry_run: bool,
+) -> Result<ForgetReport, OpsError> {
+    let js = connect(settings).await?;
+    let by_id = names::consumer_name(&settings.pipeline, id);
+    let failed = |e: nats::ClientError| OpsError::Consumers(e.to_string());
+    let (mut found, all) = nats::marker::lookup(&js, settings, &by_id)
+        .await
+        .map_err(failed)?;
+    if found.is_none() && all.iter().any(|n| n == id) {
+        found = nats::marker::lookup(&js, settings, id)
+            .await
+            .map_err(failed)?
+            .0;
+    }
+    let Some(marker) = found else {
+        return Err(OpsError::NoMarker {
+            id: id.to_owned(),
+            name: by_id,
+            known: if all.is_empty() {
+                "none".to_owned()
+            } else {
+                all.join(", ")
+            },
+        });
+    };
+    if !dry_run {
+        nats::marker::delete(&js, settings, &marker.name)
+            .await
+            .map_err(failed)?;
+    }
+    Ok(ForgetReport {
+        marker,
+        deleted: !dry_run,
+    })
 }
 
 /// `verify`'s report as text.

@@ -189,3 +189,66 @@ async fn keep_alive(js: &jetstream::Context, stream: &str, name: &str) {
         let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
     }
 }
+
+/// A replica's position marker as the server holds it, for `forget`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MarkerInfo {
+    /// The durable consumer's name.
+    pub name: String,
+    /// The replica's last committed stream sequence the marker shows.
+    pub position: u64,
+    /// Seconds since the marker last saw its replica (a keep-alive or a reset), when known.
+    pub idle_secs: Option<f64>,
+}
+
+/// The marker named `name` on the pipeline's stream; `None` when the server has none by that
+/// name. Also returns the names of every durable consumer of the stream (for the error that
+/// lists them).
+pub async fn lookup(
+    js: &jetstream::Context,
+    settings: &Settings,
+    name: &str,
+) -> Result<(Option<MarkerInfo>, Vec<String>), async_nats::Error> {
+    use futures::TryStreamExt;
+    let stream = js
+        .get_stream(names::stream_name(&settings.pipeline))
+        .await?;
+    let infos: Vec<jetstream::consumer::Info> = stream.consumers().try_collect().await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut names: Vec<String> = Vec::new();
+    let mut found = None;
+    for info in infos {
+        if info.config.durable_name.is_none() {
+            continue;
+        }
+        if info.name == name {
+            found = Some(MarkerInfo {
+                name: info.name.clone(),
+                position: info.ack_floor.stream_sequence,
+                idle_secs: info
+                    .delivered
+                    .last_active
+                    .map(|t| (now - t.unix_timestamp_nanos() as f64 / 1e9).max(0.0)),
+            });
+        }
+        names.push(info.name);
+    }
+    names.sort();
+    Ok((found, names))
+}
+
+/// Deletes the marker named `name`.
+pub async fn delete(
+    js: &jetstream::Context,
+    settings: &Settings,
+    name: &str,
+) -> Result<(), async_nats::Error> {
+    let stream = js
+        .get_stream(names::stream_name(&settings.pipeline))
+        .await?;
+    stream.delete_consumer(name).await?;
+    Ok(())
+}

@@ -657,3 +657,47 @@ async fn status_shows_a_snapshots_age_by_the_servers_clock_not_its_writers() {
     // Stored on the server a moment ago (well under ten minutes even on a busy machine).
     assert!(age < 600.0, "age {age}: {out}");
 }
+
+#[tokio::test]
+async fn forget_removes_a_retired_replicas_marker_and_dry_run_only_says_so() {
+    let mut p = Pipeline::start("forget", |_| {}).await;
+    for i in 0..5 {
+        p.commit(puts(i, 1, 1)).await;
+    }
+    let c = Running::start(p.consumer_settings(), ephemeral("retired"));
+    c.wait_for(&p).await;
+    c.stop().await;
+    let listed = |s: &ops::Status| s.consumers.iter().any(|c| c.name.contains("retired"));
+    assert!(listed(&ops::status(&p.settings).await.unwrap()));
+
+    let (code, out, err) = run_consumer_code(
+        &p,
+        &["forget", "--id", "retired", "--dry-run", "--json"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["deleted"], false, "{report}");
+    assert!(
+        report["name"].as_str().unwrap_or("").contains("retired"),
+        "{report}"
+    );
+    assert!(
+        listed(&ops::status(&p.settings).await.unwrap()),
+        "a dry run removes nothing"
+    );
+
+    let (code, out, err) = run_consumer_code(&p, &["forget", "--id", "retired"], &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("removed the marker "), "{out}");
+    assert!(!listed(&ops::status(&p.settings).await.unwrap()));
+
+    // Forgetting it again: could not run, naming what is there instead.
+    let (code, _, err) = run_consumer_code(&p, &["forget", "--id", "retired"], &[]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no replica position marker") && err.contains("\"retired\""),
+        "{err}"
+    );
+}
