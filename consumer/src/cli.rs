@@ -53,6 +53,10 @@ pub enum Command {
         /// First envelope sequence.
         #[arg(long, default_value_t = 1)]
         from_seq: u64,
+        /// Start from the first envelope stored within this long (e.g. 15m, 1h, 2d; the
+        /// server's clock) instead of --from-seq.
+        #[arg(long, conflicts_with = "from_seq", value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
         /// Last envelope sequence (default: the stream's head at start).
         #[arg(long)]
         to_seq: Option<u64>,
@@ -200,10 +204,15 @@ pub async fn run(
             .context("dumping the replica")?,
         Command::Replay {
             from_seq,
+            since,
             to_seq,
             json,
         } => {
             interruptible(&shutdown, async {
+                let from_seq = match since {
+                    Some(since) => ops::envelope_seq_since(&settings, since).await?,
+                    None => from_seq,
+                };
                 let stdout = std::io::stdout();
                 let mut out = std::io::BufWriter::new(stdout.lock());
                 let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -353,6 +362,7 @@ mod tests {
             cli.map(|c| c.command),
             Ok(Command::Replay {
                 from_seq: 5,
+                since: None,
                 to_seq: Some(9),
                 json: false
             })

@@ -92,3 +92,71 @@ pub async fn first_at_or_after(
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// The first stream sequence in `first..=last` whose message the server stored at or after
+/// `since_ms` (ms since the Unix epoch, the server's clock), found by bisection over the
+/// stored times (about log2(last - first) direct reads); `None` when every message is older.
+/// Deleted sequences are stepped over to the next message.
+pub async fn first_stored_since(
+    js: &JetStream,
+    settings: &Settings,
+    first: u64,
+    last: u64,
+    since_ms: u64,
+) -> Result<Option<u64>, String> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let stream = js
+        .get_stream_no_info(names::stream_name(&settings.pipeline))
+        .await
+        .map_err(|e| e.to_string())?;
+    let subject = names::subject(&settings.pipeline);
+    // The stored time (ms) and sequence of the first message at or after `seq`.
+    let at_or_after = |seq: u64| {
+        let stream = stream.clone();
+        let subject = subject.clone();
+        async move {
+            match stream
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(subject)
+                .send()
+                .await
+            {
+                Ok(m) => {
+                    let ms = u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                    Ok(Some((m.sequence, ms)))
+                }
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    // Invariant: every message before `lo` is older than `since_ms`; `found` is the best
+    // message at or after it known to be new enough.
+    let (mut lo, mut hi) = (first, last);
+    let mut found = None;
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        match at_or_after(mid).await? {
+            Some((seq, ms)) if seq <= hi => {
+                if ms >= since_ms {
+                    found = Some(seq);
+                    if mid == 0 {
+                        break;
+                    }
+                    hi = mid - 1;
+                } else {
+                    lo = seq + 1;
+                }
+            }
+            // Nothing stored in mid..=hi: the answer is before mid.
+            _ => {
+                if mid == 0 {
+                    break;
+                }
+                hi = mid - 1;
+            }
+        }
+    }
+    Ok(found)
+}

@@ -78,6 +78,8 @@ pub enum OpsError {
     Output(#[from] std::io::Error),
     #[error("listing the stream's consumers: {0}")]
     Consumers(String),
+    #[error("nothing was stored in the last {0}")]
+    NothingSince(String),
     #[error("no replica position marker {name} (replica id {id:?}) on the stream; the stream's markers: {known}")]
     NoMarker {
         id: String,
@@ -449,6 +451,34 @@ pub struct Divergence {
     pub seq: u64,
     pub stream_seq: u64,
     pub reason: String,
+}
+
+/// The envelope sequence of the first envelope the server stored within the last `since`
+/// (on the server's clock), for `replay --since`.
+pub async fn envelope_seq_since(settings: &Settings, since: Duration) -> Result<u64, OpsError> {
+    let js = connect(settings).await?;
+    let bounds = deltasync_nats::stream_bounds(&js, settings).await?;
+    let since_ms = deltasync_core::envelope::now_ms()
+        .saturating_sub(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+    let nothing = || OpsError::NothingSince(humantime::format_duration(since).to_string());
+    if bounds.last_seq < bounds.first_seq {
+        return Err(nothing());
+    }
+    let stream_seq =
+        nats::first_stored_since(&js, settings, bounds.first_seq, bounds.last_seq, since_ms)
+            .await
+            .map_err(OpsError::Consumers)?
+            .ok_or_else(nothing)?;
+    let payload = nats::message_at(&js, settings, stream_seq)
+        .await
+        .map_err(OpsError::Consumers)?
+        .ok_or_else(nothing)?;
+    match deltasync_core::codec::classify(&payload) {
+        Classified::Envelope(e) => Ok(e.seq),
+        Classified::Foreign { .. } => Err(OpsError::Consumers(format!(
+            "stream sequence {stream_seq}, the first stored since then, is not an envelope"
+        ))),
+    }
 }
 
 /// What `forget` found and did.

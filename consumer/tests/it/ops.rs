@@ -701,3 +701,48 @@ async fn forget_removes_a_retired_replicas_marker_and_dry_run_only_says_so() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn replay_since_starts_at_the_first_envelope_stored_within_that_time() {
+    let mut p = Pipeline::start("since", |_| {}).await;
+    for i in 0..4 {
+        p.commit(puts(i, 1, 1)).await;
+    }
+    let before_b = p.state.seq();
+    let mid = deltasync_core::envelope::now_ms();
+    // Three seconds between the two groups of transactions, so that the cut-off below (a
+    // second after `mid`) falls between them even if the command takes two seconds to start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while deltasync_core::envelope::now_ms() < mid + 3000 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 4..7 {
+        p.commit(puts(i, 1, 1)).await;
+    }
+    let ago = deltasync_core::envelope::now_ms() - (mid + 1000);
+    let (ok, out, err) = run_consumer(&p, &["replay", "--since", &format!("{ago}ms")]).await;
+    assert!(ok, "{err}");
+    let seqs: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![before_b + 1, before_b + 2, before_b + 3],
+        "{out}"
+    );
+
+    // --since and --from-seq exclude each other; nothing that recent is an error.
+    let (ok, _, err) = run_consumer(&p, &["replay", "--since", "1h", "--from-seq", "2"]).await;
+    assert!(!ok && err.contains("--since"), "{err}");
+    let (ok, _, err) = run_consumer(&p, &["replay", "--since", "1ms"]).await;
+    assert!(
+        !ok && err.contains("nothing was stored in the last"),
+        "{err}"
+    );
+}
