@@ -216,7 +216,7 @@ pub async fn run(
                 let stdout = std::io::stdout();
                 let mut out = std::io::BufWriter::new(stdout.lock());
                 let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-                let s = ops::replay(&settings, from_seq, to_seq, &mut out, progress).await?;
+                let s = ops::replay(&settings, from_seq, to_seq, &mut out).await?;
                 if json {
                     eprintln!("{}", serde_json::to_string(&s)?);
                 } else if progress {

@@ -149,15 +149,24 @@ async fn scan(
     if bounds.messages == 0 || from > bounds.last_seq {
         return Ok(());
     }
-    let mut reader =
-        Reader::open(js, settings, from.max(bounds.first_seq), bounds.last_seq).await?;
+    let start = from.max(bounds.first_seq);
+    let mut reader = Reader::open(js, settings, start, bounds.last_seq).await?;
+    // On a terminal only: a bar over the stream sequences to read.
+    let bar = deltasync_config::progress::bar(
+        "reading the stream",
+        bounds.last_seq - start + 1,
+        "messages",
+    );
     while let Some((stream_seq, item)) = reader.next().await? {
+        bar.set_position(stream_seq - start + 1);
         if let Classified::Envelope(e) = item {
             if lineage.is_none_or(|l| l == e.lineage) && !f(stream_seq, e)? {
+                bar.finish_and_clear();
                 return Ok(());
             }
         }
     }
+    bar.finish_and_clear();
     Ok(())
 }
 
@@ -192,7 +201,6 @@ pub async fn replay(
     from: u64,
     to: Option<u64>,
     out: &mut dyn Write,
-    progress: bool,
 ) -> Result<ReplaySummary, OpsError> {
     let js = connect(settings).await?;
     let manifest = current_manifest(&js, settings).await?;
@@ -285,21 +293,12 @@ pub async fn replay(
                     summary.first_seq = seq;
                 }
                 summary.last_seq = seq;
-                if progress && summary.transactions % 10_000 == 0 {
-                    eprint!(
-                        "\rreplayed {} transactions (envelope {seq})",
-                        summary.transactions
-                    );
-                }
             }
             pending.clear();
         }
         Ok(true)
     })
     .await?;
-    if progress && summary.transactions >= 10_000 {
-        eprintln!();
-    }
     if let Some(e) = err {
         return Err(e);
     }

@@ -37,9 +37,7 @@ async fn varied_history(prefix: &str) -> Pipeline {
 async fn replay_prints_transactions_that_re_ingest_into_another_pipeline_with_the_same_digest() {
     let p = varied_history("replay").await;
     let mut out = Vec::new();
-    let summary = ops::replay(&p.settings, 1, None, &mut out, false)
-        .await
-        .unwrap();
+    let summary = ops::replay(&p.settings, 1, None, &mut out).await.unwrap();
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -67,7 +65,7 @@ async fn replay_prints_transactions_that_re_ingest_into_another_pipeline_with_th
 
     // --to-seq stops there.
     let mut out = Vec::new();
-    let s = ops::replay(&p.settings, 2, Some(2), &mut out, false)
+    let s = ops::replay(&p.settings, 2, Some(2), &mut out)
         .await
         .unwrap();
     assert_eq!((s.transactions, s.first_seq, s.last_seq), (1, 2, 2));
@@ -109,7 +107,7 @@ async fn replay_of_a_pruned_sequence_names_the_first_retained_and_the_latest_sna
             .await
             .unwrap();
     stream.purge().sequence(4).await.unwrap();
-    let err = ops::replay(&p.settings, 2, None, &mut Vec::new(), false)
+    let err = ops::replay(&p.settings, 2, None, &mut Vec::new())
         .await
         .unwrap_err();
     match &err {
@@ -501,6 +499,8 @@ async fn replay_verify_and_rebuild_fail_naming_a_missing_envelope() {
     .await;
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 2, "{out}");
+    // Not a terminal: no progress bar, no control codes.
+    assert!(!err.contains('\r') && !err.contains('\u{1b}'), "{err:?}");
     let summary: serde_json::Value =
         serde_json::from_str(err.lines().last().unwrap_or_default()).unwrap();
     assert_eq!(

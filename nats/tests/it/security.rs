@@ -1027,7 +1027,7 @@ async fn run_consumer_service(secured: &Secured, w: &Writer) {
     let verified = deltasync_consumer::ops::verify(&s, None).await.unwrap();
     assert!(verified.divergence.is_none(), "{verified:?}");
     let mut replayed = Vec::new();
-    deltasync_consumer::ops::replay(&s, 1, None, &mut replayed, false)
+    deltasync_consumer::ops::replay(&s, 1, None, &mut replayed)
         .await
         .unwrap();
     assert!(!replayed.is_empty());
