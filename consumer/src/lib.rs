@@ -21,11 +21,14 @@
 //!  follower   every decision about the history, synchronous and I/O-free; the resync
 //!             reasons (follower/reason.rs) and the change batches it makes (follower/batch.rs)
 //!  local      the replica and cursor on disk: a local snapshot and an append-only log
-//!  replica    the read handle: views, status, change batch subscriptions, and its
+//!  replica    the read handle: views, status, change batch subscriptions, watch() and
+//!             wait_for(), the feed of recent batches (replica/feed.rs), and its
 //!             Prometheus metrics (replica/metrics.rs, re-exported as `metrics`)
 //!  nats       what the consumer says to NATS itself: connect, probes, the ops reader, and
 //!             the replica's position shown on the server (nats/marker.rs)
-//!  http       /healthz /readyz /metrics /v1/status /v1/keys /v1/state
+//!  http       /healthz /readyz /metrics /v1/status, reads (http/reads.rs: /v1/keys,
+//!             /v1/state, /v1/checksum), following (http/feed.rs: /v1/changes, /v1/watch),
+//!             query parameters (http/params.rs)
 //!  ndjson     entries as NDJSON (dump, /v1/state, /v1/keys)
 //!  cli, ops   command line; operator commands (replay, rebuild, verify, status)
 //! ```
@@ -95,7 +98,7 @@ pub use deltasync_core::Position;
 pub use engine::Outcome;
 pub use follower::{BatchKind, ChangeBatch, Reason};
 pub use replica::metrics;
-pub use replica::{HeadroomStatus, Replica, ResyncRecord, Status, View};
+pub use replica::{HeadroomStatus, Replica, ResyncRecord, Status, View, WaitError, WatchEvent};
 
 use deltasync_config::settings::Settings;
 use deltasync_nats::history::HistoryError;
@@ -232,6 +235,7 @@ impl Consumer {
             &settings.pipeline,
             matches!(options.storage, Storage::Durable(_)),
             settings.consumer.max_ready_lag,
+            settings.consumer.feed_max_bytes,
         );
         Ok(Consumer {
             settings,
@@ -257,8 +261,11 @@ impl Consumer {
                 self.replica.set_http_addr(local);
                 Some(tokio::spawn(http::serve(
                     listener,
-                    self.replica.clone(),
-                    http_stop.clone(),
+                    http::Api {
+                        replica: self.replica.clone(),
+                        stop: http_stop.clone(),
+                        keepalive: self.settings.consumer.watch_keepalive,
+                    },
                 )))
             }
             None => None,

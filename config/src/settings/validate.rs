@@ -409,6 +409,12 @@ impl Settings {
                 "must be > 0",
             ));
         }
+        if c.watch_keepalive.is_zero() {
+            return Err(SettingsError::invalid(
+                "consumer.watch_keepalive",
+                "must be > 0",
+            ));
+        }
         Ok(())
     }
 
