@@ -62,8 +62,9 @@ pub mod metrics;
 use feed::{Cursor, Feed, FeedBatch, Step};
 use metrics::Metrics;
 
-/// Batches a watcher takes from the feed at once.
-const WATCH_TAKE: usize = 256;
+/// Batches a watcher takes from the feed at once: one, so that a stalled watcher keeps no
+/// batch alive that the ring has let go.
+const WATCH_TAKE: usize = 1;
 
 /// What [`Replica::watch`] yields.
 #[derive(Clone, Debug)]

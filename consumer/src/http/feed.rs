@@ -54,8 +54,10 @@ const CHANGES_WAIT_MAX: Duration = Duration::from_secs(300);
 const CHANGES_LIMIT: usize = 1000;
 const CHANGES_LIMIT_MAX: usize = 10_000;
 
-/// Batches a watch stream takes from the feed at once.
-const WATCH_TAKE: usize = 256;
+/// Batches a watch stream takes from the feed at once: one, so that a stalled client holds
+/// no more than the batch it is being sent (and what the socket buffers), never a share of
+/// the ring the ring has already let go.
+const WATCH_TAKE: usize = 1;
 
 type Pairs = Query<Vec<(String, String)>>;
 

@@ -520,9 +520,12 @@ async fn a_thousand_watchers_each_receive_every_batch_once_in_order_while_commit
 
     // Commits start while the watchers connect: each watcher starts from the same position,
     // whichever commits happened before its request arrived.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = done.clone();
     let committer = tokio::spawn(async move {
         let mut seqs = Vec::new();
         for i in 0..TXNS {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let r = producer
                 .commit(vec![
                     Change::put(key(i % 100), value(3, i)),
@@ -537,10 +540,16 @@ async fn a_thousand_watchers_each_receive_every_batch_once_in_order_while_commit
     });
     let path = format!("/v1/watch?after={}&lineage={}", at.seq, at.lineage.to_hex());
     let mut watchers = Vec::new();
-    for _ in 0..WATCHERS {
+    let mut raced = (0, 0);
+    for i in 0..WATCHERS {
         let client = SseClient::connect(addr, &path, &[]).await;
         assert_eq!(client.status, 200);
         watchers.push(client);
+        let n = done.load(std::sync::atomic::Ordering::Relaxed);
+        if i == 0 {
+            raced.0 = n;
+        }
+        raced.1 = n;
     }
     let rss_connected = rss_kib();
     let want = committer.await.unwrap();
@@ -572,9 +581,12 @@ async fn a_thousand_watchers_each_receive_every_batch_once_in_order_while_commit
     }
     eprintln!(
         "{WATCHERS} watchers x {TXNS} batches: RSS {rss_before} KiB before, {rss_connected} KiB \
-         connected, {} KiB after; drained in {:?}",
+         connected, {} KiB after; drained in {:?}; commits begun at the first connect {}, at \
+         the last {}",
         rss_kib(),
-        started.elapsed()
+        started.elapsed(),
+        raced.0,
+        raced.1
     );
     c.stop().await;
 }
@@ -673,4 +685,104 @@ async fn a_stalled_watcher_is_reset_with_a_fresh_view_while_the_others_receive_e
     assert_eq!((e.wanted, e.seq), (r.last_seq + 100, r.last_seq));
     producer.shutdown().await.unwrap();
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http_watcher_gets_must_refetch_when_it_reads_again_while_a_live_one_gets_every_batch(
+) {
+    logs();
+    // 150 batches of 256 KiB: far more than a client that does not read can have buffered
+    // in its socket, against a feed of 16 MiB (which must hold more than one commit's worth:
+    // commit_every_envelopes is 16 here).
+    const TXNS: usize = 150;
+    let server = NatsServer::start();
+    let settings = settings(&server.url(), &unique_pipeline("feedstallhttp"), |s| {
+        s.producer.linger = Duration::from_millis(2);
+        s.consumer.feed_max_bytes = 16 * 1024 * 1024;
+    });
+    let producer = Producer::start(settings.clone()).await.unwrap();
+    producer
+        .commit(vec![Change::put("seed", &b"1"[..])])
+        .await
+        .unwrap();
+    producer.snapshot().await.unwrap();
+    let at = producer.flush().await.unwrap();
+    let mut options = ephemeral("feedstallhttp-1");
+    options.http = Some("127.0.0.1:0".parse().unwrap());
+    let c = Running::start(settings.clone(), options);
+    c.wait_until(|s| s.seq == at.seq).await;
+    let addr = c.replica.http_addr().unwrap();
+    let path = format!("/v1/watch?after={}", at.seq);
+    let mut stalled = SseClient::connect(addr, &path, &[]).await;
+    let mut live = SseClient::connect(addr, &path, &[]).await;
+    let (seen_tx, mut seen) = tokio::sync::watch::channel(0u64);
+    let live_task = tokio::spawn(async move {
+        let mut got: Vec<(u64, u64)> = Vec::new();
+        while got.len() < TXNS {
+            let e = tokio::time::timeout(DEADLINE, live.next())
+                .await
+                .expect("an event within the deadline")
+                .expect("the live stream stays open");
+            assert_eq!(e.event, "batch", "the live watcher is never dropped: {e:?}");
+            got.push(seqs_of(&e.data));
+            let _ = seen_tx.send(got.last().map_or(0, |(_, s)| *s));
+        }
+        got
+    });
+    let big = format!("\"{}\"", "x".repeat(256 * 1024 - 2)).into_bytes();
+    let mut want = Vec::new();
+    for i in 0..TXNS {
+        let r = producer
+            .commit(vec![Change::put(key(i % 10), big.clone())])
+            .await
+            .unwrap();
+        want.push(r.last_seq);
+        if i % 8 == 7 {
+            // The live watcher keeps up (on a busy machine too): it stays within the feed.
+            tokio::time::timeout(DEADLINE, seen.wait_for(|s| *s >= r.last_seq))
+                .await
+                .expect("the live watcher keeps up")
+                .unwrap();
+        }
+    }
+    check_run(0, at.seq, &live_task.await.unwrap(), &want);
+
+    let mut prev = at.seq;
+    let mut sent = 0;
+    loop {
+        let e = tokio::time::timeout(DEADLINE, stalled.next())
+            .await
+            .expect("an event within the deadline")
+            .expect("events until must-refetch");
+        if e.event == "must-refetch" {
+            let data: serde_json::Value = serde_json::from_str(&e.data).unwrap();
+            assert_eq!(data["seq"], *want.last().unwrap());
+            break;
+        }
+        let (p, seq) = seqs_of(&e.data);
+        assert_eq!(p, prev, "no gap before must-refetch");
+        prev = seq;
+        sent += 1;
+    }
+    assert!(
+        sent < TXNS,
+        "the stalled client was dropped, not served everything"
+    );
+    assert!(stalled.next().await.is_none(), "the stream ends");
+    eprintln!("the stalled watcher had {sent} of {TXNS} batches buffered before must-refetch");
+    producer.shutdown().await.unwrap();
+    c.stop().await;
+}
+
+/// `(prev_seq, seq)` of a batch line, read from its start (`{"seq":S,"prev_seq":P,...`)
+/// without parsing a large line whole.
+fn seqs_of(data: &str) -> (u64, u64) {
+    let head: serde_json::Value = {
+        let end = data.find(",\"lineage\"").expect("a batch line");
+        serde_json::from_str(&format!("{}}}", &data[..end])).unwrap()
+    };
+    (
+        head["prev_seq"].as_u64().unwrap(),
+        head["seq"].as_u64().unwrap(),
+    )
 }

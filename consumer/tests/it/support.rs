@@ -398,6 +398,8 @@ pub struct SseEvent {
 pub struct SseClient {
     stream: tokio::net::TcpStream,
     buf: Vec<u8>,
+    /// Bytes of `buf` already searched for the end of an event.
+    scanned: usize,
     pub status: u16,
     pub headers: std::collections::HashMap<String, String>,
 }
@@ -445,6 +447,7 @@ impl SseClient {
         SseClient {
             stream,
             buf: rest,
+            scanned: 0,
             status,
             headers,
         }
@@ -462,9 +465,16 @@ impl SseClient {
     pub async fn next(&mut self) -> Option<SseEvent> {
         use tokio::io::AsyncReadExt;
         loop {
-            if let Some(i) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let from = self.scanned.saturating_sub(1);
+            let end = self.buf[from..]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|i| i + from);
+            self.scanned = self.buf.len();
+            if let Some(i) = end {
                 let block = String::from_utf8(self.buf[..i].to_vec()).unwrap();
                 self.buf.drain(..i + 2);
+                self.scanned = 0;
                 let mut event = SseEvent {
                     event: "message".to_owned(),
                     id: None,
