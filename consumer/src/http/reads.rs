@@ -27,7 +27,7 @@
 use super::params::Params;
 use super::{add_position, bad_request, json, Api};
 use crate::ndjson;
-use crate::replica::View;
+use crate::replica::{View, WaitError};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -55,47 +55,70 @@ const MIN_SEQ_PARAMS: [&str; 3] = ["min_seq", "lineage", "wait"];
 
 type Pairs = Query<Vec<(String, String)>>;
 
-/// The parameters `allowed` (and those of `min_seq`), or the 400 naming the bad one.
-fn parse(Query(pairs): Pairs, allowed: &[&str]) -> Result<Params, Response> {
+/// Why a read of a view is not answered with it.
+#[derive(Debug)]
+enum Refusal {
+    /// A bad query parameter: 400 naming it.
+    Bad(String),
+    /// `min_seq` not reached within `wait`: 504.
+    NotReached(WaitError, Duration),
+    /// The endpoint is stopping: 503.
+    Stopping,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Bad(message) => bad_request(message),
+            Refusal::NotReached(e, wait) => json(
+                StatusCode::GATEWAY_TIMEOUT,
+                serde_json::json!({
+                    "error": format!("{e} after waiting {}", humantime::format_duration(wait)),
+                    "seq": e.seq,
+                    "lineage": e.lineage.to_hex(),
+                }),
+            ),
+            Refusal::Stopping => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": "the consumer is shutting down" }),
+            ),
+        }
+    }
+}
+
+/// The parameters `allowed` (and those of `min_seq`).
+fn parse(Query(pairs): Pairs, allowed: &[&str]) -> Result<Params, Refusal> {
     let all: Vec<&str> = allowed.iter().chain(&MIN_SEQ_PARAMS).copied().collect();
-    Params::new(pairs, &all).map_err(bad_request)
+    Params::new(pairs, &all).map_err(Refusal::Bad)
 }
 
 /// The view to read: at `min_seq` or later when asked (504 after `wait`), else a fresh one.
-async fn view_for(api: &Api, p: &Params) -> Result<Arc<View>, Response> {
-    let min_seq = p.u64("min_seq").map_err(bad_request)?;
-    let lineage = p.lineage("lineage").map_err(bad_request)?;
+async fn view_for(api: &Api, p: &Params) -> Result<Arc<View>, Refusal> {
+    let min_seq = p.u64("min_seq").map_err(Refusal::Bad)?;
+    let lineage = p.lineage("lineage").map_err(Refusal::Bad)?;
     let wait = p
         .duration("wait", MIN_SEQ_WAIT, MIN_SEQ_WAIT_MAX)
-        .map_err(bad_request)?;
+        .map_err(Refusal::Bad)?;
     let Some(seq) = min_seq else {
         if lineage.is_some() || p.str("wait").is_some() {
-            return Err(bad_request(
+            return Err(Refusal::Bad(
                 "query parameters lineage and wait need min_seq".to_owned(),
             ));
         }
         return Ok(api.replica.fresh_view(FRESH_VIEW_WAIT).await);
     };
-    let waited = tokio::select! {
+    tokio::select! {
         biased;
-        _ = api.stop.cancelled() => None,
-        r = api.replica.wait_for_in(lineage, seq, wait) => Some(r),
-    };
-    match waited {
-        Some(Ok(view)) => Ok(view),
-        Some(Err(e)) => Err(json(
-            StatusCode::GATEWAY_TIMEOUT,
-            serde_json::json!({
-                "error": format!("{e} after waiting {}", humantime::format_duration(wait)),
-                "seq": e.seq,
-                "lineage": e.lineage.to_hex(),
-            }),
-        )),
-        None => Err(json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({ "error": "the consumer is shutting down" }),
-        )),
+        _ = api.stop.cancelled() => Err(Refusal::Stopping),
+        r = api.replica.wait_for_in(lineage, seq, wait) => r.map_err(|e| Refusal::NotReached(e, wait)),
     }
+}
+
+/// Parses `q` and reads the view it asks for.
+async fn view_of(api: &Api, q: Pairs, allowed: &[&str]) -> Result<(Params, Arc<View>), Refusal> {
+    let p = parse(q, allowed)?;
+    let view = view_for(api, &p).await?;
+    Ok((p, view))
 }
 
 /// `GET /v1/keys/{key}`.
@@ -105,12 +128,9 @@ pub async fn key(
     headers: HeaderMap,
     q: Pairs,
 ) -> Response {
-    let view = match parse(q, &[]) {
-        Ok(p) => match view_for(&api, &p).await {
-            Ok(v) => v,
-            Err(resp) => return resp,
-        },
-        Err(resp) => return resp,
+    let view = match view_of(&api, q, &[]).await {
+        Ok((_, v)) => v,
+        Err(refusal) => return refusal.into_response(),
     };
     let raw = headers
         .get_all(header::ACCEPT)
@@ -141,7 +161,7 @@ pub async fn key(
 pub async fn list(State(api): State<Api>, q: Pairs) -> Response {
     let p = match parse(q, &["prefix", "after", "limit"]) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(refusal) => return refusal.into_response(),
     };
     let limit = match p.limit("limit", LIST_LIMIT, LIST_LIMIT_MAX) {
         Ok(l) => l,
@@ -149,7 +169,7 @@ pub async fn list(State(api): State<Api>, q: Pairs) -> Response {
     };
     let view = match view_for(&api, &p).await {
         Ok(v) => v,
-        Err(resp) => return resp,
+        Err(refusal) => return refusal.into_response(),
     };
     let prefix = p.str("prefix").unwrap_or("").to_owned();
     let after = p.str("after").map(str::to_owned);
@@ -216,12 +236,9 @@ fn percent_encode(s: &str) -> String {
 
 /// `GET /v1/state`.
 pub async fn state(State(api): State<Api>, q: Pairs) -> Response {
-    let view = match parse(q, &[]) {
-        Ok(p) => match view_for(&api, &p).await {
-            Ok(v) => v,
-            Err(resp) => return resp,
-        },
-        Err(resp) => return resp,
+    let view = match view_of(&api, q, &[]).await {
+        Ok((_, v)) => v,
+        Err(refusal) => return refusal.into_response(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let v = view.clone();
@@ -253,12 +270,9 @@ pub async fn state(State(api): State<Api>, q: Pairs) -> Response {
 
 /// `GET /v1/checksum`.
 pub async fn checksum(State(api): State<Api>, q: Pairs) -> Response {
-    let view = match parse(q, &[]) {
-        Ok(p) => match view_for(&api, &p).await {
-            Ok(v) => v,
-            Err(resp) => return resp,
-        },
-        Err(resp) => return resp,
+    let view = match view_of(&api, q, &[]).await {
+        Ok((_, v)) => v,
+        Err(refusal) => return refusal.into_response(),
     };
     let mut resp = json(
         StatusCode::OK,
