@@ -98,7 +98,9 @@ pub use deltasync_core::Position;
 pub use engine::Outcome;
 pub use follower::{BatchKind, ChangeBatch, Reason};
 pub use replica::metrics;
-pub use replica::{HeadroomStatus, Replica, ResyncRecord, Status, View, WaitError, WatchEvent};
+pub use replica::{
+    FeedStatus, HeadroomStatus, Replica, ResyncRecord, Status, View, WaitError, WatchEvent,
+};
 
 use deltasync_config::settings::Settings;
 use deltasync_nats::history::HistoryError;

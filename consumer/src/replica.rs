@@ -262,6 +262,21 @@ pub struct Status {
     /// The replica's headroom before retention prunes its position; `None` until first
     /// judged (after the bootstrap).
     pub headroom: Option<HeadroomStatus>,
+    /// The change feed: how far back `/v1/changes` and `/v1/watch` can resume.
+    pub feed: FeedStatus,
+}
+
+/// The change feed's extent, in `/v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FeedStatus {
+    /// `consumer.feed_max_bytes` (0: off).
+    pub max_bytes: u64,
+    /// The oldest position a follower can resume after; older ones must re-read the state.
+    pub floor: u64,
+    /// Batches held (those after `floor`, up to the committed position).
+    pub batches: usize,
+    /// Bytes they count against `max_bytes`.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -465,8 +480,10 @@ impl Replica {
             started: bool,
             pending: VecDeque<Arc<FeedBatch>>,
             ticks: watch::Receiver<u64>,
+            _counted: metrics::Following,
         }
         let w = Watcher {
+            _counted: metrics::Following::new(&self.inner.metrics),
             replica: self.clone(),
             cursor: None,
             started: false,
@@ -503,7 +520,10 @@ impl Replica {
                 let step = cursor.next(&w.replica.feed(), WATCH_TAKE);
                 match step {
                     Step::Batches(b) => w.pending.extend(b),
-                    Step::Lost => w.cursor = None,
+                    Step::Lost => {
+                        w.replica.inner.metrics.followers_lost.inc();
+                        w.cursor = None;
+                    }
                     Step::Wait => w.ticks.changed().await.ok()?,
                 }
             }
@@ -609,6 +629,15 @@ impl Replica {
             reader_stalls: m.reader_stalls(),
             snapshot_bytes_fetched: m.snapshot_bytes(),
             headroom: self.headroom(),
+            feed: {
+                let f = self.feed();
+                FeedStatus {
+                    max_bytes: f.max_bytes() as u64,
+                    floor: f.floor(),
+                    batches: f.len(),
+                    bytes: f.bytes() as u64,
+                }
+            },
         }
     }
 
@@ -683,6 +712,10 @@ impl Replica {
             let mut f = self.feed();
             let before = (f.epoch(), f.head());
             f.commit(cursor.lineage, cursor.seq, &batches);
+            m.feed_bytes
+                .set(i64::try_from(f.bytes()).unwrap_or(i64::MAX));
+            m.feed_batches
+                .set(i64::try_from(f.len()).unwrap_or(i64::MAX));
             before != (f.epoch(), f.head())
         };
         if moved {

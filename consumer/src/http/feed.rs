@@ -35,6 +35,7 @@
 use super::params::Params;
 use super::{add_head, bad_request, json, Api};
 use crate::replica::feed::{Cursor, FeedBatch, Step};
+use crate::replica::metrics::Following;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -101,6 +102,7 @@ pub async fn changes(State(api): State<Api>, Query(pairs): Pairs) -> Response {
     }
     let mut cursor = Cursor::after(after, lineage);
     let mut ticks = api.replica.feed_ticks();
+    let _counted = Following::new(api.replica.metrics());
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         ticks.borrow_and_update();
@@ -110,7 +112,10 @@ pub async fn changes(State(api): State<Api>, Query(pairs): Pairs) -> Response {
         };
         let mut resp = match step {
             Step::Batches(batches) => ndjson_body(batches),
-            Step::Lost => json(StatusCode::CONFLICT, must_refetch_body(lineage_now, head)),
+            Step::Lost => {
+                api.replica.metrics().followers_lost.inc();
+                json(StatusCode::CONFLICT, must_refetch_body(lineage_now, head))
+            }
             Step::Wait => {
                 let more = tokio::select! {
                     biased;
@@ -193,8 +198,10 @@ fn watch_stream(
         pending: VecDeque<Arc<FeedBatch>>,
         ticks: tokio::sync::watch::Receiver<u64>,
         ended: bool,
+        _counted: Following,
     }
     let w = Watcher {
+        _counted: Following::new(api.replica.metrics()),
         ticks: api.replica.feed_ticks(),
         api,
         cursor,
@@ -224,6 +231,7 @@ fn watch_stream(
                 Ok((Step::Batches(b), _, _)) => w.pending.extend(b),
                 Ok((Step::Lost, lineage, head)) => {
                     w.ended = true;
+                    w.api.replica.metrics().followers_lost.inc();
                     let event = Event::default()
                         .event("must-refetch")
                         .data(must_refetch_body(lineage, head).to_string());

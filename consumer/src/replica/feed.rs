@@ -158,6 +158,11 @@ impl Feed {
         }
     }
 
+    /// The bound.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Whether it keeps batches at all.
     pub fn is_on(&self) -> bool {
         self.max_bytes > 0

@@ -444,6 +444,18 @@ async fn over_the_binary_a_client_behind_a_small_feeds_floor_must_refetch_and_co
     let e = watch.next().await.unwrap();
     assert_eq!(e.event, "must-refetch");
     assert!(watch.next().await.is_none());
+    let (_, _, body) = http_get(addr, "/v1/status").await;
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let feed = &status["feed"];
+    assert_eq!(feed["max_bytes"], 2000);
+    assert!(feed["floor"].as_u64().unwrap() > s0, "{feed}");
+    assert!(feed["bytes"].as_u64().unwrap() <= 2000, "{feed}");
+    let (_, _, body) = http_get(addr, "/metrics").await;
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains("deltasync_consumer_followers_lost_total 2"),
+        "{text}"
+    );
 
     // A recent position is still served from the feed.
     let recent = last.last_seq - 2;
@@ -552,6 +564,15 @@ async fn a_thousand_watchers_each_receive_every_batch_once_in_order_while_commit
         raced.1 = n;
     }
     let rss_connected = rss_kib();
+    let text = c.replica.metrics_text();
+    assert!(
+        text.contains(&format!("deltasync_consumer_followers {WATCHERS}\n")),
+        "every watcher counted: {}",
+        text.lines()
+            .filter(|l| l.contains("followers"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let want = committer.await.unwrap();
     let last = *want.last().unwrap();
     let started = Instant::now();
