@@ -488,6 +488,14 @@ mod tests {
     }
 
     #[test]
+    fn a_watch_keepalive_of_zero_is_refused() {
+        assert_eq!(
+            invalid_key(|s| s.consumer.watch_keepalive = std::time::Duration::ZERO),
+            "consumer.watch_keepalive"
+        );
+    }
+
+    #[test]
     fn the_defaults_validate() {
         Settings::default().validate().unwrap();
         assert_eq!(load_env(&[]).unwrap(), Settings::default());
