@@ -111,6 +111,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Longest the HTTP endpoint may take to finish its responses at a stop.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
 /// Where a replica keeps its state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Storage {
@@ -274,8 +277,15 @@ impl Consumer {
         };
         let result = self.follow(&cancel).await;
         http_stop.cancel();
-        if let Some(h) = http {
-            let _ = h.await;
+        if let Some(mut h) = http {
+            // Watches and long-polls end at the stop, but a client that stopped reading keeps
+            // its response stuck in a full socket: do not let it hold the exit open.
+            if tokio::time::timeout(HTTP_DRAIN, &mut h).await.is_err() {
+                tracing::warn!(
+                    "HTTP clients still connected after the stop; closing their connections"
+                );
+                h.abort();
+            }
         }
         result
     }

@@ -735,6 +735,8 @@ async fn a_stalled_http_watcher_gets_must_refetch_when_it_reads_again_while_a_li
     let addr = c.replica.http_addr().unwrap();
     let path = format!("/v1/watch?after={}", at.seq);
     let mut stalled = SseClient::connect(addr, &path, &[]).await;
+    // Never read: its response stays stuck in a full socket, and must not hold the stop open.
+    let _stuck = SseClient::connect(addr, &path, &[]).await;
     let mut live = SseClient::connect(addr, &path, &[]).await;
     let (seen_tx, mut seen) = tokio::sync::watch::channel(0u64);
     let live_task = tokio::spawn(async move {
@@ -792,7 +794,12 @@ async fn a_stalled_http_watcher_gets_must_refetch_when_it_reads_again_while_a_li
     assert!(stalled.next().await.is_none(), "the stream ends");
     eprintln!("the stalled watcher had {sent} of {TXNS} batches buffered before must-refetch");
     producer.shutdown().await.unwrap();
+    let stopping = Instant::now();
     c.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(30),
+        "a client that never reads does not hold the stop open"
+    );
 }
 
 /// `(prev_seq, seq)` of a batch line, read from its start (`{"seq":S,"prev_seq":P,...`)
