@@ -38,8 +38,9 @@
 //! A service that keeps a replica in memory, reads it concurrently, and reacts to changes:
 //!
 //! ```no_run
-//! use deltasync_consumer::{BatchKind, Consumer, Options, Storage};
+//! use deltasync_consumer::{BatchKind, Consumer, Options, Storage, WatchEvent};
 //! use deltasync_config::settings::Settings;
+//! use futures::StreamExt;
 //! use tokio_util::sync::CancellationToken;
 //!
 //! # async fn example() -> anyhow::Result<()> {
@@ -78,6 +79,21 @@
 //!     }
 //! #   break;
 //! }
+//!
+//! // Or a watch that never misses or repeats a change: the state, then every batch after
+//! // it, and a fresh state whenever continuity is lost (kube-runtime's watcher pattern).
+//! let mut watch = Box::pin(replica.watch());
+//! while let Some(event) = watch.next().await {
+//!     match event {
+//!         WatchEvent::Init(view) | WatchEvent::Reset(view) => println!("state at {}", view.seq()),
+//!         WatchEvent::Batch(batch) => println!("seq {}: {} changes", batch.seq, batch.changes.len()),
+//!     }
+//! #   break;
+//! }
+//!
+//! // Read-your-writes: wait until the replica applied a producer receipt's `last_seq`.
+//! let view = replica.wait_for(42, std::time::Duration::from_secs(5)).await?;
+//! println!("at {}", view.seq());
 //! cancel.cancel();
 //! running.await??;
 //! # Ok(())
