@@ -495,6 +495,19 @@ fn check_run(who: usize, after: u64, got: &[(u64, u64)], want: &[u64]) {
     }
 }
 
+/// CPU time of this process (user + system), in clock ticks (1/100 s).
+fn cpu_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            // Fields 14 and 15 of stat; `after` starts at field 3.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -529,6 +542,7 @@ async fn a_thousand_watchers_each_receive_every_batch_once_in_order_while_commit
         .await;
     let addr = c.replica.http_addr().unwrap();
     let rss_before = rss_kib();
+    let cpu_before = cpu_ticks();
 
     // Commits start while the watchers connect: each watcher starts from the same position,
     // whichever commits happened before its request arrived.
@@ -602,10 +616,11 @@ async fn a_thousand_watchers_each_receive_every_batch_once_in_order_while_commit
     }
     eprintln!(
         "{WATCHERS} watchers x {TXNS} batches: RSS {rss_before} KiB before, {rss_connected} KiB \
-         connected, {} KiB after; drained in {:?}; commits begun at the first connect {}, at \
-         the last {}",
+         connected, {} KiB after; drained in {:?}; CPU (test process: producer, consumer and \
+         clients) {} ms; commits begun at the first connect {}, at the last {}",
         rss_kib(),
         started.elapsed(),
+        (cpu_ticks() - cpu_before) * 10,
         raced.0,
         raced.1
     );
@@ -813,4 +828,86 @@ fn seqs_of(data: &str) -> (u64, u64) {
         head["prev_seq"].as_u64().unwrap(),
         head["seq"].as_u64().unwrap(),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_opened_before_the_bootstrap_start_at_the_first_commit_and_idle_ones_get_heartbeats(
+) {
+    logs();
+    let server = NatsServer::start();
+    let settings = settings(&server.url(), &unique_pipeline("feedearly"), |s| {
+        s.producer.linger = Duration::from_millis(2);
+        s.consumer.watch_keepalive = Duration::from_millis(100);
+    });
+    let producer = Producer::start(settings.clone()).await.unwrap();
+    let mut options = ephemeral("feedearly-1");
+    options.http = Some("127.0.0.1:0".parse().unwrap());
+    let c = Running::start(settings.clone(), options);
+    let start = Instant::now();
+    let addr = loop {
+        if let Some(a) = c.replica.http_addr() {
+            break a;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the HTTP endpoint never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!c.replica.status().bootstrapped);
+    let mut sse = SseClient::connect(addr, "/v1/watch", &[]).await;
+    assert_eq!(sse.status, 200);
+    let mut watch = Box::pin(c.replica.watch());
+
+    let r1 = producer
+        .commit(vec![Change::put("a", &b"1"[..])])
+        .await
+        .unwrap();
+    let Some(WatchEvent::Init(view)) = watch.next().await else {
+        panic!("a watch starts with Init");
+    };
+    assert!(view.seq() <= r1.last_seq);
+    let r2 = producer
+        .commit(vec![Change::put("b", &b"2"[..])])
+        .await
+        .unwrap();
+    // Rust: Init, then batches that continue it up to the second commit.
+    let mut state = view.state().clone();
+    while state.seq() < r2.last_seq {
+        match watch.next().await {
+            Some(WatchEvent::Batch(b)) => {
+                assert_eq!(b.prev_seq, state.seq(), "no gap");
+                state.apply_changes(&b.changes);
+                state.set_position(b.lineage, b.seq);
+            }
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+    assert_eq!(state.digest(), r2.digest);
+    // HTTP: from the head at the first commit, contiguous, ending with the second commit.
+    let mut prev = None;
+    loop {
+        let e = tokio::time::timeout(DEADLINE, sse.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.event, "batch");
+        let (p, seq) = seqs_of(&e.data);
+        if let Some(prev) = prev {
+            assert_eq!(p, prev, "no gap");
+        }
+        prev = Some(seq);
+        if seq == r2.last_seq {
+            break;
+        }
+    }
+    // Idle, it gets heartbeat comments.
+    let start = Instant::now();
+    while sse.comments == 0 {
+        assert!(start.elapsed() < DEADLINE, "no heartbeat");
+        let waited = tokio::time::timeout(Duration::from_millis(200), sse.next()).await;
+        assert!(waited.is_err(), "no event while idle: {waited:?}");
+    }
+    producer.shutdown().await.unwrap();
+    c.stop().await;
 }

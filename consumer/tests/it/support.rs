@@ -400,6 +400,8 @@ pub struct SseClient {
     buf: Vec<u8>,
     /// Bytes of `buf` already searched for the end of an event.
     scanned: usize,
+    /// Comment-only blocks (heartbeats) seen.
+    pub comments: usize,
     pub status: u16,
     pub headers: std::collections::HashMap<String, String>,
 }
@@ -448,6 +450,7 @@ impl SseClient {
             stream,
             buf: rest,
             scanned: 0,
+            comments: 0,
             status,
             headers,
         }
@@ -503,6 +506,7 @@ impl SseClient {
                 if any {
                     return Some(event);
                 }
+                self.comments += 1;
                 continue;
             }
             let mut chunk = vec![0u8; 64 * 1024];
