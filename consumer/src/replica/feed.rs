@@ -15,8 +15,10 @@
 //!   engine did not keep, a restart) resets the ring: it empties, `floor` becomes the new
 //!   position and `epoch` grows. A re-snapshot's diff is never kept here (computing it is
 //!   O(state)); readers behind the new floor re-read the state instead.
-//! - The ring holds at most `max_bytes` (counted by [`batch_bytes`]), except that the newest
-//!   batch is always kept; pruning the oldest batch raises `floor` to its `seq`.
+//! - The ring holds at most `max_bytes` (counted by [`batch_bytes`]), except that the batches
+//!   of the latest commit are always kept (the engine held them all anyway, bounded by
+//!   `consumer.commit_every_envelopes`): a reader at the previous commit's position is never
+//!   lost, however large a commit is. Pruning the oldest batch raises `floor` to its `seq`.
 //! - A cursor never yields a gap or a duplicate: it yields the batches after its position in
 //!   order, or says it is lost (its next batch was pruned, or the ring was reset since it was
 //!   placed) and must start again from a view.
@@ -202,6 +204,9 @@ impl Feed {
     /// Records a durable commit at `lineage`/`seq` that `batches` lead to: each batch that
     /// continues the head is kept; anything else resets the ring.
     pub fn commit(&mut self, lineage: Lineage, seq: u64, batches: &[Arc<ChangeBatch>]) {
+        // Batches of this commit in the ring: pruning spares them, so that a reader at the
+        // previous commit's head never loses continuity, however large this commit is.
+        let mut fresh = 0;
         for b in batches {
             let continues = self.epoch > 0
                 && self.is_on()
@@ -210,14 +215,19 @@ impl Feed {
                 && b.prev_seq == self.head()
                 && b.seq > b.prev_seq;
             if continues {
-                self.push(Arc::new(FeedBatch::new(b.clone())));
+                let b = Arc::new(FeedBatch::new(b.clone()));
+                self.bytes += b.bytes;
+                self.batches.push_back(b);
+                fresh += 1;
             } else {
                 self.reset(b.lineage, b.seq);
+                fresh = 0;
             }
         }
         if (lineage, seq) != (self.lineage, self.head()) || self.epoch == 0 {
             self.reset(lineage, seq);
         }
+        self.prune(fresh);
     }
 
     fn reset(&mut self, lineage: Lineage, seq: u64) {
@@ -228,10 +238,9 @@ impl Feed {
         self.epoch += 1;
     }
 
-    fn push(&mut self, b: Arc<FeedBatch>) {
-        self.bytes += b.bytes;
-        self.batches.push_back(b);
-        while self.bytes > self.max_bytes && self.batches.len() > 1 {
+    /// Drops the oldest batches while over the bound, but none of the newest `keep`.
+    fn prune(&mut self, keep: usize) {
+        while self.bytes > self.max_bytes && self.batches.len() > keep {
             if let Some(old) = self.batches.pop_front() {
                 self.bytes -= old.bytes;
                 self.floor = old.batch.seq;
@@ -419,7 +428,7 @@ mod tests {
     }
 
     #[test]
-    fn the_ring_keeps_its_byte_bound_and_always_the_newest_batch() {
+    fn the_ring_keeps_its_byte_bound_and_always_the_latest_commit() {
         let one = batch_bytes(&applied(L1, 0, 1, 100));
         let mut f = Feed::new(3 * one);
         f.commit(L1, 0, &[]);
@@ -433,6 +442,14 @@ mod tests {
             (f.floor(), f.head(), f.len()),
             (10, 11, 1),
             "too big, kept alone"
+        );
+        // One commit larger than the bound: all of it is kept, the older batches go.
+        let big: Vec<_> = (12..=15).map(|s| applied(L1, s - 1, s, 10 * one)).collect();
+        f.commit(L1, 15, &big);
+        assert_eq!(
+            (f.floor(), f.head(), f.len()),
+            (11, 15, 4),
+            "the whole commit is kept"
         );
         let mut off = Feed::new(0);
         off.commit(L1, 0, &[]);
@@ -503,6 +520,8 @@ mod tests {
     /// Every batch ever committed, with the epoch it was committed in: the model.
     struct Model {
         all: Vec<(u64, Arc<ChangeBatch>)>,
+        /// How many of the newest batches the latest commit made.
+        last_commit: usize,
         epoch: u64,
         lineage: Lineage,
         /// Position of the last reset.
@@ -519,7 +538,7 @@ mod tests {
         }
 
         /// The batches the bound lets the ring hold: the newest of this epoch whose bytes
-        /// fit, at least one.
+        /// fit, and at least those of the latest commit.
         fn held(&self) -> Vec<Arc<ChangeBatch>> {
             let mut held = Vec::new();
             let mut bytes = 0;
@@ -528,7 +547,7 @@ mod tests {
                     break;
                 }
                 bytes += batch_bytes(b);
-                if bytes > self.max_bytes && !held.is_empty() {
+                if bytes > self.max_bytes && held.len() >= self.last_commit {
                     break;
                 }
                 held.push(b.clone());
@@ -545,7 +564,14 @@ mod tests {
             ops in proptest::collection::vec(op(), 1..120),
         ) {
             let mut feed = Feed::new(max_bytes);
-            let mut model = Model { all: Vec::new(), epoch: 1, lineage: L1, reset_at: 0, max_bytes };
+            let mut model = Model {
+                all: Vec::new(),
+                last_commit: 0,
+                epoch: 1,
+                lineage: L1,
+                reset_at: 0,
+                max_bytes,
+            };
             feed.commit(L1, 0, &[]);
             // Each reader: its cursor, the epoch it was placed in, and what it received.
             let mut readers: Vec<(Cursor, u64, Vec<Arc<ChangeBatch>>)> =
@@ -565,6 +591,7 @@ mod tests {
                             }
                             batches.push(b);
                         }
+                        model.last_commit = if max_bytes == 0 { 0 } else { n };
                         let head = model.head();
                         feed.commit(model.lineage, head, &batches);
                     }
@@ -576,6 +603,7 @@ mod tests {
                         let seq = if new_lineage { ahead } else { prev + ahead };
                         model.epoch += 1;
                         model.reset_at = seq;
+                        model.last_commit = 0;
                         let b = Arc::new(ChangeBatch {
                             lineage: model.lineage,
                             prev_seq: prev,
