@@ -728,8 +728,7 @@ async fn a_stalled_http_watcher_gets_must_refetch_when_it_reads_again_while_a_li
 ) {
     logs();
     // 150 batches of 256 KiB: far more than a client that does not read can have buffered
-    // in its socket, against a feed of 16 MiB (which must hold more than one commit's worth:
-    // commit_every_envelopes is 16 here).
+    // in its socket, against a feed of 16 MiB.
     const TXNS: usize = 150;
     let server = NatsServer::start();
     let settings = settings(&server.url(), &unique_pipeline("feedstallhttp"), |s| {
