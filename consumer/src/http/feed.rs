@@ -25,7 +25,8 @@
 //!
 //! GET /v1/watch[?after=S&lineage=L]       text/event-stream
 //!   from after=S, else the Last-Event-ID header, else the head now (the larger of the query's
-//!   and the header's when both are given: a reconnecting EventSource sends both)
+//!   and the header's when both are given: a reconnecting EventSource sends both); `lineage`
+//!   other than the replica's: must-refetch at once
 //!   event: batch          id: <seq>   data: <the same JSON line>
 //!   event: must-refetch               data: {"must_refetch":true,"seq":<head>,"lineage":"<hex>"}
 //!                                     then the stream ends
@@ -181,16 +182,18 @@ pub async fn watch(State(api): State<Api>, headers: HeaderMap, Query(pairs): Pai
         (f.lineage(), f.head())
     };
     let keepalive = KeepAlive::new().interval(api.keepalive).text("keep-alive");
-    let stream = watch_stream(api, after.map(|a| Cursor::after(a, lineage)));
+    let stream = watch_stream(api, after.map(|a| Cursor::after(a, lineage)), lineage);
     let mut resp = Sse::new(stream).keep_alive(keepalive).into_response();
     add_head(&mut resp, head_lineage, head);
     resp
 }
 
-/// The events of one watcher. `cursor` `None`: from the head at the first commit seen.
+/// The events of one watcher. `cursor` `None`: from the head at the first commit seen, which
+/// must be of `lineage` when one is given (else must-refetch at once).
 fn watch_stream(
     api: Api,
     cursor: Option<Cursor>,
+    lineage: Option<Lineage>,
 ) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
     struct Watcher {
         api: Api,
@@ -227,7 +230,10 @@ fn watch_stream(
                 .map(|step| (step, f.lineage(), f.head()))
             };
             match step {
-                Err(at_head) => w.cursor = Some(at_head),
+                Err(mut at_head) => {
+                    at_head.lineage = lineage.or(at_head.lineage);
+                    w.cursor = Some(at_head);
+                }
                 Ok((Step::Batches(b), _, _)) => w.pending.extend(b),
                 Ok((Step::Lost, lineage, head)) => {
                     w.ended = true;

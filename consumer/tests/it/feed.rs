@@ -382,7 +382,14 @@ async fn over_the_binary_a_lineage_change_answers_waiting_long_polls_409_and_end
     let got = lines(&body);
     assert_eq!(got[0]["prev_seq"], s);
     assert_eq!(got[0]["seq"], r.last_seq);
-    // The old lineage is refused outright.
+    // The old lineage is refused outright, by a watch from the head too.
+    let mut stale = SseClient::connect(
+        addr,
+        &format!("/v1/watch?lineage={}", old.lineage.to_hex()),
+        &[],
+    )
+    .await;
+    assert_eq!(stale.next().await.unwrap().event, "must-refetch");
     let (code, _, _) = http_get(
         addr,
         &format!(
