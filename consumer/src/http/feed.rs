@@ -201,9 +201,12 @@ fn watch_stream(
         pending: VecDeque<Arc<FeedBatch>>,
         ticks: tokio::sync::watch::Receiver<u64>,
         ended: bool,
+        /// The lineage a watcher from the head expects.
+        lineage: Option<Lineage>,
         _counted: Following,
     }
     let w = Watcher {
+        lineage,
         _counted: Following::new(api.replica.metrics()),
         ticks: api.replica.feed_ticks(),
         api,
@@ -231,7 +234,7 @@ fn watch_stream(
             };
             match step {
                 Err(mut at_head) => {
-                    at_head.lineage = lineage.or(at_head.lineage);
+                    at_head.lineage = w.lineage.or(at_head.lineage);
                     w.cursor = Some(at_head);
                 }
                 Ok((Step::Batches(b), _, _)) => w.pending.extend(b),
