@@ -649,8 +649,11 @@ impl Engine {
         }
     }
 
+    /// Whether applied transactions keep their changes: the local log, subscribers and the
+    /// feed need them. (A re-snapshot's diff is computed only for subscribers: the feed resets
+    /// instead.)
     fn keep_changes(&self) -> bool {
-        self.store.is_durable() || self.replica.has_subscribers()
+        self.store.is_durable() || self.replica.has_subscribers() || self.replica.feed_on()
     }
 
     async fn lineage_change(
@@ -899,7 +902,7 @@ impl Engine {
     ) {
         self.committed = cursor;
         self.marker.committed(cursor.stream_seq);
-        let batches = if self.replica.has_subscribers() {
+        let batches = if self.replica.has_subscribers() || self.replica.feed_on() {
             batches
         } else {
             Vec::new()

@@ -21,11 +21,14 @@
 //!  follower   every decision about the history, synchronous and I/O-free; the resync
 //!             reasons (follower/reason.rs) and the change batches it makes (follower/batch.rs)
 //!  local      the replica and cursor on disk: a local snapshot and an append-only log
-//!  replica    the read handle: views, status, change batch subscriptions, and its
+//!  replica    the read handle: views, status, change batch subscriptions, watch() and
+//!             wait_for(), the feed of recent batches (replica/feed.rs), and its
 //!             Prometheus metrics (replica/metrics.rs, re-exported as `metrics`)
 //!  nats       what the consumer says to NATS itself: connect, probes, the ops reader, and
 //!             the replica's position shown on the server (nats/marker.rs)
-//!  http       /healthz /readyz /metrics /v1/status /v1/keys /v1/state
+//!  http       /healthz /readyz /metrics /v1/status, reads (http/reads.rs: /v1/keys,
+//!             /v1/state, /v1/checksum), following (http/feed.rs: /v1/changes, /v1/watch),
+//!             query parameters (http/params.rs)
 //!  ndjson     entries as NDJSON (dump, /v1/state, /v1/keys)
 //!  cli, ops   command line; operator commands (replay, rebuild, verify, status)
 //! ```
@@ -35,8 +38,9 @@
 //! A service that keeps a replica in memory, reads it concurrently, and reacts to changes:
 //!
 //! ```no_run
-//! use deltasync_consumer::{BatchKind, Consumer, Options, Storage};
+//! use deltasync_consumer::{BatchKind, Consumer, Options, Storage, WatchEvent};
 //! use deltasync_config::settings::Settings;
+//! use futures::StreamExt;
 //! use tokio_util::sync::CancellationToken;
 //!
 //! # async fn example() -> anyhow::Result<()> {
@@ -75,6 +79,21 @@
 //!     }
 //! #   break;
 //! }
+//!
+//! // Or a watch that never misses or repeats a change: the state, then every batch after
+//! // it, and a fresh state whenever continuity is lost (kube-runtime's watcher pattern).
+//! let mut watch = Box::pin(replica.watch());
+//! while let Some(event) = watch.next().await {
+//!     match event {
+//!         WatchEvent::Init(view) | WatchEvent::Reset(view) => println!("state at {}", view.seq()),
+//!         WatchEvent::Batch(batch) => println!("seq {}: {} changes", batch.seq, batch.changes.len()),
+//!     }
+//! #   break;
+//! }
+//!
+//! // Read-your-writes: wait until the replica applied a producer receipt's `last_seq`.
+//! let view = replica.wait_for(42, std::time::Duration::from_secs(5)).await?;
+//! println!("at {}", view.seq());
 //! cancel.cancel();
 //! running.await??;
 //! # Ok(())
@@ -95,7 +114,9 @@ pub use deltasync_core::Position;
 pub use engine::Outcome;
 pub use follower::{BatchKind, ChangeBatch, Reason};
 pub use replica::metrics;
-pub use replica::{HeadroomStatus, Replica, ResyncRecord, Status, View};
+pub use replica::{
+    FeedStatus, HeadroomStatus, Replica, ResyncRecord, Status, View, WaitError, WatchEvent,
+};
 
 use deltasync_config::settings::Settings;
 use deltasync_nats::history::HistoryError;
@@ -105,6 +126,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// Longest the HTTP endpoint may take to finish its responses at a stop.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
 
 /// Where a replica keeps its state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -232,6 +256,7 @@ impl Consumer {
             &settings.pipeline,
             matches!(options.storage, Storage::Durable(_)),
             settings.consumer.max_ready_lag,
+            settings.consumer.feed_max_bytes,
         );
         Ok(Consumer {
             settings,
@@ -257,16 +282,26 @@ impl Consumer {
                 self.replica.set_http_addr(local);
                 Some(tokio::spawn(http::serve(
                     listener,
-                    self.replica.clone(),
-                    http_stop.clone(),
+                    http::Api {
+                        replica: self.replica.clone(),
+                        stop: http_stop.clone(),
+                        keepalive: self.settings.consumer.watch_keepalive,
+                    },
                 )))
             }
             None => None,
         };
         let result = self.follow(&cancel).await;
         http_stop.cancel();
-        if let Some(h) = http {
-            let _ = h.await;
+        if let Some(mut h) = http {
+            // Watches and long-polls end at the stop, but a client that stopped reading keeps
+            // its response stuck in a full socket: do not let it hold the exit open.
+            if tokio::time::timeout(HTTP_DRAIN, &mut h).await.is_err() {
+                tracing::warn!(
+                    "HTTP clients still connected after the stop; closing their connections"
+                );
+                h.abort();
+            }
         }
         result
     }

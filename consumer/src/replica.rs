@@ -21,19 +21,78 @@
 //!   not one by one.
 //! - Change batches are delivered in sequence order. A subscriber that falls more than
 //!   [`EVENT_CAPACITY`] batches behind gets `RecvError::Lagged` and should re-read a view.
+//! - The feed ([`feed`]) holds the most recent committed batches, gapless, filled here and
+//!   nowhere else, after the view and the position of the same commit: a reader that places a
+//!   cursor after reading the view (and the feed's epoch before it) misses nothing.
+//!
+//! ## Following changes
+//!
+//! [`Replica::watch`] is the way to follow the replica without ever missing or repeating a
+//! change, whatever happens to it (the pattern of kube-runtime's watcher):
+//!
+//! ```text
+//! Init(view)           the state now; then
+//! Batch(batch) ...     every committed batch after it, in order, gapless; and
+//! Reset(view)          a fresh state whenever continuity is lost (a re-snapshot, a lineage
+//!                      change, or the watcher fell behind the feed's floor); batches follow it
+//! ```
+//!
+//! It reads the shared feed (bounded by `consumer.feed_max_bytes`): each watcher holds only a
+//! cursor, so a slow one costs the others nothing; it is reset instead. With the feed off
+//! every commit is a `Reset`. [`Replica::subscribe`] (a broadcast of every batch, including a
+//! re-snapshot's diff) stays for reactions that need the diff.
+//!
+//! [`Replica::wait_for`] waits until the replica applied a sequence (read-your-writes with
+//! a producer receipt's `last_seq`).
 
 use crate::follower::{ChangeBatch, Reason};
 use bytes::Bytes;
 use deltasync_core::Position;
 use deltasync_core::{Digest, Lineage, State};
+use futures::Stream;
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
+pub mod feed;
 pub mod metrics;
+use feed::{Cursor, Feed, FeedBatch, Step};
 use metrics::Metrics;
+
+/// Batches a watcher takes from the feed at once: one, so that a stalled watcher keeps no
+/// batch alive that the ring has let go.
+const WATCH_TAKE: usize = 1;
+
+/// What [`Replica::watch`] yields.
+#[derive(Clone, Debug)]
+pub enum WatchEvent {
+    /// The state the watch starts from; batches after it follow.
+    Init(Arc<View>),
+    /// The next committed batch (always of kind `Applied`), continuing the last one.
+    Batch(Arc<ChangeBatch>),
+    /// Continuity was lost (a re-snapshot, a lineage change, or the watcher fell behind the
+    /// feed): the state now, to replace the watcher's; batches after it follow.
+    Reset(Arc<View>),
+}
+
+/// The replica did not reach a sequence in time.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the replica is at sequence {seq} of lineage {lineage}, not yet at {wanted}{}",
+    match want_lineage { Some(l) => format!(" of lineage {l}"), None => String::new() }
+)]
+pub struct WaitError {
+    /// The sequence waited for.
+    pub wanted: u64,
+    /// The lineage waited for, when one was asked.
+    pub want_lineage: Option<Lineage>,
+    /// The committed position when the wait ended.
+    pub seq: u64,
+    pub lineage: Lineage,
+}
 
 /// Change batches a subscriber may fall behind before it is told it lagged.
 pub const EVENT_CAPACITY: usize = 4096;
@@ -203,6 +262,21 @@ pub struct Status {
     /// The replica's headroom before retention prunes its position; `None` until first
     /// judged (after the bootstrap).
     pub headroom: Option<HeadroomStatus>,
+    /// The change feed: how far back `/v1/changes` and `/v1/watch` can resume.
+    pub feed: FeedStatus,
+}
+
+/// The change feed's extent, in `/v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FeedStatus {
+    /// `consumer.feed_max_bytes` (0: off).
+    pub max_bytes: u64,
+    /// The oldest position a follower can resume after; older ones must re-read the state.
+    pub floor: u64,
+    /// Batches held (those after `floor`, up to the committed position).
+    pub batches: usize,
+    /// Bytes they count against `max_bytes`.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -232,6 +306,10 @@ struct Inner {
     /// Bumped at every change of the status, for [`Replica::wait_until`].
     changed: watch::Sender<u64>,
     events: broadcast::Sender<Arc<ChangeBatch>>,
+    /// The most recent committed batches, for watchers and `/v1/changes`.
+    feed: Mutex<Feed>,
+    /// Bumped when the feed's head or epoch moves: wakes watchers, and only them.
+    feed_changed: watch::Sender<u64>,
     metrics: Metrics,
     registry: prometheus_client::registry::Registry,
     http_addr: std::sync::OnceLock<std::net::SocketAddr>,
@@ -244,7 +322,13 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub(crate) fn new(id: &str, pipeline: &str, durable: bool, max_ready_lag: u64) -> Replica {
+    pub(crate) fn new(
+        id: &str,
+        pipeline: &str,
+        durable: bool,
+        max_ready_lag: u64,
+        feed_max_bytes: u64,
+    ) -> Replica {
         let (metrics, registry) = Metrics::new();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let empty = View::new(State::new(Lineage::default()), 0);
@@ -262,6 +346,10 @@ impl Replica {
                 headroom: Mutex::new(None),
                 changed: watch::channel(0).0,
                 events,
+                feed: Mutex::new(Feed::new(
+                    usize::try_from(feed_max_bytes).unwrap_or(usize::MAX),
+                )),
+                feed_changed: watch::channel(0).0,
                 metrics,
                 registry,
                 http_addr: std::sync::OnceLock::new(),
@@ -336,6 +424,128 @@ impl Replica {
     /// The value of `key` in the latest view.
     pub fn get(&self, key: &str) -> Option<Bytes> {
         self.view().get(key).map(Bytes::copy_from_slice)
+    }
+
+    /// Waits until the replica's view is at sequence `seq` or later (in its current lineage),
+    /// at most `timeout`; the error names where it is. Read-your-writes: pass the
+    /// `last_seq` of a producer's commit receipt.
+    pub async fn wait_for(&self, seq: u64, timeout: Duration) -> Result<Arc<View>, WaitError> {
+        self.wait_for_in(None, seq, timeout).await
+    }
+
+    /// [`Replica::wait_for`] a sequence of a given lineage (`None`: the current one). A
+    /// replica in another lineage may still move to it, so it waits for that too.
+    pub async fn wait_for_in(
+        &self,
+        lineage: Option<Lineage>,
+        seq: u64,
+        timeout: Duration,
+    ) -> Result<Arc<View>, WaitError> {
+        let mut rx = self.inner.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let reached = |l: Lineage, s: u64| lineage.is_none_or(|w| w == l) && s >= seq;
+        loop {
+            rx.borrow_and_update();
+            let view = self.read_view();
+            let bootstrapped = self.position().bootstrapped;
+            if bootstrapped && reached(view.lineage(), view.seq()) {
+                return Ok(view);
+            }
+            let committed = self.position().cursor;
+            if reached(committed.lineage, committed.seq) {
+                self.want_view();
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    let at = self.position().cursor;
+                    return Err(WaitError {
+                        wanted: seq,
+                        want_lineage: lineage,
+                        seq: at.seq,
+                        lineage: at.lineage,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Follows the replica: its state now, then every committed batch after it, and a fresh
+    /// state whenever continuity is lost (see "Following changes" in the module header).
+    /// Waits for the first commit before `Init`. Ends only when the replica is dropped.
+    pub fn watch(&self) -> impl Stream<Item = WatchEvent> + Send + 'static {
+        struct Watcher {
+            replica: Replica,
+            cursor: Option<Cursor>,
+            started: bool,
+            pending: VecDeque<Arc<FeedBatch>>,
+            ticks: watch::Receiver<u64>,
+            _counted: metrics::Following,
+        }
+        let w = Watcher {
+            _counted: metrics::Following::new(&self.inner.metrics),
+            replica: self.clone(),
+            cursor: None,
+            started: false,
+            pending: VecDeque::new(),
+            ticks: self.feed_ticks(),
+        };
+        futures::stream::unfold(w, |mut w| async move {
+            loop {
+                if let Some(b) = w.pending.pop_front() {
+                    return Some((WatchEvent::Batch(b.batch().clone()), w));
+                }
+                w.ticks.borrow_and_update();
+                let Some(cursor) = w.cursor.as_mut() else {
+                    let epoch = w.replica.feed().epoch();
+                    if epoch == 0 {
+                        w.ticks.changed().await.ok()?;
+                        continue;
+                    }
+                    // The epoch before the view: a reset in between is seen as lost.
+                    let view = w.replica.fresh_view(Duration::from_secs(1)).await;
+                    w.cursor = Some(Cursor {
+                        after: view.seq(),
+                        lineage: Some(view.lineage()),
+                        epoch: Some(epoch),
+                    });
+                    let event = if w.started {
+                        WatchEvent::Reset(view)
+                    } else {
+                        WatchEvent::Init(view)
+                    };
+                    w.started = true;
+                    return Some((event, w));
+                };
+                let step = cursor.next(&w.replica.feed(), WATCH_TAKE);
+                match step {
+                    Step::Batches(b) => w.pending.extend(b),
+                    Step::Lost => {
+                        w.replica.inner.metrics.followers_lost.inc();
+                        w.cursor = None;
+                    }
+                    Step::Wait => w.ticks.changed().await.ok()?,
+                }
+            }
+        })
+    }
+
+    /// The feed, locked (for a few pointer copies).
+    pub(crate) fn feed(&self) -> MutexGuard<'_, Feed> {
+        match self.inner.feed.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Changes whenever the feed's head or epoch moves.
+    pub(crate) fn feed_ticks(&self) -> watch::Receiver<u64> {
+        self.inner.feed_changed.subscribe()
+    }
+
+    /// Whether the feed keeps batches (`consumer.feed_max_bytes` > 0).
+    pub fn feed_on(&self) -> bool {
+        self.feed().is_on()
     }
 
     /// Subscribes to committed change batches, from now on, in order.
@@ -419,6 +629,15 @@ impl Replica {
             reader_stalls: m.reader_stalls(),
             snapshot_bytes_fetched: m.snapshot_bytes(),
             headroom: self.headroom(),
+            feed: {
+                let f = self.feed();
+                FeedStatus {
+                    max_bytes: f.max_bytes() as u64,
+                    floor: f.floor(),
+                    batches: f.len(),
+                    bytes: f.bytes() as u64,
+                }
+            },
         }
     }
 
@@ -489,6 +708,21 @@ impl Replica {
         m.seq.set(i64::try_from(cursor.seq).unwrap_or(i64::MAX));
         m.entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
         self.update_ready();
+        let moved = {
+            let mut f = self.feed();
+            let before = (f.epoch(), f.head());
+            f.commit(cursor.lineage, cursor.seq, &batches);
+            m.feed_bytes
+                .set(i64::try_from(f.bytes()).unwrap_or(i64::MAX));
+            m.feed_batches
+                .set(i64::try_from(f.len()).unwrap_or(i64::MAX));
+            before != (f.epoch(), f.head())
+        };
+        if moved {
+            self.inner
+                .feed_changed
+                .send_modify(|n| *n = n.wrapping_add(1));
+        }
         for b in batches {
             // No receiver is not an error: nobody listens.
             let _ = self.inner.events.send(b);
@@ -560,7 +794,7 @@ mod tests {
 
     #[test]
     fn ready_means_bootstrapped_and_within_the_allowed_lag() {
-        let r = Replica::new("r", "p", false, 10);
+        let r = Replica::new("r", "p", false, 10, 1 << 20);
         assert!(!r.is_ready(), "not bootstrapped");
         let mut s = State::new(Lineage([1; 16]));
         s.apply_changes(&[Change::put("k", &b"v"[..])]);
@@ -580,7 +814,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_asking_for_a_view_marks_it_wanted_and_gets_the_next_one() {
-        let r = Replica::new("r", "p", false, 10);
+        let r = Replica::new("r", "p", false, 10, 1 << 20);
         let mut s = State::new(Lineage([1; 16]));
         s.set_position(Lineage([1; 16]), 1);
         r.committed(Position::of(&s, 1), 0, Some(s.clone()), Vec::new(), true);
@@ -601,7 +835,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_recorded_status_event_but_an_applied_transaction_wakes_the_waiters() {
-        let r = Replica::new("r", "p", false, 10);
+        let r = Replica::new("r", "p", false, 10, 1 << 20);
         let mut rx = r.inner.changed.subscribe();
         r.record(StatusEvent::Applied { changes: 3 });
         assert!(!rx.has_changed().unwrap(), "its commit announces it");

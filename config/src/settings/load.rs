@@ -286,6 +286,8 @@ commit_every_envelopes = 32
 commit_interval = "250ms"
 inactive_threshold = "6h"
 resync_max_attempts = 3
+feed_max_bytes = 0
+watch_keepalive = "5s"
 
 [log]
 format = "json"
@@ -317,6 +319,8 @@ filter = "info,deltasync=debug"
             Some(PathBuf::from("/var/lib/deltasync"))
         );
         assert_eq!(s.consumer.commit_interval, Duration::from_millis(250));
+        assert_eq!(s.consumer.feed_max_bytes, 0, "0 turns the feed off");
+        assert_eq!(s.consumer.watch_keepalive, Duration::from_secs(5));
         assert_eq!(s.log.format, LogFormat::Json);
     }
 

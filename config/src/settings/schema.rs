@@ -368,6 +368,14 @@ pub struct ConsumerSettings {
     /// the last one holds this many bytes and twice the replica's size (the last snapshot's,
     /// or an estimate from its keys when larger or when there is none).
     pub local_snapshot_log_bytes: u64,
+    /// Bytes of recent committed change batches kept in memory for `/v1/changes`,
+    /// `/v1/watch` and `Replica::watch` (keys and values plus a small overhead per change);
+    /// readers further behind re-read the state. 0 = no feed.
+    pub feed_max_bytes: u64,
+    /// Interval of the heartbeat comments `/v1/watch` sends while there is nothing new, so
+    /// proxies keep the connection open.
+    #[serde(with = "duration")]
+    pub watch_keepalive: Duration,
 }
 
 impl Default for ConsumerSettings {
@@ -382,6 +390,8 @@ impl Default for ConsumerSettings {
             inactive_threshold: Duration::from_secs(3600),
             resync_max_attempts: 5,
             local_snapshot_log_bytes: 64 * 1024 * 1024,
+            feed_max_bytes: 64 * 1024 * 1024,
+            watch_keepalive: Duration::from_secs(15),
         }
     }
 }

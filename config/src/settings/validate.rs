@@ -430,6 +430,12 @@ impl Settings {
                 "must be > 0",
             ));
         }
+        if c.watch_keepalive.is_zero() {
+            return Err(SettingsError::invalid(
+                "consumer.watch_keepalive",
+                "must be > 0",
+            ));
+        }
         Ok(())
     }
 
@@ -500,6 +506,14 @@ mod tests {
             Err(SettingsError::Invalid { key, .. }) => key,
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_watch_keepalive_of_zero_is_refused() {
+        assert_eq!(
+            invalid_key(|s| s.consumer.watch_keepalive = std::time::Duration::ZERO),
+            "consumer.watch_keepalive"
+        );
     }
 
     #[test]

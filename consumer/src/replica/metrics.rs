@@ -17,6 +17,10 @@
 //! deltasync_consumer_seq                               committed envelope sequence
 //! deltasync_consumer_entries                           keys in the replica
 //! deltasync_consumer_ready                             1 when bootstrapped and within max lag
+//! deltasync_consumer_feed_bytes                        bytes counted by the feed's batches
+//! deltasync_consumer_feed_batches                      batches in the feed
+//! deltasync_consumer_followers                         open watches and waiting long-polls
+//! deltasync_consumer_followers_lost_total              followers told to re-read (must-refetch, Reset)
 //! deltasync_build_info{version,role}                   1, naming the build (role "consumer")
 //! ```
 //!
@@ -32,6 +36,23 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
+
+/// Counts one follower in `deltasync_consumer_followers` while it lives.
+#[derive(Debug)]
+pub(crate) struct Following(Gauge);
+
+impl Following {
+    pub(crate) fn new(m: &Metrics) -> Following {
+        m.followers.inc();
+        Following(m.followers.clone())
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// Every metric of one consumer. Cloning shares the underlying values.
 #[derive(Clone, Debug)]
@@ -53,6 +74,10 @@ pub struct Metrics {
     pub(crate) seq: Gauge,
     pub(crate) entries: Gauge,
     pub(crate) ready: Gauge,
+    pub(crate) feed_bytes: Gauge,
+    pub(crate) feed_batches: Gauge,
+    pub(crate) followers: Gauge,
+    pub(crate) followers_lost: Counter,
 }
 
 fn reason(r: &str) -> Labels {
@@ -78,6 +103,10 @@ impl Metrics {
             seq: Gauge::default(),
             entries: Gauge::default(),
             ready: Gauge::default(),
+            feed_bytes: Gauge::default(),
+            feed_batches: Gauge::default(),
+            followers: Gauge::default(),
+            followers_lost: Counter::default(),
         };
         let mut top = Registry::default();
         top.register(
@@ -151,6 +180,26 @@ impl Metrics {
             "ready",
             "1 when bootstrapped and within the allowed lag",
             m.ready.clone(),
+        );
+        r.register(
+            "feed_bytes",
+            "Bytes counted by the batches in the change feed",
+            m.feed_bytes.clone(),
+        );
+        r.register(
+            "feed_batches",
+            "Batches in the change feed",
+            m.feed_batches.clone(),
+        );
+        r.register(
+            "followers",
+            "Open watches (SSE and Replica::watch) and waiting long-polls",
+            m.followers.clone(),
+        );
+        r.register(
+            "followers_lost",
+            "Followers told to re-read the state (must-refetch, Reset)",
+            m.followers_lost.clone(),
         );
         (m, top)
     }

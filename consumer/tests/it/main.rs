@@ -10,6 +10,7 @@ mod support;
 
 mod api;
 mod crash;
+mod feed;
 mod follow;
 mod fork;
 mod ops;

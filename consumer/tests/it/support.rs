@@ -384,3 +384,137 @@ pub fn assert_whole_snapshot(fetched: u64, m: &Manifest) {
         "bytes fetched by the bootstrap"
     );
 }
+
+/// One Server-Sent Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// A minimal Server-Sent Events client over HTTP/1.0 (the body is the rest of the
+/// connection, no chunked encoding to undo).
+pub struct SseClient {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already searched for the end of an event.
+    scanned: usize,
+    /// Comment-only blocks (heartbeats) seen.
+    pub comments: usize,
+    pub status: u16,
+    pub headers: std::collections::HashMap<String, String>,
+}
+
+impl SseClient {
+    /// Sends `GET path` with `headers`, reads the response head.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> SseClient {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req = format!("GET {path} HTTP/1.0\r\nHost: test\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let split = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the connection closed before the response head");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8(buf[..split].to_vec()).unwrap();
+        let rest = buf[split + 4..].to_vec();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        SseClient {
+            stream,
+            buf: rest,
+            scanned: 0,
+            comments: 0,
+            status,
+            headers,
+        }
+    }
+
+    /// The rest of the body, until the server closes the connection.
+    pub async fn rest(&mut self) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut out = std::mem::take(&mut self.buf);
+        self.stream.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    /// The next event (comments skipped); `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let from = self.scanned.saturating_sub(1);
+            let end = self.buf[from..]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|i| i + from);
+            self.scanned = self.buf.len();
+            if let Some(i) = end {
+                let block = String::from_utf8(self.buf[..i].to_vec()).unwrap();
+                self.buf.drain(..i + 2);
+                self.scanned = 0;
+                let mut event = SseEvent {
+                    event: "message".to_owned(),
+                    id: None,
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    if line.starts_with(':') {
+                        continue;
+                    }
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    any = true;
+                    match field {
+                        "event" => event.event = value.to_owned(),
+                        "id" => event.id = Some(value.to_owned()),
+                        "data" => {
+                            if !event.data.is_empty() {
+                                event.data.push('\n');
+                            }
+                            event.data.push_str(value);
+                        }
+                        _ => {}
+                    }
+                }
+                if any {
+                    return Some(event);
+                }
+                self.comments += 1;
+                continue;
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = self.stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
