@@ -369,6 +369,18 @@ impl Settings {
                 "must be > 0 (publishes awaiting acknowledgement at once)",
             ));
         }
+        if p.api_max_body_bytes == 0 {
+            return Err(SettingsError::invalid(
+                "producer.api_max_body_bytes",
+                "must be > 0 (the largest request body the write API accepts)",
+            ));
+        }
+        if p.api_idempotency_max_keys == 0 {
+            return Err(SettingsError::invalid(
+                "producer.api_idempotency_max_keys",
+                "must be > 0 (Idempotency-Keys remembered at once)",
+            ));
+        }
         Ok(())
     }
 
