@@ -772,7 +772,10 @@ mod tests {
         assert!(check_head(Some(0), 0).is_ok());
         for (expected, head) in [(6, 7), (8, 7), (0, 1), (1, 0)] {
             match check_head(Some(expected), head) {
-                Err(ProducerError::HeadMoved { expected: e, head: h }) => {
+                Err(ProducerError::HeadMoved {
+                    expected: e,
+                    head: h,
+                }) => {
                     assert_eq!((e, h), (expected, head));
                 }
                 other => panic!("{expected} at {head}: {other:?}"),

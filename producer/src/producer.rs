@@ -454,7 +454,10 @@ impl Producer {
         changes: Vec<Change>,
         if_seq: Option<u64>,
     ) -> Result<CommitReceipt, ProducerError> {
-        self.submit_transaction_if(changes, if_seq).await?.wait().await
+        self.submit_transaction_if(changes, if_seq)
+            .await?
+            .wait()
+            .await
     }
 
     async fn submit_transaction_if(
