@@ -2,6 +2,7 @@
 //! cluster) through the testkit and uses its own pipeline names.
 
 mod abandoned;
+mod api;
 mod cli;
 mod fencing;
 mod http;
