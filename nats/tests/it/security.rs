@@ -376,6 +376,7 @@ authorization {{
   users: [
     {{ user: producer, password: "{producer_password}", permissions: $DELTASYNC_PRODUCER }}
     {{ user: consumer, password: "{consumer_password}", permissions: $DELTASYNC_CONSUMER }}
+    {{ user: writer, password: "{admin_password}-writer", permissions: $DELTASYNC_WRITER }}
     {{ user: admin, password: "{admin_password}" }}
   ]
 }}

@@ -3,6 +3,7 @@
 
 mod abandoned;
 mod api;
+mod api_permissions;
 mod cli;
 mod fencing;
 mod http;
