@@ -133,9 +133,9 @@ pub struct IngestReport {
     pub changes: u64,
     /// `txn` lines published.
     pub transactions: u64,
-    /// The first envelope sequence the ingestion could have published: the producer's head
-    /// + 1 when it started. Envelopes `first_seq..=position.seq` hold its changes (and those
-    /// of other callers of the same producer, if any, in between).
+    /// The first envelope sequence the ingestion could have published: one past the
+    /// producer's head when it started. Envelopes `first_seq..=position.seq` hold its changes
+    /// (and those of other callers of the same producer, if any, in between).
     pub first_seq: u64,
     /// From start to the last acknowledgement.
     pub elapsed: Duration,

@@ -133,6 +133,45 @@ pub async fn request(
     })
 }
 
+/// A POST whose body is sent in chunks (`Transfer-Encoding: chunked`, no length upfront).
+async fn post_chunked(addr: SocketAddr, path: &str, chunks: &[String]) -> Resp {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    for c in chunks {
+        // The server may answer and stop reading before the end.
+        if s.write_all(format!("{:x}\r\n{c}\r\n", c.len()).as_bytes())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Resp {
+        status: head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status"),
+        headers: head.to_ascii_lowercase(),
+        body: if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    }
+}
+
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
@@ -291,11 +330,51 @@ async fn serve_commits_transactions_over_http_with_receipts_conflicts_and_idempo
         .contains("api_max_body_bytes"));
     assert_eq!(envelopes(&js, &pipeline).await, before_retry + 1);
 
+    // A streamed body that grows past the limit: 413, the lines before the cut committed.
+    let count = envelopes(&js, &pipeline).await;
+    let chunks: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                "{{\"op\":\"put\",\"key\":\"s{i}\",\"value\":\"{}\"}}\n",
+                "v".repeat(200)
+            )
+        })
+        .collect();
+    let r = post_chunked(addr, "/v1/changes", &chunks).await;
+    assert_eq!(r.status, 413, "{r:?}");
+    let err = r.json();
+    assert!(
+        err["error"]
+            .as_str()
+            .expect("error")
+            .contains("api_max_body_bytes"),
+        "{err}"
+    );
+    let replayed = replay(&read_stream(&js, &pipeline).await);
+    let streamed = replayed
+        .state
+        .iter()
+        .filter(|(k, _)| k.starts_with('s'))
+        .count();
+    assert!(streamed < 40, "{streamed}");
+    match err["committed"]["changes"].as_u64() {
+        Some(n) => {
+            assert_eq!(n as usize, streamed, "{err}");
+            assert_eq!(
+                err["committed"]["seq"],
+                replayed.envelopes.last().expect("env").seq
+            );
+        }
+        None => assert_eq!((streamed, replayed.envelopes.len()), (0, count), "{err}"),
+    }
+    let head_now = replayed.envelopes.last().expect("env").seq;
+
     // Still serving, and the status agrees with the last receipt.
     let status = request(addr, "GET", "/v1/status", &[], b"")
         .await
         .expect("status");
-    assert_eq!(status.json()["seq"], other.json()["seq"]);
+    assert_eq!(status.json()["seq"], head_now);
+    assert!(head_now >= other.json()["seq"].as_u64().expect("seq"));
     let mut serve = serve;
     let (ok, log) = serve.stop();
     assert!(ok, "{log}");
@@ -531,6 +610,43 @@ async fn serve_offers_the_same_operations_as_a_nats_service() {
     assert_eq!(r["seq"], replayed.envelopes.last().expect("envelopes").seq);
     assert_eq!(replayed.state.len(), 1);
     drop(serve);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_serve_answers_503_and_publishes_nothing_more() {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("api-fenced");
+    let js = support::js(&server.url()).await;
+    let serve = Serve::start(&server, &pipeline, &[]).await;
+    let body = r#"{"txn":[{"op":"put","key":"a","value":1}]}"#;
+    assert_eq!(post(serve.addr, "/v1/txn", None, body).await.status, 200);
+    // Another producer takes over the pipeline (a new lineage fences the running one).
+    let out = support::producer_command(&server.url(), &pipeline)
+        .args(["new-lineage", "--yes", "--keep-state"])
+        .output()
+        .expect("run new-lineage");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = support::last_stream_seq(&js, &pipeline).await;
+    for _ in 0..2 {
+        let r = post(serve.addr, "/v1/txn", None, body).await;
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .expect("error")
+                .contains("fenced"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(support::last_stream_seq(&js, &pipeline).await, last);
+    let health = request(serve.addr, "GET", "/healthz", &[], b"")
+        .await
+        .expect("healthz");
+    assert_eq!(health.status, 503, "{health:?}");
 }
 
 #[test]
