@@ -8,11 +8,12 @@
 //! POST /v1/txn      {"txn":[op,...],"if_seq":N?}        200 receipt | 400 409 413 503
 //! POST /v1/changes  NDJSON ingest lines (streamed)       200 receipt | 400 413 503
 //! PUT  /v1/state    NDJSON {"key":K,"value":V} lines     200 receipt | 400 413 503
+//!                   (no entries: 400 unless Deltasync-Allow-Empty: true)
 //! request header    Idempotency-Key: <1..255 bytes>
 //! response header   Idempotent-Replayed: true            (a retry answered from memory)
 //! ```
 
-use super::{Answer, Api, ApiError, BodyTooLarge};
+use super::{Answer, Api, ApiError, BodyTooLarge, ALLOW_EMPTY};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -49,7 +50,10 @@ async fn state(State(api): State<Api>, headers: HeaderMap, body: Body) -> Respon
     let result = async {
         let key = idempotency_key(&headers)?;
         let body = read_all(&headers, body, api.max_body_bytes()).await?;
-        api.state(key.as_deref(), body).await
+        let allow_empty = headers
+            .get(ALLOW_EMPTY)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        api.state(key.as_deref(), body, allow_empty).await
     };
     respond(result.await)
 }

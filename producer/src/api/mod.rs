@@ -10,7 +10,8 @@
 //!                                                          "digest","changes","stream_seq"}
 //! changes  NDJSON ingest lines                            {"seq","first_seq","lineage","digest",
 //!                                                          "changes","transactions","lines"}
-//! state    NDJSON {"key":K,"value":V|"value_b64":B}       as txn (parts 0: nothing changed)
+//! state    NDJSON {"key":K,"value":V|"value_b64":B}       as txn (parts 0: nothing changed);
+//!          no entries: 400 unless Deltasync-Allow-Empty: true
 //!
 //! errors   {"error":msg} + "index" (txn: the change), "seq" (409: the head),
 //!          "line" and "committed" (changes, state: the 1-based line; what was committed)
@@ -49,6 +50,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// The header (HTTP and NATS) that lets `state` commit a state without entries.
+pub const ALLOW_EMPTY: &str = "Deltasync-Allow-Empty";
 
 /// The longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
@@ -247,11 +251,19 @@ impl Api {
             .await
     }
 
-    /// Commits the difference to the state of NDJSON entry lines.
-    pub async fn state(&self, key: Option<&str>, body: Bytes) -> Result<Answer, ApiError> {
+    /// Commits the difference to the state of NDJSON entry lines. A body without entries
+    /// (which would delete every key) is refused unless `allow_empty`.
+    pub async fn state(
+        &self,
+        key: Option<&str>,
+        body: Bytes,
+        allow_empty: bool,
+    ) -> Result<Answer, ApiError> {
         let me = self.clone();
-        self.run(Op::State, key, async move { me.do_state(&body).await })
-            .await
+        self.run(Op::State, key, async move {
+            me.do_state(&body, allow_empty).await
+        })
+        .await
     }
 
     /// Runs `work` on its own task, once per idempotency key.
@@ -340,7 +352,7 @@ impl Api {
         Ok(self.txn_receipt(&receipt))
     }
 
-    async fn do_state(&self, body: &[u8]) -> Result<Bytes, ApiError> {
+    async fn do_state(&self, body: &[u8], allow_empty: bool) -> Result<Bytes, ApiError> {
         let mut state = State::new(self.0.producer.lineage());
         for (i, line) in body.split(|b| *b == b'\n').enumerate() {
             let n = i as u64 + 1;
@@ -355,6 +367,13 @@ impl Api {
                         .with("committed", Value::Null))
                 }
             }
+        }
+        if state.is_empty() && !allow_empty {
+            return Err(ApiError::bad_request(format!(
+                "the state has no entries: committing it would delete every key (an upstream \
+                 read that failed sends an empty body too); send the header {ALLOW_EMPTY}: true \
+                 to empty the state"
+            )));
         }
         let receipt = self
             .0

@@ -9,7 +9,8 @@
 //! subjects  deltasync.<pipeline>.api.txn       body {"txn":[...],"if_seq":N?}
 //!           deltasync.<pipeline>.api.changes   body NDJSON ingest lines
 //!           deltasync.<pipeline>.api.state     body NDJSON entry lines
-//! header    Idempotency-Key (request), Idempotent-Replayed: true (reply, when replayed)
+//! header    Idempotency-Key (request), Idempotent-Replayed: true (reply, when replayed),
+//!           Deltasync-Allow-Empty: true (state: a body without entries empties the state)
 //! reply     the receipt JSON; on error the headers Nats-Service-Error (the message) and
 //!           Nats-Service-Error-Code (400, 409, 413, 500, 503) and the error JSON as body
 //! ```
@@ -17,7 +18,7 @@
 //! Each request runs on its own task (a slow one does not hold back the others); commits
 //! are still ordered by the producer's engine.
 
-use super::{Answer, Api, ApiError, Op};
+use super::{Answer, Api, ApiError, Op, ALLOW_EMPTY};
 use crate::publisher::NatsClient;
 use async_nats::service::ServiceExt;
 use async_nats::HeaderMap;
@@ -129,7 +130,14 @@ async fn serve(api: &Api, client: &NatsClient, op: Op, request: async_nats::serv
     } else {
         match op {
             Op::Txn => api.txn(key.as_deref(), body).await,
-            Op::State => api.state(key.as_deref(), body).await,
+            Op::State => {
+                let allow_empty = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(ALLOW_EMPTY))
+                    .is_some_and(|v| v.as_str().eq_ignore_ascii_case("true"));
+                api.state(key.as_deref(), body, allow_empty).await
+            }
             Op::Changes => {
                 let reader = std::io::Cursor::new(body);
                 api.changes(key.as_deref(), Box::new(reader)).await

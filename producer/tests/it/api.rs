@@ -477,6 +477,25 @@ async fn serve_ingests_change_bodies_and_commits_whole_states_as_their_differenc
     .await;
     assert_eq!((r.status, &r.json()["line"]), (400, &json!(2)), "{r:?}");
     assert_eq!(envelopes(&js, &pipeline).await, count);
+    // An empty body would delete every key: refused unless asked for.
+    let r = post(addr, "/v1/state", None, "\n").await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.json()["error"]
+        .as_str()
+        .expect("error")
+        .contains("Deltasync-Allow-Empty"));
+    assert_eq!(envelopes(&js, &pipeline).await, count);
+    let r = request(
+        addr,
+        "PUT",
+        "/v1/state",
+        &[("Deltasync-Allow-Empty", "true")],
+        b"",
+    )
+    .await
+    .expect("answer");
+    assert_eq!((r.status, &r.json()["changes"]), (200, &json!(3)), "{r:?}");
+    assert!(replay(&read_stream(&js, &pipeline).await).state.is_empty());
     drop(serve);
 }
 
