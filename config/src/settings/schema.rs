@@ -276,7 +276,8 @@ pub struct ProducerSettings {
     pub linger: Duration,
     /// Publishes awaiting their acknowledgement at once (throughput vs. memory).
     pub ack_window: usize,
-    /// Address of the producer's HTTP endpoint (health, status, metrics); off when unset.
+    /// Address of the producer's HTTP endpoint (health, status, metrics; with `serve`, the
+    /// write API too, which needs it); off when unset.
     pub http: Option<SocketAddr>,
     /// What a starting producer does when envelopes after the newest snapshot are gone from
     /// the stream (aged out, pruned, purged, deleted, or the stream recreated): `refuse` stops

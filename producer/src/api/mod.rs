@@ -3,6 +3,7 @@
 //! their answers live here, once; [`http`] and [`nats`] carry them (same bodies, same JSON).
 //!
 //! Talks to one long-lived [`Producer`] (commits, ingest) and to its [`idempotency`] cache.
+//! For users: `docs/write-api.md` (every route, body, status and header).
 //!
 //! ```text
 //! op       request body                                   receipt (200 / service reply)
