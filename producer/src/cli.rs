@@ -74,7 +74,7 @@ pub enum Command {
     /// Serve the write API until interrupted: POST /v1/txn, POST /v1/changes, PUT /v1/state
     /// over HTTP (beside /healthz, /readyz, /metrics, /v1/status) and, unless
     /// producer.api_nats = false, the NATS service "deltasync" on
-    /// deltasync.<pipeline>.api.{txn,changes,state}.
+    /// `deltasync.<pipeline>.api.{txn,changes,state}`.
     Serve {
         /// HTTP address (overrides producer.http; one of them is required).
         #[arg(long, value_name = "ADDR")]

@@ -2,7 +2,7 @@
 //! NDJSON changes or a whole state, and get a receipt once it is durable. The operations and
 //! their answers live here, once; [`http`] and [`nats`] carry them (same bodies, same JSON).
 //!
-//! Talks to one long-lived [`Producer`] (commits, ingest) and to its [`idempotency`] cache.
+//! Talks to one long-lived [`Producer`] (commits, ingest) and to its idempotency cache (`idempotency.rs`).
 //! For users: `docs/write-api.md` (every route, body, status and header).
 //!
 //! ```text
