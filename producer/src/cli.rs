@@ -368,10 +368,8 @@ async fn serve(
     let api = Api::new(producer.clone());
     let stop = CancellationToken::new();
     let router = http::router(producer.observer()).merge(api::http::router(api.clone()));
+    // The NATS service first: once /readyz answers, both ways in take requests.
     let served = async {
-        let (_, server) = http::spawn_router(addr, router, stop.clone())
-            .await
-            .with_context(|| format!("binding the HTTP endpoint to {addr}"))?;
         let service = if api_nats {
             let client = producer.client().clone();
             Some(
@@ -381,6 +379,17 @@ async fn serve(
             )
         } else {
             None
+        };
+        let server = http::spawn_router(addr, router, stop.clone()).await;
+        let (_, server) = match server {
+            Ok(s) => s,
+            Err(e) => {
+                stop.cancel();
+                if let Some(s) = service {
+                    let _ = s.await;
+                }
+                return Err(e).with_context(|| format!("binding the HTTP endpoint to {addr}"));
+            }
         };
         anyhow::Ok((server, service))
     }

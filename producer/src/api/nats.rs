@@ -71,6 +71,8 @@ pub(crate) async fn spawn(
             .await?;
         endpoints.push((op, endpoint));
     }
+    // The subscriptions are at the server before anyone is told the API is up.
+    client.flush().await?;
     tracing::info!(
         service = SERVICE_NAME,
         subjects = %format!("{}.{{txn,changes,state}}", self::group(pipeline)),
