@@ -79,6 +79,9 @@ pub enum Command {
         /// HTTP address (overrides producer.http; one of them is required).
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
+        /// Do not offer the NATS service (sets producer.api_nats = false).
+        #[arg(long)]
+        no_nats: bool,
     },
     /// Take a snapshot now: recover the pipeline's state and write it to the bucket.
     Snapshot,
@@ -138,7 +141,13 @@ pub async fn run(
             };
             with_producer(settings, http, shutdown, Work::Ingest(input, receipts)).await
         }
-        Command::Serve { http } => serve(settings, http, shutdown).await,
+        Command::Serve { http, no_nats } => {
+            let mut settings = settings;
+            if no_nats {
+                settings.producer.api_nats = false;
+            }
+            serve(settings, http, shutdown).await
+        }
         Command::Snapshot => {
             let out = ops::snapshot_now(&settings).await?;
             let s = &out.snapshot;

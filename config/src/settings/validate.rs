@@ -684,6 +684,14 @@ mod tests {
             "producer.ack_window"
         );
         assert_eq!(
+            invalid_key(|s| s.producer.api_max_body_bytes = 0),
+            "producer.api_max_body_bytes"
+        );
+        assert_eq!(
+            invalid_key(|s| s.producer.api_idempotency_max_keys = 0),
+            "producer.api_idempotency_max_keys"
+        );
+        assert_eq!(
             invalid_key(|s| s.producer.batch_max_changes = 0),
             "producer.batch_max_changes"
         );

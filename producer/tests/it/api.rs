@@ -24,11 +24,22 @@ impl Serve {
     /// Starts `serve --http 127.0.0.1:<free port>` with `env` settings and waits until it is
     /// ready.
     pub async fn start(server: &NatsServer, pipeline: &str, env: &[(&str, &str)]) -> Serve {
+        Serve::start_with(server, pipeline, env, &[]).await
+    }
+
+    /// [`Serve::start`] with more `serve` flags.
+    pub async fn start_with(
+        server: &NatsServer,
+        pipeline: &str,
+        env: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Serve {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let log = tempfile::NamedTempFile::new().expect("log file");
         let child = support::producer_command(&server.url(), pipeline)
             .envs(env.iter().copied())
             .args(["serve", "--http", &addr.to_string()])
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(log.reopen().expect("log file"))
             .spawn()
@@ -666,6 +677,24 @@ async fn a_fenced_serve_answers_503_and_publishes_nothing_more() {
         .await
         .expect("healthz");
     assert_eq!(health.status, 503, "{health:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_no_nats_takes_writes_over_http_only() {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("api-nonats");
+    let js = support::js(&server.url()).await;
+    let serve = Serve::start_with(&server, &pipeline, &[], &["--no-nats"]).await;
+    let body = r#"{"txn":[{"op":"put","key":"a","value":1}]}"#;
+    assert_eq!(post(serve.addr, "/v1/txn", None, body).await.status, 200);
+    let asked = js
+        .client()
+        .request(format!("deltasync.{pipeline}.api.txn"), body.into())
+        .await;
+    assert_eq!(
+        asked.map(drop).map_err(|e| e.kind()),
+        Err(async_nats::client::RequestErrorKind::NoResponders)
+    );
 }
 
 #[test]
