@@ -760,3 +760,86 @@ fn ingest_receipts_print_one_line_per_committed_transaction() {
         (&json!(seq), &json!(digest))
     );
 }
+
+/// A child process killed (SIGTERM, then waited for) on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = kill_process(Pid::from_child(&self.0), Signal::TERM);
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_state_put_to_another_producer_copies_it_byte_for_byte() {
+    // The real consumer binary; built before anything timed starts.
+    let consumer_bin = deltasync_testkit::workspace_bin("deltasync-consumer");
+    let server = NatsServer::start();
+    let (from, to) = (
+        support::pipeline("api-copy-a"),
+        support::pipeline("api-copy-b"),
+    );
+    let js = support::js(&server.url()).await;
+    let a = Serve::start(&server, &from, &[]).await;
+    let b = Serve::start(&server, &to, &[]).await;
+    let r = post(
+        a.addr,
+        "/v1/txn",
+        None,
+        r#"{"txn":[{"op":"put","key":"j","value":{"a":[1,2]}},{"op":"put","key":"bin","value_b64":"AJ+Slg=="},{"op":"put","key":"s","value":"x y"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // A value stored with spaces (a state line keeps it as written).
+    let r = post(
+        a.addr,
+        "/v1/state",
+        None,
+        "{\"key\":\"j\",\"value\":{\"a\":[1,2]}}\n{\"key\":\"bin\",\"value_b64\":\"AJ+Slg==\"}\n\
+         {\"key\":\"s\",\"value\":\"x y\"}\n{\"key\":\"spaced\",\"value\":{\"b\": 2}}\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let head = r.json()["seq"].as_u64().expect("seq");
+
+    let replica_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let _replica = Killed(
+        std::process::Command::new(consumer_bin)
+            .args([
+                "--nats-url",
+                &server.url(),
+                "--pipeline",
+                &from,
+                "run",
+                "--ephemeral",
+            ])
+            .args(["--id", "copier", "--http", &replica_addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the consumer"),
+    );
+    let state = eventually(
+        "the replica serves the head's state",
+        DEADLINE,
+        async || {
+            let r = request(replica_addr, "GET", "/v1/state", &[], b"").await?;
+            (r.status == 200 && r.headers.contains(&format!("deltasync-seq: {head}"))).then_some(r)
+        },
+    )
+    .await;
+    let r = post(b.addr, "/v1/state", None, &state.body).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let entries = |s: &deltasync_core::State| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = s.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect();
+        v.sort();
+        v
+    };
+    let original = replay(&read_stream(&js, &from).await).state;
+    let copy = replay(&read_stream(&js, &to).await).state;
+    assert_eq!(original.len(), 4);
+    assert_eq!(entries(&copy), entries(&original));
+    assert_eq!(copy.get("spaced"), Some(&b"{\"b\": 2}"[..]));
+}
