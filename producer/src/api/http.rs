@@ -5,15 +5,15 @@
 //! limit (413 above it: upfront from `Content-Length`, else when the body grows past it).
 //!
 //! ```text
-//! POST /v1/txn      {"txn":[op,...],"if_seq":N?}        200 receipt | 400 409 413 503
-//! POST /v1/changes  NDJSON ingest lines (streamed)       200 receipt | 400 413 503
-//! PUT  /v1/state    NDJSON {"key":K,"value":V} lines     200 receipt | 400 413 503
+//! POST /v1/txn      {"txn":[op,...],"if_seq":N?}        200 receipt | 400 409 413 422 503
+//! POST /v1/changes  NDJSON ingest lines (streamed)       200 receipt | 400 413 422 503
+//! PUT  /v1/state    NDJSON {"key":K,"value":V} lines     200 receipt | 400 413 422 503
 //!                   (no entries: 400 unless Deltasync-Allow-Empty: true)
 //! request header    Idempotency-Key: <1..255 bytes>
 //! response header   Idempotent-Replayed: true            (a retry answered from memory)
 //! ```
 
-use super::{Answer, Api, ApiError, BodyTooLarge, ALLOW_EMPTY};
+use super::{Answer, Api, ApiError, Body as RequestBody, BodyTooLarge, ALLOW_EMPTY};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -75,11 +75,9 @@ async fn changes(State(api): State<Api>, headers: HeaderMap, body: Body) -> Resp
                 }
                 Ok(chunk)
             });
-        api.changes(
-            key.as_deref(),
-            Box::new(StreamReader::new(Box::pin(stream))),
-        )
-        .await
+        let reader = StreamReader::new(Box::pin(stream));
+        api.changes(key.as_deref(), RequestBody::Reader(Box::new(reader)))
+            .await
     };
     respond(result.await)
 }

@@ -16,7 +16,8 @@
 //!
 //! errors   {"error":msg} + "index" (txn: the change), "seq" (409: the head),
 //!          "line" and "committed" (changes, state: the 1-based line; what was committed)
-//!          400 bad input · 409 if_seq · 413 too large · 503 fenced / stopping · 500 bug
+//!          400 bad input · 409 if_seq · 413 too large · 422 Idempotency-Key reused for
+//!          another body · 503 fenced / stopping · 500 bug
 //! ```
 //!
 //! ## Invariants
@@ -24,12 +25,14 @@
 //! - A receipt is sent only after everything it names is acknowledged by the stream.
 //! - A refused request publishes nothing (a `changes` body: nothing of the bad line or after).
 //! - With an `Idempotency-Key`, one request per key (and operation) runs; within the window a
-//!   retry gets the first success's receipt and commits nothing. The memory is this
+//!   retry (same body) gets the first success's receipt and commits nothing; another body
+//!   under the same key is refused (422) and commits nothing either. The memory is this
 //!   process's: a restarted producer runs the key again (put/del are absolute, so a replayed
 //!   transaction leaves the same state, at a new sequence).
 //! - An operation runs on its own task: a client that goes away does not cut it short
 //!   between handing over its commit and recording its outcome.
 
+mod body;
 pub mod http;
 mod idempotency;
 pub mod nats;
@@ -38,6 +41,8 @@ use crate::error::ProducerError;
 use crate::handoff::CommitReceipt;
 use crate::ingest::{self, IngestError, IngestReport, Input};
 use crate::producer::Producer;
+pub use body::Body;
+use body::Print;
 use bytes::Bytes;
 use deltasync_core::ndjson::{parse_entry_line, parse_line, Parsed};
 use deltasync_core::{Change, State};
@@ -182,6 +187,13 @@ struct TxnBody<'a> {
     if_seq: Option<u64>,
 }
 
+/// A remembered success: the request body's fingerprint and the receipt.
+#[derive(Debug, Clone)]
+struct Stored {
+    print: u64,
+    receipt: Bytes,
+}
+
 /// The write API over one producer; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Api(Arc<Inner>);
@@ -192,7 +204,7 @@ struct Inner {
     lineage: String,
     /// Largest body accepted (HTTP; NATS is bounded by `max_payload`).
     max_body_bytes: u64,
-    cache: Mutex<Cache<Bytes>>,
+    cache: Mutex<Cache<Stored>>,
     /// `changes` bodies are ingested one after another: each receipt's range then covers
     /// only its own plain lines (transactions of other requests may sit in between).
     changes: tokio::sync::Mutex<()>,
@@ -237,19 +249,19 @@ impl Api {
     /// Commits one transaction, `{"txn":[...],"if_seq":N}`.
     pub async fn txn(&self, key: Option<&str>, body: Bytes) -> Result<Answer, ApiError> {
         let me = self.clone();
-        self.run(Op::Txn, key, async move { me.do_txn(&body).await })
-            .await
+        self.run(Op::Txn, key, Body::Bytes(body), |body| async move {
+            me.do_txn(&whole(body)).await
+        })
+        .await
     }
 
     /// Ingests NDJSON lines read from `body`.
-    pub async fn changes(
-        &self,
-        key: Option<&str>,
-        body: Box<dyn AsyncRead + Send + Unpin>,
-    ) -> Result<Answer, ApiError> {
+    pub async fn changes(&self, key: Option<&str>, body: Body) -> Result<Answer, ApiError> {
         let me = self.clone();
-        self.run(Op::Changes, key, async move { me.do_changes(body).await })
-            .await
+        self.run(Op::Changes, key, body, |body| async move {
+            me.do_changes(body.into_reader()).await
+        })
+        .await
     }
 
     /// Commits the difference to the state of NDJSON entry lines. A body without entries
@@ -261,27 +273,36 @@ impl Api {
         allow_empty: bool,
     ) -> Result<Answer, ApiError> {
         let me = self.clone();
-        self.run(Op::State, key, async move {
-            me.do_state(&body, allow_empty).await
+        self.run(Op::State, key, Body::Bytes(body), move |body| async move {
+            me.do_state(&whole(body), allow_empty).await
         })
         .await
     }
 
-    /// Runs `work` on its own task, once per idempotency key.
-    async fn run<F>(&self, op: Op, key: Option<&str>, work: F) -> Result<Answer, ApiError>
+    /// Runs `work` on its own task, once per idempotency key; a retry's body must be the
+    /// first request's.
+    async fn run<W, F>(
+        &self,
+        op: Op,
+        key: Option<&str>,
+        body: Body,
+        work: W,
+    ) -> Result<Answer, ApiError>
     where
+        W: FnOnce(Body) -> F,
         F: Future<Output = Result<Bytes, ApiError>> + Send + 'static,
     {
         if self.0.closing.is_cancelled() {
             return Err(ApiError::new(503, "the producer is shutting down"));
         }
         let Some(key) = key else {
-            return self.spawn(work, None).await.map(|body| Answer {
+            return self.spawn(work(body), None).await.map(|body| Answer {
                 body,
                 replayed: false,
             });
         };
         check_key(key)?;
+        let (body, print) = body.fingerprinted();
         let scoped = format!("{}\n{key}", op.name());
         loop {
             let found = self
@@ -291,11 +312,23 @@ impl Api {
                 .unwrap_or_else(PoisonError::into_inner)
                 .lookup(&scoped, Instant::now());
             match found {
-                Lookup::Replay(body) => {
+                Lookup::Replay(stored) => {
+                    let got = print.of_rest(body).await.map_err(|e| read_error(&e))?;
+                    if got != stored.print {
+                        return Err(ApiError::new(
+                            422,
+                            format!(
+                                "Idempotency-Key {key:?} was used for a different {} request \
+                                 body within the idempotency window: nothing was committed; \
+                                 a new request needs a new key",
+                                op.name()
+                            ),
+                        ));
+                    }
                     return Ok(Answer {
-                        body,
+                        body: stored.receipt,
                         replayed: true,
-                    })
+                    });
                 }
                 Lookup::Wait(mut rx) => {
                     // Wakes when the running request ends; then look again.
@@ -312,12 +345,16 @@ impl Api {
                         api: self.clone(),
                         key: scoped,
                         ticket,
+                        print,
                         recorded: false,
                     };
-                    return self.spawn(work, Some(finish)).await.map(|body| Answer {
-                        body,
-                        replayed: false,
-                    });
+                    return self
+                        .spawn(work(body), Some(finish))
+                        .await
+                        .map(|body| Answer {
+                            body,
+                            replayed: false,
+                        });
                 }
             }
         }
@@ -450,15 +487,21 @@ struct Finish {
     api: Api,
     key: String,
     ticket: u64,
+    /// The body's fingerprint, complete once the work read it to its end (a success did).
+    print: Print,
     recorded: bool,
 }
 
 impl Finish {
-    fn done(mut self, value: Option<Bytes>) {
+    fn done(mut self, receipt: Option<Bytes>) {
+        let value = receipt.map(|receipt| Stored {
+            print: self.print.value(),
+            receipt,
+        });
         self.record(value);
     }
 
-    fn record(&mut self, value: Option<Bytes>) {
+    fn record(&mut self, value: Option<Stored>) {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
@@ -489,6 +532,24 @@ pub fn receipt_json(lineage: &str, r: &CommitReceipt) -> Value {
         changes: r.changes,
         stream_seq: r.stream_seq,
     })
+}
+
+/// A body that could not be read: 413 past the limit, else 400.
+fn read_error(e: &std::io::Error) -> ApiError {
+    let status = if e.get_ref().is_some_and(|e| e.is::<BodyTooLarge>()) {
+        413
+    } else {
+        400
+    };
+    ApiError::new(status, format!("reading the body: {e}"))
+}
+
+/// A body read whole already (`txn`, `state`); a reader here is a bug, read as empty.
+fn whole(body: Body) -> Bytes {
+    match body {
+        Body::Bytes(b) => b,
+        Body::Reader(_) => Bytes::new(),
+    }
 }
 
 /// The read error of a body longer than the limit (HTTP: 413).

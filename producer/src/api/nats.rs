@@ -12,13 +12,13 @@
 //! header    Idempotency-Key (request), Idempotent-Replayed: true (reply, when replayed),
 //!           Deltasync-Allow-Empty: true (state: a body without entries empties the state)
 //! reply     the receipt JSON; on error the headers Nats-Service-Error (the message) and
-//!           Nats-Service-Error-Code (400, 409, 413, 500, 503) and the error JSON as body
+//!           Nats-Service-Error-Code (400, 409, 413, 422, 500, 503) and the error JSON as body
 //! ```
 //!
 //! Each request runs on its own task (a slow one does not hold back the others); commits
 //! are still ordered by the producer's engine.
 
-use super::{Answer, Api, ApiError, Op, ALLOW_EMPTY};
+use super::{Answer, Api, ApiError, Body, Op, ALLOW_EMPTY};
 use crate::publisher::NatsClient;
 use async_nats::service::ServiceExt;
 use async_nats::HeaderMap;
@@ -140,10 +140,7 @@ async fn serve(api: &Api, client: &NatsClient, op: Op, request: async_nats::serv
                     .is_some_and(|v| v.as_str().eq_ignore_ascii_case("true"));
                 api.state(key.as_deref(), body, allow_empty).await
             }
-            Op::Changes => {
-                let reader = std::io::Cursor::new(body);
-                api.changes(key.as_deref(), Box::new(reader)).await
-            }
+            Op::Changes => api.changes(key.as_deref(), Body::Bytes(body)).await,
         }
     };
     if let Err(e) = reply(client, &request, result).await {

@@ -145,10 +145,13 @@ pub async fn request(
 }
 
 /// A POST whose body is sent in chunks (`Transfer-Encoding: chunked`, no length upfront).
-async fn post_chunked(addr: SocketAddr, path: &str, chunks: &[String]) -> Resp {
+async fn post_chunked(addr: SocketAddr, path: &str, key: Option<&str>, chunks: &[String]) -> Resp {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let key = key
+        .map(|k| format!("Idempotency-Key: {k}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n{key}\r\n"
     );
     s.write_all(head.as_bytes()).await.expect("write");
     for c in chunks {
@@ -324,6 +327,20 @@ async fn serve_commits_transactions_over_http_with_receipts_conflicts_and_idempo
     assert!(again.replayed(), "{again:?}");
     assert_eq!(again.json(), first);
     assert_eq!(envelopes(&js, &pipeline).await, before_retry);
+    // The same key for another body is not a retry: 422, nothing committed.
+    let reused = post(
+        addr,
+        "/v1/txn",
+        Some("order-1"),
+        r#"{"txn":[{"op":"put","key":"twice","value":true}]}"#,
+    )
+    .await;
+    assert_eq!(reused.status, 422, "{reused:?}");
+    assert!(reused.json()["error"]
+        .as_str()
+        .expect("error")
+        .contains("different"));
+    assert_eq!(envelopes(&js, &pipeline).await, before_retry);
     // The key is per operation and a different key commits anew.
     let other = post(addr, "/v1/txn", Some("order-2"), body).await;
     assert_eq!(other.json()["seq"], first["seq"].as_u64().expect("seq") + 1);
@@ -351,7 +368,7 @@ async fn serve_commits_transactions_over_http_with_receipts_conflicts_and_idempo
             )
         })
         .collect();
-    let r = post_chunked(addr, "/v1/changes", &chunks).await;
+    let r = post_chunked(addr, "/v1/changes", None, &chunks).await;
     assert_eq!(r.status, 413, "{r:?}");
     let err = r.json();
     assert!(
@@ -422,6 +439,23 @@ async fn serve_ingests_change_bodies_and_commits_whole_states_as_their_differenc
     assert_eq!(receipt["first_seq"], 1);
     assert_eq!(value_of(&replayed.state, "k1"), None);
     assert_eq!(value_of(&replayed.state, "k3").as_deref(), Some("3"));
+    // A streamed body under an Idempotency-Key: the retry is answered from memory after its
+    // body is read (and compared); another body under the key is refused.
+    let lines: Vec<String> = (0..50)
+        .map(|i| format!("{{\"op\":\"put\",\"key\":\"i{i}\",\"value\":{i}}}\n"))
+        .collect();
+    let first = post_chunked(addr, "/v1/changes", Some("batch-7"), &lines).await;
+    assert_eq!((first.status, first.replayed()), (200, false), "{first:?}");
+    assert_eq!(first.json()["changes"], 50);
+    // Plain lines arriving in pieces may be batched into more than one envelope.
+    let count = envelopes(&js, &pipeline).await;
+    assert_eq!(first.json()["seq"], count);
+    let again = post_chunked(addr, "/v1/changes", Some("batch-7"), &lines).await;
+    assert_eq!((again.status, again.replayed()), (200, true), "{again:?}");
+    assert_eq!(again.json(), first.json());
+    let other = post_chunked(addr, "/v1/changes", Some("batch-7"), &lines[..49]).await;
+    assert_eq!(other.status, 422, "{other:?}");
+    assert_eq!(envelopes(&js, &pipeline).await, count);
 
     // A bad line mid-body: the lines before it are committed, nothing of it or after.
     let body = "{\"op\":\"put\",\"key\":\"m1\",\"value\":1}\n\
@@ -459,8 +493,8 @@ async fn serve_ingests_change_bodies_and_commits_whole_states_as_their_differenc
     assert_eq!(r.status, 200, "{r:?}");
     let receipt = r.json();
     assert_eq!(receipt["parts"], 1, "{receipt}");
-    // k3 changed, raw added, m1 deleted.
-    assert_eq!(receipt["changes"], 3, "{receipt}");
+    // k3 changed, raw added, m1 and the 50 i<n> keys deleted.
+    assert_eq!(receipt["changes"], 53, "{receipt}");
     let replayed = replay(&read_stream(&js, &pipeline).await);
     let keys: Vec<String> = replayed.state.iter().map(|(k, _)| k.to_string()).collect();
     assert_eq!(keys.len(), 3, "{keys:?}");
