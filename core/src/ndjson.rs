@@ -547,10 +547,103 @@ pub fn write_base64(out: &mut Vec<u8>, input: &[u8]) {
     out.truncate(start + written);
 }
 
+/// The fields of an entry line, `{"key":K,"value":V}` or `{"key":K,"value_b64":B}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryFields<'a> {
+    #[serde(borrow)]
+    key: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    value: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    value_b64: Option<&'a RawValue>,
+}
+
+/// Parses one entry line of a whole state, as a consumer's `GET /v1/state` and `dump` print
+/// it: `{"key":K,"value":V}` (V stored as its JSON text exactly as written, so a state
+/// copied line by line keeps every value's bytes) or `{"key":K,"value_b64":B}`. `None` for
+/// a blank line; the error says what is wrong.
+pub fn parse_entry_line(line: &[u8]) -> Result<Option<(Key, Bytes)>, String> {
+    let trimmed = line.trim_ascii();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    if trimmed[0] != b'{' {
+        return Err(match serde_json::from_slice::<IgnoredAny>(trimmed) {
+            Ok(_) => format!("expected a JSON object, got {}", kind_of_bytes(trimmed)),
+            Err(e) => invalid_json(&e),
+        });
+    }
+    let f: EntryFields<'_> = serde_json::from_slice(trimmed).map_err(|e| {
+        if e.is_data() {
+            json_message(&e)
+        } else {
+            invalid_json(&e)
+        }
+    })?;
+    let raw = f.key.ok_or("missing `key`")?;
+    let key = json_str(raw)
+        .map(|k| Key::from(&*k))
+        .ok_or_else(|| format!("`key` must be a string, got {}", kind_of(raw)))?;
+    let value = match (f.value, f.value_b64) {
+        (Some(v), None) => Bytes::copy_from_slice(v.get().as_bytes()),
+        (None, Some(b64)) => {
+            let text = json_str(b64)
+                .ok_or_else(|| format!("`value_b64` must be a string, got {}", kind_of(b64)))?;
+            Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(text.as_bytes())
+                    .map_err(|e| format!("`value_b64` is not base64: {e}"))?,
+            )
+        }
+        (Some(_), Some(_)) => return Err("an entry takes `value` or `value_b64`, not both".into()),
+        (None, None) => {
+            return Err("missing `value` (any JSON value) or `value_b64`".into());
+        }
+    };
+    let change = Change::Put { key, value };
+    change.validate().map_err(|e| e.to_string())?;
+    match change {
+        Change::Put { key, value } => Ok(Some((key, value))),
+        Change::Delete { .. } => Err("not an entry".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn entry_lines_read_as_key_and_value_bytes_exactly_as_written() {
+        let (k, v) = parse_entry_line(br#"{"key":"a","value":{"x": 1}}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!((&*k, &v[..]), ("a", &br#"{"x": 1}"#[..]));
+        let (k, v) = parse_entry_line(b"{\"key\":\"b\\u00e9\",\"value_b64\":\"AJ+Slg==\"}\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((&*k, &v[..]), ("b\u{e9}", &[0x00, 0x9f, 0x92, 0x96][..]));
+        assert_eq!(parse_entry_line(b"  \n").unwrap(), None);
+        for (line, want) in [
+            (&br#"{"key":"a"}"#[..], "missing `value`"),
+            (br#"{"value":1}"#, "missing `key`"),
+            (br#"{"key":1,"value":1}"#, "`key` must be a string"),
+            (br#"{"key":"a","value":1,"value_b64":"AA=="}"#, "not both"),
+            (br#"{"key":"a","vlaue":1}"#, "unknown field `vlaue`"),
+            (br#"{"key":"a","value_b64":"!"}"#, "not base64"),
+            (br#"[1]"#, "expected a JSON object"),
+            (br#"{"key":"a","value":"#, "invalid JSON"),
+        ] {
+            let err = parse_entry_line(line).unwrap_err();
+            assert!(
+                err.contains(want),
+                "{}: {err}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
 
     fn change(line: &str) -> Change {
         match parse_line(line.as_bytes()) {

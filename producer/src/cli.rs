@@ -5,16 +5,19 @@
 //! Talks to the library only (producer, ingest, sources, ops, http) and prints results to
 //! stdout (logs go to stderr).
 
+use crate::api::{self, Api};
 use crate::http;
-use crate::ingest::{self, Input};
+use crate::ingest::{self, Input, LinesReceipt};
 use crate::ops;
 use crate::producer::{NewLineage, Producer};
 use crate::sources::{self, SourceFlags};
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use deltasync_config::settings::{Overrides, Settings, CONFIG_FILE_ENV};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// deltasync producer: publishes a keyed state's changes as gapless, digest-chained delta
@@ -65,6 +68,25 @@ pub enum Command {
         /// HTTP address for /healthz, /readyz, /metrics, /v1/status (overrides producer.http).
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
+        /// Print one receipt JSON line per committed transaction on stdout, once it is
+        /// durable: {"seq","first_seq","parts","lineage","digest","changes","stream_seq",
+        /// "first_line","last_line"}. A txn line is one transaction; consecutive put/del
+        /// lines read together (up to 4096, fewer when the input pauses) are committed as
+        /// one transaction too.
+        #[arg(long)]
+        receipts: bool,
+    },
+    /// Serve the write API until interrupted: POST /v1/txn, POST /v1/changes, PUT /v1/state
+    /// over HTTP (beside /healthz, /readyz, /metrics, /v1/status) and, unless
+    /// producer.api_nats = false, the NATS service "deltasync" on
+    /// `deltasync.<pipeline>.api.{txn,changes,state}`.
+    Serve {
+        /// HTTP address (overrides producer.http; one of them is required).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<SocketAddr>,
+        /// Do not offer the NATS service (sets producer.api_nats = false).
+        #[arg(long)]
+        no_nats: bool,
     },
     /// Take a snapshot now: recover the pipeline's state and write it to the bucket.
     Snapshot,
@@ -114,12 +136,23 @@ pub async fn run(
             http,
             flags,
         } => with_producer(settings, http, shutdown, Work::Source(source, flags)).await,
-        Command::Ingest { path, http } => {
+        Command::Ingest {
+            path,
+            http,
+            receipts,
+        } => {
             let input = match path {
                 Some(p) if p.as_os_str() != "-" => Input::File(p),
                 _ => Input::Stdin,
             };
-            with_producer(settings, http, shutdown, Work::Ingest(input)).await
+            with_producer(settings, http, shutdown, Work::Ingest(input, receipts)).await
+        }
+        Command::Serve { http, no_nats } => {
+            let mut settings = settings;
+            if no_nats {
+                settings.producer.api_nats = false;
+            }
+            serve(settings, http, shutdown).await
         }
         Command::Snapshot => {
             let out = ops::snapshot_now(&settings).await?;
@@ -254,7 +287,7 @@ pub async fn run(
 /// What runs inside a producer's life.
 enum Work {
     Source(String, SourceFlags),
-    Ingest(Input),
+    Ingest(Input, bool),
 }
 
 /// Starts a producer (and its HTTP endpoint when configured), runs `work`, then shuts the
@@ -282,10 +315,24 @@ async fn with_producer(
     };
     let result: anyhow::Result<()> = match work {
         Work::Source(name, flags) => sources::run(&name, &flags, &producer, shutdown.clone()).await,
-        Work::Ingest(input) => ingest::ingest(&producer, input, shutdown.clone())
+        Work::Ingest(input, false) => ingest::ingest(&producer, input, shutdown.clone())
             .await
             .map(drop)
             .map_err(Into::into),
+        Work::Ingest(input, true) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let printer = tokio::spawn(print_receipts(producer.lineage().to_hex(), rx));
+            let ingested = ingest::ingest_with(&producer, input, shutdown.clone(), Some(tx)).await;
+            let printed = printer.await;
+            ingested
+                .map(drop)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    printed
+                        .map_err(|e| anyhow::anyhow!("the receipt printer failed: {e}"))?
+                        .context("printing receipts to stdout")
+                })
+        }
     };
     let stopped = producer.shutdown().await;
     http_stop.cancel();
@@ -295,6 +342,104 @@ async fn with_producer(
     result?;
     stopped?;
     Ok(())
+}
+
+/// Prints each receipt as a JSON line, flushed, as soon as it arrives.
+async fn print_receipts(
+    lineage: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<LinesReceipt>,
+) -> std::io::Result<()> {
+    while let Some(r) = rx.recv().await {
+        let mut line = api::receipt_json(&lineage, &r.receipt);
+        line["first_line"] = r.first_line.into();
+        line["last_line"] = r.last_line.into();
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// `serve`: one long-lived producer whose input is the write API, until `shutdown`; then no
+/// new request is taken, running ones are answered, and the producer stops as usual.
+async fn serve(
+    settings: Settings,
+    http: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(addr) = http.or(settings.producer.http) else {
+        bail!(
+            "serve needs an HTTP address: pass --http ADDR (e.g. --http 0.0.0.0:8080) or set \
+             producer.http (environment DELTASYNC_PRODUCER__HTTP)"
+        );
+    };
+    let pipeline = settings.pipeline.clone();
+    let api_nats = settings.producer.api_nats;
+    let producer = Arc::new(
+        Producer::start(settings)
+            .await
+            .with_context(|| format!("starting the producer of pipeline {pipeline}"))?,
+    );
+    let api = Api::new(producer.clone());
+    let stop = CancellationToken::new();
+    let router = http::router(producer.observer()).merge(api::http::router(api.clone()));
+    // The NATS service first: once /readyz answers, both ways in take requests.
+    let served = async {
+        let service = if api_nats {
+            let client = producer.client().clone();
+            Some(
+                api::nats::spawn(api.clone(), client, &pipeline, stop.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("starting the NATS write API: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let server = http::spawn_router(addr, router, stop.clone()).await;
+        let (_, server) = match server {
+            Ok(s) => s,
+            Err(e) => {
+                stop.cancel();
+                if let Some(s) = service {
+                    let _ = s.await;
+                }
+                return Err(e).with_context(|| format!("binding the HTTP endpoint to {addr}"));
+            }
+        };
+        anyhow::Ok((server, service))
+    }
+    .await;
+    if served.is_ok() {
+        shutdown.cancelled().await;
+        tracing::info!("Stopping: no new requests; answering the running ones");
+    }
+    let answered = tokio::time::timeout(api::CLOSE_GRACE, api.close()).await;
+    stop.cancel();
+    let result = match served {
+        Ok((server, service)) => {
+            let _ = server.await;
+            if let Some(s) = service {
+                let _ = s.await;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    if answered.is_err() {
+        tracing::warn!(grace = ?api::CLOSE_GRACE, "Requests still running at shutdown; stopping anyway");
+    }
+    drop(api);
+    let stopped = match Arc::try_unwrap(producer) {
+        Ok(p) => p.shutdown().await.map(drop).map_err(anyhow::Error::from),
+        Err(p) => p
+            .flush()
+            .await
+            .map(drop)
+            .map_err(anyhow::Error::from)
+            .context("a request still holds the producer; flushed instead of shutting down"),
+    };
+    result?;
+    stopped
 }
 
 #[cfg(test)]

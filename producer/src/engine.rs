@@ -49,9 +49,10 @@ const SNAPSHOT_RECHECK: Duration = Duration::from_millis(200);
 pub(crate) enum Command {
     /// Changes with no atomicity asked: batched freely.
     Submit(Vec<Change>),
-    /// An atomic transaction.
+    /// An atomic transaction; with `if_seq`, only when the head is still that sequence.
     Transaction {
         changes: Vec<Change>,
+        if_seq: Option<u64>,
         reply: Option<oneshot::Sender<Result<CommitReceipt, ProducerError>>>,
     },
     /// A full state: commit the difference from the current one, atomically.
@@ -270,8 +271,20 @@ impl Engine {
     async fn handle(&mut self, cmd: Command) -> Result<(), Closed> {
         match cmd {
             Command::Submit(changes) => self.submit(changes).await,
-            Command::Transaction { changes, reply } => {
+            Command::Transaction {
+                changes,
+                if_seq,
+                reply,
+            } => {
                 self.seal_batch().await?;
+                // Here, in the one loop that hands out sequences, nothing can move the head
+                // between the check and the commit.
+                if let Err(err) = check_head(if_seq, self.state.seq()) {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(err));
+                    }
+                    return Ok(());
+                }
                 self.transaction(changes, reply).await?;
                 self.maybe_snapshot().await
             }
@@ -714,6 +727,15 @@ pub(crate) fn check_transaction(
     Ok(())
 }
 
+/// A conditional transaction's check: with `if_seq`, the head (the last envelope handed over,
+/// after the pending batch is sealed) must be that sequence, else nothing of it is taken.
+pub(crate) fn check_head(if_seq: Option<u64>, head: u64) -> Result<(), ProducerError> {
+    match if_seq {
+        Some(expected) if expected != head => Err(ProducerError::HeadMoved { expected, head }),
+        _ => Ok(()),
+    }
+}
+
 /// How many parts `split_transaction` will cut `changes` into, and their encoded bytes.
 fn count_parts(changes: &[Change], max_bytes: usize) -> (usize, usize) {
     let (mut parts, mut current, mut total) = (1usize, 0usize, 0usize);
@@ -742,6 +764,24 @@ async fn sleep_until(t: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conditional_transaction_goes_only_at_the_expected_head() {
+        assert!(check_head(None, 7).is_ok());
+        assert!(check_head(Some(7), 7).is_ok());
+        assert!(check_head(Some(0), 0).is_ok());
+        for (expected, head) in [(6, 7), (8, 7), (0, 1), (1, 0)] {
+            match check_head(Some(expected), head) {
+                Err(ProducerError::HeadMoved {
+                    expected: e,
+                    head: h,
+                }) => {
+                    assert_eq!((e, h), (expected, head));
+                }
+                other => panic!("{expected} at {head}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn parts_are_counted_as_split_transaction_cuts_them() {

@@ -73,6 +73,18 @@ pub enum ProducerError {
         /// Envelopes it would need.
         parts: usize,
     },
+    /// A conditional transaction (`if_seq`) found the head elsewhere: another transaction
+    /// came first. Nothing of it was taken; read the head and retry.
+    #[error(
+        "the head is envelope {head}, not {expected} as the transaction's if_seq expects: \
+         nothing of it was committed"
+    )]
+    HeadMoved {
+        /// The sequence the caller expected the head to be.
+        expected: u64,
+        /// The head the engine was at.
+        head: u64,
+    },
     /// A clean stop was asked for while publishing was held back by failing snapshots: what
     /// was not yet published is not published (publishing it would let retention prune
     /// envelopes no snapshot covers).

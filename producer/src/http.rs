@@ -37,11 +37,21 @@ pub async fn spawn(
     observer: Observer,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
+    spawn_router(addr, router(observer), shutdown).await
+}
+
+/// Like [`spawn`], serving `router` ([`router`] merged with other routes, e.g. the write API
+/// of `serve`).
+pub async fn spawn_router(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "HTTP endpoint listening");
     let task = tokio::spawn(async move {
-        axum::serve(listener, router(observer))
+        axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
     });

@@ -2,7 +2,8 @@
 //! stopping at the first bad line with an error naming it.
 //!
 //! Talks to its input (a blocking reader on its own thread, so parsing runs beside the
-//! engine) and to a [`Producer`].
+//! engine; an async reader, e.g. an HTTP body, is bridged onto that thread) and to a
+//! [`Producer`].
 //!
 //! The line format, its reader and its writer are `deltasync_core::ndjson`'s (shared with the
 //! consumer's `replay`); this module only drives it: reads a file or stdin in chunks,
@@ -16,9 +17,15 @@
 //!   transaction. A transaction the pipeline cannot publish whole (more parts than a replica
 //!   buffers, more than the stream's retention keeps after a snapshot) is a bad line.
 //! - A line longer than [`max_line_bytes`] is a bad line; it is never read into memory whole.
+//! - With receipts asked for ([`ingest_with`]), every piece is committed as an atomic
+//!   transaction and its receipt is handed over once it is acknowledged, in input order: a
+//!   `txn` line is one; consecutive plain lines read together (a chunk of up to 4096 lines,
+//!   fewer when the input pauses, split further only when the pipeline cannot publish them
+//!   as one transaction) are another.
 
 use crate::error::ProducerError;
-use crate::producer::Producer;
+use crate::handoff::CommitReceipt;
+use crate::producer::{PendingCommit, Producer};
 use bytes::Bytes;
 pub use deltasync_core::ndjson::{parse_line, Parsed};
 use deltasync_core::ndjson::{parse_plain, Plain};
@@ -27,7 +34,9 @@ use deltasync_core::{Change, Key};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
+use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
 /// Changes parsed before they are handed to the producer in one piece.
@@ -60,6 +69,9 @@ pub enum Input {
     File(PathBuf),
     /// Any reader (tests, embedding).
     Reader(Box<dyn Read + Send>),
+    /// Any async reader (an HTTP request body), read on the parsing thread through a bridge
+    /// to the runtime that was current when [`ingest`] started.
+    Async(Box<dyn AsyncRead + Send + Unpin>),
 }
 
 impl std::fmt::Debug for Input {
@@ -74,7 +86,7 @@ impl Input {
         match self {
             Input::Stdin => "stdin".into(),
             Input::File(p) => p.display().to_string(),
-            Input::Reader(_) => "input".into(),
+            Input::Reader(_) | Input::Async(_) => "input".into(),
         }
     }
 }
@@ -91,6 +103,8 @@ pub enum IngestError {
         line: u64,
         /// What is wrong.
         reason: String,
+        /// What the lines before it became (all durable).
+        committed: Box<IngestReport>,
     },
     /// The input could not be read.
     #[error("reading {input} after line {line}: {source}")]
@@ -102,6 +116,8 @@ pub enum IngestError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+        /// What the lines before the failure became (all durable).
+        committed: Box<IngestReport>,
     },
     /// Publishing failed.
     #[error(transparent)]
@@ -117,6 +133,10 @@ pub struct IngestReport {
     pub changes: u64,
     /// `txn` lines published.
     pub transactions: u64,
+    /// The first envelope sequence the ingestion could have published: one past the
+    /// producer's head when it started. Envelopes `first_seq..=position.seq` hold its changes
+    /// (and those of other callers of the same producer, if any, in between).
+    pub first_seq: u64,
     /// From start to the last acknowledgement.
     pub elapsed: Duration,
     /// The durable position at the end.
@@ -141,6 +161,17 @@ enum Item {
     ReadFailed { line: u64, source: std::io::Error },
 }
 
+/// A piece of the input committed as one transaction ([`ingest_with`] with receipts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinesReceipt {
+    /// Its first line (1-based; blank lines before it included).
+    pub first_line: u64,
+    /// Its last line.
+    pub last_line: u64,
+    /// What the transaction became, once acknowledged.
+    pub receipt: CommitReceipt,
+}
+
 /// Reads `input` to its end (or to `cancel`) and publishes it through `producer`; returns
 /// once every envelope is acknowledged.
 pub async fn ingest(
@@ -148,9 +179,31 @@ pub async fn ingest(
     input: Input,
     cancel: CancellationToken,
 ) -> Result<IngestReport, IngestError> {
+    ingest_with(producer, input, cancel, None).await
+}
+
+/// [`ingest`], and with `receipts`, every piece of the input committed as one transaction
+/// whose receipt is sent there once acknowledged, in input order (see the module's
+/// invariants); all are sent before this returns.
+pub async fn ingest_with(
+    producer: &Producer,
+    input: Input,
+    cancel: CancellationToken,
+    receipts: Option<mpsc::UnboundedSender<LinesReceipt>>,
+) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
+    let first_seq = producer.status().produced_seq + 1;
     let name = input.name();
     let max_line = max_line_bytes(producer.settings());
+    let input = match input {
+        Input::Async(r) => Input::Reader(Box::new(SyncIoBridge::new(r))),
+        other => other,
+    };
+    // Receipts are awaited in order beside the reading, so commits stay pipelined.
+    let waiter = receipts.map(|out| {
+        let (tx, rx) = mpsc::unbounded_channel::<(PendingCommit, u64, u64)>();
+        (tx, tokio::spawn(forward_receipts(rx, out)))
+    });
     let (tx, mut rx) = mpsc::channel::<Item>(16);
     // A plain thread, not the blocking pool: on cancellation it may sit in a read of stdin
     // forever, and nothing waits for it (the runtime would wait for a blocking-pool task).
@@ -161,6 +214,7 @@ pub async fn ingest(
     let (mut lines, mut changes, mut transactions) = (0u64, 0u64, 0u64);
     let mut cancelled = false;
     let mut failure = None;
+    let pending = waiter.as_ref().map(|(tx, _)| tx);
     loop {
         let item = tokio::select! {
             biased;
@@ -178,28 +232,37 @@ pub async fn ingest(
                 line,
             }) => {
                 changes += chunk.len() as u64;
+                let first = lines + 1;
                 lines = line;
-                producer.submit_many(chunk).await?;
+                match pending {
+                    Some(p) => commit_chunk(producer, chunk, p, first, line).await?,
+                    None => producer.submit_many(chunk).await?,
+                }
             }
             Some(Item::Txn { changes: txn, line }) => {
                 changes += txn.len() as u64;
                 transactions += 1;
+                let first = lines + 1;
                 lines = line;
                 // Not awaited one by one: the final flush covers it. A transaction that cannot
                 // be published whole is refused here, before anything of it is handed over.
                 match producer.submit_transaction(txn).await {
-                    Ok(pending) => drop(pending),
+                    Ok(commit) => {
+                        if let Some(p) = pending {
+                            let _ = p.send((commit, first, line));
+                        }
+                    }
                     Err(
                         e @ (ProducerError::TransactionTooLarge { .. }
                         | ProducerError::TransactionBeyondRetention { .. }),
                     ) => {
-                        failure = Some(IngestError::BadLine {
-                            input: name.clone(),
+                        failure = Some(Failure::BadLine {
                             line,
                             reason: e.to_string(),
                         });
                         lines = line - 1;
                         transactions -= 1;
+                        changes -= txn_len(&e);
                         break;
                     }
                     Err(e) => return Err(e.into()),
@@ -210,20 +273,12 @@ pub async fn ingest(
                 break;
             }
             Some(Item::Bad { line, reason }) => {
-                failure = Some(IngestError::BadLine {
-                    input: name.clone(),
-                    line,
-                    reason,
-                });
+                failure = Some(Failure::BadLine { line, reason });
                 lines = line - 1;
                 break;
             }
             Some(Item::ReadFailed { line, source }) => {
-                failure = Some(IngestError::Read {
-                    input: name.clone(),
-                    line,
-                    source,
-                });
+                failure = Some(Failure::Read { line, source });
                 lines = line;
                 break;
             }
@@ -232,17 +287,39 @@ pub async fn ingest(
     // Closing the channel stops the parser at its next chunk.
     drop(rx);
     let position = producer.flush().await?;
-    if let Some(err) = failure {
-        return Err(err);
+    if let Some((tx, task)) = waiter {
+        drop(tx);
+        task.await
+            .map_err(|e| ProducerError::Internal(format!("ingest receipts task: {e}")))??;
     }
     let report = IngestReport {
         lines,
         changes,
         transactions,
+        first_seq,
         elapsed: started.elapsed(),
         position,
         cancelled,
     };
+    match failure {
+        None => {}
+        Some(Failure::BadLine { line, reason }) => {
+            return Err(IngestError::BadLine {
+                input: name,
+                line,
+                reason,
+                committed: Box::new(report),
+            })
+        }
+        Some(Failure::Read { line, source }) => {
+            return Err(IngestError::Read {
+                input: name,
+                line,
+                source,
+                committed: Box::new(report),
+            })
+        }
+    }
     tracing::info!(
         lines,
         changes,
@@ -253,6 +330,62 @@ pub async fn ingest(
         "Ingested; every envelope acknowledged"
     );
     Ok(report)
+}
+
+/// Why the loop stopped short, before the report of what was committed is known.
+enum Failure {
+    BadLine { line: u64, reason: String },
+    Read { line: u64, source: std::io::Error },
+}
+
+/// Changes of a transaction refused whole (to take them off the count).
+fn txn_len(e: &ProducerError) -> u64 {
+    match e {
+        ProducerError::TransactionTooLarge { changes, .. }
+        | ProducerError::TransactionBeyondRetention { changes, .. } => *changes as u64,
+        _ => 0,
+    }
+}
+
+/// Commits plain lines read together as one transaction (receipts mode); halves a piece the
+/// pipeline cannot publish as one transaction until each fits (one change always does).
+async fn commit_chunk(
+    producer: &Producer,
+    chunk: Vec<Change>,
+    pending: &mpsc::UnboundedSender<(PendingCommit, u64, u64)>,
+    first_line: u64,
+    last_line: u64,
+) -> Result<(), ProducerError> {
+    let mut todo = vec![chunk];
+    while let Some(mut piece) = todo.pop() {
+        if piece.len() <= 1 || crate::engine::check_transaction(producer.settings(), &piece).is_ok()
+        {
+            let commit = producer.submit_transaction(piece).await?;
+            let _ = pending.send((commit, first_line, last_line));
+            continue;
+        }
+        let rest = piece.split_off(piece.len() / 2);
+        // The second half is committed after the first.
+        todo.push(rest);
+        todo.push(piece);
+    }
+    Ok(())
+}
+
+/// Awaits the commits in order and sends their receipts on.
+async fn forward_receipts(
+    mut rx: mpsc::UnboundedReceiver<(PendingCommit, u64, u64)>,
+    out: mpsc::UnboundedSender<LinesReceipt>,
+) -> Result<(), ProducerError> {
+    while let Some((commit, first_line, last_line)) = rx.recv().await {
+        let receipt = commit.wait().await?;
+        let _ = out.send(LinesReceipt {
+            first_line,
+            last_line,
+            receipt,
+        });
+    }
+    Ok(())
 }
 
 /// The parsing thread: reads lines and sends chunks until the input ends, a line is bad,
@@ -268,6 +401,12 @@ fn parse_input(input: Input, max_line: u64, tx: &mpsc::Sender<Item>) {
             }
         },
         Input::Reader(r) => r,
+        // Bridged in `ingest_with` before the thread starts (a bridge needs the runtime).
+        Input::Async(_) => {
+            let source = std::io::Error::other("an async input reached the parsing thread");
+            let _ = tx.blocking_send(Item::ReadFailed { line: 0, source });
+            return;
+        }
     };
     parse_lines(BufReader::with_capacity(1 << 20, reader), max_line, tx);
 }

@@ -3,8 +3,9 @@
 //! state after it) to the pipeline's JetStream stream, and keeps snapshots in its KV bucket.
 //!
 //! Talks to NATS through `deltasync_nats` and [`publisher`], the one module of this crate
-//! that calls async-nats itself, to its inputs (the Rust API, NDJSON in [`ingest`], synthetic
-//! [`sources`]) and, optionally, to HTTP clients ([`http`]).
+//! that calls async-nats itself (and [`api::nats`], the write API's NATS service), to its
+//! inputs (the Rust API, NDJSON in [`ingest`], synthetic [`sources`], programs in any language
+//! through the write [`api`] of `serve`) and, optionally, to HTTP clients ([`http`]).
 //!
 //! ```text
 //!   Rust API / ingest / sources
@@ -48,6 +49,7 @@
 //! # }
 //! ```
 
+pub mod api;
 mod budget;
 pub mod cli;
 mod engine;

@@ -442,12 +442,37 @@ impl Producer {
         &self,
         changes: Vec<Change>,
     ) -> Result<PendingCommit, ProducerError> {
+        self.submit_transaction_if(changes, None).await
+    }
+
+    /// Commits one atomic transaction only if the head (the last envelope handed over,
+    /// whatever is still batched included) is `if_seq` when its turn comes; otherwise
+    /// nothing of it is published and the wait returns [`ProducerError::HeadMoved`] with the
+    /// head. The check and the commit are one step of the engine: no other commit can come
+    /// between them. `None` commits unconditionally, like [`Producer::commit`].
+    pub async fn commit_if(
+        &self,
+        changes: Vec<Change>,
+        if_seq: Option<u64>,
+    ) -> Result<CommitReceipt, ProducerError> {
+        self.submit_transaction_if(changes, if_seq)
+            .await?
+            .wait()
+            .await
+    }
+
+    async fn submit_transaction_if(
+        &self,
+        changes: Vec<Change>,
+        if_seq: Option<u64>,
+    ) -> Result<PendingCommit, ProducerError> {
         validate(&changes)?;
         crate::engine::check_transaction(&self.settings, &changes)?;
         self.flush_buffer().await?;
         let (tx, rx) = oneshot::channel();
         self.send(Command::Transaction {
             changes,
+            if_seq,
             reply: Some(tx),
         })
         .await?;
@@ -546,6 +571,11 @@ impl Producer {
         self.send(Command::Snapshot(tx)).await?;
         rx.await
             .unwrap_or_else(|_| Err(self.shared.stopped_error()))
+    }
+
+    /// The NATS connection it publishes on (for the write API's service, which answers on it).
+    pub(crate) fn client(&self) -> &NatsClient {
+        &self.client
     }
 
     /// The current status.

@@ -293,7 +293,8 @@ pub struct ProducerSettings {
     pub linger: Duration,
     /// Publishes awaiting their acknowledgement at once (throughput vs. memory).
     pub ack_window: usize,
-    /// Address of the producer's HTTP endpoint (health, status, metrics); off when unset.
+    /// Address of the producer's HTTP endpoint (health, status, metrics; with `serve`, the
+    /// write API too, which needs it); off when unset.
     pub http: Option<SocketAddr>,
     /// What a starting producer does when envelopes after the newest snapshot are gone from
     /// the stream (aged out, pruned, purged, deleted, or the stream recreated): `refuse` stops
@@ -301,6 +302,19 @@ pub struct ProducerSettings {
     /// snapshot's state and logs what was lost at ERROR (every consumer re-snapshots). Neither
     /// continues the old lineage, which would reuse its sequence numbers.
     pub on_lost_history: OnLostHistory,
+    /// Largest request body the write API (`serve`: `POST /v1/txn`, `POST /v1/changes`,
+    /// `PUT /v1/state`) accepts; a larger one is refused with 413 before anything of it is
+    /// published. NATS requests are bounded by the server's `max_payload` instead.
+    pub api_max_body_bytes: u64,
+    /// Whether `serve` also offers the write API as a NATS service (`deltasync`, subjects
+    /// `deltasync.<pipeline>.api.{txn,changes,state}`).
+    pub api_nats: bool,
+    /// How long the write API remembers an `Idempotency-Key` and the receipt of its first
+    /// success; 0: `stream.duplicate_window` (2 min by default).
+    #[serde(with = "duration")]
+    pub api_idempotency_window: Duration,
+    /// Most `Idempotency-Key`s remembered at once; the oldest are forgotten first.
+    pub api_idempotency_max_keys: usize,
 }
 
 /// What a starting producer does when the history after its newest snapshot is lost.
@@ -337,6 +351,10 @@ impl Default for ProducerSettings {
             ack_window: 256,
             http: None,
             on_lost_history: OnLostHistory::Refuse,
+            api_max_body_bytes: 64 * MIB as u64,
+            api_nats: true,
+            api_idempotency_window: Duration::ZERO,
+            api_idempotency_max_keys: 100_000,
         }
     }
 }

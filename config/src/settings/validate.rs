@@ -390,6 +390,18 @@ impl Settings {
                 "must be > 0 (publishes awaiting acknowledgement at once)",
             ));
         }
+        if p.api_max_body_bytes == 0 {
+            return Err(SettingsError::invalid(
+                "producer.api_max_body_bytes",
+                "must be > 0 (the largest request body the write API accepts)",
+            ));
+        }
+        if p.api_idempotency_max_keys == 0 {
+            return Err(SettingsError::invalid(
+                "producer.api_idempotency_max_keys",
+                "must be > 0 (Idempotency-Keys remembered at once)",
+            ));
+        }
         Ok(())
     }
 
@@ -705,6 +717,14 @@ mod tests {
         assert_eq!(
             invalid_key(|s| s.producer.ack_window = 0),
             "producer.ack_window"
+        );
+        assert_eq!(
+            invalid_key(|s| s.producer.api_max_body_bytes = 0),
+            "producer.api_max_body_bytes"
+        );
+        assert_eq!(
+            invalid_key(|s| s.producer.api_idempotency_max_keys = 0),
+            "producer.api_idempotency_max_keys"
         );
         assert_eq!(
             invalid_key(|s| s.producer.batch_max_changes = 0),

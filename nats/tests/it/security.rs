@@ -350,15 +350,16 @@ impl Secured {
         let pipeline = unique_pipeline(prefix);
         let mut blocks = permission_blocks(&pipeline);
         if own_inboxes {
-            for (role, name) in [("producer", "PRODUCER"), ("consumer", "CONSUMER")] {
+            for (role, name) in [
+                ("producer", "PRODUCER"),
+                ("consumer", "CONSUMER"),
+                ("writer", "WRITER"),
+            ] {
                 let at = blocks.find(&format!("DELTASYNC_{name} = {{")).unwrap();
-                let line = r#"subscribe: { allow: ["_INBOX.>"] }"#;
-                let offset = at + blocks[at..].find(line).unwrap();
-                let own = format!(
-                    r#"subscribe: {{ allow: ["{}.>"] }}"#,
-                    inbox_prefix(&pipeline, role)
-                );
-                blocks.replace_range(offset..offset + line.len(), &own);
+                let inbox = r#""_INBOX.>""#;
+                let offset = at + blocks[at..].find(inbox).unwrap();
+                let own = format!(r#""{}.>""#, inbox_prefix(&pipeline, role));
+                blocks.replace_range(offset..offset + inbox.len(), &own);
             }
             assert!(!blocks.contains("_INBOX.>"));
         }
@@ -376,6 +377,7 @@ authorization {{
   users: [
     {{ user: producer, password: "{producer_password}", permissions: $DELTASYNC_PRODUCER }}
     {{ user: consumer, password: "{consumer_password}", permissions: $DELTASYNC_CONSUMER }}
+    {{ user: writer, password: "{admin_password}-writer", permissions: $DELTASYNC_WRITER }}
     {{ user: admin, password: "{admin_password}" }}
   ]
 }}

@@ -2,6 +2,8 @@
 //! cluster) through the testkit and uses its own pipeline names.
 
 mod abandoned;
+mod api;
+mod api_permissions;
 mod cli;
 mod fencing;
 mod http;
