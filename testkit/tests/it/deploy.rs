@@ -37,10 +37,14 @@ use deltasync_testkit::{free_port, nats_server_bin};
 use serde_norway::Value;
 
 /// The services the compose file must define: (name, profile).
-const SERVICES: [(&str, Option<&str>); 8] = [
+const SERVICES: [(&str, Option<&str>); 12] = [
     ("nats", None),
     ("producer", None),
     ("consumer", None),
+    ("api-producer", None),
+    ("api-consumer", None),
+    ("example-writer", None),
+    ("example-follower", None),
     ("nats-1", Some("cluster")),
     ("nats-2", Some("cluster")),
     ("nats-3", Some("cluster")),
@@ -319,8 +323,24 @@ impl Service {
         self.v.get("build").is_some()
     }
 
+    /// Runs `deltasync-consumer` (directly, or through the scalable replicas' shell script).
     fn is_consumer(&self) -> bool {
-        self.name.starts_with("consumer")
+        self.is_deltasync()
+            && self
+                .command()
+                .iter()
+                .any(|a| a.contains("deltasync-consumer"))
+    }
+
+    /// A consumer meant to be scaled (`--scale`): the shell command that gives each container
+    /// its own id and directory.
+    fn is_scalable(&self) -> bool {
+        self.is_consumer() && self.command()[0] == "sh"
+    }
+
+    /// One of the Python example services (clients/python/examples).
+    fn is_example(&self) -> bool {
+        self.name.starts_with("example-")
     }
 }
 
@@ -536,7 +556,7 @@ fn the_compose_file_declares_the_services_profiles_and_volumes() {
     let mut host_ports = BTreeMap::new();
     for s in services() {
         for port in s.host_ports().into_iter().filter_map(|(host, _)| host) {
-            assert!(!s.is_consumer(), "{}: fixed host port {port}", s.name);
+            assert!(!s.is_scalable(), "{}: fixed host port {port}", s.name);
             if let Some(other) = host_ports.insert(port, s.name) {
                 panic!("{other} and {} both publish host port {port}", s.name);
             }
@@ -550,6 +570,13 @@ fn the_compose_file_declares_the_services_profiles_and_volumes() {
                 Some("."),
                 "{}: built from the Dockerfile",
                 s.name
+            );
+        } else if s.is_example() {
+            assert!(
+                s.image().starts_with("python:3"),
+                "{}: {}",
+                s.name,
+                s.image()
             );
         } else {
             assert!(
@@ -674,6 +701,85 @@ fn the_producer_command_lines_parse_with_the_producer_cli() {
 }
 
 #[test]
+fn the_api_services_command_lines_parse_with_their_clis() {
+    let s = service("api-producer");
+    let producer_argv = argv_of(s);
+    let cli = deltasync_producer::cli::Cli::try_parse_from(&producer_argv)
+        .unwrap_or_else(|e| panic!("api-producer: {producer_argv:?} is refused:\n{e}"));
+    match cli.command {
+        deltasync_producer::cli::Command::Serve { http, .. } => {
+            assert!(http.is_some(), "api-producer: serve --http serves the API")
+        }
+        other => panic!("api-producer: runs {other:?}, not `serve`"),
+    }
+    let s = service("api-consumer");
+    let consumer_argv = argv_of(s);
+    let cli = deltasync_consumer::cli::Cli::try_parse_from(&consumer_argv)
+        .unwrap_or_else(|e| panic!("api-consumer: {consumer_argv:?} is refused:\n{e}"));
+    assert!(
+        matches!(cli.command, deltasync_consumer::cli::Command::Run(_)),
+        "api-consumer: {consumer_argv:?}"
+    );
+    // Both on the `app` pipeline, apart from the order book's.
+    for name in ["api-producer", "api-consumer"] {
+        let s = service(name);
+        let settings = settings_of(s, &argv_of(s)).expect("settings");
+        assert_eq!(settings.pipeline, "app", "{name}");
+    }
+}
+
+fn argv_of(s: Service) -> Vec<String> {
+    argv(s, HOSTNAMES[0])
+}
+
+/// The example services' command lines, run by python3 against the files they mount (in
+/// the mode that only parses the arguments), must parse; the URLs they use must name a
+/// service of the file on the port its HTTP endpoint listens on.
+#[test]
+fn the_python_examples_parse_their_command_lines_and_reach_the_api_services() {
+    for name in ["example-writer", "example-follower"] {
+        let s = service(name);
+        let mut command = s.command();
+        assert_eq!(command[0], "python3", "{name}");
+        // Map each mounted container path back to the file in the repository.
+        let mounts = s.volumes();
+        for arg in command.iter_mut() {
+            if let Some((source, _)) = mounts.iter().find(|(_, target)| target == arg) {
+                *arg = root().join(source).display().to_string();
+            }
+        }
+        let out = Command::new("python3")
+            .args(&command[1..])
+            .env("DELTASYNC_EXAMPLE_CHECK_ARGS", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("{name}: cannot run python3 (install it): {e}"));
+        assert!(
+            out.status.success(),
+            "{name}: {command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let parsed: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("the parsed arguments as JSON");
+        for key in ["producer", "replica"] {
+            let Some(url) = parsed.get(key).and_then(|v| v.as_str()) else {
+                continue;
+            };
+            let authority = url.trim_start_matches("http://");
+            let (host, port) = authority.split_once(':').expect("host:port");
+            let target = service(host);
+            let argv = argv(target, HOSTNAMES[0]);
+            let settings = settings_of(target, &argv).expect("settings");
+            let listens = http_address(target, &argv, &settings).port();
+            assert_eq!(port.parse::<u16>().ok(), Some(listens), "{name}: {url}");
+            assert!(
+                s.depends_on().contains_key(host),
+                "{name} starts before {host}, which it talks to"
+            );
+        }
+    }
+}
+
+#[test]
 fn the_consumer_shell_command_gives_each_container_its_own_id_and_data_dir() {
     for name in ["consumer", "consumer-cluster"] {
         let s = service(name);
@@ -714,7 +820,8 @@ fn the_consumer_shell_command_gives_each_container_its_own_id_and_data_dir() {
 
 #[test]
 fn every_healthcheck_targets_the_port_its_command_listens_on() {
-    for s in services() {
+    // The examples serve nothing; what waits for them is nothing.
+    for s in services().filter(|s| !s.is_example()) {
         let (host, port, path) = s.healthcheck();
         assert!(
             host == "127.0.0.1" || host == "localhost",

@@ -7,6 +7,7 @@
 //! the real binaries.
 
 mod bin;
+mod clients;
 mod cluster;
 mod deploy;
 mod nats_habits;
