@@ -127,6 +127,8 @@ struct Inflight {
     entries: usize,
     view: Option<State>,
     batches: Vec<Arc<ChangeBatch>>,
+    /// When the producer made the last transaction of the commit.
+    produced_at_ms: Option<u64>,
     started: Instant,
 }
 
@@ -194,6 +196,8 @@ pub(crate) struct Engine {
     /// Changes in those transactions (bounds the memory a backlog can hold).
     batch_changes: usize,
     batch_started: Option<Instant>,
+    /// When the producer made the last transaction of the batch (for the lag in time).
+    batch_produced_at_ms: Option<u64>,
     inflight: Option<Inflight>,
     /// The durable position.
     committed: Position,
@@ -227,6 +231,7 @@ impl Engine {
             batch_txns: 0,
             batch_changes: 0,
             batch_started: None,
+            batch_produced_at_ms: None,
             inflight: None,
             committed: Position::default(),
             bootstrapped: false,
@@ -606,6 +611,7 @@ impl Engine {
                 self.replica.record(StatusEvent::Applied {
                     changes: txn.changes as u64,
                 });
+                self.batch_produced_at_ms = Some(txn.produced_at_ms);
                 if let Some(b) = txn.batch {
                     self.batch.push(Arc::new(b));
                 }
@@ -681,6 +687,7 @@ impl Engine {
                 );
                 let from_seq = txn.prev_seq;
                 let changes = txn.changes;
+                self.batch_produced_at_ms = Some(txn.produced_at_ms);
                 if let Some(b) = txn.batch {
                     self.batch.push(Arc::new(b));
                 }
@@ -837,6 +844,7 @@ impl Engine {
         let cursor = self.follower.applied();
         let entries = self.follower.state().len();
         let batches = std::mem::take(&mut self.batch);
+        let produced_at_ms = self.batch_produced_at_ms.take();
         self.batch_txns = 0;
         self.batch_changes = 0;
         self.batch_started = None;
@@ -856,10 +864,11 @@ impl Engine {
                 entries,
                 view,
                 batches,
+                produced_at_ms,
                 started: Instant::now(),
             });
         } else {
-            self.complete(cursor, entries, view, batches);
+            self.complete(cursor, entries, view, batches, produced_at_ms);
         }
         Ok(())
     }
@@ -884,7 +893,7 @@ impl Engine {
                     .metrics()
                     .commit_seconds
                     .observe(i.started.elapsed().as_secs_f64());
-                self.complete(i.cursor, i.entries, i.view, i.batches);
+                self.complete(i.cursor, i.entries, i.view, i.batches, i.produced_at_ms);
                 Ok(())
             }
             Ok(Err(e)) => Err(e.into()),
@@ -899,9 +908,11 @@ impl Engine {
         entries: usize,
         view: Option<State>,
         batches: Vec<Arc<ChangeBatch>>,
+        produced_at_ms: Option<u64>,
     ) {
         self.committed = cursor;
         self.marker.committed(cursor.stream_seq);
+        self.replica.set_last_produced(produced_at_ms);
         let batches = if self.replica.has_subscribers() || self.replica.feed_on() {
             batches
         } else {
@@ -1000,7 +1011,8 @@ impl Engine {
         self.bootstrapped = true;
         let view = Some(self.follower.state().clone());
         let entries = self.follower.state().len();
-        self.complete(cursor, entries, view, batches);
+        // A snapshot's production time is not the last envelope's: unknown until one applies.
+        self.complete(cursor, entries, view, batches, None);
         Ok(())
     }
 

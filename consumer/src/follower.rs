@@ -94,6 +94,8 @@ pub struct Txn {
     pub changes: usize,
     /// Its changes, when the caller asked to keep them.
     pub batch: Option<ChangeBatch>,
+    /// When the producer made its last envelope, ms since the Unix epoch (its clock).
+    pub produced_at_ms: u64,
 }
 
 /// What to do after a stream message.
@@ -467,6 +469,7 @@ impl Follower {
             }
             Ok(Applied::Committed { seq, changes }) => {
                 let prev_seq = self.applied.seq;
+                let produced_at_ms = env.produced_at_ms;
                 let keep = keep && (env.part == 1 || self.parts_kept);
                 let batch = keep.then(|| {
                     let mut all = if env.part == 1 {
@@ -504,6 +507,7 @@ impl Follower {
                     prev_seq,
                     changes,
                     batch,
+                    produced_at_ms,
                 })
             }
             Err(ApplyError::Duplicate { seq }) => Step::Skipped {
@@ -619,6 +623,7 @@ impl Follower {
                 kind: BatchKind::Resync { reason },
                 changes: env.changes.clone(),
             }),
+            produced_at_ms: env.produced_at_ms,
         })
     }
 

@@ -160,3 +160,30 @@ pub async fn first_stored_since(
     }
     Ok(found)
 }
+
+/// When the server stored the first message of the pipeline at or after stream sequence
+/// `from` (ms since the Unix epoch, the server's clock); `None` when there is none.
+pub async fn stored_ms_at_or_after(
+    js: &JetStream,
+    settings: &Settings,
+    from: u64,
+) -> Result<Option<u64>, String> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let stream = js
+        .get_stream_no_info(names::stream_name(&settings.pipeline))
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream
+        .raw_message_builder()
+        .sequence(from)
+        .next_by_subject(names::subject(&settings.pipeline))
+        .send()
+        .await
+    {
+        Ok(m) => Ok(Some(
+            u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+        )),
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -650,6 +650,9 @@ pub struct ConsumerStatus {
     /// Stream sequence the consumer has committed (acknowledged) up to.
     pub position: u64,
     pub lag: u64,
+    /// The lag in time: how long the oldest message it has not applied has been stored
+    /// (0 when `lag` is 0; the server's clock). `None` when that message could not be read.
+    pub lag_secs: Option<f64>,
     /// Messages that can still arrive before retention prunes the position: the minimum
     /// over the stream's message, byte and age limits (`None`: no limit applies).
     pub headroom_messages: Option<u64>,
@@ -751,10 +754,20 @@ pub async fn status(settings: &Settings) -> Result<Status, OpsError> {
         .map_err(|e| OpsError::Consumers(e.to_string()))?
     {
         let h = view.headroom(c.position).await;
+        let lag_secs = if h.lag == 0 {
+            Some(0.0)
+        } else {
+            nats::stored_ms_at_or_after(&js, settings, c.position + 1)
+                .await
+                .ok()
+                .flatten()
+                .map(|ms| now_ms.saturating_sub(ms) as f64 / 1000.0)
+        };
         consumers.push(ConsumerStatus {
             name: c.name,
             position: c.position,
             lag: h.lag,
+            lag_secs,
             headroom_messages: h.headroom.messages,
             headroom_secs: h.headroom.secs,
             headroom_limit: h.headroom.limit,
@@ -813,10 +826,11 @@ pub fn render_status(s: &Status) -> String {
     out += "consumers:\n";
     for c in &s.consumers {
         out += &format!(
-            "  {:<40} position {:>10}  lag {:>8}  headroom {} messages / {}{}{}\n",
+            "  {:<40} position {:>10}  lag {:>8} ({})  headroom {} messages / {}{}{}\n",
             c.name,
             c.position,
             c.lag,
+            age(c.lag_secs),
             c.headroom_messages.map_or("∞".into(), |m| m.to_string()),
             age(c.headroom_secs),
             c.headroom_limit

@@ -124,6 +124,19 @@ pub struct View {
     stream_seq: u64,
 }
 
+/// The lag in time (see [`Status::lag_seconds`]): 0 when no message is behind, else the time
+/// since `last_produced_ms`, never negative (clocks differ); `None` when that is unknown.
+pub(crate) fn lag_seconds(lag: u64, last_produced_ms: Option<u64>, now_ms: u64) -> Option<f64> {
+    if lag == 0 {
+        return Some(0.0);
+    }
+    last_produced_ms.map(|p| now_ms.saturating_sub(p) as f64 / 1000.0)
+}
+
+fn now_ms() -> u64 {
+    deltasync_core::envelope::now_ms()
+}
+
 /// Views of at least this many keys are freed on a background thread (see [`View`]'s `Drop`).
 const FREE_IN_BACKGROUND: usize = 65_536;
 
@@ -248,6 +261,13 @@ pub struct Status {
     pub digest: String,
     /// Stream messages after the committed position.
     pub lag: u64,
+    /// The lag in time: 0 when caught up (`lag` 0), else the time since the producer made
+    /// the last applied envelope (an upper bound of how long the oldest unapplied one has
+    /// waited; the producer's clock against this host's). `None` while unknown (no envelope
+    /// applied since the bootstrap or the last re-snapshot).
+    pub lag_seconds: Option<f64>,
+    /// When the producer made the last applied envelope, ms since the Unix epoch.
+    pub last_applied_at_ms: Option<u64>,
     /// Keys in the replica at `seq`.
     pub entries: usize,
     pub last_resync: Option<ResyncRecord>,
@@ -285,6 +305,9 @@ struct Progress {
     entries: usize,
     bootstrapped: bool,
     last_resync: Option<ResyncRecord>,
+    /// When the producer made the last applied envelope (ms since the epoch, its clock);
+    /// `None` before one applied, and after a re-snapshot until the next one does.
+    last_produced_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -560,7 +583,20 @@ impl Replica {
 
     /// The metrics in Prometheus text format.
     pub fn metrics_text(&self) -> String {
+        // The lag in time grows while nothing happens: set it as of now.
+        let produced = self.position().last_produced_ms;
+        let m = &self.inner.metrics;
+        m.lag_seconds
+            .set(lag_seconds(self.lag(), produced, now_ms()).unwrap_or(0.0));
+        m.last_applied_timestamp
+            .set(produced.map_or(0.0, |ms| ms as f64 / 1000.0));
         metrics::encode(&self.inner.registry)
+    }
+
+    /// Records when the producer made the last transaction of a commit (`None`: unknown, as
+    /// after a re-snapshot).
+    pub(crate) fn set_last_produced(&self, produced_at_ms: Option<u64>) {
+        self.position().last_produced_ms = produced_at_ms;
     }
 
     fn position(&self) -> std::sync::MutexGuard<'_, Progress> {
@@ -603,9 +639,15 @@ impl Replica {
 
     /// The current status.
     pub fn status(&self) -> Status {
-        let (cursor, entries, bootstrapped, last_resync) = {
+        let (cursor, entries, bootstrapped, last_resync, last_produced_ms) = {
             let p = self.position();
-            (p.cursor, p.entries, p.bootstrapped, p.last_resync.clone())
+            (
+                p.cursor,
+                p.entries,
+                p.bootstrapped,
+                p.last_resync.clone(),
+                p.last_produced_ms,
+            )
         };
         let lag = self.lag();
         let m = &self.inner.metrics;
@@ -620,6 +662,8 @@ impl Replica {
             stream_seq: cursor.stream_seq,
             digest: cursor.digest.to_hex(),
             lag,
+            lag_seconds: lag_seconds(lag, last_produced_ms, now_ms()),
+            last_applied_at_ms: last_produced_ms,
             entries,
             last_resync,
             decisions: m.decisions(),
@@ -771,6 +815,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use deltasync_core::Change;
+
+    #[test]
+    fn the_lag_in_time_is_zero_when_caught_up_and_the_age_of_the_last_applied_otherwise() {
+        assert_eq!(lag_seconds(0, None, 10_000), Some(0.0));
+        assert_eq!(lag_seconds(0, Some(1_000), 10_000), Some(0.0));
+        assert_eq!(lag_seconds(5, Some(1_000), 10_000), Some(9.0));
+        assert_eq!(lag_seconds(5, None, 10_000), None);
+        // A producer clock ahead of ours: no negative lag.
+        assert_eq!(lag_seconds(5, Some(20_000), 10_000), Some(0.0));
+    }
 
     #[test]
     fn a_large_view_dropped_in_the_background_leaves_the_state_it_shared_intact() {

@@ -1,6 +1,8 @@
 //! The producer's Prometheus metrics: one registry per producer (so several producers in one
 //! process, as in tests, never mix their figures), rendered as text by `/metrics`; beside them
-//! `deltasync_build_info{version,role="producer"}`.
+//! `deltasync_build_info{version,role="producer"}`. Names follow Prometheus practice: the
+//! unit before `_total` (`deltasync_producer_published_bytes_total`,
+//! `deltasync_producer_snapshot_written_bytes_total`).
 //!
 //! Talks to nothing; the publisher, the batching engine and the snapshot task update it.
 
@@ -60,6 +62,7 @@ impl Metrics {
                 ("role", "producer"),
             ]),
         );
+        deltasync_config::process_metrics::register(&mut top);
         let registry = top.sub_registry_with_prefix("deltasync_producer");
         let m = Metrics {
             registry: Registry::default(),
@@ -87,9 +90,10 @@ impl Metrics {
             "Changes in acknowledged envelopes",
             m.changes.clone(),
         );
-        registry.register(
-            "bytes",
+        registry.register_with_unit(
+            "published",
             "Encoded envelope bytes acknowledged",
+            prometheus_client::registry::Unit::Bytes,
             m.bytes.clone(),
         );
         registry.register(
@@ -113,9 +117,10 @@ impl Metrics {
             m.republished.clone(),
         );
         registry.register("snapshots", "Snapshots written", m.snapshots.clone());
-        registry.register(
-            "snapshot_bytes_written",
+        registry.register_with_unit(
+            "snapshot_written",
             "Snapshot bytes written to the bucket",
+            prometheus_client::registry::Unit::Bytes,
             m.snapshot_bytes_written.clone(),
         );
         registry.register(

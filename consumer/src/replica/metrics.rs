@@ -9,11 +9,14 @@
 //! deltasync_consumer_foreign_messages_total            stream messages that are not envelopes
 //! deltasync_consumer_sync_decisions_total{reason}      start-up and resync decisions, by reason
 //! deltasync_consumer_resyncs_total{reason}             re-snapshots done, by reason
-//! deltasync_consumer_snapshot_bytes_fetched_total      snapshot bytes downloaded
+//! deltasync_consumer_snapshot_fetched_bytes_total      snapshot bytes downloaded
 //! deltasync_consumer_snapshot_seconds                  histogram of re-snapshot durations
 //! deltasync_consumer_apply_seconds                     histogram of decode-to-applied per envelope
 //! deltasync_consumer_commit_seconds                    histogram of durable commits
 //! deltasync_consumer_lag_messages                      stream messages after the committed position
+//! deltasync_consumer_lag_seconds                       0 when caught up, else now - when the producer
+//!                                                      made the last applied envelope (its clock)
+//! deltasync_consumer_last_applied_timestamp_seconds    when the producer made the last applied envelope
 //! deltasync_consumer_seq                               committed envelope sequence
 //! deltasync_consumer_entries                           keys in the replica
 //! deltasync_consumer_ready                             1 when bootstrapped and within max lag
@@ -22,6 +25,8 @@
 //! deltasync_consumer_followers                         open watches and waiting long-polls
 //! deltasync_consumer_followers_lost_total              followers told to re-read (must-refetch, Reset)
 //! deltasync_build_info{version,role}                   1, naming the build (role "consumer")
+//! process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+//!                                                      the standard process metrics
 //! ```
 //!
 //! A `reason` label is a [`Reason`](crate::follower::Reason) label (`follower/reason.rs`).
@@ -71,6 +76,8 @@ pub struct Metrics {
     pub(crate) apply_seconds: Histogram,
     pub(crate) commit_seconds: Histogram,
     pub(crate) lag: Gauge,
+    pub(crate) lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub(crate) last_applied_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub(crate) seq: Gauge,
     pub(crate) entries: Gauge,
     pub(crate) ready: Gauge,
@@ -100,6 +107,8 @@ impl Metrics {
             apply_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 22)),
             commit_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
             lag: Gauge::default(),
+            lag_seconds: Gauge::default(),
+            last_applied_timestamp: Gauge::default(),
             seq: Gauge::default(),
             entries: Gauge::default(),
             ready: Gauge::default(),
@@ -117,6 +126,7 @@ impl Metrics {
                 ("role", "consumer"),
             ]),
         );
+        deltasync_config::process_metrics::register(&mut top);
         let r = top.sub_registry_with_prefix("deltasync_consumer");
         r.register(
             "envelopes_applied",
@@ -149,9 +159,10 @@ impl Metrics {
             m.decisions.clone(),
         );
         r.register("resyncs", "Re-snapshots done, by reason", m.resyncs.clone());
-        r.register(
-            "snapshot_bytes_fetched",
+        r.register_with_unit(
+            "snapshot_fetched",
             "Snapshot bytes downloaded",
+            prometheus_client::registry::Unit::Bytes,
             m.snapshot_bytes.clone(),
         );
         r.register(
@@ -173,6 +184,18 @@ impl Metrics {
             "lag_messages",
             "Stream messages after the committed position",
             m.lag.clone(),
+        );
+        r.register_with_unit(
+            "lag",
+            "0 when caught up, else the time since the producer made the last applied envelope",
+            prometheus_client::registry::Unit::Seconds,
+            m.lag_seconds.clone(),
+        );
+        r.register_with_unit(
+            "last_applied_timestamp",
+            "When the producer made the last applied envelope, since the Unix epoch",
+            prometheus_client::registry::Unit::Seconds,
+            m.last_applied_timestamp.clone(),
         );
         r.register("seq", "Committed envelope sequence", m.seq.clone());
         r.register("entries", "Keys in the replica", m.entries.clone());

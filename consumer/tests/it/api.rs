@@ -40,6 +40,14 @@ async fn the_http_endpoint_serves_health_readiness_metrics_status_keys_and_state
     assert_eq!(status["entries"], p.state.len());
     assert_eq!(status["lag"], 0);
     assert_eq!(status["last_resync"]["reason"], "bootstrap");
+    // Caught up: no lag in time either; the last applied envelope's production time is now-ish
+    // (the producer's clock is this host's here).
+    assert_eq!(status["lag_seconds"], 0.0);
+    let at = status["last_applied_at_ms"]
+        .as_u64()
+        .expect("last_applied_at_ms");
+    let now = deltasync_core::envelope::now_ms();
+    assert!(at <= now && now - at < 600_000, "{at} vs now {now}");
 
     let (code, _, body) = http_get(addr, "/metrics").await;
     assert_eq!(code, 200);
@@ -48,10 +56,14 @@ async fn the_http_endpoint_serves_health_readiness_metrics_status_keys_and_state
         "deltasync_consumer_envelopes_applied_total 1",
         "deltasync_consumer_changes_applied_total 2",
         "deltasync_consumer_lag_messages 0",
+        "deltasync_consumer_lag_seconds 0.0",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+        "deltasync_consumer_last_applied_timestamp_seconds ",
         "deltasync_consumer_resyncs_total{reason=\"bootstrap\"} 1",
         "deltasync_consumer_sync_decisions_total{reason=\"bootstrap\"} 1",
         "deltasync_consumer_apply_seconds_bucket",
-        "deltasync_consumer_snapshot_bytes_fetched_total",
+        "deltasync_consumer_snapshot_fetched_bytes_total",
         "deltasync_consumer_snapshot_seconds_count 1",
         "deltasync_consumer_foreign_messages_total 0",
         concat!(

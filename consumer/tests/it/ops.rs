@@ -318,10 +318,27 @@ async fn status_shows_bounds_snapshots_and_each_consumers_lag_and_headroom() {
         .unwrap_or_else(|| panic!("the watcher's durable consumer is listed: {status:#?}"));
     assert_eq!(consumer.position, 30);
     assert_eq!(consumer.lag, 0);
+    assert_eq!(consumer.lag_secs, Some(0.0));
     assert_eq!(consumer.headroom_messages, Some(100));
     assert!(!consumer.pruned);
     let text = ops::render_status(&status);
     assert!(text.contains("headroom 100 messages"), "{text}");
+
+    // Behind: the lag in time is the age of the oldest message it has not applied.
+    for i in 30..35 {
+        p.commit(puts(i, 1, 3)).await;
+    }
+    let status = ops::status(&p.settings).await.unwrap();
+    let consumer = status
+        .consumers
+        .iter()
+        .find(|c| c.name.contains("watcher"))
+        .unwrap();
+    assert_eq!(consumer.lag, 5);
+    let secs = consumer
+        .lag_secs
+        .expect("the first unapplied message's age");
+    assert!((0.0..600.0).contains(&secs), "{secs}");
 }
 
 /// Runs the `deltasync-consumer` binary on the pipeline with `args`, the caller's settings

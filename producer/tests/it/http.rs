@@ -50,12 +50,14 @@ async fn http_serves_health_readiness_metrics_and_status() {
     for name in [
         "deltasync_producer_envelopes_total 1",
         "deltasync_producer_changes_total 1",
-        "deltasync_producer_bytes_total",
+        "deltasync_producer_published_bytes_total",
         "deltasync_producer_publish_latency_seconds_bucket",
         "deltasync_producer_ack_window_in_use",
         "deltasync_producer_foreign_messages_total",
         "deltasync_producer_snapshots_total",
-        "deltasync_producer_snapshot_bytes_written_total",
+        "deltasync_producer_snapshot_written_bytes_total",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
         concat!(
             "deltasync_build_info{version=\"",
             env!("CARGO_PKG_VERSION"),

@@ -40,7 +40,7 @@ async fn snapshots_are_written_every_n_envelopes_readable_and_verified() {
         "{text}"
     );
     assert!(
-        !text.contains("deltasync_producer_snapshot_bytes_written_total 0\n"),
+        !text.contains("deltasync_producer_snapshot_written_bytes_total 0\n"),
         "{text}"
     );
     for i in 20..25 {
