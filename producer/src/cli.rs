@@ -7,7 +7,7 @@
 
 use crate::api::{self, Api};
 use crate::http;
-use crate::ingest::{self, Input, LinesReceipt};
+use crate::ingest::{self, IngestReport, Input, LinesReceipt};
 use crate::ops;
 use crate::producer::{NewLineage, Producer};
 use crate::sources::{self, SourceFlags};
@@ -75,6 +75,11 @@ pub enum Command {
         /// one transaction too.
         #[arg(long)]
         receipts: bool,
+        /// Print the summary as JSON (the last stdout line, after any receipts):
+        /// {"lines","changes","transactions","first_seq","seq","lineage","digest",
+        /// "elapsed_secs","changes_per_sec"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Serve the write API until interrupted: POST /v1/txn, POST /v1/changes, PUT /v1/state
     /// over HTTP (beside /healthz, /readyz, /metrics, /v1/status) and, unless
@@ -89,7 +94,11 @@ pub enum Command {
         no_nats: bool,
     },
     /// Take a snapshot now: recover the pipeline's state and write it to the bucket.
-    Snapshot,
+    Snapshot {
+        /// Print JSON: {"written", "snapshot": {"lineage","seq","stream_seq","entries",...}}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a NEW lineage. This breaks continuity: every consumer re-snapshots (reason
     /// "lineage changed"). For a history that is lost or corrupt; stop the running producer
     /// first.
@@ -100,6 +109,9 @@ pub enum Command {
         /// Start the new lineage from the recovered state instead of an empty one.
         #[arg(long)]
         keep_state: bool,
+        /// Print JSON: {"pipeline","lineage","seq","digest"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the pipeline's status (stream extent, newest envelope, latest snapshot).
     Status {
@@ -140,12 +152,27 @@ pub async fn run(
             path,
             http,
             receipts,
+            json,
         } => {
             let input = match path {
                 Some(p) if p.as_os_str() != "-" => Input::File(p),
                 _ => Input::Stdin,
             };
-            with_producer(settings, http, shutdown, Work::Ingest(input, receipts)).await
+            let summary = if json {
+                Summary::Json
+            } else if receipts {
+                // stdout carries the receipts' NDJSON: the text summary goes to stderr.
+                Summary::TextOnStderr
+            } else {
+                Summary::Text
+            };
+            with_producer(
+                settings,
+                http,
+                shutdown,
+                Work::Ingest(input, receipts, summary),
+            )
+            .await
         }
         Command::Serve { http, no_nats } => {
             let mut settings = settings;
@@ -154,10 +181,15 @@ pub async fn run(
             }
             serve(settings, http, shutdown).await
         }
-        Command::Snapshot => {
+        Command::Snapshot { json } => {
             let out = ops::snapshot_now(&settings).await?;
             let s = &out.snapshot;
-            if out.written {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "written": out.written, "snapshot": s })
+                );
+            } else if out.written {
                 println!(
                     "snapshot written: lineage {} seq {} (stream seq {}), {} keys, {} bytes ({} new)",
                     s.lineage, s.seq, s.stream_seq, s.entries, s.total_bytes, s.bytes_written
@@ -170,7 +202,11 @@ pub async fn run(
             }
             Ok(())
         }
-        Command::NewLineage { yes, keep_state } => {
+        Command::NewLineage {
+            yes,
+            keep_state,
+            json,
+        } => {
             if !yes {
                 bail!(
                     "refusing to start a new lineage without --yes: it breaks continuity and every \
@@ -184,11 +220,24 @@ pub async fn run(
                 NewLineage::Empty
             };
             let producer = Producer::start_new_lineage(settings, from).await?;
+            let head = producer.flush().await?;
             let status = producer.shutdown().await?;
-            println!(
-                "new lineage {} started on pipeline {} (consumers will re-snapshot)",
-                status.lineage, status.pipeline
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "pipeline": status.pipeline,
+                        "lineage": status.lineage,
+                        "seq": head.seq,
+                        "digest": head.digest.to_hex(),
+                    })
+                );
+            } else {
+                println!(
+                    "new lineage {} started on pipeline {} (consumers will re-snapshot)",
+                    status.lineage, status.pipeline
+                );
+            }
             Ok(())
         }
         Command::Status { json } => {
@@ -287,7 +336,58 @@ pub async fn run(
 /// What runs inside a producer's life.
 enum Work {
     Source(String, SourceFlags),
-    Ingest(Input, bool),
+    Ingest(Input, bool, Summary),
+}
+
+/// Where `ingest` says what it did.
+#[derive(Debug, Clone, Copy)]
+enum Summary {
+    /// A line of text on stdout.
+    Text,
+    /// A line of text on stderr (stdout carries receipts).
+    TextOnStderr,
+    /// A JSON object, the last line on stdout.
+    Json,
+}
+
+/// Prints `ingest`'s report as `how` says.
+fn print_summary(how: Summary, r: &IngestReport) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match how {
+        Summary::Json => {
+            let json = serde_json::json!({
+                "lines": r.lines,
+                "changes": r.changes,
+                "transactions": r.transactions,
+                "first_seq": r.first_seq,
+                "seq": r.position.seq,
+                "lineage": r.position.lineage.to_hex(),
+                "digest": r.position.digest.to_hex(),
+                "elapsed_secs": r.elapsed.as_secs_f64(),
+                "changes_per_sec": r.rate(),
+                "cancelled": r.cancelled,
+            });
+            writeln!(out, "{json}")?;
+        }
+        Summary::Text | Summary::TextOnStderr => {
+            let text = format!(
+                "ingested {} lines: {} changes ({} txn lines) up to envelope {} in {:.2} s ({:.0} changes/s){}",
+                r.lines,
+                r.changes,
+                r.transactions,
+                r.position.seq,
+                r.elapsed.as_secs_f64(),
+                r.rate(),
+                if r.cancelled { ", stopped early" } else { "" }
+            );
+            if matches!(how, Summary::Text) {
+                writeln!(out, "{text}")?;
+            } else {
+                eprintln!("{text}");
+            }
+        }
+    }
+    out.flush()
 }
 
 /// Starts a producer (and its HTTP endpoint when configured), runs `work`, then shuts the
@@ -315,23 +415,23 @@ async fn with_producer(
     };
     let result: anyhow::Result<()> = match work {
         Work::Source(name, flags) => sources::run(&name, &flags, &producer, shutdown.clone()).await,
-        Work::Ingest(input, false) => ingest::ingest(&producer, input, shutdown.clone())
-            .await
-            .map(drop)
-            .map_err(Into::into),
-        Work::Ingest(input, true) => {
+        Work::Ingest(input, false, summary) => {
+            match ingest::ingest(&producer, input, shutdown.clone()).await {
+                Ok(report) => print_summary(summary, &report).context("printing the summary"),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Work::Ingest(input, true, summary) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let printer = tokio::spawn(print_receipts(producer.lineage().to_hex(), rx));
             let ingested = ingest::ingest_with(&producer, input, shutdown.clone(), Some(tx)).await;
             let printed = printer.await;
-            ingested
-                .map(drop)
-                .map_err(anyhow::Error::from)
-                .and_then(|()| {
-                    printed
-                        .map_err(|e| anyhow::anyhow!("the receipt printer failed: {e}"))?
-                        .context("printing receipts to stdout")
-                })
+            ingested.map_err(anyhow::Error::from).and_then(|report| {
+                printed
+                    .map_err(|e| anyhow::anyhow!("the receipt printer failed: {e}"))?
+                    .context("printing receipts to stdout")?;
+                print_summary(summary, &report).context("printing the summary")
+            })
         }
     };
     let stopped = producer.shutdown().await;

@@ -221,3 +221,83 @@ fn errors_are_one_line_and_exit_codes_say_could_not_run() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
 }
+
+/// Every command speaks text by default and JSON with `--json`, parsed here.
+#[test]
+fn every_command_prints_json_with_json_and_text_without() {
+    let server = NatsServer::start();
+    let pipeline = support::pipeline("json");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let input = dir.path().join("in.ndjson");
+    support::write_ndjson(&input, "j", 0..20, 5);
+    let path = input.to_str().expect("UTF-8");
+
+    // ingest: text on stdout; with --json the summary object; with --receipts --json the
+    // receipts then the summary, all JSON lines.
+    let (ok, out, err) = run(&server, &pipeline, &["ingest", path]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("ingested 20 lines: 24 changes (4 txn lines)"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&server, &pipeline, &["ingest", path, "--json"]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(
+        (summary["lines"].as_u64(), summary["changes"].as_u64()),
+        (Some(20), Some(24))
+    );
+    let (ok, out, err) = run(
+        &server,
+        &pipeline,
+        &["ingest", path, "--receipts", "--json"],
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
+        .collect();
+    let last = lines.last().expect("a summary");
+    assert_eq!(last["changes"], 24, "{out}");
+    let receipted: u64 = lines[..lines.len() - 1]
+        .iter()
+        .map(|r| r["changes"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(receipted, 24, "the receipts cover every change: {out}");
+    // --receipts without --json: the text summary moves to stderr, stdout stays NDJSON.
+    let (ok, out, err) = run(&server, &pipeline, &["ingest", path, "--receipts"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "{out}"
+    );
+    assert!(err.contains("ingested 20 lines"), "{err}");
+
+    // snapshot
+    let (ok, out, err) = run(&server, &pipeline, &["snapshot", "--json"]);
+    assert!(ok, "{err}");
+    let snap: serde_json::Value = serde_json::from_str(out.trim()).expect("snapshot JSON");
+    assert_eq!(
+        snap["written"], false,
+        "ingest's clean stop wrote it: {out}"
+    );
+    assert!(snap["snapshot"]["seq"].as_u64().unwrap_or(0) > 0, "{out}");
+
+    // status
+    let (ok, out, err) = run(&server, &pipeline, &["status", "--json"]);
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(status["head"]["seq"], snap["snapshot"]["seq"], "{out}");
+
+    // new-lineage
+    let (ok, out, err) = run(
+        &server,
+        &pipeline,
+        &["new-lineage", "--yes", "--keep-state", "--json"],
+    );
+    assert!(ok, "{err}");
+    let nl: serde_json::Value = serde_json::from_str(out.trim()).expect("new-lineage JSON");
+    assert_eq!(nl["seq"], 1, "{out}");
+    assert_ne!(nl["lineage"], status["head"]["lineage"], "{out}");
+}
