@@ -21,10 +21,10 @@ pub struct Cli {
     /// Settings file (TOML); environment variables DELTASYNC_<SECTION>__<KEY> override it.
     #[arg(long, global = true, env = CONFIG_FILE_ENV)]
     pub config: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated (overrides nats.url).
+    /// NATS server URL(s), comma-separated (overrides nats.url, DELTASYNC_NATS__URL).
     #[arg(long, global = true)]
     pub nats_url: Option<String>,
-    /// Pipeline name (overrides pipeline).
+    /// Pipeline name (overrides pipeline, DELTASYNC_PIPELINE).
     #[arg(long, global = true)]
     pub pipeline: Option<String>,
     /// A `nats` CLI context (a name under ~/.config/nats/context, or a path; over
@@ -111,16 +111,20 @@ pub enum Command {
 /// Options of `run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Replica id (names its durable consumer); default consumer.id, else the host name.
+    /// Replica id (names its durable consumer); default consumer.id (DELTASYNC_CONSUMER__ID),
+    /// else the host name.
     #[arg(long)]
     pub id: Option<String>,
-    /// Keep the replica and its cursor in this directory (restarts resume from it).
-    #[arg(long, conflicts_with = "ephemeral")]
+    /// Keep the replica and its cursor in this directory (restarts resume from it); overrides
+    /// consumer.data_dir (DELTASYNC_CONSUMER__DATA_DIR).
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Keep the replica in memory only (bootstrap from the snapshot at every start).
+    /// Keep the replica in memory only (bootstrap from the snapshot at every start); wins
+    /// over --data-dir and consumer.data_dir, wherever they come from.
     #[arg(long)]
     pub ephemeral: bool,
-    /// HTTP address for health, readiness, metrics, status and reads.
+    /// HTTP address for health, readiness, metrics, status and reads; overrides
+    /// consumer.http (DELTASYNC_CONSUMER__HTTP).
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// Catch up to the stream's head as it was at start, commit, exit.
@@ -424,8 +428,41 @@ mod tests {
     }
 
     #[test]
-    fn contradictory_or_missing_flags_are_refused() {
-        assert!(parse(&["run", "--data-dir", "d", "--ephemeral"]).is_err());
+    fn the_help_names_the_variable_of_every_flag_that_has_a_setting() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let top = cmd.render_long_help().to_string();
+        let run = cmd
+            .find_subcommand_mut("run")
+            .map(|c| c.render_long_help().to_string())
+            .unwrap_or_default();
+        for (help, var) in [
+            (&top, "DELTASYNC_NATS__URL"),
+            (&top, "DELTASYNC_PIPELINE"),
+            (&top, "DELTASYNC_CONFIG"),
+            (&top, "NATS_CONTEXT"),
+            (&run, "DELTASYNC_CONSUMER__ID"),
+            (&run, "DELTASYNC_CONSUMER__DATA_DIR"),
+            (&run, "DELTASYNC_CONSUMER__HTTP"),
+        ] {
+            assert!(help.contains(var), "{var} missing from\n{help}");
+        }
+    }
+
+    #[test]
+    fn ephemeral_wins_over_a_data_dir_and_missing_flags_are_refused() {
+        // A data directory may come from DELTASYNC_CONSUMER__DATA_DIR (clap `env`): an
+        // explicit --ephemeral must still give a memory replica, not an error.
+        let Ok(Cli {
+            command: Command::Run(args),
+            ..
+        }) = parse(&["run", "--data-dir", "d", "--ephemeral"])
+        else {
+            panic!("run parses");
+        };
+        let mut settings = Settings::default();
+        args.apply(&mut settings);
+        assert_eq!(settings.consumer.data_dir, None);
         assert!(parse(&["rebuild", "--at-seq", "3"]).is_err());
         assert!(parse(&["replay", "--from-seq", "x"]).is_err());
     }

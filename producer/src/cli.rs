@@ -28,10 +28,10 @@ pub struct Cli {
     /// Settings file (TOML); environment variables `DELTASYNC_<SECTION>__<KEY>` override it.
     #[arg(long, global = true, env = CONFIG_FILE_ENV, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated (overrides nats.url).
+    /// NATS server URL(s), comma-separated (overrides nats.url, DELTASYNC_NATS__URL).
     #[arg(long, global = true, value_name = "URL")]
     pub nats_url: Option<String>,
-    /// Pipeline name (overrides `pipeline`).
+    /// Pipeline name (overrides `pipeline`, DELTASYNC_PIPELINE).
     #[arg(long, global = true, value_name = "NAME")]
     pub pipeline: Option<String>,
     /// A `nats` CLI context (a name under ~/.config/nats/context, or a path; over
@@ -52,7 +52,7 @@ pub enum Command {
         /// Which source.
         #[arg(long, value_parser = sources::names())]
         source: String,
-        /// HTTP address for /healthz, /readyz, /metrics, /v1/status (overrides producer.http).
+        /// HTTP address for /healthz, /readyz, /metrics, /v1/status (overrides producer.http, DELTASYNC_PRODUCER__HTTP).
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
         /// The sources' own flags (each source's under its heading).
@@ -65,7 +65,7 @@ pub enum Command {
     Ingest {
         /// The file; stdin when absent or "-".
         path: Option<PathBuf>,
-        /// HTTP address for /healthz, /readyz, /metrics, /v1/status (overrides producer.http).
+        /// HTTP address for /healthz, /readyz, /metrics, /v1/status (overrides producer.http, DELTASYNC_PRODUCER__HTTP).
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
         /// Print one receipt JSON line per committed transaction on stdout, once it is
@@ -86,7 +86,8 @@ pub enum Command {
     /// producer.api_nats = false, the NATS service "deltasync" on
     /// `deltasync.<pipeline>.api.{txn,changes,state}`.
     Serve {
-        /// HTTP address (overrides producer.http; one of them is required).
+        /// HTTP address (overrides producer.http, DELTASYNC_PRODUCER__HTTP; one of them is
+        /// required).
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
         /// Do not offer the NATS service (sets producer.api_nats = false).
@@ -548,6 +549,27 @@ mod tests {
     use super::*;
     use crate::sources::{find, orderbook, SOURCES};
     use clap::CommandFactory;
+
+    #[test]
+    fn the_help_names_the_variable_of_every_flag_that_has_a_setting() {
+        let mut cmd = Cli::command();
+        let top = cmd.render_long_help().to_string();
+        for var in [
+            "DELTASYNC_NATS__URL",
+            "DELTASYNC_PIPELINE",
+            "DELTASYNC_CONFIG",
+            "NATS_CONTEXT",
+        ] {
+            assert!(top.contains(var), "{var} missing from\n{top}");
+        }
+        for sub in ["run", "ingest", "serve"] {
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .map(|c| c.render_long_help().to_string())
+                .unwrap_or_default();
+            assert!(help.contains("DELTASYNC_PRODUCER__HTTP"), "{sub}:\n{help}");
+        }
+    }
 
     #[test]
     fn every_registered_source_is_a_run_flag_value_and_the_flags_do_not_clash() {
