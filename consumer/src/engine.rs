@@ -43,7 +43,7 @@ use crate::follower::{
 use crate::local::{LoadedReplica, LocalError, LocalStore};
 use crate::nats::marker::Marker;
 use crate::nats::{self, Bucket, JetStream};
-use crate::replica::{Replica, ResyncRecord, StatusEvent};
+use crate::replica::{Replica, ResyncRecord, StatusEvent, SyncRun};
 use crate::ConsumerError;
 use deltasync_config::settings::Settings;
 use deltasync_core::envelope::now_ms;
@@ -1081,7 +1081,7 @@ impl Engine {
             });
         }
         let mut next = self.follower.state().clone();
-        let report = store::resync(&self.kv, &mut next, &m).await?;
+        let report = self.resync_reporting(reason, &mut next, &m).await?;
         let from_seq = self.follower.applied().seq;
         let b = self.bounds().await?;
         let cursor = Follower::snapshot_cursor(at, b);
@@ -1124,6 +1124,53 @@ impl Engine {
             "Replica restored from the snapshot and verified"
         );
         Ok(())
+    }
+
+    /// Brings `next` to manifest `m` (`store::resync`) while the replica's status and metrics
+    /// show how far it has come, and the log says so every few seconds for a long one.
+    async fn resync_reporting(
+        &mut self,
+        reason: Reason,
+        next: &mut State,
+        m: &deltasync_core::snapshot::Manifest,
+    ) -> Result<store::ResyncReport, ConsumerError> {
+        let progress = store::SyncProgress::default();
+        self.replica.set_sync(Some(SyncRun {
+            reason,
+            seq: m.seq,
+            started_at_ms: now_ms(),
+            progress: progress.clone(),
+        }));
+        let logger = {
+            let progress = progress.clone();
+            let seq = m.seq;
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut tick = tokio::time::interval(SYNC_LOG_EVERY);
+                tick.tick().await; // the first tick is immediate
+                loop {
+                    tick.tick().await;
+                    let (done, planned) = (progress.fetched_bytes(), progress.planned_bytes());
+                    tracing::info!(
+                        reason = reason.as_str(),
+                        seq,
+                        fetched_bytes = done,
+                        remaining_bytes = planned.saturating_sub(done),
+                        fetched_entries = progress.fetched_entries(),
+                        remaining_entries = progress
+                            .planned_entries()
+                            .saturating_sub(progress.fetched_entries()),
+                        percent = if planned > 0 { done * 100 / planned } else { 0 },
+                        secs = started.elapsed().as_secs(),
+                        "Loading the snapshot"
+                    );
+                }
+            })
+        };
+        let result = store::resync_with_progress(&self.kv, next, m, &progress).await;
+        logger.abort();
+        self.replica.set_sync(None);
+        Ok(result?)
     }
 
     /// No snapshot in the bucket: start from the stream's envelope 1 when it is retained, or
@@ -1238,6 +1285,9 @@ fn jitter(max: Duration) -> Duration {
     let r = getrandom::u64().unwrap_or(0) % 1_000_000;
     max.mul_f64(r as f64 / 1_000_000.0)
 }
+
+/// How often a snapshot load in progress is logged.
+const SYNC_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Delay before re-snapshot attempt `attempt` for `reason`: [`backoff`], except that a
 /// start-up bootstrap's first attempt waits for nothing — replicas start at their own times,

@@ -115,7 +115,8 @@ pub use engine::Outcome;
 pub use follower::{BatchKind, ChangeBatch, Reason};
 pub use replica::metrics;
 pub use replica::{
-    FeedStatus, HeadroomStatus, Replica, ResyncRecord, Status, View, WaitError, WatchEvent,
+    FeedStatus, HeadroomStatus, Replica, ResyncRecord, Status, SyncStatus, View, WaitError,
+    WatchEvent,
 };
 
 use deltasync_config::settings::Settings;

@@ -284,6 +284,49 @@ pub struct Status {
     pub headroom: Option<HeadroomStatus>,
     /// The change feed: how far back `/v1/changes` and `/v1/watch` can resume.
     pub feed: FeedStatus,
+    /// The snapshot load or re-snapshot running now (`None` when none is).
+    pub sync: Option<SyncStatus>,
+}
+
+/// A snapshot load or re-snapshot in progress, as the engine registers it.
+#[derive(Clone, Debug)]
+pub(crate) struct SyncRun {
+    pub reason: Reason,
+    /// The manifest's envelope sequence.
+    pub seq: u64,
+    pub started_at_ms: u64,
+    pub progress: deltasync_nats::store::SyncProgress,
+}
+
+/// A snapshot load or re-snapshot in progress, in `/v1/status` (`sync`): what it fetched and
+/// what is left (like Redis's `master_sync_left_bytes`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SyncStatus {
+    pub reason: Reason,
+    /// The snapshot's envelope sequence.
+    pub seq: u64,
+    pub started_at_ms: u64,
+    /// Snapshot bytes fetched so far, and still to fetch (0 until the plan is known).
+    pub fetched_bytes: u64,
+    pub remaining_bytes: u64,
+    /// Base entries fetched so far, and still to fetch.
+    pub fetched_entries: u64,
+    pub remaining_entries: u64,
+}
+
+impl SyncRun {
+    fn status(&self) -> SyncStatus {
+        let p = &self.progress;
+        SyncStatus {
+            reason: self.reason,
+            seq: self.seq,
+            started_at_ms: self.started_at_ms,
+            fetched_bytes: p.fetched_bytes(),
+            remaining_bytes: p.planned_bytes().saturating_sub(p.fetched_bytes()),
+            fetched_entries: p.fetched_entries(),
+            remaining_entries: p.planned_entries().saturating_sub(p.fetched_entries()),
+        }
+    }
 }
 
 /// The change feed's extent, in `/v1/status`.
@@ -326,6 +369,8 @@ struct Inner {
     lag: AtomicU64,
     /// The last judgement of the replica's headroom (by `ops::refresh_headroom`).
     headroom: Mutex<Option<HeadroomStatus>>,
+    /// The snapshot load or re-snapshot running now, if any.
+    sync: Mutex<Option<SyncRun>>,
     /// Bumped at every change of the status, for [`Replica::wait_until`].
     changed: watch::Sender<u64>,
     events: broadcast::Sender<Arc<ChangeBatch>>,
@@ -367,6 +412,7 @@ impl Replica {
                 position: Mutex::new(Progress::default()),
                 lag: AtomicU64::new(0),
                 headroom: Mutex::new(None),
+                sync: Mutex::new(None),
                 changed: watch::channel(0).0,
                 events,
                 feed: Mutex::new(Feed::new(
@@ -590,7 +636,32 @@ impl Replica {
             .set(lag_seconds(self.lag(), produced, now_ms()).unwrap_or(0.0));
         m.last_applied_timestamp
             .set(produced.map_or(0.0, |ms| ms as f64 / 1000.0));
+        let sync = self.sync_status();
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        m.sync_fetched_bytes
+            .set(gauge(sync.as_ref().map_or(0, |s| s.fetched_bytes)));
+        m.sync_remaining_bytes
+            .set(gauge(sync.as_ref().map_or(0, |s| s.remaining_bytes)));
+        m.sync_remaining_entries
+            .set(gauge(sync.as_ref().map_or(0, |s| s.remaining_entries)));
         metrics::encode(&self.inner.registry)
+    }
+
+    /// Registers the snapshot load running now (`None`: it ended).
+    pub(crate) fn set_sync(&self, sync: Option<SyncRun>) {
+        match self.inner.sync.lock() {
+            Ok(mut g) => *g = sync,
+            Err(poisoned) => *poisoned.into_inner() = sync,
+        }
+        self.bump();
+    }
+
+    fn sync_status(&self) -> Option<SyncStatus> {
+        let g = match self.inner.sync.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        g.as_ref().map(SyncRun::status)
     }
 
     /// Records when the producer made the last transaction of a commit (`None`: unknown, as
@@ -673,6 +744,7 @@ impl Replica {
             reader_stalls: m.reader_stalls(),
             snapshot_bytes_fetched: m.snapshot_bytes(),
             headroom: self.headroom(),
+            sync: self.sync_status(),
             feed: {
                 let f = self.feed();
                 FeedStatus {
@@ -815,6 +887,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use deltasync_core::Change;
+
+    #[test]
+    fn a_sync_in_progress_shows_in_the_status_and_the_metrics_until_it_ends() {
+        let r = Replica::new("r", "p", false, 10, 0);
+        assert_eq!(r.status().sync, None);
+        let progress = deltasync_nats::store::SyncProgress::default();
+        r.set_sync(Some(SyncRun {
+            reason: Reason::Bootstrap,
+            seq: 7,
+            started_at_ms: 1,
+            progress: progress.clone(),
+        }));
+        let s = r.status().sync.expect("a sync in progress");
+        assert_eq!((s.seq, s.fetched_bytes, s.remaining_bytes), (7, 0, 0));
+        let text = r.metrics_text();
+        assert!(
+            text.contains("deltasync_consumer_sync_remaining_bytes 0"),
+            "{text}"
+        );
+        r.set_sync(None);
+        assert_eq!(r.status().sync, None);
+    }
 
     #[test]
     fn the_lag_in_time_is_zero_when_caught_up_and_the_age_of_the_last_applied_otherwise() {

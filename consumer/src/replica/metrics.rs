@@ -17,6 +17,9 @@
 //! deltasync_consumer_lag_seconds                       0 when caught up, else now - when the producer
 //!                                                      made the last applied envelope (its clock)
 //! deltasync_consumer_last_applied_timestamp_seconds    when the producer made the last applied envelope
+//! deltasync_consumer_sync_fetched_bytes                a snapshot load running now: bytes fetched,
+//! deltasync_consumer_sync_remaining_bytes              bytes and base entries still to fetch
+//! deltasync_consumer_sync_remaining_entries            (all 0 when none runs)
 //! deltasync_consumer_seq                               committed envelope sequence
 //! deltasync_consumer_entries                           keys in the replica
 //! deltasync_consumer_ready                             1 when bootstrapped and within max lag
@@ -78,6 +81,9 @@ pub struct Metrics {
     pub(crate) lag: Gauge,
     pub(crate) lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub(crate) last_applied_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub(crate) sync_fetched_bytes: Gauge,
+    pub(crate) sync_remaining_bytes: Gauge,
+    pub(crate) sync_remaining_entries: Gauge,
     pub(crate) seq: Gauge,
     pub(crate) entries: Gauge,
     pub(crate) ready: Gauge,
@@ -109,6 +115,9 @@ impl Metrics {
             lag: Gauge::default(),
             lag_seconds: Gauge::default(),
             last_applied_timestamp: Gauge::default(),
+            sync_fetched_bytes: Gauge::default(),
+            sync_remaining_bytes: Gauge::default(),
+            sync_remaining_entries: Gauge::default(),
             seq: Gauge::default(),
             entries: Gauge::default(),
             ready: Gauge::default(),
@@ -190,6 +199,23 @@ impl Metrics {
             "0 when caught up, else the time since the producer made the last applied envelope",
             prometheus_client::registry::Unit::Seconds,
             m.lag_seconds.clone(),
+        );
+        r.register_with_unit(
+            "sync_fetched",
+            "A snapshot load running now: snapshot bytes fetched (0 when none runs)",
+            prometheus_client::registry::Unit::Bytes,
+            m.sync_fetched_bytes.clone(),
+        );
+        r.register_with_unit(
+            "sync_remaining",
+            "A snapshot load running now: snapshot bytes still to fetch (0 when none runs)",
+            prometheus_client::registry::Unit::Bytes,
+            m.sync_remaining_bytes.clone(),
+        );
+        r.register(
+            "sync_remaining_entries",
+            "A snapshot load running now: base entries still to fetch (0 when none runs)",
+            m.sync_remaining_entries.clone(),
         );
         r.register_with_unit(
             "last_applied_timestamp",

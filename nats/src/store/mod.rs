@@ -43,8 +43,8 @@ mod write;
 
 pub use gc::{gc, GcReport};
 pub use read::{
-    latest_manifest, list_manifests, list_manifests_with_stored_ms, load, load_latest, resync,
-    Loaded, ResyncReport,
+    latest_manifest, list_manifests, list_manifests_with_stored_ms, load, load_latest,
+    load_with_progress, resync, resync_with_progress, Loaded, ResyncReport, SyncProgress,
 };
 pub use write::{write_snapshot, write_snapshot_with_hook};
 

@@ -15,6 +15,7 @@ use deltasync_core::snapshot::{
 };
 use deltasync_core::state::{Prepared, State};
 use futures::StreamExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Most fetched blobs checked and decoded by one blocking task: one per lane of the widest
@@ -41,6 +42,53 @@ pub struct ResyncReport {
     pub bytes_fetched: u64,
     pub segments_applied: usize,
     pub ranges_rebuilt: usize,
+}
+
+/// How far a snapshot load or re-snapshot has come, readable while it runs (for status,
+/// metrics and progress logs): what it plans to fetch, and what it fetched so far. Cheap to
+/// clone; every clone shares the counters.
+#[derive(Debug, Clone, Default)]
+pub struct SyncProgress(Arc<SyncCounters>);
+
+#[derive(Debug, Default)]
+struct SyncCounters {
+    planned_bytes: AtomicU64,
+    planned_entries: AtomicU64,
+    fetched_bytes: AtomicU64,
+    fetched_entries: AtomicU64,
+}
+
+impl SyncProgress {
+    /// Blob bytes the load plans to fetch (known once it has compared the manifest with the
+    /// replica; 0 before).
+    pub fn planned_bytes(&self) -> u64 {
+        self.0.planned_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Entries in the base chunks it plans to fetch (segments' changes not counted).
+    pub fn planned_entries(&self) -> u64 {
+        self.0.planned_entries.load(Ordering::Relaxed)
+    }
+
+    /// Blob bytes fetched and decoded so far.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.0.fetched_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Base-chunk entries fetched and decoded so far.
+    pub fn fetched_entries(&self) -> u64 {
+        self.0.fetched_entries.load(Ordering::Relaxed)
+    }
+
+    fn plan(&self, bytes: u64, entries: u64) {
+        self.0.planned_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.0.planned_entries.fetch_add(entries, Ordering::Relaxed);
+    }
+
+    fn fetched(&self, bytes: u64, entries: u64) {
+        self.0.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.0.fetched_entries.fetch_add(entries, Ordering::Relaxed);
+    }
 }
 
 /// The manifest `latest` points at.
@@ -91,10 +139,20 @@ pub async fn load_latest(
 
 /// Loads a snapshot into a fresh state, verifying every blob, range and the state digest.
 pub async fn load(kv: &kv::Store, manifest: Manifest) -> Result<Loaded, StoreError> {
+    load_with_progress(kv, manifest, &SyncProgress::default()).await
+}
+
+/// [`load`], counting what it fetches in `progress` as it goes.
+pub async fn load_with_progress(
+    kv: &kv::Store,
+    manifest: Manifest,
+    progress: &SyncProgress,
+) -> Result<Loaded, StoreError> {
     let started = std::time::Instant::now();
     let mut state = State::new(manifest.lineage);
     let all: Vec<usize> = (0..manifest.ranges.len()).collect();
-    let bytes_fetched = rebuild_ranges(kv, &mut state, &manifest, &all).await?;
+    plan_ranges(progress, &manifest, &all);
+    let bytes_fetched = rebuild_ranges(kv, &mut state, &manifest, &all, progress).await?;
     state.set_position(manifest.lineage, manifest.seq);
     verify(&state, &manifest).map_err(|reason| verify_err(&manifest, reason))?;
     tracing::debug!(
@@ -118,6 +176,19 @@ fn verify_err(m: &Manifest, reason: String) -> StoreError {
     }
 }
 
+/// Adds to `progress` what rebuilding `ranges` fetches: their base chunks and, when there is
+/// any, every segment (each is read for the changes in those ranges).
+fn plan_ranges(progress: &SyncProgress, m: &Manifest, ranges: &[usize]) {
+    if ranges.is_empty() {
+        return;
+    }
+    let (bytes, entries) = ranges
+        .iter()
+        .flat_map(|&r| &m.ranges[r].chunks)
+        .fold((0, 0), |(b, e), c| (b + c.bytes, e + c.entries));
+    progress.plan(bytes + m.segment_bytes(), entries);
+}
+
 /// Rebuilds `ranges` of `state` from their base chunks plus every segment (restricted to
 /// those ranges). Returns the bytes fetched.
 async fn rebuild_ranges(
@@ -125,6 +196,7 @@ async fn rebuild_ranges(
     state: &mut State,
     m: &Manifest,
     ranges: &[usize],
+    progress: &SyncProgress,
 ) -> Result<u64, StoreError> {
     if ranges.is_empty() {
         return Ok(0);
@@ -146,6 +218,10 @@ async fn rebuild_ranges(
     let keys = blobs
         .iter()
         .map(|&(r, c)| snapshot::chunk_key(&m.ranges[r].chunks[c].hash))
+        .collect();
+    let entries = blobs
+        .iter()
+        .map(|&(r, c)| m.ranges[r].chunks[c].entries)
         .collect();
     let shared = Arc::new(m.ranges.clone());
     let decode = move |batch: &[(usize, &[u8])]| {
@@ -172,9 +248,9 @@ async fn rebuild_ranges(
             .collect()
     };
     let apply = |state: &mut State, prepared: &mut Prepared| state.put_prepared(prepared);
-    let mut fetched = fetch_and_apply(kv, state, keys, decode, apply).await?;
+    let mut fetched = fetch_and_apply(kv, state, keys, entries, decode, apply, progress).await?;
     let all: Vec<usize> = (0..m.segments.len()).collect();
-    fetched += apply_segments(kv, state, m, &all, move |b| keep[b]).await?;
+    fetched += apply_segments(kv, state, m, &all, move |b| keep[b], progress).await?;
     Ok(fetched)
 }
 
@@ -185,6 +261,7 @@ async fn apply_segments(
     m: &Manifest,
     which: &[usize],
     keep: impl Fn(usize) -> bool + Send + 'static,
+    progress: &SyncProgress,
 ) -> Result<u64, StoreError> {
     let pieces: Vec<(usize, usize)> = which
         .iter()
@@ -194,6 +271,8 @@ async fn apply_segments(
         .iter()
         .map(|&(s, p)| snapshot::segment_key(&m.segments[s].pieces[p].hash))
         .collect();
+    // Segments carry changes, not base entries: they count bytes only.
+    let entries = vec![0; pieces.len()];
     let shared = Arc::new(m.segments.clone());
     let decode = move |batch: &[(usize, &[u8])]| {
         let refs: Vec<_> = batch
@@ -207,7 +286,7 @@ async fn apply_segments(
     };
     let apply =
         move |state: &mut State, seg: &mut snapshot::Segment| apply_segment(state, seg, &keep);
-    fetch_and_apply(kv, state, keys, decode, apply).await
+    fetch_and_apply(kv, state, keys, entries, decode, apply, progress).await
 }
 
 /// Fetches the blobs `keys`, checks and decodes them with `decode` on blocking threads, and
@@ -231,13 +310,16 @@ async fn fetch_and_apply<T: Send + 'static>(
     kv: &kv::Store,
     state: &mut State,
     keys: Vec<String>,
+    entries: Vec<u64>,
     decode: impl Fn(&[(usize, &[u8])]) -> Vec<Result<T, DecodeError>> + Send + Sync + 'static,
     mut apply: impl FnMut(&mut State, &mut T) + Send + 'static,
+    progress: &SyncProgress,
 ) -> Result<u64, StoreError> {
     if keys.is_empty() {
         return Ok(0);
     }
     let keys = Arc::new(keys);
+    let entries = Arc::new(entries);
     let decode = Arc::new(decode);
     let mut owned = std::mem::replace(state, State::new(state.lineage()));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<T>>(DECODE_TASKS);
@@ -263,10 +345,11 @@ async fn fetch_and_apply<T: Send + 'static>(
             .buffered(CONCURRENCY)
             .ready_chunks(DECODE_BATCH)
             .map(|batch| {
-                let (keys, decode) = (keys.clone(), decode.clone());
+                let (keys, decode, entries) = (keys.clone(), decode.clone(), entries.clone());
                 async move {
                     let batch = batch.into_iter().collect::<Result<Vec<_>, _>>()?;
                     let bytes: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
+                    let batch_entries: u64 = batch.iter().map(|(i, _)| entries[*i]).sum();
                     let items = tokio::task::spawn_blocking(move || {
                         let refs: Vec<(usize, &[u8])> =
                             batch.iter().map(|(i, b)| (*i, &b[..])).collect();
@@ -286,13 +369,14 @@ async fn fetch_and_apply<T: Send + 'static>(
                         key: "(decoding snapshot blobs)".into(),
                         source: e.into(),
                     })??;
-                    Ok::<_, StoreError>((bytes, items))
+                    Ok::<_, StoreError>((bytes, batch_entries, items))
                 }
             })
             .buffered(DECODE_TASKS);
         while let Some(next) = decoded.next().await {
-            let (bytes, items) = next?;
+            let (bytes, batch_entries, items) = next?;
             fetched += bytes;
+            progress.fetched(bytes, batch_entries);
             if tx.send(items).await.is_err() {
                 break; // the applier panicked: its join below says so
             }
@@ -323,14 +407,34 @@ pub async fn resync(
     local: &mut State,
     m: &Manifest,
 ) -> Result<ResyncReport, StoreError> {
+    resync_with_progress(kv, local, m, &SyncProgress::default()).await
+}
+
+/// [`resync`], counting what it plans and fetches in `progress` as it goes.
+pub async fn resync_with_progress(
+    kv: &kv::Store,
+    local: &mut State,
+    m: &Manifest,
+    progress: &SyncProgress,
+) -> Result<ResyncReport, StoreError> {
     let mut report = ResyncReport::default();
-    if let Some(segs) = catch_up_segments(local, m) {
-        report.bytes_fetched += apply_segments(kv, local, m, &segs, |_| true).await?;
+    let catch_up = catch_up_segments(local, m);
+    if let Some(segs) = &catch_up {
+        let bytes = segs
+            .iter()
+            .flat_map(|&s| &m.segments[s].pieces)
+            .map(|p| p.bytes)
+            .sum();
+        progress.plan(bytes, 0);
+    }
+    if let Some(segs) = catch_up {
+        report.bytes_fetched += apply_segments(kv, local, m, &segs, |_| true, progress).await?;
         report.segments_applied = segs.len();
     }
     let differing = differing_ranges(local, m);
     report.ranges_rebuilt = differing.len();
-    report.bytes_fetched += rebuild_ranges(kv, local, m, &differing).await?;
+    plan_ranges(progress, m, &differing);
+    report.bytes_fetched += rebuild_ranges(kv, local, m, &differing, progress).await?;
     local.set_position(m.lineage, m.seq);
     verify(local, m).map_err(|reason| verify_err(m, reason))?;
     Ok(report)

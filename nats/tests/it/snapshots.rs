@@ -34,6 +34,16 @@ async fn a_snapshot_written_to_the_bucket_loads_back_verified() {
         (p.state.lineage(), p.state.seq())
     );
     assert_eq!(loaded.bytes_fetched, m.total_bytes());
+
+    // Its progress counts every byte and entry it planned, and fetched them all.
+    let progress = store::SyncProgress::default();
+    store::load_with_progress(&p.kv, m.clone(), &progress)
+        .await
+        .unwrap();
+    assert_eq!(progress.planned_bytes(), m.total_bytes());
+    assert_eq!(progress.fetched_bytes(), m.total_bytes());
+    assert_eq!(progress.planned_entries(), m.entries);
+    assert_eq!(progress.fetched_entries(), m.entries);
 }
 
 #[tokio::test]
@@ -78,9 +88,20 @@ async fn a_diverged_replica_rebuilds_only_the_ranges_that_differ() {
         Change::put("key-0000042", &b"tampered"[..]),
         Change::delete("key-0001000"),
     ]);
-    let report = store::resync(&p.kv, &mut replica, &m).await.unwrap();
+    let progress = store::SyncProgress::default();
+    let report = store::resync_with_progress(&p.kv, &mut replica, &m, &progress)
+        .await
+        .unwrap();
     assert_eq!(replica, p.state);
     assert!(report.ranges_rebuilt <= 2, "{report:?}");
+    // The plan is what differs, not the whole snapshot, and it is all fetched.
+    assert_eq!(progress.planned_bytes(), report.bytes_fetched);
+    assert_eq!(progress.fetched_bytes(), report.bytes_fetched);
+    assert!(
+        progress.planned_entries() < m.entries / 10,
+        "{}",
+        progress.planned_entries()
+    );
     assert!(
         report.bytes_fetched * 10 < m.total_bytes(),
         "fetched {} of {}",
