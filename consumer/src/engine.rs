@@ -1160,7 +1160,7 @@ impl Engine {
                         remaining_entries = progress
                             .planned_entries()
                             .saturating_sub(progress.fetched_entries()),
-                        percent = if planned > 0 { done * 100 / planned } else { 0 },
+                        percent = (done * 100).checked_div(planned).unwrap_or(0),
                         secs = started.elapsed().as_secs(),
                         "Loading the snapshot"
                     );
