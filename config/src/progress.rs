@@ -1,5 +1,4 @@
-//! Progress bars for the binaries' long commands (`replay`, `verify`, `rebuild`, `ingest`,
-//! `snapshot`), drawn on stderr only when it is a terminal, so pipes, log files and
+//! Progress bars for the binaries' long commands (`replay`, `verify`, `rebuild`, `ingest`), drawn on stderr only when it is a terminal, so pipes, log files and
 //! `docker compose logs` get none of their control codes.
 //!
 //! Talks to stderr through indicatif.
@@ -16,6 +15,21 @@ pub fn bar(what: &str, len: u64, unit: &str) -> ProgressBar {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
     let bar = ProgressBar::with_draw_target(Some(len), target()).with_style(style);
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// A bar of `len` bytes (shown as KiB, MiB...), labelled `what`; hidden unless stderr is a
+/// terminal. Without a length (a pipe), a counter of bytes.
+pub fn bytes_bar(what: &str, len: Option<u64>) -> ProgressBar {
+    let template = match len {
+        Some(_) => "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta} left)",
+        None => "{spinner} {msg} {binary_bytes} ({binary_bytes_per_sec})",
+    };
+    let style = ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let bar = ProgressBar::with_draw_target(len, target()).with_style(style);
     bar.set_message(what.to_owned());
     bar
 }
@@ -48,6 +62,8 @@ mod tests {
         if !std::io::stderr().is_terminal() {
             assert!(bar("reading", 10, "messages").is_hidden());
             assert!(spinner("reading", "lines").is_hidden());
+            assert!(bytes_bar("reading", Some(10)).is_hidden());
+            assert!(bytes_bar("reading", None).is_hidden());
         }
         let b = bar("reading", 10, "messages");
         b.inc(3);

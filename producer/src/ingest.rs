@@ -391,10 +391,26 @@ async fn forward_receipts(
 /// The parsing thread: reads lines and sends chunks until the input ends, a line is bad,
 /// or the receiver is gone.
 fn parse_input(input: Input, max_line: u64, tx: &mpsc::Sender<Item>) {
+    // A file or stdin (the command line's inputs) gets a progress bar on a terminal.
+    let mut bar = None;
     let reader: Box<dyn Read> = match input {
-        Input::Stdin => Box::new(std::io::stdin().lock()),
+        Input::Stdin => {
+            let b = deltasync_config::progress::bytes_bar("ingesting stdin", None);
+            let r = Box::new(b.wrap_read(std::io::stdin().lock()));
+            bar = Some(b);
+            r
+        }
         Input::File(path) => match std::fs::File::open(&path) {
-            Ok(f) => Box::new(f),
+            Ok(f) => {
+                let len = f.metadata().ok().map(|m| m.len());
+                let b = deltasync_config::progress::bytes_bar(
+                    &format!("ingesting {}", path.display()),
+                    len,
+                );
+                let r = Box::new(b.wrap_read(f));
+                bar = Some(b);
+                r
+            }
             Err(source) => {
                 let _ = tx.blocking_send(Item::ReadFailed { line: 0, source });
                 return;
@@ -409,6 +425,9 @@ fn parse_input(input: Input, max_line: u64, tx: &mpsc::Sender<Item>) {
         }
     };
     parse_lines(BufReader::with_capacity(1 << 20, reader), max_line, tx);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
 }
 
 fn parse_lines(mut reader: BufReader<Box<dyn Read>>, max_line: u64, tx: &mpsc::Sender<Item>) {
