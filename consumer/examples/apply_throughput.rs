@@ -23,35 +23,25 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// Applies generated envelopes through the consumer's engine and reports changes/s.
+#[derive(clap::Parser)]
 struct Args {
+    /// Changes to apply.
+    #[arg(long, default_value_t = 2_000_000)]
     changes: usize,
+    /// Changes per envelope.
+    #[arg(long, default_value_t = 4096)]
     per_envelope: usize,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 1_000_000)]
     keys: usize,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 64)]
     value_bytes: usize,
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        changes: 2_000_000,
-        per_envelope: 4096,
-        keys: 1_000_000,
-        value_bytes: 64,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    for pair in argv.chunks(2) {
-        let v: usize = pair
-            .get(1)
-            .and_then(|v| v.replace('_', "").parse().ok())
-            .unwrap_or_else(|| panic!("{} needs a number", pair[0]));
-        match pair[0].as_str() {
-            "--changes" => a.changes = v,
-            "--per-envelope" => a.per_envelope = v,
-            "--keys" => a.keys = v,
-            "--value-bytes" => a.value_bytes = v,
-            other => panic!("unknown flag {other}"),
-        }
-    }
-    a
+    <Args as clap::Parser>::parse()
 }
 
 /// xorshift, for reproducible keys and values.

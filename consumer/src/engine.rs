@@ -1243,25 +1243,27 @@ impl Engine {
 /// Attempts at a NATS read outside a re-snapshot before giving up.
 const READ_ATTEMPTS: u32 = 5;
 
-/// Runs `f` until it succeeds, at most [`READ_ATTEMPTS`] times with backoff: a request timing
-/// out once (a busy server) must not stop a replica.
-async fn retrying<T, F, Fut>(what: &str, mut f: F) -> Result<T, ConsumerError>
+/// Runs `f` until it succeeds, at most [`READ_ATTEMPTS`] times, pausing 250 ms, 500 ms, ...
+/// (each plus up to as much again at random, so replicas do not retry in step): a request
+/// timing out once (a busy server) must not stop a replica.
+async fn retrying<T, F, Fut>(what: &str, f: F) -> Result<T, ConsumerError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ConsumerError>>,
 {
-    let mut attempt = 1;
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt < READ_ATTEMPTS => {
-                tracing::warn!(attempt, error = %e, "{what} failed; retrying");
-                tokio::time::sleep(backoff(attempt + 1)).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    use backon::{ExponentialBuilder, Retryable};
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(10))
+        .with_max_times(READ_ATTEMPTS as usize - 1)
+        .with_jitter();
+    let mut attempt = 0u32;
+    f.retry(backoff)
+        .notify(|e, pause| {
+            attempt += 1;
+            tracing::warn!(attempt, error = %e, ?pause, "{what} failed; retrying");
+        })
+        .await
 }
 
 async fn wait_inflight(

@@ -39,20 +39,29 @@ fn key(i: usize) -> String {
     format!("key-{i:08}")
 }
 
+/// Applies generated puts to a `State` and reports time and memory per size.
+#[derive(clap::Parser)]
+struct Args {
+    /// Changes per size.
+    #[arg(long, default_value_t = 500_000)]
+    changes: usize,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Build the producer's state too and compare digests.
+    #[arg(long)]
+    verified: bool,
+    /// State sizes (keys); default 1000 and 1000000.
+    sizes: Vec<usize>,
+}
+
 fn main() -> Result<(), Error> {
-    let mut sizes = Vec::new();
-    let (mut changes, mut value_bytes, mut verified) = (500_000usize, 100usize, false);
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--changes" => changes = args.next().ok_or("--changes needs a number")?.parse()?,
-            "--value-bytes" => {
-                value_bytes = args.next().ok_or("--value-bytes needs a number")?.parse()?
-            }
-            "--verified" => verified = true,
-            n => sizes.push(n.parse::<usize>().map_err(|e| format!("{n}: {e}"))?),
-        }
-    }
+    let Args {
+        changes,
+        value_bytes,
+        verified,
+        mut sizes,
+    } = <Args as clap::Parser>::parse();
     if sizes.is_empty() {
         sizes = vec![1_000, 1_000_000];
     }

@@ -18,11 +18,18 @@ use std::time::{Duration, Instant};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-fn arg(i: usize, default: usize) -> Result<usize, Error> {
-    match std::env::args().nth(i) {
-        Some(a) => Ok(a.parse()?),
-        None => Ok(default),
-    }
+/// Times `store::load` of a snapshot written on a private nats-server.
+#[derive(clap::Parser)]
+struct Args {
+    /// Keys in the snapshot.
+    #[arg(default_value_t = 1_000_000)]
+    keys: usize,
+    /// Bytes per value.
+    #[arg(default_value_t = 100)]
+    value_bytes: usize,
+    /// Loads timed.
+    #[arg(default_value_t = 3)]
+    runs: usize,
 }
 
 #[tokio::main]
@@ -30,7 +37,11 @@ async fn main() -> Result<(), Error> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
-    let (keys, value_bytes, runs) = (arg(1, 1_000_000)?, arg(2, 100)?, arg(3, 3)?);
+    let Args {
+        keys,
+        value_bytes,
+        runs,
+    } = <Args as clap::Parser>::parse();
     let server = NatsServer::start();
     let mut s = Settings {
         pipeline: "bootstrap".into(),

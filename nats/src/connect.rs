@@ -207,30 +207,31 @@ pub async fn connect(settings: &NatsSettings) -> Result<Client, NatsError> {
 }
 
 async fn connect_retrying(settings: &NatsSettings) -> Result<Client, NatsError> {
+    use backon::{ExponentialBuilder, Retryable};
     if !settings.retry_on_initial_connect {
         return connect_once(settings).await;
     }
-    let deadline = tokio::time::Instant::now() + settings.initial_connect_wait;
-    let mut pause = Duration::from_millis(100);
-    let mut attempts = 1u32;
-    loop {
-        match connect_once(settings).await {
-            Ok(client) => return Ok(client),
-            Err(err) if may_pass(&err) && tokio::time::Instant::now() + pause < deadline => {
-                if attempts == 1 || attempts.is_power_of_two() {
-                    tracing::warn!(
-                        error = %err,
-                        attempts,
-                        "NATS is not reachable yet; retrying (nats.retry_on_initial_connect)"
-                    );
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-                attempts += 1;
+    // Pauses 0.1 s, 0.2 s, ... up to 2 s, for at most initial_connect_wait in all.
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+        .with_total_delay(Some(settings.initial_connect_wait));
+    let mut attempts = 0u32;
+    (|| connect_once(settings))
+        .retry(backoff)
+        .when(may_pass)
+        .notify(|err, _pause| {
+            attempts += 1;
+            if attempts == 1 || attempts.is_power_of_two() {
+                tracing::warn!(
+                    error = %err,
+                    attempts,
+                    "NATS is not reachable yet; retrying (nats.retry_on_initial_connect)"
+                );
             }
-            Err(err) => return Err(err),
-        }
-    }
+        })
+        .await
 }
 
 /// Whether a failed initial connection may succeed later by itself: nothing listens yet, the

@@ -5,24 +5,19 @@
 
 use std::io::Write;
 
+/// Writes N NDJSON put lines to stdout.
+#[derive(clap::Parser)]
+struct Args {
+    /// Lines to write.
+    #[arg(default_value_t = 1_000_000)]
+    n: u64,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+}
+
 fn main() -> std::io::Result<()> {
-    let mut n: u64 = 1_000_000;
-    let mut value_bytes: usize = 100;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let bad =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
-        if arg == "--value-bytes" {
-            value_bytes = args
-                .next()
-                .and_then(|a| a.parse().ok())
-                .ok_or_else(|| bad("--value-bytes takes a number of bytes"))?;
-        } else {
-            n = arg
-                .parse()
-                .map_err(|_| bad("usage: gen_ndjson [N] [--value-bytes B]"))?;
-        }
-    }
+    let Args { n, value_bytes } = <Args as clap::Parser>::parse();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
     let mut value = Vec::with_capacity(value_bytes + 64);
     for i in 0..n {

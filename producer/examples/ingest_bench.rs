@@ -11,12 +11,17 @@ use deltasync_testkit::NatsServer;
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
 
+/// Publishes N NDJSON puts through the producer on a private nats-server.
+#[derive(clap::Parser)]
+struct Args {
+    /// Puts to publish.
+    #[arg(default_value_t = 1_000_000)]
+    n: u64,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let n: u64 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
+    let Args { n } = <Args as clap::Parser>::parse();
     let server = NatsServer::start();
     let mut input = Vec::with_capacity(n as usize * 48);
     for i in 0..n {
