@@ -172,6 +172,31 @@ impl RunArgs {
     }
 }
 
+/// Draws the snapshot download of `replica`'s bootstrap as a progress bar (bytes fetched of
+/// those planned), until the replica is bootstrapped.
+async fn bootstrap_bar(replica: crate::Replica) {
+    let mut bar = None;
+    loop {
+        let status = replica.status();
+        match &status.sync {
+            Some(sync) => {
+                let total = sync.fetched_bytes + sync.remaining_bytes;
+                let b = bar.get_or_insert_with(|| {
+                    deltasync_config::progress::bytes_bar("loading the snapshot", Some(total))
+                });
+                b.set_length(total);
+                b.set_position(sync.fetched_bytes);
+            }
+            None if status.bootstrapped => break,
+            None => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+}
+
 /// Runs the command: `run` until `shutdown` fires (or, with `--once`, until caught up), then
 /// commits the replica; an operator command until it completes (`shutdown` interrupts it
 /// with an error). Results go to stdout, logs to stderr.
@@ -194,7 +219,16 @@ pub async fn run(
                 once = options.once,
                 "Starting the consumer"
             );
-            let outcome = crate::run(settings, options, shutdown).await?;
+            let once = options.once;
+            let consumer = crate::Consumer::new(settings, options)?;
+            // `--once` on a terminal: a bar over the snapshot download while it runs.
+            let bar = (once && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .then(|| tokio::spawn(bootstrap_bar(consumer.replica())));
+            let outcome = consumer.run(shutdown).await;
+            if let Some(task) = bar {
+                task.abort();
+            }
+            let outcome = outcome?;
             tracing::info!(
                 lineage = %outcome.cursor.lineage,
                 seq = outcome.cursor.seq,
