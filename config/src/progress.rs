@@ -1,4 +1,5 @@
-//! Progress bars for the binaries' long commands (`replay`, `verify`, `rebuild`, `ingest`), drawn on stderr only when it is a terminal, so pipes, log files and
+//! Progress bars for the binaries' long commands (`replay`, `verify`, `rebuild`, `ingest`,
+//! `snapshot`, `run --once`), drawn on stderr only when it is a terminal, so pipes, log files and
 //! `docker compose logs` get none of their control codes.
 //!
 //! Talks to stderr through indicatif.
@@ -44,6 +45,17 @@ pub fn spinner(what: &str, unit: &str) -> ProgressBar {
     bar
 }
 
+/// A spinner for work with no measure, labelled `what`, ticking by itself, with the time
+/// spent; hidden unless stderr is a terminal.
+pub fn working(what: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let bar = ProgressBar::with_draw_target(None, target()).with_style(style);
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
 fn target() -> ProgressDrawTarget {
     if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
@@ -64,6 +76,7 @@ mod tests {
             assert!(spinner("reading", "lines").is_hidden());
             assert!(bytes_bar("reading", Some(10)).is_hidden());
             assert!(bytes_bar("reading", None).is_hidden());
+            assert!(working("reading").is_hidden());
         }
         let b = bar("reading", 10, "messages");
         b.inc(3);

@@ -183,7 +183,13 @@ pub async fn run(
             serve(settings, http, shutdown).await
         }
         Command::Snapshot { json } => {
-            let out = ops::snapshot_now(&settings).await?;
+            // On a terminal, a spinner while it recovers the state and writes the snapshot.
+            let spinner = deltasync_config::progress::working(
+                "recovering the pipeline's state and writing a snapshot",
+            );
+            let out = ops::snapshot_now(&settings).await;
+            spinner.finish_and_clear();
+            let out = out?;
             let s = &out.snapshot;
             if json {
                 println!(
