@@ -75,19 +75,46 @@ pub async fn first_at_or_after(
     settings: &Settings,
     from: u64,
 ) -> Result<Option<u64>, String> {
+    Ok(first_stored_at_or_after(js, settings, from)
+        .await?
+        .map(|(seq, _)| seq))
+}
+
+/// When the server stored the first message of the pipeline at or after stream sequence
+/// `from` (ms since the Unix epoch, the server's clock); `None` when there is none.
+pub async fn stored_ms_at_or_after(
+    js: &JetStream,
+    settings: &Settings,
+    from: u64,
+) -> Result<Option<u64>, String> {
+    Ok(first_stored_at_or_after(js, settings, from)
+        .await?
+        .map(|(_, ms)| ms))
+}
+
+/// The stream sequence and stored time (ms, the server's clock) of the first message of the
+/// pipeline at or after `from` (one direct get); `None` when there is none.
+async fn first_stored_at_or_after(
+    js: &JetStream,
+    settings: &Settings,
+    from: u64,
+) -> Result<Option<(u64, u64)>, String> {
     use async_nats::jetstream::stream::RawMessageErrorKind;
     let stream = js
         .get_stream_no_info(names::stream_name(&settings.pipeline))
         .await
         .map_err(|e| e.to_string())?;
-    let got = stream
+    match stream
         .raw_message_builder()
         .sequence(from)
         .next_by_subject(names::subject(&settings.pipeline))
         .send()
-        .await;
-    match got {
-        Ok(m) => Ok(Some(m.sequence)),
+        .await
+    {
+        Ok(m) => {
+            let ms = u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            Ok(Some((m.sequence, ms)))
+        }
         Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(e.to_string()),
     }
@@ -104,40 +131,13 @@ pub async fn first_stored_since(
     last: u64,
     since_ms: u64,
 ) -> Result<Option<u64>, String> {
-    use async_nats::jetstream::stream::RawMessageErrorKind;
-    let stream = js
-        .get_stream_no_info(names::stream_name(&settings.pipeline))
-        .await
-        .map_err(|e| e.to_string())?;
-    let subject = names::subject(&settings.pipeline);
-    // The stored time (ms) and sequence of the first message at or after `seq`.
-    let at_or_after = |seq: u64| {
-        let stream = stream.clone();
-        let subject = subject.clone();
-        async move {
-            match stream
-                .raw_message_builder()
-                .sequence(seq)
-                .next_by_subject(subject)
-                .send()
-                .await
-            {
-                Ok(m) => {
-                    let ms = u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-                    Ok(Some((m.sequence, ms)))
-                }
-                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-    };
     // Invariant: every message before `lo` is older than `since_ms`; `found` is the best
     // message at or after it known to be new enough.
     let (mut lo, mut hi) = (first, last);
     let mut found = None;
     while lo <= hi {
         let mid = lo + (hi - lo) / 2;
-        match at_or_after(mid).await? {
+        match first_stored_at_or_after(js, settings, mid).await? {
             Some((seq, ms)) if seq <= hi => {
                 if ms >= since_ms {
                     found = Some(seq);
@@ -159,31 +159,4 @@ pub async fn first_stored_since(
         }
     }
     Ok(found)
-}
-
-/// When the server stored the first message of the pipeline at or after stream sequence
-/// `from` (ms since the Unix epoch, the server's clock); `None` when there is none.
-pub async fn stored_ms_at_or_after(
-    js: &JetStream,
-    settings: &Settings,
-    from: u64,
-) -> Result<Option<u64>, String> {
-    use async_nats::jetstream::stream::RawMessageErrorKind;
-    let stream = js
-        .get_stream_no_info(names::stream_name(&settings.pipeline))
-        .await
-        .map_err(|e| e.to_string())?;
-    match stream
-        .raw_message_builder()
-        .sequence(from)
-        .next_by_subject(names::subject(&settings.pipeline))
-        .send()
-        .await
-    {
-        Ok(m) => Ok(Some(
-            u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-        )),
-        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
 }

@@ -390,19 +390,8 @@ async fn run_consumer_with(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, String, String) {
-    let mut cmd = consumer_cmd(p, args, env);
-    let out = tokio::time::timeout(
-        DEADLINE,
-        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
-    )
-    .await
-    .expect("the command ends")
-    .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, out, err) = run_consumer_code(p, args, env).await;
+    (code == Some(0), out, err)
 }
 
 #[tokio::test]
