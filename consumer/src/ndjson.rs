@@ -7,14 +7,16 @@
 //! ## Format
 //!
 //! ```text
-//! {"key":"K","value":V}          V: the stored bytes when they are one JSON value (as
-//!                                 `ingest` stores them), written on one line
-//! {"key":"K","value_b64":"..."}  otherwise: standard base64 with padding
+//! {"key":"K","value":V}          V: the stored bytes verbatim, when they are one JSON value
+//!                                 on one line with no whitespace around it
+//! {"key":"K","value_b64":"..."}  any other bytes: standard base64 with padding
 //! ```
 //!
-//! Lines are sorted by key in byte order. A JSON value is written as stored (surrounding
-//! whitespace trimmed) when it is on one line, else re-serialized compactly, so every entry is
-//! exactly one line.
+//! Lines are sorted by key in byte order. Every line gives back exactly the stored bytes to a
+//! reader that keeps a value's text as written (`PUT /v1/state`, the Python client): a JSON
+//! value on several lines, or with whitespace around it, is written as `value_b64` rather
+//! than re-serialized or trimmed, which would change its bytes (and the digest of a state
+//! copied through `PUT /v1/state`).
 
 use crate::local::{self, DumpError};
 use deltasync_core::ndjson;
@@ -26,20 +28,13 @@ use std::path::Path;
 pub fn write_line(out: &mut Vec<u8>, key: &str, value: &[u8]) {
     out.extend_from_slice(b"{\"key\":");
     ndjson::write_json_str(out, key);
-    match json_value(value) {
-        Some(JsonValue::Raw(raw)) => {
-            out.extend_from_slice(b",\"value\":");
-            out.extend_from_slice(raw);
-        }
-        Some(JsonValue::Parsed(v)) => {
-            out.extend_from_slice(b",\"value\":");
-            let _ = serde_json::to_writer(&mut *out, &v);
-        }
-        None => {
-            out.extend_from_slice(b",\"value_b64\":\"");
-            base64(out, value);
-            out.push(b'"');
-        }
+    if embeds_verbatim(value) {
+        out.extend_from_slice(b",\"value\":");
+        out.extend_from_slice(value);
+    } else {
+        out.extend_from_slice(b",\"value_b64\":\"");
+        base64(out, value);
+        out.push(b'"');
     }
     out.extend_from_slice(b"}\n");
 }
@@ -52,19 +47,14 @@ pub fn line(key: &str, value: &[u8]) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-enum JsonValue<'a> {
-    Raw(&'a [u8]),
-    Parsed(serde_json::Value),
-}
-
-fn json_value(bytes: &[u8]) -> Option<JsonValue<'_>> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let trimmed = bytes.trim_ascii();
-    if trimmed.contains(&b'\n') || trimmed.contains(&b'\r') {
-        Some(JsonValue::Parsed(v))
-    } else {
-        Some(JsonValue::Raw(trimmed))
-    }
+/// Whether `value` can stand as the line's `value` and be read back byte for byte by an
+/// entry-line reader (which keeps a value's text as written, `ndjson::parse_entry_line`):
+/// one JSON value on one line, without whitespace around it.
+fn embeds_verbatim(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value.trim_ascii().len() == value.len()
+        && !value.iter().any(|&b| b == b'\n' || b == b'\r')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(value).is_ok()
 }
 
 /// Standard base64 (RFC 4648) with padding: the core's, as the re-ingestible line uses it.
@@ -92,16 +82,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_values_are_embedded_and_other_bytes_are_base64() {
+    fn compact_json_values_are_embedded_and_all_other_bytes_are_base64() {
         assert_eq!(
             line("k", br#"{"price": 1.5, "qty": [1,2]}"#),
             r#"{"key":"k","value":{"price": 1.5, "qty": [1,2]}}"#
         );
-        assert_eq!(line("k", b" 42 "), r#"{"key":"k","value":42}"#);
         assert_eq!(line("k", b"\"s\""), r#"{"key":"k","value":"s"}"#);
+        assert_eq!(line("k", b"42"), r#"{"key":"k","value":42}"#);
+        // JSON a line cannot hold verbatim (several lines, whitespace around it): base64, not
+        // re-serialized or trimmed.
+        assert_eq!(line("k", b" 42 "), r#"{"key":"k","value_b64":"IDQyIA=="}"#);
         assert_eq!(
             line("k", b"{\n \"a\": 1\n}"),
-            r#"{"key":"k","value":{"a":1}}"#
+            r#"{"key":"k","value_b64":"ewogImEiOiAxCn0="}"#
         );
         assert_eq!(
             line("k", b"not json"),
@@ -112,5 +105,26 @@ mod tests {
             line("quote\"d\n", b"\xff"),
             r#"{"key":"quote\"d\n","value_b64":"/w=="}"#
         );
+    }
+
+    #[test]
+    fn every_line_parses_back_to_the_stored_bytes() {
+        for value in [
+            &b"{\"a\":1}"[..],
+            b"{\"a\": [1, 2]}",
+            b" 42 ",
+            b"{\n \"a\": 1\n}",
+            b"[1, 2]",
+            b"\"caf\\u00e9\"",
+            b"1.0e5",
+            b"\xff\x00",
+            b"",
+        ] {
+            let l = line("k", value);
+            let parsed =
+                ndjson::parse_entry_line(l.as_bytes()).unwrap_or_else(|e| panic!("{l}: {e}"));
+            let (key, got) = parsed.unwrap_or_else(|| panic!("{l}: an entry"));
+            assert_eq!((&*key, &got[..]), ("k", value), "{l}");
+        }
     }
 }

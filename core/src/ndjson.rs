@@ -523,7 +523,8 @@ pub fn write_change(out: &mut Vec<u8>, change: &Change) {
 }
 
 /// Whether `value`, written as a line's `value`, is read back as the same bytes: one valid
-/// JSON value, compact (the reader drops whitespace outside strings).
+/// JSON value, compact (the reader drops whitespace outside strings). Bytes that are not are
+/// written as `value_b64`, so that every line this crate's writers make is byte-exact.
 fn reads_back_as_itself(value: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(value) else {
         return false;
