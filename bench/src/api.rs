@@ -137,6 +137,32 @@ impl Drop for Server {
     }
 }
 
+/// CPU time (user + system) process `pid` has used, in seconds (0 when unreadable).
+fn cpu_secs(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            // Fields 14 and 15 of stat (utime, stime, in clock ticks); `after` starts at 3.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .map_or(0.0, |ticks| ticks as f64 / 100.0)
+}
+
+/// CPU seconds of several processes, read together.
+fn cpu_of(pids: &[u32]) -> Vec<f64> {
+    pids.iter().map(|&p| cpu_secs(p)).collect()
+}
+
+/// The `p` quantile of sorted `v` (0 when empty).
+fn quantile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
 fn loopback() -> Result<SocketAddr> {
     Ok(format!("127.0.0.1:{}", deltasync_testkit::free_port()).parse()?)
 }
@@ -253,7 +279,8 @@ fn check_gapless(mut seqs: Vec<u64>, what: &str) -> Result<()> {
 
 /// `POST /v1/txn` from `connections` keep-alive connections against `Producer::commit` from
 /// as many tasks, and `submit_many` of the same changes.
-pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
+/// `nats_pid` is the server's process, whose CPU time is counted per transaction.
+pub async fn txn(url: &str, nats_pid: u32, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
     let (per_conn, model) = transactions(a);
     let per_conn = Arc::new(per_conn);
     let txns: usize = per_conn.iter().map(Vec::len).sum();
@@ -266,6 +293,9 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
     for _ in 0..per_conn.len() {
         conns.push(Conn::connect(server.addr).await?);
     }
+    let serve_pid = server.child.as_ref().map_or(0, Child::id);
+    let pids = [serve_pid, std::process::id(), nats_pid];
+    let cpu0 = cpu_of(&pids);
     let t = Instant::now();
     let tasks: Vec<_> = conns
         .into_iter()
@@ -276,6 +306,7 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
                 let mut seqs = Vec::with_capacity(per_conn[c].len());
                 for (i, txn) in per_conn[c].iter().enumerate() {
                     let what = format!("POST /v1/txn (connection {c}, transaction {i})");
+                    let t0 = Instant::now();
                     let r = conn
                         .request("POST", "/v1/txn", "application/json", &txn.body)
                         .await
@@ -288,7 +319,7 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
                         "{what}: receipt {r:?} for {} changes",
                         txn.changes.len()
                     );
-                    seqs.push((r.seq, r.digest));
+                    seqs.push((r.seq, r.digest, t0.elapsed().as_secs_f64()));
                 }
                 anyhow::Ok(seqs)
             })
@@ -299,15 +330,19 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
         receipts.extend(task.await??);
     }
     let http_t = t.elapsed().as_secs_f64();
-    let last = receipts
+    let http_cpu: Vec<f64> = cpu_of(&pids)
         .iter()
-        .max_by_key(|(s, _)| *s)
-        .map(|(_, d)| d.clone());
+        .zip(&cpu0)
+        .map(|(b, a)| b - a)
+        .collect();
+    let mut http_lat: Vec<f64> = receipts.iter().map(|r| r.2).collect();
+    http_lat.sort_by(f64::total_cmp);
+    let last = receipts.iter().max_by_key(|r| r.0).map(|r| r.1.clone());
     ensure!(
         last.as_deref() == Some(model.digest().to_hex().as_str()),
         "over HTTP: the last receipt's digest {last:?} differs from the model's"
     );
-    check_gapless(receipts.iter().map(|(s, _)| *s).collect(), "over HTTP")?;
+    check_gapless(receipts.iter().map(|r| r.0).collect(), "over HTTP")?;
     let (_, head, digest) = crate::paths::head_digest(&http_s).await?;
     ensure!(
         head == txns as u64 && digest == model.digest(),
@@ -318,6 +353,8 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
     // The library, as a Rust service calls it: `commit` per transaction from as many tasks.
     let lib_s = settings(url, "bench-api-txn-lib")?;
     let producer = Arc::new(Producer::start(lib_s).await?);
+    let pids = [std::process::id(), nats_pid];
+    let cpu0 = cpu_of(&pids);
     let t = Instant::now();
     let tasks: Vec<_> = (0..per_conn.len())
         .map(|c| {
@@ -325,9 +362,10 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
             tokio::spawn(async move {
                 let mut seqs = Vec::with_capacity(per_conn[c].len());
                 for txn in &per_conn[c] {
+                    let t0 = Instant::now();
                     let r = producer.commit(txn.changes.clone()).await?;
                     ensure!(r.parts == 1, "a transaction took {} envelopes", r.parts);
-                    seqs.push(r.last_seq);
+                    seqs.push((r.last_seq, t0.elapsed().as_secs_f64()));
                 }
                 anyhow::Ok(seqs)
             })
@@ -338,7 +376,14 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
         seqs.extend(task.await??);
     }
     let lib_t = t.elapsed().as_secs_f64();
-    check_gapless(seqs, "Producer::commit")?;
+    let lib_cpu: Vec<f64> = cpu_of(&pids)
+        .iter()
+        .zip(&cpu0)
+        .map(|(b, a)| b - a)
+        .collect();
+    let mut lib_lat: Vec<f64> = seqs.iter().map(|s| s.1).collect();
+    lib_lat.sort_by(f64::total_cmp);
+    check_gapless(seqs.iter().map(|s| s.0).collect(), "Producer::commit")?;
     let producer =
         Arc::try_unwrap(producer).map_err(|_| anyhow!("the producer is still shared"))?;
     let position = producer.flush().await?;
@@ -370,6 +415,8 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
 
     let (n, m) = (txns as f64, changes as f64);
     let conns = per_conn.len();
+    let us = |s: f64| format!("{:.0} µs", s * 1e6);
+    let ms = |s: f64| format!("{:.2} ms", s * 1e3);
     rows.push(Row {
         scenario: format!(
             "user path: {txns} transactions of 1–{} puts through `POST /v1/txn` of \
@@ -377,14 +424,24 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
             a.max_ops
         ),
         ours: format!(
-            "{}, {}",
+            "{}, {}; request p50 {}, p99 {}; CPU per txn: serve {}, client {}, nats-server {}",
             rate(n / http_t, "txn"),
-            rate(m / http_t, "changes")
+            rate(m / http_t, "changes"),
+            ms(quantile(&http_lat, 0.5)),
+            ms(quantile(&http_lat, 0.99)),
+            us(http_cpu[0] / n),
+            us(http_cpu[1] / n),
+            us(http_cpu[2] / n)
         ),
         baseline: format!(
-            "{}, {} (Producer::commit, {conns} tasks); submit_many of the same changes: {}",
+            "{}, {} (Producer::commit, {conns} tasks; p50 {}, p99 {}; CPU per txn: process {}, \
+             nats-server {}); submit_many of the same changes: {}",
             rate(n / lib_t, "txn"),
             rate(m / lib_t, "changes"),
+            ms(quantile(&lib_lat, 0.5)),
+            ms(quantile(&lib_lat, 0.99)),
+            us(lib_cpu[0] / n),
+            us(lib_cpu[1] / n),
             rate(m / bulk_t, "changes")
         ),
         ratio: format!("{:.2}× commit's txn/s", lib_t / http_t),
@@ -396,7 +453,11 @@ pub async fn txn(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
         figures: json!({"txns": txns, "changes": changes, "connections": conns,
             "http_s": http_t, "commit_s": lib_t, "submit_many_s": bulk_t,
             "http_txn_per_s": n / http_t, "commit_txn_per_s": n / lib_t,
-            "submit_many_changes_per_s": m / bulk_t}),
+            "submit_many_changes_per_s": m / bulk_t,
+            "http_p50_s": quantile(&http_lat, 0.5), "http_p99_s": quantile(&http_lat, 0.99),
+            "commit_p50_s": quantile(&lib_lat, 0.5), "commit_p99_s": quantile(&lib_lat, 0.99),
+            "http_cpu_s": {"serve": http_cpu[0], "client": http_cpu[1], "nats_server": http_cpu[2]},
+            "commit_cpu_s": {"process": lib_cpu[0], "nats_server": lib_cpu[1]}}),
     });
     Ok(())
 }
@@ -660,7 +721,7 @@ async fn follow(
         }
     }
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let pct = |p: f64| quantile(&lat, p);
     Ok(Followed {
         watchers,
         txns: n,
@@ -668,7 +729,7 @@ async fn follow(
         delivered_rate: delivered as f64 / last_delivery.duration_since(start).as_secs_f64(),
         p50: pct(0.50),
         p99: pct(0.99),
-        max: lat[lat.len() - 1],
+        max: pct(1.0),
     })
 }
 
@@ -757,8 +818,10 @@ pub async fn feed(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
             many.watchers, many.txns, a.max_ops, a.feed_rate
         ),
         ours: format!(
-            "{} delivered (all watchers); commit → delivered p50 {}, p99 {}, max {}",
+            "{} delivered (all watchers; {:.0} txn/s committed); commit → delivered p50 {}, \
+             p99 {}, max {}",
             rate(many.delivered_rate, "changes"),
+            many.committed_rate,
             ms(many.p50),
             ms(many.p99),
             ms(many.max)
@@ -774,14 +837,13 @@ pub async fn feed(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
         met: true,
         check: format!(
             "every watcher got every batch once, in order (seq, prev_seq, change count); \
-             committed {:.0} txn/s; replica digest = model's",
-            many.committed_rate
+             replica digest = model's"
         ),
         figures: json!({"watchers": many.watchers, "txns": many.txns,
             "committed_txn_per_s": many.committed_rate,
             "delivered_changes_per_s": many.delivered_rate,
             "p50_s": many.p50, "p99_s": many.p99, "max_s": many.max,
-            "one_watcher": {"txns": one.txns, "p50_s": one.p50, "p99_s": one.p99, "max_s": one.max,
+            "one_watcher": {"txns": one.txns, "committed_txn_per_s": one.committed_rate, "p50_s": one.p50, "p99_s": one.p99, "max_s": one.max,
                 "delivered_changes_per_s": one.delivered_rate}}),
     });
     Ok(())

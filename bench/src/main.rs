@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 2.0)]
     window_secs: f64,
     /// Transactions sent to `POST /v1/txn` (api-txn), over all connections.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     api_txns: usize,
     /// Concurrent keep-alive HTTP/1.1 connections of api-txn (and library tasks of its
     /// baseline).
@@ -198,7 +198,7 @@ fn main() -> Result<()> {
             done(&rows);
         }
         if runs(ApiTxn) {
-            api::txn(&url, api_sizes, &mut rows).await?;
+            api::txn(&url, server.pid().unwrap_or(0), api_sizes, &mut rows).await?;
             done(&rows);
         }
         if runs(ApiChanges) {
