@@ -279,18 +279,20 @@ mod tests {
 
     /// Serves `answers` (raw bytes) one per request read on one connection.
     async fn serve(answers: Vec<&'static [u8]>) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("loopback I/O in a test");
+        let addr = listener.local_addr().expect("loopback I/O in a test");
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
+            let (mut s, _) = listener.accept().await.expect("loopback I/O in a test");
             for a in answers {
                 let mut req = Vec::new();
                 while find(&req, b"\r\n\r\n").is_none() {
                     let mut c = [0u8; 1024];
-                    let n = s.read(&mut c).await.unwrap();
+                    let n = s.read(&mut c).await.expect("loopback I/O in a test");
                     req.extend_from_slice(&c[..n]);
                 }
-                s.write_all(a).await.unwrap();
+                s.write_all(a).await.expect("loopback I/O in a test");
             }
         });
         addr
@@ -303,10 +305,16 @@ mod tests {
             b"HTTP/1.1 400 Bad\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         ])
         .await;
-        let mut c = Conn::connect(addr).await.unwrap();
-        let r = c.request("GET", "/", "text/plain", b"").await.unwrap();
+        let mut c = Conn::connect(addr).await.expect("loopback I/O in a test");
+        let r = c
+            .request("GET", "/", "text/plain", b"")
+            .await
+            .expect("loopback I/O in a test");
         assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
-        let r = c.request("POST", "/", "text/plain", b"x").await.unwrap();
+        let r = c
+            .request("POST", "/", "text/plain", b"x")
+            .await
+            .expect("loopback I/O in a test");
         assert_eq!((r.status, r.body.as_slice()), (400, &b"abcde"[..]));
     }
 
@@ -316,12 +324,18 @@ mod tests {
             b"HTTP/1.0 200 OK\r\n\r\n: keep-alive\n\nevent: batch\nid: 3\ndata: {\"a\":1}\n\n",
         ])
         .await;
-        let mut c = SseClient::connect(addr, "/v1/watch").await.unwrap();
-        let e = c.next().await.unwrap().unwrap();
+        let mut c = SseClient::connect(addr, "/v1/watch")
+            .await
+            .expect("loopback I/O in a test");
+        let e = c
+            .next()
+            .await
+            .expect("loopback I/O in a test")
+            .expect("loopback I/O in a test");
         assert_eq!(
             (e.event.as_str(), e.id.as_deref(), e.data.as_str()),
             ("batch", Some("3"), "{\"a\":1}")
         );
-        assert!(c.next().await.unwrap().is_none());
+        assert!(c.next().await.expect("loopback I/O in a test").is_none());
     }
 }
