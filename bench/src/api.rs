@@ -577,6 +577,8 @@ struct Followed {
     p50: f64,
     p99: f64,
     max: f64,
+    /// Deliveries later than 20 ms after their commit.
+    over_20ms: usize,
 }
 
 /// `watchers` SSE watchers on `consumer`'s `/v1/watch` after `at`, then transactions of 1..=K
@@ -732,6 +734,7 @@ async fn follow(
         p50: pct(0.50),
         p99: pct(0.99),
         max: pct(1.0),
+        over_20ms: lat.iter().filter(|&&l| l > 0.020).count(),
     })
 }
 
@@ -843,8 +846,8 @@ pub async fn feed(url: &str, a: ApiSizes, rows: &mut Vec<Row>) -> Result<()> {
         figures: json!({"watchers": many.watchers, "txns": many.txns,
             "committed_txn_per_s": many.committed_rate,
             "delivered_changes_per_s": many.delivered_rate,
-            "p50_s": many.p50, "p99_s": many.p99, "max_s": many.max,
-            "one_watcher": {"txns": one.txns, "committed_txn_per_s": one.committed_rate, "p50_s": one.p50, "p99_s": one.p99, "max_s": one.max,
+            "p50_s": many.p50, "p99_s": many.p99, "max_s": many.max, "over_20ms": many.over_20ms,
+            "one_watcher": {"txns": one.txns, "over_20ms": one.over_20ms, "committed_txn_per_s": one.committed_rate, "p50_s": one.p50, "p99_s": one.p99, "max_s": one.max,
                 "delivered_changes_per_s": one.delivered_rate}}),
     });
     Ok(())
