@@ -2,6 +2,8 @@
 //! scenario against its baseline in the same run on the same server, checks each result,
 //! prints a table and writes BENCHMARKS.md and a JSON file.
 
+mod api;
+mod http;
 mod paths;
 mod pipeline;
 mod report;
@@ -34,6 +36,29 @@ struct Args {
     /// while one is written.
     #[arg(long, default_value_t = 2.0)]
     window_secs: f64,
+    /// Transactions sent to `POST /v1/txn` (api-txn), over all connections.
+    #[arg(long, default_value_t = 50_000)]
+    api_txns: usize,
+    /// Concurrent keep-alive HTTP/1.1 connections of api-txn (and library tasks of its
+    /// baseline).
+    #[arg(long, default_value_t = 16)]
+    api_connections: usize,
+    /// Puts per transaction in api-txn and feed-watchers: 1 to this many.
+    #[arg(long, default_value_t = 4)]
+    api_max_ops: usize,
+    /// Put lines per `POST /v1/changes` body (api-changes sends --changes puts in bodies of
+    /// this many lines; the default keeps a body under the 64 MiB `api_max_body_bytes`).
+    #[arg(long, default_value_t = 250_000)]
+    api_body_lines: usize,
+    /// SSE watchers on the consumer's /v1/watch (feed-watchers).
+    #[arg(long, default_value_t = 1_000)]
+    feed_watchers: usize,
+    /// Transactions per second the producer commits while they watch.
+    #[arg(long, default_value_t = 200.0)]
+    feed_rate: f64,
+    /// Seconds of commits while they watch (the single-watcher baseline: at most 2 s).
+    #[arg(long, default_value_t = 5.0)]
+    feed_secs: f64,
     /// Tiny sizes that check correctness quickly (CI); figures are meaningless.
     #[arg(long)]
     quick: bool,
@@ -71,6 +96,15 @@ enum Scenario {
     WireBytes,
     DigestCost,
     Memory,
+    /// `POST /v1/txn` of `deltasync-producer serve` from concurrent keep-alive connections,
+    /// against `Producer::commit` and `submit_many`.
+    ApiTxn,
+    /// `POST /v1/changes` of `deltasync-producer serve` with large NDJSON bodies, against
+    /// `submit_many`.
+    ApiChanges,
+    /// SSE watchers on `deltasync-consumer run --ephemeral --http` while a producer commits,
+    /// against a single watcher.
+    FeedWatchers,
 }
 
 fn main() -> Result<()> {
@@ -83,6 +117,10 @@ fn main() -> Result<()> {
         args.changes = args.changes.min(20_000);
         args.latency_secs = args.latency_secs.min(1.0);
         args.window_secs = args.window_secs.min(0.3);
+        args.api_txns = args.api_txns.min(500);
+        args.api_body_lines = args.api_body_lines.min(args.changes.div_ceil(2).max(1));
+        args.feed_watchers = args.feed_watchers.min(100);
+        args.feed_secs = args.feed_secs.min(0.5);
     }
     let timing = pipeline::Timing {
         latency: std::time::Duration::from_secs_f64(args.latency_secs.max(0.0)),
@@ -91,6 +129,16 @@ fn main() -> Result<()> {
     let sizes = Sizes {
         keys: args.keys,
         changes: args.changes,
+        value_bytes: args.value_bytes,
+    };
+    let api_sizes = api::ApiSizes {
+        txns: args.api_txns,
+        connections: args.api_connections,
+        max_ops: args.api_max_ops,
+        body_lines: args.api_body_lines,
+        watchers: args.feed_watchers,
+        feed_rate: args.feed_rate,
+        feed_secs: args.feed_secs,
         value_bytes: args.value_bytes,
     };
     let server = deltasync_testkit::NatsServer::start();
@@ -147,6 +195,18 @@ fn main() -> Result<()> {
         }
         if runs(Snapshots) {
             scenarios::snapshots(&url, sizes, &mut rows).await?;
+            done(&rows);
+        }
+        if runs(ApiTxn) {
+            api::txn(&url, server.pid().unwrap_or(0), api_sizes, &mut rows).await?;
+            done(&rows);
+        }
+        if runs(ApiChanges) {
+            api::changes(&url, sizes.changes, api_sizes, &mut rows).await?;
+            done(&rows);
+        }
+        if runs(FeedWatchers) {
+            api::feed(&url, api_sizes, &mut rows).await?;
             done(&rows);
         }
         anyhow::Ok(())

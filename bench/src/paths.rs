@@ -123,7 +123,7 @@ fn vm_hwm_kb(status: &str) -> Option<u64> {
 }
 
 /// A binary's command line for pipeline `s`.
-fn command(binary: &str, s: &Settings) -> Result<Command> {
+pub(crate) fn command(binary: &str, s: &Settings) -> Result<Command> {
     let mut cmd = Command::new(bin(binary)?);
     cmd.args(["--nats-url", &s.nats.url, "--pipeline", &s.pipeline])
         .env("DELTASYNC_STREAM__MAX_MESSAGES", "-1")
@@ -136,7 +136,7 @@ fn command(binary: &str, s: &Settings) -> Result<Command> {
 
 /// `keys` puts of distinct keys as ingest lines (values: JSON strings, stored as their compact
 /// JSON bytes, quotes included) and the state they make.
-fn put_lines(keys: usize, value_bytes: usize, from: usize) -> (Vec<u8>, Vec<Change>) {
+pub(crate) fn put_lines(keys: usize, value_bytes: usize, from: usize) -> (Vec<u8>, Vec<Change>) {
     let mut text = Vec::with_capacity(keys * (value_bytes + 40));
     let mut changes = Vec::with_capacity(keys);
     let hex_len = value_bytes.saturating_sub(2).max(1);
@@ -154,7 +154,7 @@ fn put_lines(keys: usize, value_bytes: usize, from: usize) -> (Vec<u8>, Vec<Chan
 }
 
 /// The digest the stream's last envelope records.
-async fn head_digest(s: &Settings) -> Result<(Lineage, u64, deltasync_core::Digest)> {
+pub(crate) async fn head_digest(s: &Settings) -> Result<(Lineage, u64, deltasync_core::Digest)> {
     let client = deltasync_nats::connect(&s.nats).await?;
     let js = deltasync_nats::jetstream(client, &s.nats);
     let stream = js.get_stream(names::stream_name(&s.pipeline)).await?;

@@ -82,10 +82,69 @@ fn the_benchmark_harness_runs_at_tiny_sizes() {
         "bootstrap of 6000 keys through `deltasync-consumer run --ephemeral --once`",
         "bootstrap of 6000 keys through the library (`Consumer` with `once`",
         "restart of a durable 6000-key replica through `deltasync-consumer run --data-dir D",
+        "user path: 500 transactions of 1–4 puts through `POST /v1/txn`",
+        "user path: 5000 puts through `POST /v1/changes`",
+        "user path: the feed of `deltasync-consumer run --ephemeral --http`, 100 SSE watchers",
     ] {
         assert!(
             scenarios.iter().any(|s| s.starts_with(wanted)),
             "no row {wanted:?} in {scenarios:?}"
         );
     }
+}
+
+#[test]
+fn the_http_write_and_feed_scenarios_run_at_tiny_sizes() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let json = dir.path().join("api.json");
+    let json_arg = json.display().to_string();
+    run(
+        env!("CARGO_BIN_EXE_deltasync-bench"),
+        &[
+            "--quick",
+            "--changes",
+            "3000",
+            "--api-txns",
+            "200",
+            "--api-connections",
+            "4",
+            "--api-body-lines",
+            "1000",
+            "--feed-watchers",
+            "50",
+            "--feed-secs",
+            "0.3",
+            "--only",
+            "api-txn,api-changes,feed-watchers",
+            "--json",
+            &json_arg,
+        ],
+    );
+    let text = std::fs::read_to_string(&json).expect("the benchmark writes its JSON");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("the JSON parses");
+    let rows = v["rows"].as_array().expect("rows");
+    // Each scenario exits the benchmark with an error when its check fails; here, each ran
+    // at the sizes asked for.
+    let figures = |prefix: &str| {
+        rows.iter()
+            .find(|r| {
+                r["scenario"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(prefix))
+            })
+            .map(|r| r["figures"].clone())
+            .unwrap_or_else(|| panic!("no row {prefix:?} in {rows:?}"))
+    };
+    let txn = figures("user path: 200 transactions of 1–4 puts through `POST /v1/txn`");
+    assert_eq!(
+        (txn["txns"].as_u64(), txn["connections"].as_u64()),
+        (Some(200), Some(4))
+    );
+    let changes = figures("user path: 3000 puts through `POST /v1/changes`");
+    assert_eq!(changes["bodies"].as_u64(), Some(3));
+    let feed = figures("user path: the feed of `deltasync-consumer run --ephemeral --http`");
+    assert_eq!(feed["watchers"].as_u64(), Some(50));
+    assert!(feed["p99_s"]
+        .as_f64()
+        .is_some_and(|p| (0.0..30.0).contains(&p)));
 }
