@@ -12,16 +12,23 @@
 //!  └─ pending                 parts of a multi-part transaction not yet complete
 //!
 //! HashTable slot (16 B)       Entry = Arc<[u8]>, found by foldhash(key bytes)
-//! Entry allocation            [strong, weak: 16][entry hash: 32][key len: u32 le][key][value]
+//! Entry allocation            [strong, weak: 16][key len: u32 le][key][value]
 //! ```
 //!
-//! Each entry is one allocation holding its entry hash, key and value, so an update reads
-//! one allocation (key comparison and the old hash share it), writes one and frees one (or,
-//! for a value of the same length in an entry no clone shares, rewrites it in place); the
-//! table itself holds only 16-byte fat pointers. With 16-byte keys and 100-byte values an
-//! entry costs a 176-byte heap chunk plus ~23 bytes of table at the usual load, ~1.8× its
-//! raw bytes (a `HashMap<Arc<str>, (Bytes, Digest)>` took 2.9×: an 80-byte slot, a key
-//! allocation and a value allocation).
+//! Each entry is one allocation holding its key and value, so an update reads one
+//! allocation, writes one and frees one (or, for a value of the same length in an entry no
+//! clone shares, rewrites it in place); the table itself holds only 16-byte fat pointers.
+//! With 12-byte keys and 100-byte values an entry costs a 144-byte heap chunk plus 18–36
+//! bytes of table (hashbrown's load between its doublings), ~1.5× its raw bytes (a
+//! `HashMap<Arc<str>, (Bytes, Digest)>` took 2.9×: an 80-byte slot, a key allocation and a
+//! value allocation).
+//!
+//! Entries do not keep their entry hash. The digest needs the old entry's hash when a key is
+//! overwritten or deleted; a batch computes those in the same multi-buffer SHA-256 pass as
+//! the new ones, from the old entries its look-up pass finds anyway (the entry is read for
+//! the key comparison, and its value sits in the same allocation). Caching the hash cost 32
+//! bytes an entry, which at these sizes moved every entry into the next 32-byte-larger heap
+//! chunk (176 against 144 bytes): 22% of a replica's memory, to save a hash per overwrite.
 //!
 //! Buckets are shared copy-on-write: cloning a `State` copies 4096 pointers, and a writer
 //! copies a bucket only the first time it touches it after a clone. Entries are reference
@@ -34,15 +41,15 @@
 //!
 //! - `digests` always equals the digest computed from scratch over the entries.
 //! - `apply` is all-or-nothing: an error leaves entries, digest and position as they were.
-//!   It predicts the digest after a transaction from the old entries' cached hashes before
+//!   It predicts the digest after a transaction from the old entries' hashes before
 //!   writing anything, so a mismatch is refused without touching the tables and a match is
 //!   written without an undo log.
 //! - `seq` names the last part of a complete transaction; buffered parts never move it.
 //! - A part 1 arriving right after incomplete parts abandons them: a producer that crashed
 //!   mid-transaction recovers to the state before it and carries on with a new transaction.
-//! - An entry's key never changes and its key bytes are the UTF-8 of a `str`. Its hash and
-//!   value are rewritten in place only while no clone of the state holds the entry (a put of
-//!   a value of the same length); a shared entry is replaced, never changed.
+//! - An entry's key never changes and its key bytes are the UTF-8 of a `str`. Its value is
+//!   rewritten in place only while no clone of the state holds the entry (a put of a value
+//!   of the same length); a shared entry is replaced, never changed.
 
 use crate::change::{Change, Key};
 use crate::digest::{bucket_of, entry_hashes, BucketDigests, Digest, BUCKETS};
@@ -65,56 +72,48 @@ fn key_hash(key: &[u8]) -> u64 {
     KEY_HASHER.hash_one(key)
 }
 
-/// Where the key length starts in an entry: after the 32-byte entry hash.
-const KEY_LEN_AT: usize = 32;
+/// Where the key starts in an entry: after its 4-byte length.
+const KEY_AT: usize = 4;
 
-/// Where the key starts in an entry.
-const KEY_AT: usize = KEY_LEN_AT + 4;
-
-/// One entry in one allocation: `[entry hash: 32][key len: u32 le][key][value]`.
-///
-/// The entry hash is kept so that overwriting or deleting it costs no second SHA-256, and so
-/// that the digest after a batch can be predicted from the old entries before writing.
+/// One entry in one allocation: `[key len: u32 le][key][value]`.
 #[derive(Clone)]
 struct Entry(Arc<[u8]>);
 
 impl Entry {
     /// Builds an entry, staging its bytes in `scratch` so that it is allocated once.
-    fn new(scratch: &mut Vec<u8>, hash: Digest, key: &str, value: &[u8]) -> Entry {
+    fn new(scratch: &mut Vec<u8>, key: &str, value: &[u8]) -> Entry {
         scratch.clear();
-        scratch.extend_from_slice(&hash.0);
         scratch.extend_from_slice(&(key.len() as u32).to_le_bytes());
         scratch.extend_from_slice(key.as_bytes());
         scratch.extend_from_slice(value);
         Entry(Arc::from(&scratch[..]))
     }
 
-    /// Rewrites hash and value in place when `value` has the old one's length and no clone
-    /// of the state shares this entry: no allocation, no free. Returns the old hash, or `None`
-    /// (nothing changed) otherwise.
-    fn overwrite(&mut self, hash: Digest, value: &[u8]) -> Option<Digest> {
+    /// Rewrites the value in place when `value` has the old one's length and no clone of the
+    /// state shares this entry: no allocation, no free. Returns whether it did (otherwise
+    /// nothing changed).
+    fn overwrite(&mut self, value: &[u8]) -> bool {
         let at = self.value_at();
         if self.0.len() - at != value.len() {
-            return None;
+            return false;
         }
-        let old = self.hash();
-        let bytes = Arc::get_mut(&mut self.0)?;
-        bytes[..KEY_LEN_AT].copy_from_slice(&hash.0);
+        let Some(bytes) = Arc::get_mut(&mut self.0) else {
+            return false;
+        };
         bytes[at..].copy_from_slice(value);
-        Some(old)
+        true
     }
 
-    /// `entry_hash(key, value)`.
+    /// `entry_hash(key, value)`, computed (one SHA-256); batches hash old entries together
+    /// with [`entry_hashes`] instead.
     fn hash(&self) -> Digest {
-        let mut d = [0; 32];
-        d.copy_from_slice(&self.0[..KEY_LEN_AT]);
-        Digest(d)
+        crate::digest::entry_hash(self.key(), self.value())
     }
 
     /// Where the value starts.
     fn value_at(&self) -> usize {
         let mut len = [0; 4];
-        len.copy_from_slice(&self.0[KEY_LEN_AT..KEY_AT]);
+        len.copy_from_slice(&self.0[..KEY_AT]);
         KEY_AT + u32::from_le_bytes(len) as usize
     }
 
@@ -130,8 +129,7 @@ impl Entry {
         &self.0[self.value_at()..]
     }
 
-    /// Whether both hold the same key and value: by pointer when shared, else by bytes
-    /// (the entry hashes come first, so different values differ at once).
+    /// Whether both hold the same key and value: by pointer when shared, else by bytes.
     fn same(&self, other: &Entry) -> bool {
         Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
     }
@@ -156,7 +154,7 @@ impl fmt::Debug for Entry {
 ///
 /// Only for states of this process: the table hash is seeded per process.
 pub struct Prepared {
-    entries: Vec<(u16, u64, Entry)>,
+    entries: Vec<(u16, u64, Digest, Entry)>,
 }
 
 impl Prepared {
@@ -171,7 +169,8 @@ impl Prepared {
                 (
                     bucket_of(key) as u16,
                     key_hash(key.as_bytes()),
-                    Entry::new(&mut scratch, hash, key, value),
+                    hash,
+                    Entry::new(&mut scratch, key, value),
                 )
             })
             .collect();
@@ -369,6 +368,10 @@ pub struct State {
     /// The table of `Latest`, and each change's index in `hashes` (reused across calls).
     seen: Vec<(u64, usize)>,
     rank: Vec<usize>,
+    /// What each change of the batch replaces, and the hashes of the old entries found in
+    /// the tables (reused across calls).
+    olds: Vec<Old>,
+    found_hashes: Vec<Digest>,
 }
 
 impl State {
@@ -386,6 +389,8 @@ impl State {
             slots: Vec::new(),
             seen: Vec::new(),
             rank: Vec::new(),
+            olds: Vec::new(),
+            found_hashes: Vec::new(),
         }
     }
 
@@ -503,10 +508,10 @@ impl State {
     /// allocating and copying, which [`Prepared::puts`] did. Leaves `prepared` empty (its
     /// allocation can be freed elsewhere).
     pub fn put_prepared(&mut self, prepared: &mut Prepared) {
-        for (b, h, entry) in prepared.entries.drain(..) {
+        for (b, h, hash, entry) in prepared.entries.drain(..) {
             let b = usize::from(b);
             let bucket = Arc::make_mut(&mut self.buckets[b]);
-            self.digests.add(b, entry.hash());
+            self.digests.add(b, hash);
             let slot = bucket.entry(
                 h,
                 |e| e.key_bytes() == entry.key_bytes(),
@@ -514,6 +519,8 @@ impl State {
             );
             match slot {
                 Slot::Occupied(mut o) => {
+                    // A key put twice: rare in a restore (a repair's range, or a chunk that
+                    // repeats a key), so its old entry is hashed on its own.
                     let old = std::mem::replace(o.get_mut(), entry);
                     self.digests.sub(b, old.hash());
                 }
@@ -637,53 +644,89 @@ impl State {
         })
     }
 
-    /// Looks at a batch of changes before any is written: computes the puts' entry hashes
-    /// (one multi-buffer pass) and every key's digest bucket and table hash, and looks every
-    /// key up. [`State::write`] then applies the batch.
-    ///
-    /// The look-ups depend on nothing but their key and do little else, so the CPU overlaps
-    /// their cache misses (table control bytes, slot, the old entry: three or four misses a
-    /// change once the state outgrows the cache), where the writing pass alone waits for them
-    /// one change after the other. On the 2-core Xeon here, a batch of 1000 random puts into
-    /// 1M keys of 100 B went from 870–945 to 573–587 ns a change; at 1k and 10k keys the pass
-    /// costs nothing measurable (`cargo run --release -p deltasync-core --example apply`).
+    /// Looks at a batch of changes before any is written: [`State::predict`] without its
+    /// result (the unchecked path writes what it is given).
     fn look_up<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) {
-        self.hash_batch(changes.clone());
-        for (c, &(b, h)) in changes.zip(&self.slots) {
-            let key = c.key().as_bytes();
-            let bucket = &self.buckets[usize::from(b)];
-            std::hint::black_box(bucket.find(h, |e| e.key_bytes() == key));
-        }
+        self.predict(changes);
     }
 
-    /// [`State::look_up`], returning the digest the state will have after the batch: the
-    /// current digest, minus each change's old entry hash (the table's for a key's first
-    /// change in the batch, the previous change's new one for a key that repeats), plus each
-    /// put's new one.
+    /// Looks at a batch of changes before any is written and returns the digest the state
+    /// will have after it: the current digest, minus each change's old entry hash (the
+    /// table's entry for a key's first change in the batch, the previous change's new one
+    /// for a key that repeats), plus each put's new one. Leaves in `hashes` the puts' entry
+    /// hashes, in `slots` every change's digest bucket and table hash and in `olds` the hash
+    /// of the entry each change replaces or deletes, for [`State::write`].
+    ///
+    /// A separate look-up pass first (on the 2-core Xeon here it took a batch of 1000 random
+    /// puts into 1M keys of 100 B from 870–945 to 573–587 ns a change; at 1k and 10k keys it
+    /// costs nothing measurable: `cargo run --release -p deltasync-core --example apply`).
+    /// The old entries found are hashed together in one multi-buffer pass, like the new ones.
     fn predict<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) -> Digest {
         self.hash_batch(changes.clone());
         let changes: Vec<&Change> = changes.collect();
+        // The look-ups alone first: each depends on nothing but its key, so the CPU overlaps
+        // their cache misses (table control bytes, slot, the old entry: three or four misses
+        // a change once the state outgrows the cache); a loop doing more per change waits for
+        // them one change after the other. The last lines of each old entry are touched too,
+        // for hashing its value below.
+        let in_table: Vec<Option<&Entry>> = changes
+            .iter()
+            .zip(&self.slots)
+            .map(|(c, &(b, h))| {
+                let key = c.key().as_bytes();
+                let found = self.buckets[usize::from(b)].find(h, |e| e.key_bytes() == key);
+                if let Some(e) = found {
+                    std::hint::black_box((e.0[e.0.len() / 2], e.0[e.0.len() - 1]));
+                }
+                found
+            })
+            .collect();
         let mut latest = Latest::new(std::mem::take(&mut self.seen), changes.len());
         let mut rank = std::mem::take(&mut self.rank);
         rank.clear();
+        let mut olds = std::mem::take(&mut self.olds);
+        olds.clear();
+        // The entries in the table that the batch replaces or deletes, in the order of the
+        // changes that first touch them.
+        let mut found: Vec<(&str, &[u8])> = Vec::new();
         let mut puts = 0;
-        let mut after = self.digest();
-        for (i, (c, &(b, h))) in changes.iter().zip(&self.slots).enumerate() {
+        for (i, ((c, &(_, h)), old)) in changes.iter().zip(&self.slots).zip(&in_table).enumerate() {
             let key = c.key().as_bytes();
             let previous = latest.replace(h, i, |j| changes[j].key().as_bytes() == key);
-            let old = match previous {
-                Some(j) => match changes[j] {
-                    Change::Put { .. } => self.hashes.get(rank[j]).copied(),
-                    Change::Delete { .. } => None,
+            olds.push(match (previous, old) {
+                (Some(j), _) => match changes[j] {
+                    Change::Put { .. } => Old::Batch(rank[j]),
+                    Change::Delete { .. } => Old::Absent,
                 },
-                None => self.buckets[usize::from(b)]
-                    .find(h, |e| e.key_bytes() == key)
-                    .map(Entry::hash),
-            };
-            if let Some(old) = old {
-                after = after.wrapping_sub(old);
-            }
+                (None, Some(e)) => {
+                    found.push((e.key(), e.value()));
+                    Old::Table(found.len() - 1)
+                }
+                (None, None) => Old::Absent,
+            });
             rank.push(puts);
+            if let Change::Put { .. } = c {
+                puts += 1;
+            }
+        }
+        let mut found_hashes = std::mem::take(&mut self.found_hashes);
+        found_hashes.clear();
+        entry_hashes(found, &mut found_hashes);
+        let mut after = self.digest();
+        let mut puts = 0;
+        for (c, old) in changes.iter().zip(olds.iter_mut()) {
+            let hash = match *old {
+                Old::Batch(put) => self.hashes.get(put).copied(),
+                Old::Table(at) => found_hashes.get(at).copied(),
+                Old::Absent | Old::Hash(_) => None,
+            };
+            *old = match hash {
+                Some(h) => {
+                    after = after.wrapping_sub(h);
+                    Old::Hash(h)
+                }
+                None => Old::Absent,
+            };
             if let Change::Put { .. } = c {
                 if let Some(new) = self.hashes.get(puts) {
                     after = after.wrapping_add(*new);
@@ -693,6 +736,8 @@ impl State {
         }
         self.seen = latest.into_inner();
         self.rank = rank;
+        self.olds = olds;
+        self.found_hashes = found_hashes;
         after
     }
 
@@ -719,63 +764,89 @@ impl State {
     fn write<'a>(&mut self, changes: impl Iterator<Item = &'a Change>) -> usize {
         let hashes = std::mem::take(&mut self.hashes);
         let slots = std::mem::take(&mut self.slots);
+        let olds = std::mem::take(&mut self.olds);
         let mut next = hashes.iter().copied();
         let mut count = 0;
-        for (c, &(b, h)) in changes.zip(&slots) {
-            let hash = match c {
+        for ((c, &(b, h)), old) in changes.zip(&slots).zip(&olds) {
+            let new = match c {
                 Change::Put { .. } => next.next(),
                 Change::Delete { .. } => None,
             };
-            self.apply_one(c, usize::from(b), h, hash);
+            let old = match *old {
+                Old::Hash(hash) => Some(hash),
+                _ => None,
+            };
+            self.apply_one(c, usize::from(b), h, new, old);
             count += 1;
         }
         self.hashes = hashes;
         self.slots = slots;
+        self.olds = olds;
         count
     }
 
     /// Applies one change, maintaining the digest. `b` is the key's digest bucket, `h` its
-    /// table hash, `hash` the put's entry hash (from the batch's `hash_batch`).
-    fn apply_one(&mut self, change: &Change, b: usize, h: u64, hash: Option<Digest>) {
+    /// table hash, `new` the put's entry hash and `old` that of the entry it replaces or
+    /// deletes (both from the batch's `predict`).
+    fn apply_one(
+        &mut self,
+        change: &Change,
+        b: usize,
+        h: u64,
+        new: Option<Digest>,
+        old: Option<Digest>,
+    ) {
         let bucket = Arc::make_mut(&mut self.buckets[b]);
-        let old = match change {
+        let existed = match change {
             Change::Put { key, value } => {
-                let hash = hash.unwrap_or_else(|| crate::digest::entry_hash(key, value));
-                self.digests.add(b, hash);
+                let new = new.unwrap_or_else(|| crate::digest::entry_hash(key, value));
+                self.digests.add(b, new);
                 let k = key.as_bytes();
                 match bucket.entry(h, |e| e.key_bytes() == k, |e| key_hash(e.key_bytes())) {
                     Slot::Occupied(mut o) => {
                         let e = o.get_mut();
-                        match e.overwrite(hash, value) {
-                            Some(old) => {
-                                self.digests.sub(b, old);
-                                None
-                            }
-                            None => Some(std::mem::replace(
-                                e,
-                                Entry::new(&mut self.scratch, hash, key, value),
-                            )),
+                        if !e.overwrite(value) {
+                            *e = Entry::new(&mut self.scratch, key, value);
                         }
+                        true
                     }
                     Slot::Vacant(v) => {
-                        v.insert(Entry::new(&mut self.scratch, hash, key, value));
+                        v.insert(Entry::new(&mut self.scratch, key, value));
                         self.len += 1;
-                        None
+                        false
                     }
                 }
             }
             Change::Delete { key } => {
-                let old = remove(bucket, h, key.as_bytes());
-                if old.is_some() {
+                let removed = remove(bucket, h, key.as_bytes()).is_some();
+                if removed {
                     self.len -= 1;
                 }
-                old
+                removed
             }
         };
-        if let Some(e) = &old {
-            self.digests.sub(b, e.hash());
+        debug_assert_eq!(
+            existed,
+            old.is_some(),
+            "the look-up pass saw the entry the write found"
+        );
+        if let Some(old) = old {
+            self.digests.sub(b, old);
         }
     }
+}
+
+/// What a change of a batch replaces, as [`State::predict`] works it out.
+#[derive(Debug, Clone, Copy)]
+enum Old {
+    /// No entry: the key is new, or deleted earlier in the batch.
+    Absent,
+    /// The entry an earlier put of the batch wrote: that put's index among the puts.
+    Batch(usize),
+    /// The entry in the table: its index among the old entries hashed together.
+    Table(usize),
+    /// Resolved: the replaced entry's hash.
+    Hash(Digest),
 }
 
 impl PartialEq for State {
