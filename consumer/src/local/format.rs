@@ -21,6 +21,10 @@
 //!   length is out of bounds or whose checksum differs is reported as [`Bad`], never decoded.
 //!   A crash while appending leaves at most one such frame, at the end of the log.
 //! - Decoding never panics on any input: lengths are checked against what remains.
+//! - A `COMMIT` may be written in pieces ([`commit_chunked`]): its first 8 bytes stay zero
+//!   until the rest is written, then take the length and checksum. A crash in between leaves a
+//!   frame of length 0 (or one cut short), which reads as [`Bad`]: the bytes on disk are those
+//!   of [`commit`], only their order of writing differs.
 
 use bytes::Bytes;
 use deltasync_core::{Change, Position};
@@ -44,7 +48,8 @@ pub const COMMIT: u8 = 5;
 /// 1 MiB each would not fit, but a commit is also bounded by the stream's message sizes).
 pub const MAX_RECORD: usize = 1 << 31;
 
-const FRAME: usize = 8;
+/// Bytes of a record's frame before its kind: length and checksum.
+pub const FRAME: usize = 8;
 const PUT: u8 = 1;
 const DEL: u8 = 2;
 
@@ -178,6 +183,78 @@ pub fn commit<'a>(
         }
         debug_assert_eq!(written, count, "the count announced is the count written");
     });
+}
+
+/// Encodes the same `COMMIT` record as [`commit`] without holding it whole: `emit` receives
+/// it in order, in pieces of about `chunk` bytes staged in `buf` (a value of `chunk` bytes or
+/// more is passed straight from the change, uncopied). The frame's first 8 bytes (length and
+/// checksum) are only known at the end: the first piece starts with 8 zero bytes in their
+/// place and the real ones are returned, for the caller to write over them. Until it does, the
+/// record reads as damaged, never as a record (a length of 0 is refused).
+///
+/// So a commit of tens of MiB costs a buffer of `chunk` that stays in the cache, not a fresh
+/// allocation (page faults, zeroing) as large as the commit, copied again into the page cache.
+pub fn commit_chunked<'a, E>(
+    buf: &mut Vec<u8>,
+    chunk: usize,
+    position: &Position,
+    count: usize,
+    changes: impl Iterator<Item = &'a Change>,
+    mut emit: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<[u8; FRAME], E> {
+    let mut len = 0usize;
+    let mut crc = 0u32;
+    let mut piece = |bytes: &[u8], crc_from: usize, len: &mut usize, crc: &mut u32| {
+        *len += bytes.len() - crc_from;
+        *crc = crc32c::crc32c_append(*crc, &bytes[crc_from..]);
+        emit(bytes)
+    };
+    buf.clear();
+    buf.extend_from_slice(&[0; FRAME]);
+    buf.push(COMMIT);
+    buf.extend_from_slice(&position.encode());
+    buf.extend_from_slice(&(count as u32).to_le_bytes());
+    // Only the first piece holds frame bytes, which the checksum and length leave out.
+    let mut skip = FRAME;
+    let mut written = 0usize;
+    for change in changes {
+        written += 1;
+        if buf.len() >= chunk {
+            piece(buf, skip, &mut len, &mut crc)?;
+            buf.clear();
+            skip = 0;
+        }
+        match change {
+            Change::Put { key, value } => {
+                buf.push(PUT);
+                buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                buf.extend_from_slice(key.as_bytes());
+                buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                if value.len() >= chunk {
+                    piece(buf, skip, &mut len, &mut crc)?;
+                    buf.clear();
+                    skip = 0;
+                    piece(value, 0, &mut len, &mut crc)?;
+                } else {
+                    buf.extend_from_slice(value);
+                }
+            }
+            Change::Delete { key } => {
+                buf.push(DEL);
+                buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                buf.extend_from_slice(key.as_bytes());
+            }
+        }
+    }
+    debug_assert_eq!(written, count, "the count announced is the count written");
+    if !buf.is_empty() {
+        piece(buf, skip, &mut len, &mut crc)?;
+        buf.clear();
+    }
+    let mut head = [0u8; FRAME];
+    head[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    head[4..].copy_from_slice(&crc.to_le_bytes());
+    Ok(head)
 }
 
 /// Decodes a `COMMIT` payload.
@@ -439,7 +516,76 @@ mod tests {
         assert!(err.contains("format version 2"), "{err}");
     }
 
+    /// `commit_chunked`'s pieces with its returned frame written over their first 8 bytes.
+    fn chunked(chunk: usize, at: &Position, cs: &[Change]) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut pieces = 0;
+        let mut buf = Vec::new();
+        let head = commit_chunked(&mut buf, chunk, at, cs.len(), cs.iter(), |p| {
+            pieces += 1;
+            out.extend_from_slice(p);
+            Ok::<_, ()>(())
+        })
+        .expect("a vec takes every piece");
+        assert_eq!(
+            &out[..FRAME],
+            &[0; FRAME],
+            "the frame's place is left zeroed"
+        );
+        out[..FRAME].copy_from_slice(&head);
+        (out, pieces)
+    }
+
+    #[test]
+    fn a_chunked_commit_is_the_same_record_and_passes_large_values_through() {
+        let mut cs = changes(50);
+        cs.push(Change::put("big", vec![7u8; 1000]));
+        cs.push(Change::delete("gone"));
+        let mut whole = Vec::new();
+        commit(&mut whole, &pos(3), cs.len(), cs.iter());
+        for chunk in [1, 2, 9, 64, 100, 999, 1000, 1001, 1 << 20] {
+            let (out, pieces) = chunked(chunk, &pos(3), &cs);
+            assert_eq!(out, whole, "chunk {chunk}");
+            if chunk < 1000 {
+                assert!(pieces > 2, "chunk {chunk}: {pieces} pieces");
+            }
+        }
+    }
+
+    #[test]
+    fn a_commit_whose_frame_was_not_written_yet_is_never_read_as_a_record() {
+        let cs = changes(20);
+        let mut out = Vec::new();
+        commit_chunked(&mut Vec::new(), 16, &pos(8), cs.len(), cs.iter(), |p| {
+            out.extend_from_slice(p);
+            Ok::<_, ()>(())
+        })
+        .expect("a vec takes every piece");
+        for cut in 0..=out.len() {
+            let (recs, bad) = records(&out[..cut]);
+            assert!(recs.is_empty(), "cut at {cut}: a record was read");
+            assert_eq!(bad.is_some(), cut > 0, "cut at {cut}: {bad:?}");
+        }
+    }
+
     proptest! {
+        /// Whatever the changes and the chunk size, the pieces and the frame are the bytes
+        /// `commit` writes.
+        #[test]
+        fn a_chunked_commit_equals_the_whole_one(
+            n in 0usize..40,
+            chunk in 1usize..300,
+            big in proptest::option::of(0usize..600),
+        ) {
+            let mut cs = changes(n);
+            if let Some(len) = big {
+                cs.insert(cs.len() / 2, Change::put("v", vec![3u8; len]));
+            }
+            let mut whole = Vec::new();
+            commit(&mut whole, &pos(n as u64), cs.len(), cs.iter());
+            prop_assert_eq!(chunked(chunk, &pos(n as u64), &cs).0, whole);
+        }
+
         /// Cutting a log anywhere yields the whole records before the cut, then a torn frame
         /// (or a clean end exactly at a boundary): never a record that was not written.
         #[test]

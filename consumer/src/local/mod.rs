@@ -15,8 +15,9 @@
 //!                           one COMMIT record (changes + the position after them) per commit
 //! ```
 //!
-//! The records are [`format`]'s. A commit appends one record and `fdatasync`s the log: one
-//! sync per group of envelopes the engine commits together (`consumer.commit_interval`,
+//! The records are [`format`]'s. A commit appends one record — streamed through a small
+//! buffer, its frame's length and checksum written last over zeros — and `fdatasync`s the log:
+//! one sync per group of envelopes the engine commits together (`consumer.commit_interval`,
 //! `consumer.commit_every_envelopes`). Once the logs since the last local snapshot hold
 //! `consumer.local_snapshot_log_bytes` and twice the replica's size (the last snapshot's, or
 //! the entries times the mean change record when that is larger), the next commit starts a
@@ -48,7 +49,7 @@ use crate::follower::ChangeBatch;
 use deltasync_core::{Change, Digest, Lineage, Position, Prepared, State};
 use format::{Bad, Header, Records};
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -63,6 +64,10 @@ const LOG_PREFIX: &str = "log.";
 const OLD_REDB_FILE: &str = "replica.redb";
 /// Entries per `ENTRIES` record of a local snapshot are cut at about this many bytes.
 const SNAPSHOT_BLOCK: usize = 1 << 20;
+/// A commit record is written in pieces of about this many bytes (see
+/// [`format::commit_chunked`]): small enough to stay in the cache between encoding and copying
+/// into the page cache.
+const COMMIT_CHUNK: usize = 256 << 10;
 /// `consumer.local_snapshot_log_bytes`'s default, for callers without settings.
 pub const DEFAULT_SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
 
@@ -313,26 +318,36 @@ impl LocalStore {
         let mut w = j.lock();
         let count = batches.iter().map(|b| b.changes.len()).sum();
         let mut buf = std::mem::take(&mut w.buf);
-        buf.clear();
-        format::commit(
-            &mut buf,
-            cursor,
-            count,
-            batches.iter().flat_map(|b| b.changes.iter()),
-        );
         let path = j.log_path(w.generation);
         let werr = |source| LocalError::Write {
             path: path.clone(),
             source,
         };
-        w.log.write_all(&buf).map_err(werr)?;
-        w.log.sync_data().map_err(werr)?;
-        w.log_bytes += buf.len() as u64;
-        w.written += buf.len() as u64;
-        w.appended_bytes += buf.len() as u64;
+        // The record is streamed through a small buffer; its frame's length and checksum are
+        // written over their place once known, and the whole synced after.
+        let log = &mut w.log;
+        let start = log.stream_position().map_err(werr)?;
+        let head = format::commit_chunked(
+            &mut buf,
+            COMMIT_CHUNK,
+            cursor,
+            count,
+            batches.iter().flat_map(|b| b.changes.iter()),
+            |piece| log.write_all(piece),
+        )
+        .map_err(werr)?;
+        let end = log.stream_position().map_err(werr)?;
+        log.seek(SeekFrom::Start(start)).map_err(werr)?;
+        log.write_all(&head).map_err(werr)?;
+        log.seek(SeekFrom::Start(end)).map_err(werr)?;
+        log.sync_data().map_err(werr)?;
+        let len = end - start;
+        w.log_bytes += len;
+        w.written += len;
+        w.appended_bytes += len;
         w.appended_changes += count as u64;
-        // Keep a buffer of a usual size, not the largest commit's.
-        if buf.capacity() <= 16 << 20 {
+        // Keep a buffer of a usual size (a change larger than a chunk may have grown it).
+        if buf.capacity() <= 4 * COMMIT_CHUNK {
             w.buf = buf;
         }
         j.reap(&mut w);
