@@ -643,7 +643,8 @@ async fn one_line_ingest(s: &Settings, model: &mut State, value_bytes: usize) ->
 /// A producer restart over envelopes its newest snapshot does not cover: a producer killed
 /// after publishing [`RESTART_TAIL`] changes into the ingested pipeline, then a one-line
 /// `deltasync-producer ingest` that recovers the snapshot plus that tail and exits (spawn to
-/// exit); against the same one-line ingest with no tail, run just before it. `model` is the
+/// exit); against the same one-line ingest with no tail, run once before and once after it.
+/// `model` is the
 /// pipeline's state (the ingested keys are `0..model.len()`), and gets the new lines.
 pub async fn restart(
     s: &Settings,
@@ -691,6 +692,15 @@ pub async fn restart(
         head - covered
     );
 
+    // The baseline again, now that the restart's final snapshot is at the head: the faster
+    // of the two bracketing runs (the first one alone was slower than the restart in each of
+    // 4 runs here; why is not pinned down).
+    let clean_after = one_line_ingest(s, model, sizes.value_bytes).await?;
+    let clean = if clean_after.wall < clean.wall {
+        clean_after
+    } else {
+        clean
+    };
     let (ours, base) = (ran.wall.as_secs_f64(), clean.wall.as_secs_f64());
     rows.push(Row {
         scenario: format!(
@@ -706,7 +716,8 @@ pub async fn restart(
             head - covered
         ),
         baseline: format!(
-            "{}, peak RSS {} (the same one-line ingest with the snapshot at the head)",
+            "{}, peak RSS {} (the same one-line ingest with the newest snapshot at the head; \
+             the faster of one run before and one after)",
             secs(base),
             bytes(clean.peak_rss as f64)
         ),
