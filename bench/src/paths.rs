@@ -652,7 +652,6 @@ pub async fn restart(
     sizes: Sizes,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
-    let raw_bytes = model.payload_bytes() as f64;
     // The baseline: a restart whose newest snapshot is at the head.
     ensure!(
         latest_snapshot_seq(s).await? == head_digest(s).await?.1,
@@ -674,6 +673,7 @@ pub async fn restart(
         digest == model.digest()
     );
     let (keys_before, digest_before) = (model.len(), model.digest());
+    let raw_bytes = model.payload_bytes() as f64;
 
     // The restart: recover the snapshot, replay the tail, publish one line, final snapshot.
     let ran = one_line_ingest(s, model, sizes.value_bytes).await?;
