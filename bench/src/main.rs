@@ -86,6 +86,13 @@ enum Scenario {
     /// `deltasync-consumer run --ephemeral --once` against the loader and a KV watcher (runs
     /// user-ingest first: it bootstraps that pipeline).
     UserBootstrap,
+    /// A one-line `deltasync-producer ingest` after a killed producer left 10,000 changes
+    /// after its newest snapshot (recovery: snapshot + tail), against the same with no tail
+    /// (runs user-ingest first: it restarts that pipeline's producer).
+    UserRestart,
+    /// `deltasync-producer snapshot` of the user-ingest pipeline (recover + full snapshot),
+    /// against the state's raw bytes published to a KV bucket (runs user-ingest first).
+    UserSnapshot,
     Ingest,
     ApplyMemory,
     ApplyDurable,
@@ -161,11 +168,21 @@ fn main() -> Result<()> {
     let runs = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
     rt.block_on(async {
         use Scenario::*;
-        if runs(UserIngest) || runs(UserBootstrap) {
-            let (s, model) = paths::ingest(&url, sizes, &mut rows).await?;
+        if runs(UserIngest) || runs(UserBootstrap) || runs(UserRestart) || runs(UserSnapshot) {
+            let (s, mut model) = paths::ingest(&url, sizes, &mut rows).await?;
             done(&rows);
             if runs(UserBootstrap) {
                 paths::bootstrap(&s, &model, &mut rows).await?;
+                done(&rows);
+            }
+            // These two publish into the pipeline: after the bootstrap, which reads it as
+            // user-ingest left it.
+            if runs(UserRestart) {
+                paths::restart(&s, &mut model, sizes, &mut rows).await?;
+                done(&rows);
+            }
+            if runs(UserSnapshot) {
+                paths::snapshot(&s, &mut model, sizes, &mut rows).await?;
                 done(&rows);
             }
         }

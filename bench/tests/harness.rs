@@ -78,7 +78,11 @@ fn the_benchmark_harness_runs_at_tiny_sizes() {
         "end-to-end latency, commit → applied",
         "publish rate during a full snapshot of 5000 keys",
         "ingest of 5000 puts through `deltasync-producer ingest FILE`",
+        "ingest of 5000 puts through `deltasync-producer ingest FILE` (spawn to exit, final \
+         snapshot included) against NATS KV puts",
         "ingest of 1000 puts into a pipeline of 5000 keys through the binary",
+        "producer restart over 10000 changes after its newest snapshot (16001 keys)",
+        "snapshot of 17003 keys through `deltasync-producer snapshot`",
         "bootstrap of 6000 keys through `deltasync-consumer run --ephemeral --once`",
         "bootstrap of 6000 keys through the library (`Consumer` with `once`",
         "restart of a durable 6000-key replica through `deltasync-consumer run --data-dir D",
