@@ -37,6 +37,7 @@ use crate::replica::{Replica, View};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use deltasync_core::Lineage;
 use std::net::SocketAddr;
@@ -82,11 +83,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
 pub async fn serve(listener: TcpListener, api: Api) {
     let stop = api.stop.clone();
     let app = router(api);
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(listener.tap_io(no_delay), app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
     {
         tracing::error!(error = %e, "The HTTP endpoint failed");
+    }
+}
+
+/// Turns Nagle's algorithm off on an accepted connection: a watcher's small SSE events
+/// otherwise wait for the client's delayed ACK (~40 ms on Linux), which showed as the p99 of
+/// one watcher's commit-to-delivery latency (BENCHMARKS.md, issue 14's feed row).
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "Cannot set TCP_NODELAY on an HTTP connection");
     }
 }
 
