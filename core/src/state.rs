@@ -11,15 +11,15 @@
 //!  ├─ digests                 per-bucket digests and their sum (see `digest`)
 //!  └─ pending                 parts of a multi-part transaction not yet complete
 //!
-//! HashTable slot (16 B)       Entry = Arc<[u8]>, found by foldhash(key bytes)
-//! Entry allocation            [strong, weak: 16][key len: u32 le][key][value]
+//! HashTable slot (8 B)        Entry = triomphe::ThinArc<(), u8>, found by foldhash(key bytes)
+//! Entry allocation            [count: 8][length: 8][key len: u32 le][key][value]
 //! ```
 //!
 //! Each entry is one allocation holding its key and value, so an update reads one
 //! allocation, writes one and frees one (or, for a value of the same length in an entry no
-//! clone shares, rewrites it in place); the table itself holds only 16-byte fat pointers.
-//! With 12-byte keys and 100-byte values an entry costs a 144-byte heap chunk plus 18–36
-//! bytes of table (hashbrown's load between its doublings), ~1.5× its raw bytes (a
+//! clone shares, rewrites it in place); the table itself holds only 8-byte thin pointers.
+//! With 12-byte keys and 100-byte values an entry costs a 144-byte heap chunk plus 10–19
+//! bytes of table (hashbrown's load between its doublings), ~1.4× its raw bytes (a
 //! `HashMap<Arc<str>, (Bytes, Digest)>` took 2.9×: an 80-byte slot, a key allocation and a
 //! value allocation).
 //!
@@ -59,6 +59,7 @@ use hashbrown::hash_table::{Entry as Slot, HashTable};
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::{Arc, LazyLock};
+use triomphe::ThinArc;
 
 /// One bucket's entries.
 type Bucket = HashTable<Entry>;
@@ -75,9 +76,14 @@ fn key_hash(key: &[u8]) -> u64 {
 /// Where the key starts in an entry: after its 4-byte length.
 const KEY_AT: usize = 4;
 
-/// One entry in one allocation: `[key len: u32 le][key][value]`.
+/// One entry in one allocation: `[key len: u32 le][key][value]`, behind a thin pointer (the
+/// slice's length is in the allocation, where `Arc<[u8]>` kept its weak count): 8 bytes a
+/// table slot instead of 16.
 #[derive(Clone)]
-struct Entry(Arc<[u8]>);
+struct Entry(ThinArc<(), u8>);
+
+// The table slot the layout above counts on.
+const _: () = assert!(std::mem::size_of::<Entry>() == 8);
 
 impl Entry {
     /// Builds an entry, staging its bytes in `scratch` so that it is allocated once.
@@ -86,7 +92,12 @@ impl Entry {
         scratch.extend_from_slice(&(key.len() as u32).to_le_bytes());
         scratch.extend_from_slice(key.as_bytes());
         scratch.extend_from_slice(value);
-        Entry(Arc::from(&scratch[..]))
+        Entry(ThinArc::from_header_and_slice((), &scratch[..]))
+    }
+
+    /// The entry's bytes: key length, key, value.
+    fn bytes(&self) -> &[u8] {
+        &self.0.slice
     }
 
     /// Rewrites the value in place when `value` has the old one's length and no clone of the
@@ -94,14 +105,17 @@ impl Entry {
     /// nothing changed).
     fn overwrite(&mut self, value: &[u8]) -> bool {
         let at = self.value_at();
-        if self.0.len() - at != value.len() {
+        if self.bytes().len() - at != value.len() {
             return false;
         }
-        let Some(bytes) = Arc::get_mut(&mut self.0) else {
-            return false;
-        };
-        bytes[at..].copy_from_slice(value);
-        true
+        self.0
+            .with_arc_mut(|arc| match triomphe::Arc::get_mut(arc) {
+                Some(inner) => {
+                    inner.slice_mut()[at..].copy_from_slice(value);
+                    true
+                }
+                None => false,
+            })
     }
 
     /// `entry_hash(key, value)`, computed (one SHA-256); batches hash old entries together
@@ -113,12 +127,12 @@ impl Entry {
     /// Where the value starts.
     fn value_at(&self) -> usize {
         let mut len = [0; 4];
-        len.copy_from_slice(&self.0[..KEY_AT]);
+        len.copy_from_slice(&self.bytes()[..KEY_AT]);
         KEY_AT + u32::from_le_bytes(len) as usize
     }
 
     fn key_bytes(&self) -> &[u8] {
-        &self.0[KEY_AT..self.value_at()]
+        &self.bytes()[KEY_AT..self.value_at()]
     }
 
     fn key(&self) -> &str {
@@ -126,12 +140,12 @@ impl Entry {
     }
 
     fn value(&self) -> &[u8] {
-        &self.0[self.value_at()..]
+        &self.bytes()[self.value_at()..]
     }
 
     /// Whether both hold the same key and value: by pointer when shared, else by bytes.
     fn same(&self, other: &Entry) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+        self.0.ptr() == other.0.ptr() || self.bytes() == other.bytes()
     }
 }
 
@@ -458,7 +472,7 @@ impl State {
         self.buckets
             .iter()
             .flat_map(|b| b.iter())
-            .map(|e| e.0.len() - KEY_AT)
+            .map(|e| e.bytes().len() - KEY_AT)
             .sum()
     }
 
@@ -676,7 +690,8 @@ impl State {
                 let key = c.key().as_bytes();
                 let found = self.buckets[usize::from(b)].find(h, |e| e.key_bytes() == key);
                 if let Some(e) = found {
-                    std::hint::black_box((e.0[e.0.len() / 2], e.0[e.0.len() - 1]));
+                    let bytes = e.bytes();
+                    std::hint::black_box((bytes[bytes.len() / 2], bytes[bytes.len() - 1]));
                 }
                 found
             })
