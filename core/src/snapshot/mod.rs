@@ -942,6 +942,28 @@ mod tests {
     }
 
     #[test]
+    fn blobs_handed_over_one_by_one_are_the_plan_and_a_refusal_stops_it() {
+        let s = state_with(5_000, 100);
+        let whole = plan(&s, 10, None, 64 * 1024, 100 * 1024, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(whole.blobs.len() > 2, "{} blobs", whole.blobs.len());
+        let mut seen = Vec::new();
+        let streamed = plan_each(&s, 10, None, 64 * 1024, 100 * 1024, 0, &mut |b| {
+            seen.push(b.key);
+            ControlFlow::Continue(())
+        });
+        let keys: Vec<String> = whole.blobs.iter().map(|b| b.key.clone()).collect();
+        assert_eq!(seen, keys);
+        assert!(matches!(streamed, Ok(ControlFlow::Continue(m)) if m == whole.manifest));
+        let mut handed = 0;
+        let stopped = plan_each(&s, 10, None, 64 * 1024, 100 * 1024, 0, &mut |_| {
+            handed += 1;
+            ControlFlow::Break(())
+        });
+        assert!(matches!(stopped, Ok(ControlFlow::Break(()))));
+        assert_eq!(handed, 1);
+    }
+
+    #[test]
     fn an_incremental_snapshot_writes_one_small_segment_and_assembles_exactly() {
         let s1 = state_with(20_000, 100);
         let p1 = plan(&s1, 10, None, 256 * 1024, 900 * 1024, 0).unwrap_or_else(|e| panic!("{e}"));
