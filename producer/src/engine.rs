@@ -47,8 +47,10 @@ const SNAPSHOT_RECHECK: Duration = Duration::from_millis(200);
 /// What callers ask of the engine, in order.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// Changes with no atomicity asked: batched freely.
-    Submit(Vec<Change>),
+    /// Changes with no atomicity asked: batched freely. The permit is one of the few places
+    /// such chunks have in the queue ([`crate::producer`]'s `SUBMITS_QUEUED`), given back once
+    /// the engine has taken them into envelopes.
+    Submit(Vec<Change>, tokio::sync::OwnedSemaphorePermit),
     /// An atomic transaction; with `if_seq`, only when the head is still that sequence.
     Transaction {
         changes: Vec<Change>,
@@ -270,7 +272,11 @@ impl Engine {
 
     async fn handle(&mut self, cmd: Command) -> Result<(), Closed> {
         match cmd {
-            Command::Submit(changes) => self.submit(changes).await,
+            Command::Submit(changes, room) => {
+                let taken = self.submit(changes).await;
+                drop(room);
+                taken
+            }
             Command::Transaction {
                 changes,
                 if_seq,

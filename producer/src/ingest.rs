@@ -204,7 +204,10 @@ pub async fn ingest_with(
         let (tx, rx) = mpsc::unbounded_channel::<(PendingCommit, u64, u64)>();
         (tx, tokio::spawn(forward_receipts(rx, out)))
     });
-    let (tx, mut rx) = mpsc::channel::<Item>(16);
+    // Two chunks read ahead keep the engine fed (it is the slower side); every chunk queued
+    // holds its keys, values and changes (~0.8 MB at 4,096 lines of 100-byte values), and
+    // their memory stays with this thread's allocator arena once freed.
+    let (tx, mut rx) = mpsc::channel::<Item>(2);
     // A plain thread, not the blocking pool: on cancellation it may sit in a read of stdin
     // forever, and nothing waits for it (the runtime would wait for a blocking-pool task).
     std::thread::Builder::new()

@@ -47,7 +47,7 @@ use crate::state::{diff, State};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 
 pub mod fence;
 pub mod gc;
@@ -594,6 +594,9 @@ pub fn range_count(payload: u64, target: usize) -> usize {
 /// With `prev` (the previous manifest and the state it describes) of the same lineage, and
 /// segments still small, the plan stacks one new segment on prev's base; otherwise it cuts a
 /// new base. `max_blob` bounds every chunk and segment piece.
+///
+/// Every blob is held at once (a new base's are as large as the state's payload): a writer
+/// stores them with [`plan_each`] instead.
 pub fn plan(
     state: &State,
     stream_seq: u64,
@@ -602,14 +605,48 @@ pub fn plan(
     max_blob: usize,
     created_at_ms: u64,
 ) -> Result<Plan, EncodeError> {
+    let mut blobs = Vec::new();
+    let planned = plan_each(
+        state,
+        stream_seq,
+        prev,
+        target,
+        max_blob,
+        created_at_ms,
+        &mut |b| {
+            blobs.push(b);
+            ControlFlow::Continue(())
+        },
+    )?;
+    let ControlFlow::Continue(manifest) = planned else {
+        unreachable!("collecting blobs never stops the plan")
+    };
+    Ok(Plan { blobs, manifest })
+}
+
+/// [`plan`], handing each blob to `emit` as soon as it is encoded, in manifest order, and
+/// returning the manifest after the last. A writer stores each blob while the next ones are
+/// cut and holds only those in flight, not the whole snapshot (a new base's chunks are as
+/// large as the state's payload: the producer's peak memory at the end of an ingest was the
+/// state plus all of them). `emit` returning `Break` (the writer failed) stops the plan:
+/// `Ok(Break(()))`.
+pub fn plan_each(
+    state: &State,
+    stream_seq: u64,
+    prev: Option<(&Manifest, &State)>,
+    target: usize,
+    max_blob: usize,
+    created_at_ms: u64,
+    emit: &mut dyn FnMut(Blob) -> ControlFlow<()>,
+) -> Result<ControlFlow<(), Manifest>, EncodeError> {
     let payload = state.payload_bytes() as u64;
-    let base = |blobs: &mut Vec<Blob>| -> Result<Vec<RangeRef>, EncodeError> {
+    let base = |emit: &mut dyn FnMut(Blob) -> ControlFlow<()>| -> Result<Vec<RangeRef>, Halt> {
         let n = range_count(payload, target);
         let width = BUCKETS / n;
         let mut ranges = Vec::with_capacity(n);
         for i in 0..n {
             let buckets = i * width..(i + 1) * width;
-            let chunks = cut_chunks(state, buckets.clone(), max_blob, blobs)?;
+            let chunks = cut_chunks(state, buckets.clone(), max_blob, emit)?;
             ranges.push(RangeRef {
                 first_bucket: buckets.start as u32,
                 end_bucket: buckets.end as u32,
@@ -619,7 +656,6 @@ pub fn plan(
         }
         Ok(ranges)
     };
-    let mut blobs = Vec::new();
     let stacked = prev.filter(|(m, s)| {
         m.lineage == state.lineage()
             && s.lineage() == state.lineage()
@@ -628,25 +664,31 @@ pub fn plan(
             && m.segments.len() < MAX_SEGMENTS
             && (m.segment_bytes() as f64) < REBASE_FRACTION * m.base_bytes().max(1) as f64
     });
-    let (base_seq, ranges, segments) = match stacked {
+    let cut = match stacked {
         Some((m, prev_state)) => {
             let changes = diff(prev_state, state);
-            let pieces = cut_segment(m.seq, state.seq(), &changes, max_blob, &mut blobs)?;
-            let mut segments = m.segments.clone();
-            segments.push(SegmentRef {
-                from_seq: m.seq,
-                to_seq: state.seq(),
-                pieces,
-            });
-            let mut ranges = m.ranges.clone();
-            for r in &mut ranges {
-                r.digest = state.bucket_digests().range(r.buckets());
-            }
-            (m.base_seq, ranges, segments)
+            cut_segment(m.seq, state.seq(), &changes, max_blob, emit).map(|pieces| {
+                let mut segments = m.segments.clone();
+                segments.push(SegmentRef {
+                    from_seq: m.seq,
+                    to_seq: state.seq(),
+                    pieces,
+                });
+                let mut ranges = m.ranges.clone();
+                for r in &mut ranges {
+                    r.digest = state.bucket_digests().range(r.buckets());
+                }
+                (m.base_seq, ranges, segments)
+            })
         }
-        None => (state.seq(), base(&mut blobs)?, Vec::new()),
+        None => base(emit).map(|ranges| (state.seq(), ranges, Vec::new())),
     };
-    let manifest = Manifest {
+    let (base_seq, ranges, segments) = match cut {
+        Ok(cut) => cut,
+        Err(Halt::Stopped) => return Ok(ControlFlow::Break(())),
+        Err(Halt::Encode(e)) => return Err(e),
+    };
+    Ok(ControlFlow::Continue(Manifest {
         lineage: state.lineage(),
         seq: state.seq(),
         stream_seq,
@@ -658,8 +700,20 @@ pub fn plan(
         ranges,
         segments,
         bytes_written: 0,
-    };
-    Ok(Plan { blobs, manifest })
+    }))
+}
+
+/// Why cutting blobs stopped short.
+enum Halt {
+    Encode(EncodeError),
+    /// The blobs' receiver asked to stop.
+    Stopped,
+}
+
+impl From<EncodeError> for Halt {
+    fn from(e: EncodeError) -> Self {
+        Halt::Encode(e)
+    }
 }
 
 /// Cuts the entries of `buckets` into chunks below `max_blob`, sorted by key.
@@ -667,8 +721,8 @@ fn cut_chunks(
     state: &State,
     buckets: Range<usize>,
     max_blob: usize,
-    blobs: &mut Vec<Blob>,
-) -> Result<Vec<BlobRef>, EncodeError> {
+    emit: &mut dyn FnMut(Blob) -> ControlFlow<()>,
+) -> Result<Vec<BlobRef>, Halt> {
     let mut entries: Vec<(&str, &[u8])> = buckets.clone().flat_map(|b| state.bucket(b)).collect();
     entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let len_of = |(k, v): &(&str, &[u8])| 10 + k.len() + v.len();
@@ -684,7 +738,7 @@ fn cut_chunks(
         };
         codec::encode_body(Kind::Chunk, &out, hint)
     };
-    cut_pieces(&entries, max_blob, len_of, encode, chunk_key, blobs)
+    cut_pieces(&entries, max_blob, len_of, encode, chunk_key, emit)
 }
 
 /// Cuts net changes into segment pieces below `max_blob`.
@@ -693,8 +747,8 @@ fn cut_segment(
     to_seq: u64,
     changes: &[Change],
     max_blob: usize,
-    blobs: &mut Vec<Blob>,
-) -> Result<Vec<BlobRef>, EncodeError> {
+    emit: &mut dyn FnMut(Blob) -> ControlFlow<()>,
+) -> Result<Vec<BlobRef>, Halt> {
     let encode = |part: u32, piece: &[Change], hint: usize| {
         let out = SegmentOut {
             from_seq,
@@ -710,20 +764,21 @@ fn cut_segment(
         Change::encoded_len_bound,
         encode,
         segment_key,
-        blobs,
+        emit,
     )
 }
 
 /// Splits `items` into consecutive pieces of at most `max_blob` estimated bytes (at least one
-/// item each, at least one piece), encodes each, and records it as a content-addressed blob.
+/// item each, at least one piece), encodes each, and hands it to `emit` as a
+/// content-addressed blob.
 fn cut_pieces<T>(
     items: &[T],
     max_blob: usize,
     len_of: impl Fn(&T) -> usize,
     encode: impl Fn(u32, &[T], usize) -> Result<Vec<u8>, EncodeError>,
     key_of: fn(&[u8; 32]) -> String,
-    blobs: &mut Vec<Blob>,
-) -> Result<Vec<BlobRef>, EncodeError> {
+    emit: &mut dyn FnMut(Blob) -> ControlFlow<()>,
+) -> Result<Vec<BlobRef>, Halt> {
     let mut refs = Vec::new();
     let mut start = 0;
     let mut part = 0u32;
@@ -745,10 +800,13 @@ fn cut_pieces<T>(
             bytes: bytes.len() as u64,
             entries: (end - start) as u64,
         });
-        blobs.push(Blob {
+        let blob = Blob {
             key: key_of(&hash),
             bytes: bytes.into(),
-        });
+        };
+        if emit(blob).is_break() {
+            return Err(Halt::Stopped);
+        }
         start = end;
         part += 1;
         if start >= items.len() {
@@ -881,6 +939,28 @@ mod tests {
         let r = assemble(&p.blobs, &m);
         assert_eq!(r, s);
         assert_eq!(verify(&r, &m), Ok(()));
+    }
+
+    #[test]
+    fn blobs_handed_over_one_by_one_are_the_plan_and_a_refusal_stops_it() {
+        let s = state_with(5_000, 100);
+        let whole = plan(&s, 10, None, 64 * 1024, 100 * 1024, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(whole.blobs.len() > 2, "{} blobs", whole.blobs.len());
+        let mut seen = Vec::new();
+        let streamed = plan_each(&s, 10, None, 64 * 1024, 100 * 1024, 0, &mut |b| {
+            seen.push(b.key);
+            ControlFlow::Continue(())
+        });
+        let keys: Vec<String> = whole.blobs.iter().map(|b| b.key.clone()).collect();
+        assert_eq!(seen, keys);
+        assert!(matches!(streamed, Ok(ControlFlow::Continue(m)) if m == whole.manifest));
+        let mut handed = 0;
+        let stopped = plan_each(&s, 10, None, 64 * 1024, 100 * 1024, 0, &mut |_| {
+            handed += 1;
+            ControlFlow::Break(())
+        });
+        assert!(matches!(stopped, Ok(ControlFlow::Break(()))));
+        assert_eq!(handed, 1);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! `latest`. Planning is `deltasync_core::snapshot::plan`; the fencing rules are
 //! `deltasync_core::snapshot::fence`'s.
 
-use super::{bucket, gc, list_keys, read_manifest, read_pointer, StoreError, CONCURRENCY};
+use super::{bucket, gc, list_keys, read_manifest, read_pointer, StoreError};
 use async_nats::jetstream::{self, kv};
 use deltasync_config::settings::Settings;
 use deltasync_core::codec::classify;
@@ -19,6 +19,7 @@ use deltasync_core::snapshot::{
 use deltasync_core::state::State;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashSet;
+use std::ops::ControlFlow;
 
 /// Writes a snapshot of `state` — a consistent cut whose envelope `state.seq()` is stored at
 /// `stream_seq` — and moves `latest` to it. `prev` is the previous snapshot and the state it
@@ -132,8 +133,22 @@ pub async fn write_snapshot_with_hook(
     Ok(manifest)
 }
 
+/// Blobs encoded ahead of the writes in flight: with [`WRITES_IN_FLIGHT`], what a snapshot
+/// holds in memory at once (about 8 MiB at the default 512 KiB chunk target), however large
+/// the state.
+const BLOBS_AHEAD: usize = 4;
+
+/// Blob writes awaiting their acknowledgement at once. Fewer than the store's reads: a
+/// loopback server keeps up with a dozen 512 KiB publishes, and each one held costs its
+/// bytes.
+const WRITES_IN_FLIGHT: usize = 12;
+
 /// Plans a snapshot of `state` (incremental on `prev` when given) and writes its blobs except
 /// those in `known` (already in the bucket). Returns the manifest, not yet stored.
+///
+/// The plan runs on a blocking thread and hands each blob over as it is encoded; blobs are
+/// written while the next are cut, so only the few in flight are held, never the whole
+/// snapshot (a new base of a state is as large as its payload).
 async fn write_blobs(
     js: &jetstream::Context,
     settings: &Settings,
@@ -147,30 +162,35 @@ async fn write_blobs(
     let state_for_plan = state.clone();
     let prev_owned = prev.map(|(m, s)| (m.clone(), s.clone()));
     let created = deltasync_core::envelope::now_ms();
-    let plan = tokio::task::spawn_blocking(move || {
-        snapshot::plan(
+    let (tx, rx) = tokio::sync::mpsc::channel::<snapshot::Blob>(BLOBS_AHEAD);
+    let planner = tokio::task::spawn_blocking(move || {
+        snapshot::plan_each(
             &state_for_plan,
             stream_seq,
             prev_owned.as_ref().map(|(m, s)| (m, s)),
             target,
             max_blob,
             created,
+            // A closed channel: the writes failed, the plan stops.
+            &mut |blob| match tx.blocking_send(blob) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            },
         )
-    })
-    .await
-    .map_err(|e| StoreError::Write {
+    });
+    let planning = |e: tokio::task::JoinError| StoreError::Write {
         key: "(planning)".into(),
         source: e.into(),
-    })??;
+    };
 
     let bucket_name = names::bucket_name(&settings.pipeline);
-    let fresh: Vec<snapshot::Blob> = plan
-        .blobs
-        .into_iter()
-        .filter(|b| !known.contains(&b.key))
-        .collect();
-    let written: u64 = fresh.iter().map(|b| b.bytes.len() as u64).sum();
-    futures::stream::iter(fresh.into_iter().map(|b| {
+    let mut written = 0u64;
+    let blobs = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|blob| (blob, rx))
+    })
+    .filter(|b| futures::future::ready(!known.contains(&b.key)))
+    .map(|b| {
+        written += b.bytes.len() as u64;
         let subject = format!("$KV.{bucket_name}.{}", b.key);
         async move {
             let werr = |e: async_nats::Error| StoreError::Write {
@@ -184,11 +204,23 @@ async fn write_blobs(
             ack.await.map_err(|e| werr(e.into()))?;
             Ok::<(), StoreError>(())
         }
-    }))
-    .buffer_unordered(CONCURRENCY)
-    .try_collect::<Vec<()>>()
-    .await?;
-    let mut manifest = plan.manifest;
+    })
+    .buffer_unordered(WRITES_IN_FLIGHT)
+    .try_for_each(|()| futures::future::ready(Ok(())))
+    .await;
+    // On a failed write the channel is closed by now (dropped with the stream): the plan
+    // stops at its next blob, and this waits for no more than that.
+    let planned = planner.await.map_err(planning)?;
+    blobs?;
+    let mut manifest = match planned? {
+        ControlFlow::Continue(manifest) => manifest,
+        ControlFlow::Break(()) => {
+            return Err(StoreError::Write {
+                key: "(planning)".into(),
+                source: "the blob writer stopped before the plan ended".into(),
+            })
+        }
+    };
     manifest.bytes_written = written;
     Ok(manifest)
 }
