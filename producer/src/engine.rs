@@ -189,7 +189,7 @@ impl Engine {
         self.schedule.taken(&self.shared.snapshot_phase);
         let job = self.job(Some(tx));
         if self
-            .send(Outgoing::Notify(Notify::Snapshot(job)))
+            .send(Outgoing::Notify(Notify::Snapshot(Box::new(job))))
             .await
             .is_err()
         {
@@ -317,7 +317,8 @@ impl Engine {
                 self.schedule.taken(&self.shared.snapshot_phase);
                 self.last_cut = self.cut_point();
                 let job = self.job(Some(reply));
-                self.send(Outgoing::Notify(Notify::Snapshot(job))).await
+                self.send(Outgoing::Notify(Notify::Snapshot(Box::new(job))))
+                    .await
             }
         }
     }
@@ -499,7 +500,8 @@ impl Engine {
         self.schedule.taken(&self.shared.snapshot_phase);
         self.last_cut = self.cut_point();
         let job = self.job(None);
-        self.send(Outgoing::Notify(Notify::Snapshot(job))).await
+        self.send(Outgoing::Notify(Notify::Snapshot(Box::new(job))))
+            .await
     }
 
     /// Publishes an envelope with no changes after the parts of an abandoned transaction, so
@@ -695,7 +697,7 @@ impl Engine {
                     Some(Notify::Flush(reply)) => {
                         let _ = reply.send(Err(err));
                     }
-                    Some(Notify::Snapshot(job)) => job.fail(err),
+                    Some(Notify::Snapshot(job)) => (*job).fail(err),
                     _ => {}
                 }
                 Err(Closed)

@@ -115,8 +115,9 @@ pub(crate) enum Notify {
     },
     /// Everything sent before it.
     Flush(oneshot::Sender<Result<Position, ProducerError>>),
-    /// A snapshot cut at the envelope it is attached to.
-    Snapshot(SnapshotJob),
+    /// A snapshot cut at the envelope it is attached to (boxed: it carries a `State`, ten
+    /// times the other variants).
+    Snapshot(Box<SnapshotJob>),
 }
 
 /// What the batching engine hands the publisher, in order.

@@ -421,7 +421,7 @@ impl Publisher {
             Notify::Snapshot(job) => {
                 let stream_seq = job.at.unwrap_or(stream_seq);
                 if let Err(mpsc::error::SendError((job, _))) =
-                    self.snapshots.send((job, stream_seq))
+                    self.snapshots.send((*job, stream_seq))
                 {
                     job.fail(ProducerError::ShutDown);
                 }
@@ -647,7 +647,7 @@ fn fail_all(notify: impl IntoIterator<Item = Notify>, cause: &Arc<ProducerError>
             Notify::Flush(reply) => {
                 let _ = reply.send(Err(ProducerError::shared(cause)));
             }
-            Notify::Snapshot(job) => job.fail(ProducerError::shared(cause)),
+            Notify::Snapshot(job) => (*job).fail(ProducerError::shared(cause)),
         }
     }
 }
