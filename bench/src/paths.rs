@@ -23,9 +23,9 @@
 //! ```
 
 use crate::report::{bytes, rate, secs, Row};
-use crate::scenarios::{kv_watch_baseline, Sizes};
+use crate::scenarios::{kv_bucket, kv_watch_baseline, Sizes};
 use anyhow::{bail, ensure, Context as _, Result};
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use bytes::Bytes;
 use deltasync_config::settings::Settings;
 use deltasync_core::{codec, names, Change, Lineage, State};
@@ -334,13 +334,7 @@ pub async fn ingest(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(Set
 /// message per key with the last revision equal to their count (no put lost or doubled), and
 /// every thousandth key or so reads back its value.
 async fn kv_puts_baseline(js: &jetstream::Context, bucket: &str, state: &State) -> Result<f64> {
-    let kvb = js
-        .create_key_value(kv::Config {
-            bucket: bucket.into(),
-            history: 1,
-            ..Default::default()
-        })
-        .await?;
+    let kvb = kv_bucket(js, bucket).await?;
     let t = Instant::now();
     let mut puts = FuturesUnordered::new();
     let (mut acked, mut last_revision) = (0usize, 0u64);
@@ -810,12 +804,7 @@ pub async fn snapshot(
         chunks.push(Bytes::from(buf));
     }
     let bucket = "bench_kv_snapshot_raw";
-    js.create_key_value(kv::Config {
-        bucket: bucket.into(),
-        history: 1,
-        ..Default::default()
-    })
-    .await?;
+    kv_bucket(&js, bucket).await?;
     let t = Instant::now();
     let mut acks = FuturesUnordered::new();
     for (i, c) in chunks.iter().enumerate() {

@@ -290,6 +290,17 @@ pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(
     Ok(())
 }
 
+/// A new KV bucket keeping one revision per key: what the KV baselines write into.
+pub async fn kv_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store> {
+    Ok(js
+        .create_key_value(kv::Config {
+            bucket: bucket.into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await?)
+}
+
 /// The plain NATS baseline of a bootstrap: `state`'s keys put into KV bucket `bucket`
 /// (pipelined), then the seconds a `watch_with_history` takes to deliver them all. What a plain
 /// KV watcher's user keeps is a map with nothing to verify it against; the check (a state built
@@ -299,13 +310,7 @@ pub async fn kv_watch_baseline(
     bucket: &str,
     state: &State,
 ) -> Result<f64> {
-    let kvb = js
-        .create_key_value(kv::Config {
-            bucket: bucket.into(),
-            history: 1,
-            ..Default::default()
-        })
-        .await?;
+    let kvb = kv_bucket(js, bucket).await?;
     let mut acks = futures::stream::FuturesUnordered::new();
     for (k, v) in state.iter() {
         if acks.len() >= 256 {

@@ -18,7 +18,7 @@
 //! Each entry is one allocation holding its key and value, so an update reads one
 //! allocation, writes one and frees one (or, for a value of the same length in an entry no
 //! clone shares, rewrites it in place); the table itself holds only 8-byte thin pointers.
-//! With 12-byte keys and 100-byte values an entry costs a 144-byte heap chunk plus 10–19
+//! With 12-byte keys and 100-byte values an entry costs a 144-byte heap chunk plus 10–21
 //! bytes of table (hashbrown's load between its doublings), ~1.4× its raw bytes (a
 //! `HashMap<Arc<str>, (Bytes, Digest)>` took 2.9×: an 80-byte slot, a key allocation and a
 //! value allocation).
@@ -488,7 +488,8 @@ impl State {
     /// Applies changes with no position or digest check and returns the new digest: the
     /// producer's path (it is the source of truth) and snapshot restore's.
     pub fn apply_changes(&mut self, changes: &[Change]) -> Digest {
-        self.look_up(changes.iter());
+        // The unchecked path writes what it is given: the prediction is only its look-ups.
+        self.predict(changes.iter());
         self.write(changes.iter());
         self.digest()
     }
@@ -658,12 +659,6 @@ impl State {
         })
     }
 
-    /// Looks at a batch of changes before any is written: [`State::predict`] without its
-    /// result (the unchecked path writes what it is given).
-    fn look_up<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) {
-        self.predict(changes);
-    }
-
     /// Looks at a batch of changes before any is written and returns the digest the state
     /// will have after it: the current digest, minus each change's old entry hash (the
     /// table's entry for a key's first change in the batch, the previous change's new one
@@ -774,7 +769,7 @@ impl State {
         }));
     }
 
-    /// Applies the batch [`State::look_up`] or [`State::predict`] just looked at, in order,
+    /// Applies the batch [`State::predict`] just looked at, in order,
     /// maintaining the digest. Returns the number of changes.
     fn write<'a>(&mut self, changes: impl Iterator<Item = &'a Change>) -> usize {
         let hashes = std::mem::take(&mut self.hashes);

@@ -155,9 +155,9 @@ fn background_priority() {
 /// Plans a snapshot of `state` (incremental on `prev` when given) and writes its blobs except
 /// those in `known` (already in the bucket). Returns the manifest, not yet stored.
 ///
-/// The plan runs on a thread of its own, at a lower priority, and hands each blob over as it is encoded; blobs are
-/// written while the next are cut, so only the few in flight are held, never the whole
-/// snapshot (a new base of a state is as large as its payload).
+/// The plan runs on a thread of its own, at a lower priority, and hands each blob over as it
+/// is encoded; blobs are written while the next are cut, so only the few in flight are held,
+/// never the whole snapshot (a new base of a state is as large as its payload).
 async fn write_blobs(
     js: &jetstream::Context,
     settings: &Settings,
@@ -235,10 +235,9 @@ async fn write_blobs(
     let mut manifest = match planned? {
         ControlFlow::Continue(manifest) => manifest,
         ControlFlow::Break(()) => {
-            return Err(StoreError::Write {
-                key: "(planning)".into(),
-                source: "the blob writer stopped before the plan ended".into(),
-            })
+            return Err(planning(
+                "the blob writer stopped before the plan ended".into(),
+            ))
         }
     };
     manifest.bytes_written = written;
