@@ -9,8 +9,8 @@
 //! baselines, async-nats directly.
 //!
 //! ```text
-//!  producer_ingest ── stream bench-ingest ──┬─ consumer_apply (memory)
-//!   (raw: same bytes → bench-ingest-raw)    └─ consumer_durable (local log in a temp dir)
+//!  producer_ingest ── stream bench-ingest ──┬─ apply_memory_round (memory)     ┐ alternating,
+//!   (raw: same bytes → bench-ingest-raw)    └─ apply_durable_round (temp dir) ┘ APPLY_ROUNDS
 //!  latency          bench-latency / bench-latency-raw   (own pipelines)
 //!  snapshot_during  bench-snapduring                    (own pipeline)
 //! ```
@@ -368,12 +368,19 @@ fn follow_timeout(ing: &Ingested) -> Duration {
     Duration::from_secs(60) + Duration::from_secs((ing.changes / 20_000) as u64)
 }
 
-/// Consumer apply in memory: the consumer library follows the ingest scenario's stream from
-/// envelope 1 and verifies every digest; against a raw ordered read of the same messages.
-pub async fn consumer_memory(ing: &mut Ingested, rows: &mut Vec<Row>) -> Result<()> {
+/// Rounds of the two apply scenarios. They alternate (memory, durable, memory, durable) and
+/// each row reports its fastest round: on this 2-core VM one round of either varies by ~1.5×
+/// with what else the machine does, and the first round after the ingest also pays for
+/// growing the heap, which the rounds after it reuse.
+pub const APPLY_ROUNDS: usize = 2;
+
+/// One round of consumer apply in memory: the consumer library follows the ingest
+/// scenario's stream from envelope 1 and verifies every digest; checked against the model.
+/// Returns its time.
+pub async fn apply_memory_round(ing: &Ingested, round: usize) -> Result<Duration> {
     let f = follow_to(
         &ing.settings,
-        "bench-memory",
+        &format!("bench-memory-{round}"),
         Storage::Memory,
         ing.last_seq,
         follow_timeout(ing),
@@ -386,14 +393,23 @@ pub async fn consumer_memory(ing: &mut Ingested, rows: &mut Vec<Row>) -> Result<
         f.status.changes_applied,
         ing.changes
     );
-    let ours = ing.changes as f64 / f.elapsed.as_secs_f64();
+    Ok(f.elapsed)
+}
+
+/// The memory apply's row from its rounds' times, against a raw ordered read of the same
+/// messages.
+pub fn consumer_memory(ing: &mut Ingested, rounds: &[Duration], rows: &mut Vec<Row>) {
+    let best = fastest(rounds);
+    let ours = ing.changes as f64 / best.as_secs_f64();
     ing.memory_rate = Some(ours);
     let raw = ing.changes as f64 / ing.raw_read.as_secs_f64();
     let rel = ours / raw;
     rows.push(Row {
         scenario: format!(
-            "consumer apply, memory, digest verified (consumer library, {} envelopes)",
-            ing.last_seq
+            "consumer apply, memory, digest verified (consumer library, {} envelopes, \
+             fastest of {} rounds)",
+            ing.last_seq,
+            rounds.len()
         ),
         ours: rate(ours, "changes"),
         baseline: format!("{} (raw ordered read)", rate(raw, "changes")),
@@ -402,21 +418,20 @@ pub async fn consumer_memory(ing: &mut Ingested, rows: &mut Vec<Row>) -> Result<
         met: ours >= 2e6 && rel >= 0.8,
         check: "replica digest, and its entries hashed again, equal the model's".into(),
         figures: json!({"ours_changes_per_s": ours, "raw_changes_per_s": raw,
-            "ours_s": f.elapsed.as_secs_f64(), "raw_s": ing.raw_read.as_secs_f64(),
-            "bytes": ing.bytes}),
+            "ours_s": best.as_secs_f64(), "rounds_s": seconds(rounds),
+            "raw_s": ing.raw_read.as_secs_f64(), "bytes": ing.bytes}),
     });
-    Ok(())
 }
 
-/// Consumer apply into the durable store: the consumer library with its local log and
-/// snapshot in a temporary data directory; the replica is read back from disk afterwards.
-/// Compared with the memory apply of the same run when it ran (`--only apply-memory,...`).
-pub async fn consumer_durable(ing: &Ingested, rows: &mut Vec<Row>) -> Result<()> {
+/// One round of consumer apply into the durable store: the consumer library with its local
+/// log and snapshot in a temporary data directory; the replica is read back from disk
+/// afterwards and checked against the model. Returns its time and the bytes it wrote.
+pub async fn apply_durable_round(ing: &Ingested, round: usize) -> Result<(Duration, Option<u64>)> {
     let dir = tempfile::tempdir()?;
     let written_before = written_bytes();
     let f = follow_to(
         &ing.settings,
-        "bench-durable",
+        &format!("bench-durable-{round}"),
         Storage::Durable(dir.path().to_path_buf()),
         ing.last_seq,
         follow_timeout(ing),
@@ -449,15 +464,26 @@ pub async fn consumer_durable(ing: &Ingested, rows: &mut Vec<Row>) -> Result<()>
         "the replica on disk does not hold the model's entries ({} keys)",
         loaded.state.len()
     );
-    drop(loaded);
-    let ours = ing.changes as f64 / f.elapsed.as_secs_f64();
+    Ok((f.elapsed, written))
+}
+
+/// The durable apply's row from its rounds (time, bytes written), compared with the memory
+/// apply of the same run when it ran (`--only apply-memory,...`).
+pub fn consumer_durable(ing: &Ingested, rounds: &[(Duration, Option<u64>)], rows: &mut Vec<Row>) {
+    let times: Vec<Duration> = rounds.iter().map(|r| r.0).collect();
+    let best = fastest(&times);
+    // Every round writes the same records; the largest count is reported.
+    let written = rounds.iter().filter_map(|r| r.1).max();
+    let ours = ing.changes as f64 / best.as_secs_f64();
     let raw = ing.changes as f64 / ing.raw_read.as_secs_f64();
     let amplification = written.map(|w| w as f64 / ing.applied_bytes as f64);
     let vs_memory = ing.memory_rate.map(|m| ours / m);
     rows.push(Row {
         scenario: format!(
-            "consumer apply, durable (local log + snapshot), digest verified ({} envelopes)",
-            ing.last_seq
+            "consumer apply, durable (local log + snapshot), digest verified ({} envelopes, \
+             fastest of {} rounds)",
+            ing.last_seq,
+            rounds.len()
         ),
         ours: format!(
             "{}; {} written for {} applied ({})",
@@ -483,11 +509,19 @@ pub async fn consumer_durable(ing: &Ingested, rows: &mut Vec<Row>) -> Result<()>
         ),
         figures: json!({"ours_changes_per_s": ours, "raw_changes_per_s": raw,
             "memory_changes_per_s": ing.memory_rate,
-            "ours_s": f.elapsed.as_secs_f64(), "raw_s": ing.raw_read.as_secs_f64(),
+            "ours_s": best.as_secs_f64(), "rounds_s": seconds(&times),
+            "raw_s": ing.raw_read.as_secs_f64(),
             "disk_write_bytes": written, "applied_bytes": ing.applied_bytes,
             "payload_bytes": ing.model.payload_bytes()}),
     });
-    Ok(())
+}
+
+fn fastest(rounds: &[Duration]) -> Duration {
+    rounds.iter().copied().min().unwrap_or(Duration::MAX)
+}
+
+fn seconds(rounds: &[Duration]) -> Vec<f64> {
+    rounds.iter().map(Duration::as_secs_f64).collect()
 }
 
 /// Bytes this process has caused to be written to storage so far (`write_bytes` of
