@@ -36,6 +36,27 @@ pub enum ChangeError {
     ValueTooLarge { key: String, len: usize },
 }
 
+/// Checks a key against the size limit.
+pub fn check_key(key: &str) -> Result<(), ChangeError> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ChangeError::KeyTooLong { len: key.len() });
+    }
+    Ok(())
+}
+
+/// Checks a put's key and value against the size limits ([`Change::validate`] of a put).
+pub fn check_put(key: &str, value: &[u8]) -> Result<(), ChangeError> {
+    check_key(key)?;
+    if value.len() > MAX_VALUE_BYTES {
+        let shown: String = key.chars().take(64).collect();
+        return Err(ChangeError::ValueTooLarge {
+            key: shown,
+            len: value.len(),
+        });
+    }
+    Ok(())
+}
+
 impl Change {
     /// A put, from anything that converts into a key and bytes.
     pub fn put(key: impl Into<Key>, value: impl Into<Bytes>) -> Change {
@@ -67,20 +88,10 @@ impl Change {
 
     /// Checks the size limits.
     pub fn validate(&self) -> Result<(), ChangeError> {
-        let key = self.key();
-        if key.len() > MAX_KEY_BYTES {
-            return Err(ChangeError::KeyTooLong { len: key.len() });
+        match self {
+            Change::Put { key, value } => check_put(key, value),
+            Change::Delete { key } => check_key(key),
         }
-        if let Some(v) = self.value() {
-            if v.len() > MAX_VALUE_BYTES {
-                let shown: String = key.chars().take(64).collect();
-                return Err(ChangeError::ValueTooLarge {
-                    key: shown,
-                    len: v.len(),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Bytes this change occupies on the wire, an upper bound of its msgpack encoding.

@@ -194,15 +194,26 @@ pub fn decode_body<T: serde::de::DeserializeOwned>(
     kind: Kind,
     input: &[u8],
 ) -> Result<T, DecodeError> {
+    decode_body_with(kind, input, std::marker::PhantomData::<T>)
+}
+
+/// [`decode_body`] through a seed: for a decoder that builds its value from bytes as they are
+/// read (and so takes state of its own).
+pub fn decode_body_with<T, S>(kind: Kind, input: &[u8], seed: S) -> Result<T, DecodeError>
+where
+    S: for<'de> serde::de::DeserializeSeed<'de, Value = T>,
+{
     let body = check_header(kind, input)?;
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
     // Our formats nest about five deep; rmp-serde's default of 1024 levels overflows a 2 MiB
     // thread stack in debug builds on hostile input (found by the snapshot fuzz tests).
     de.set_max_depth(16);
-    let value = T::deserialize(&mut de).map_err(|source| DecodeError::Body {
-        kind: kind.name(),
-        source,
-    })?;
+    let value = seed
+        .deserialize(&mut de)
+        .map_err(|source| DecodeError::Body {
+            kind: kind.name(),
+            source,
+        })?;
     let rest = body.len() - de.get_ref().position() as usize;
     if rest != 0 {
         return Err(DecodeError::TrailingBytes {

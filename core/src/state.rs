@@ -173,22 +173,12 @@ pub struct Prepared {
 
 impl Prepared {
     /// `puts`, in order, as prepared entries.
-    pub fn puts<'a>(puts: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> Prepared {
-        let mut hashes = Vec::new();
-        entry_hashes(puts.clone(), &mut hashes);
-        let mut scratch = Vec::new();
-        let entries = puts
-            .zip(hashes)
-            .map(|((key, value), hash)| {
-                (
-                    bucket_of(key) as u16,
-                    key_hash(key.as_bytes()),
-                    hash,
-                    Entry::new(&mut scratch, key, value),
-                )
-            })
-            .collect();
-        Prepared { entries }
+    pub fn puts<'a>(puts: impl Iterator<Item = (&'a str, &'a [u8])>) -> Prepared {
+        let mut b = PreparedBuilder::with_capacity(puts.size_hint().0);
+        for (key, value) in puts {
+            b.push(key, value);
+        }
+        b.finish()
     }
 
     /// Puts not yet applied.
@@ -199,6 +189,65 @@ impl Prepared {
     /// Whether every put was applied (or there were none).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// Builds a [`Prepared`] one put at a time — each entry allocated straight from the bytes
+/// given, with no copy of its own in between (a snapshot chunk's decoder pushes the key and
+/// value it is reading) — then hashes them all in one multi-buffer pass.
+pub struct PreparedBuilder {
+    /// As in [`Prepared`], the entry hashes left zero until [`PreparedBuilder::finish`].
+    entries: Vec<(u16, u64, Digest, Entry)>,
+    scratch: Vec<u8>,
+}
+
+impl PreparedBuilder {
+    /// Room for `n` puts.
+    pub fn with_capacity(n: usize) -> PreparedBuilder {
+        PreparedBuilder {
+            entries: Vec::with_capacity(n),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Adds a put after those before it.
+    pub fn push(&mut self, key: &str, value: &[u8]) {
+        self.entries.push((
+            bucket_of(key) as u16,
+            key_hash(key.as_bytes()),
+            Digest::ZERO,
+            Entry::new(&mut self.scratch, key, value),
+        ));
+    }
+
+    /// The digest bucket and key of each put so far, in order.
+    pub fn keys(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.entries
+            .iter()
+            .map(|(b, _, _, e)| (usize::from(*b), e.key()))
+    }
+
+    /// The puts, hashed.
+    pub fn finish(mut self) -> Prepared {
+        let mut hashes = Vec::with_capacity(self.entries.len());
+        entry_hashes(
+            self.entries.iter().map(|(_, _, _, e)| (e.key(), e.value())),
+            &mut hashes,
+        );
+        for (slot, hash) in self.entries.iter_mut().zip(hashes) {
+            slot.2 = hash;
+        }
+        Prepared {
+            entries: self.entries,
+        }
+    }
+}
+
+impl fmt::Debug for PreparedBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedBuilder")
+            .field("puts", &self.entries.len())
+            .finish()
     }
 }
 

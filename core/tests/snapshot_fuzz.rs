@@ -33,10 +33,10 @@ use deltasync_core::codec::{decode_envelope, HEADER_LEN};
 use deltasync_core::digest::{bucket_of, Digest, BUCKETS};
 use deltasync_core::envelope::Lineage;
 use deltasync_core::snapshot::{
-    apply_segment, chunk_key, content_hash, decode_chunk, decode_manifest, decode_pointer,
-    decode_segment, encode_manifest, encode_pointer, manifest_key, plan, replace_range,
-    segment_key, verify, BlobRef, Chunk, Manifest, Plan, Pointer, RangeRef, Segment, SegmentRef,
-    MAX_BLOB_BYTES, MAX_RESERVED_ENTRIES, MAX_SEGMENTS, MIN_ENTRY_BYTES,
+    apply_segment, chunk_key, content_hash, decode_chunk, decode_chunks_prepared, decode_manifest,
+    decode_pointer, decode_segment, encode_manifest, encode_pointer, manifest_key, plan,
+    replace_range, segment_key, verify, BlobRef, Chunk, Manifest, Plan, Pointer, RangeRef, Segment,
+    SegmentRef, MAX_BLOB_BYTES, MAX_RESERVED_ENTRIES, MAX_SEGMENTS, MIN_ENTRY_BYTES,
 };
 use deltasync_core::state::State;
 use proptest::prelude::*;
@@ -279,6 +279,41 @@ fn check_reserve_hints(m: &Manifest) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// `decode_chunk`, with `decode_chunks_prepared` (the restore's decoder) run on the same input
+/// and checked against it: accepted and refused alike, the same entries when accepted (put
+/// into an empty state, the same digest and count), the same reason when refused for an
+/// entry or the range.
+fn decode_chunk_checked(
+    bytes: &[u8],
+    blob: &BlobRef,
+    range: &RangeRef,
+) -> Result<Result<Chunk, String>, TestCaseError> {
+    let chunk = decode_chunk(bytes, blob, range).map_err(|e| e.to_string());
+    let prepared = decode_chunks_prepared(&[(bytes, blob, range)])
+        .pop()
+        .expect("one result per blob")
+        .map_err(|e| e.to_string());
+    match (&chunk, prepared) {
+        (Ok(c), Ok(mut p)) => {
+            let mut from_chunk = State::new(L);
+            from_chunk.insert_many(c.entries.clone());
+            let mut from_prepared = State::new(L);
+            from_prepared.put_prepared(&mut p);
+            prop_assert_eq!(from_prepared.digest(), from_chunk.digest());
+            prop_assert_eq!(from_prepared.len(), from_chunk.len());
+        }
+        (Err(a), Err(b)) => {
+            // The restore's decoder checks each entry as it reads it, so it may name an
+            // entry's fault where the other, reading the whole body first, names the body's.
+            if a.contains("invalid snapshot chunk") && b.contains("invalid snapshot chunk") {
+                prop_assert_eq!(a, &b);
+            }
+        }
+        (a, b) => prop_assert!(false, "decode_chunk: {a:?}, decode_chunks_prepared: {b:?}"),
+    }
+    Ok(chunk)
+}
+
 /// A decoded chunk keeps every promise a reader relies on.
 fn check_chunk(c: &Chunk, range: &RangeRef) -> Result<(), TestCaseError> {
     prop_assert_eq!(
@@ -310,7 +345,7 @@ fn decode_everything(bytes: &[u8]) -> Result<(), TestCaseError> {
     check_manifest(bytes)?;
     let own = self_ref(bytes);
     for range in RANGES.iter() {
-        if let Ok(c) = decode_chunk(bytes, &own, range) {
+        if let Ok(c) = decode_chunk_checked(bytes, &own, range)? {
             check_chunk(&c, range)?;
         }
     }
@@ -330,7 +365,7 @@ fn check_mutated(target: &Target, bytes: &[u8]) -> Result<(), TestCaseError> {
         Target::Pointer(_) => check_pointer(bytes)?,
         Target::Manifest(_) => check_manifest(bytes)?,
         Target::Chunk { blob, range, .. } => {
-            match decode_chunk(bytes, blob, range) {
+            match decode_chunk_checked(bytes, blob, range)? {
                 Ok(c) => {
                     prop_assert!(unchanged, "a changed chunk was accepted");
                     check_chunk(&c, range)?;
@@ -340,7 +375,7 @@ fn check_mutated(target: &Target, bytes: &[u8]) -> Result<(), TestCaseError> {
                     prop_assert!(e.to_string().contains("content hash"), "{e}");
                 }
             }
-            if let Ok(c) = decode_chunk(bytes, &self_ref(bytes), range) {
+            if let Ok(c) = decode_chunk_checked(bytes, &self_ref(bytes), range)? {
                 check_chunk(&c, range)?;
             }
         }
@@ -917,7 +952,7 @@ proptest! {
     #[test]
     fn shape_aware_chunks_decode_only_within_their_range_and_limits(bytes in chunk_body()) {
         let range = &RANGES[1];
-        if let Ok(c) = decode_chunk(&bytes, &self_ref(&bytes), range) {
+        if let Ok(c) = decode_chunk_checked(&bytes, &self_ref(&bytes), range)? {
             check_chunk(&c, range)?;
         }
     }
@@ -1137,6 +1172,12 @@ fn length_prefixes_claiming_gigabytes_are_refused_fast_without_allocating() {
     }
     const HUGE: u32 = u32::MAX;
     let chunk = |b: &[u8]| decode_chunk(b, &self_ref(b), &RANGES[1]);
+    // The restore's decoder, which reads entries straight into their allocations.
+    let prepared = |b: &[u8]| {
+        decode_chunks_prepared(&[(b, &self_ref(b), &RANGES[1])])
+            .pop()
+            .expect("one result per blob")
+    };
     let segment = |b: &[u8]| decode_segment(b, &self_ref(b), &any_segment_ref(10, 12));
     let key = key_in_narrow_range();
 
@@ -1152,6 +1193,12 @@ fn length_prefixes_claiming_gigabytes_are_refused_fast_without_allocating() {
         chunk(&ok_chunk)
             .expect("the hand-encoded chunk")
             .entries
+            .len(),
+        1
+    );
+    assert_eq!(
+        prepared(&ok_chunk)
+            .expect("the hand-encoded chunk, prepared")
             .len(),
         1
     );
@@ -1233,15 +1280,22 @@ fn length_prefixes_claiming_gigabytes_are_refused_fast_without_allocating() {
     let mut b = chunk_prefix();
     mp::array(&mut b, HUGE);
     refused_cheaply("chunk with 2^32-1 entries", &b, chunk);
+    refused_cheaply("chunk with 2^32-1 entries (prepared)", &b, prepared);
     let mut with_one = b.clone();
     with_one.extend_from_slice(&ok_chunk[chunk_prefix().len() + 1..]);
     refused_cheaply("chunk with 2^32-1 entries, one present", &with_one, chunk);
+    refused_cheaply(
+        "chunk with 2^32-1 entries, one present (prepared)",
+        &with_one,
+        prepared,
+    );
     let mut b = chunk_prefix();
     mp::array(&mut b, 1);
     mp::array(&mut b, 2);
     mp::str_header(&mut b, HUGE);
     b.extend_from_slice(key.as_bytes());
     refused_cheaply("chunk key of 4 GiB", &b, chunk);
+    refused_cheaply("chunk key of 4 GiB (prepared)", &b, prepared);
     let mut b = chunk_prefix();
     mp::array(&mut b, 1);
     mp::array(&mut b, 2);
@@ -1249,12 +1303,14 @@ fn length_prefixes_claiming_gigabytes_are_refused_fast_without_allocating() {
     mp::bin_header(&mut b, HUGE);
     b.extend_from_slice(&[0x5a; 100]);
     refused_cheaply("chunk value of 4 GiB", &b, chunk);
+    refused_cheaply("chunk value of 4 GiB (prepared)", &b, prepared);
     let mut b = chunk_prefix();
     mp::array(&mut b, 1);
     mp::array(&mut b, HUGE);
     mp::str(&mut b, &key);
     mp::bin(&mut b, b"v");
     refused_cheaply("chunk entry of 2^32-1 elements", &b, chunk);
+    refused_cheaply("chunk entry of 2^32-1 elements (prepared)", &b, prepared);
 
     // Segment: 2^32-1 changes; a 4 GiB value; a change of 2^32-1 elements whose third
     // element (skipped as IgnoredAny) claims 4 GiB.
@@ -1304,6 +1360,15 @@ fn a_chunk_with_a_deeply_nested_unknown_field_is_refused_without_overflowing_the
     refused_cheaply("chunk with a deeply nested unknown field", &b, |b| {
         decode_chunk(b, &self_ref(b), &RANGES[1])
     });
+    refused_cheaply(
+        "chunk with a deeply nested unknown field (prepared)",
+        &b,
+        |b| {
+            decode_chunks_prepared(&[(b, &self_ref(b), &RANGES[1])])
+                .pop()
+                .expect("one result per blob")
+        },
+    );
 }
 
 #[test]

@@ -132,13 +132,17 @@ pub fn entry(out: &mut Vec<u8>, key: &str, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
-/// Decodes an `ENTRIES` payload into puts.
-pub fn read_entries(payload: &[u8], into: &mut Vec<Change>) -> Result<(), String> {
+/// Decodes an `ENTRIES` payload, handing each put's key and value (slices of the payload) to
+/// `put`, in order; stops at the first malformed one.
+pub fn read_entries<'a>(
+    payload: &'a [u8],
+    mut put: impl FnMut(&'a str, &'a [u8]),
+) -> Result<(), String> {
     let mut c = Cursor(payload);
     while !c.0.is_empty() {
-        let key = c.key()?;
-        let value = c.bytes()?;
-        into.push(Change::Put { key, value });
+        let key = c.key_str()?;
+        let n = c.u32()? as usize;
+        put(key, c.take(n)?);
     }
     Ok(())
 }
@@ -402,10 +406,12 @@ impl<'a> Cursor<'a> {
         ))
     }
     fn key(&mut self) -> Result<deltasync_core::change::Key, String> {
+        Ok(self.key_str()?.into())
+    }
+    fn key_str(&mut self) -> Result<&'a str, String> {
         let n = self.u32()? as usize;
         let raw = self.take(n)?;
-        let key = std::str::from_utf8(raw).map_err(|_| "a key that is not UTF-8".to_owned())?;
-        Ok(key.into())
+        std::str::from_utf8(raw).map_err(|_| "a key that is not UTF-8".to_owned())
     }
     fn bytes(&mut self) -> Result<Bytes, String> {
         let n = self.u32()? as usize;
@@ -489,7 +495,7 @@ mod tests {
         assert_eq!(recs.len(), 5);
         assert_eq!(read_header(recs[0].0, &recs[0].1), Ok(snap));
         let mut es = Vec::new();
-        read_entries(&recs[1].1, &mut es).expect("entries");
+        read_entries(&recs[1].1, |k, v| es.push(Change::put(k, v.to_vec()))).expect("entries");
         assert_eq!(
             es,
             vec![
@@ -642,8 +648,7 @@ mod tests {
             let _ = read_header(SNAP_HEADER, &bytes);
             let _ = read_header(LOG_HEADER, &bytes);
             let _ = read_end(&bytes);
-            let mut v = Vec::new();
-            let _ = read_entries(&bytes, &mut v);
+            let _ = read_entries(&bytes, |_, _| {});
         }
     }
 }

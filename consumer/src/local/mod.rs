@@ -46,7 +46,8 @@
 pub mod format;
 
 use crate::follower::ChangeBatch;
-use deltasync_core::{Change, Digest, Lineage, Position, Prepared, State};
+use deltasync_core::state::PreparedBuilder;
+use deltasync_core::{Digest, Lineage, Position, Prepared, State};
 use format::{Bad, Header, Records};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Seek, SeekFrom, Write};
@@ -761,19 +762,15 @@ fn read_snapshot_entries(
     path: &Path,
     tx: &std::sync::mpsc::SyncSender<Prepared>,
 ) -> Result<Result<u64, String>, LocalError> {
-    let mut changes = Vec::new();
     loop {
         match r.read().map_err(read_err(path))? {
             Ok(Some((format::ENTRIES, payload))) => {
-                changes.clear();
-                if let Err(reason) = format::read_entries(payload, &mut changes) {
+                // Each entry read straight from the record into its allocation.
+                let mut puts = PreparedBuilder::with_capacity(0);
+                if let Err(reason) = format::read_entries(payload, |k, v| puts.push(k, v)) {
                     return Ok(Err(reason));
                 }
-                let puts = changes.iter().filter_map(|c| match c {
-                    Change::Put { key, value } => Some((&**key, &value[..])),
-                    Change::Delete { .. } => None,
-                });
-                if tx.send(Prepared::puts(puts)).is_err() {
+                if tx.send(puts.finish()).is_err() {
                     return Ok(Err("the snapshot's entries were no longer wanted".into()));
                 }
             }

@@ -43,7 +43,7 @@ use crate::change::{Change, Key};
 use crate::codec::{self, BytesIn, DecodeError, EncodeError, KeyIn, Kind};
 use crate::digest::{bucket_of, Digest, BUCKETS};
 use crate::envelope::Lineage;
-use crate::state::{diff, State};
+use crate::state::{diff, Prepared, PreparedBuilder, State};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -411,6 +411,195 @@ struct ChunkIn {
     entries: Vec<(KeyIn, BytesIn)>,
 }
 
+/// Decodes a chunk straight into prepared entries: each key and value is read into the
+/// entry that will hold it (one allocation, no decoded copy in between), checked as it is
+/// read — the change limits, the range's buckets — and the first bad one ends the decode.
+/// Accepts what [`ChunkOut`] writes (an array of four), as [`decode_chunk`] does.
+struct PreparedChunkSeed<'r> {
+    range: &'r RangeRef,
+    /// Why the chunk was refused when it was for its content (the decode then stops with an
+    /// error of its own, which the caller replaces with this reason).
+    invalid: &'r mut Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for PreparedChunkSeed<'_> {
+    type Value = Prepared;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Prepared, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for PreparedChunkSeed<'_> {
+    type Value = Prepared;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a snapshot chunk: first bucket, end bucket, part, entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Prepared, A::Error> {
+        use serde::de::Error as _;
+        let mut next_u32 = |i: usize| -> Result<u32, A::Error> {
+            seq.next_element::<u32>()?
+                .ok_or_else(|| A::Error::invalid_length(i, &"4 fields"))
+        };
+        let (first_bucket, end_bucket) = (next_u32(0)?, next_u32(1)?);
+        next_u32(2)?;
+        let range = self.range;
+        if first_bucket != range.first_bucket || end_bucket != range.end_bucket {
+            let reason = format!(
+                "chunk covers buckets {first_bucket}..{end_bucket}, the manifest expects {}..{}",
+                range.first_bucket, range.end_bucket
+            );
+            let e = A::Error::custom(&reason);
+            *self.invalid = Some(reason);
+            return Err(e);
+        }
+        let mut puts = PutsSeed {
+            buckets: range.buckets(),
+            builder: PreparedBuilder::with_capacity(0),
+            key: String::new(),
+            invalid: None,
+        };
+        let read = seq.next_element_seed(&mut puts);
+        *self.invalid = puts.invalid;
+        if read?.is_none() {
+            return Err(A::Error::invalid_length(3, &"4 fields"));
+        }
+        Ok(puts.builder.finish())
+    }
+}
+
+/// The entries of a chunk, pushed into `builder` as they are read.
+struct PutsSeed {
+    buckets: Range<usize>,
+    builder: PreparedBuilder,
+    /// The key being read (reused).
+    key: String,
+    /// Why an entry was refused (the decode then stops with an error of its own).
+    invalid: Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut PutsSeed {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut PutsSeed {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the chunk's entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        // The count is the input's word: reserve a little, grow with what is really read.
+        let hint = seq.size_hint().unwrap_or(0).min(1024);
+        self.builder = PreparedBuilder::with_capacity(hint);
+        while seq.next_element_seed(PutSeed(&mut *self))?.is_some() {}
+        Ok(())
+    }
+}
+
+/// One entry: a (key, value) pair.
+struct PutSeed<'a>(&'a mut PutsSeed);
+
+impl<'de> serde::de::DeserializeSeed<'de> for PutSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_tuple(2, self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for PutSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an entry: key and value")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        use serde::de::Error as _;
+        let puts = self.0;
+        if seq.next_element_seed(KeySeed(&mut puts.key))?.is_none() {
+            return Err(A::Error::invalid_length(0, &"2 fields"));
+        }
+        if seq.next_element_seed(ValueSeed(&mut *puts))?.is_none() {
+            return Err(A::Error::invalid_length(1, &"2 fields"));
+        }
+        Ok(())
+    }
+}
+
+/// A key, read into a reused string.
+struct KeySeed<'a>(&'a mut String);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeySeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a UTF-8 key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
+        self.0.clear();
+        self.0.push_str(s);
+        Ok(())
+    }
+}
+
+/// A value: checked with its key, then pushed as an entry.
+struct ValueSeed<'a>(&'a mut PutsSeed);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_bytes(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for ValueSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("value bytes")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, value: &[u8]) -> Result<(), E> {
+        let puts = self.0;
+        if let Err(reason) = check_entry(&puts.key, value, &puts.buckets) {
+            let e = E::custom(&reason);
+            puts.invalid = Some(reason);
+            return Err(e);
+        }
+        puts.builder.push(&puts.key, value);
+        Ok(())
+    }
+}
+
+/// Checks one entry of a chunk of `buckets`: the change limits, and that its key belongs
+/// there.
+fn check_entry(key: &str, value: &[u8], buckets: &Range<usize>) -> Result<(), String> {
+    crate::change::check_put(key, value).map_err(|e| e.to_string())?;
+    if !buckets.contains(&bucket_of(key)) {
+        return Err(format!("key {key:?} is outside the chunk's buckets"));
+    }
+    Ok(())
+}
+
 /// A decoded segment piece: net changes over (from_seq, to_seq].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
@@ -448,6 +637,29 @@ pub fn decode_chunks(blobs: &[(&[u8], &BlobRef, &RangeRef)]) -> Vec<Result<Chunk
     decode_blobs(blobs, "snapshot chunk", decode_chunk_body)
 }
 
+/// [`decode_chunks`] straight into entries ready for [`State::put_prepared`]: the same
+/// checks and errors, without a decoded copy of each key and value in between (what a
+/// snapshot restore holds in flight, and allocates and frees, per entry).
+pub fn decode_chunks_prepared(
+    blobs: &[(&[u8], &BlobRef, &RangeRef)],
+) -> Vec<Result<Prepared, DecodeError>> {
+    decode_blobs(blobs, "snapshot chunk", |bytes, range| {
+        let mut invalid = None;
+        let seed = PreparedChunkSeed {
+            range,
+            invalid: &mut invalid,
+        };
+        let decoded = codec::decode_body_with(Kind::Chunk, bytes, seed);
+        match invalid {
+            Some(reason) => Err(DecodeError::Invalid {
+                kind: "snapshot chunk",
+                reason,
+            }),
+            None => decoded,
+        }
+    })
+}
+
 /// Checks each blob's content hash against its reference (all hashed together), then decodes
 /// it with `body`. One result per blob, in order.
 fn decode_blobs<R, T>(
@@ -483,20 +695,8 @@ fn decode_chunk_body(bytes: &[u8], range: &RangeRef) -> Result<Chunk, DecodeErro
     let buckets = range.buckets();
     let mut entries = Vec::with_capacity(c.entries.len());
     for (k, v) in c.entries {
-        let change = Change::Put {
-            key: k.0,
-            value: v.0,
-        };
-        change.validate().map_err(|e| invalid(e.to_string()))?;
-        if !buckets.contains(&bucket_of(change.key())) {
-            return Err(invalid(format!(
-                "key {:?} is outside the chunk's buckets",
-                change.key()
-            )));
-        }
-        if let Change::Put { key, value } = change {
-            entries.push((key, value));
-        }
+        check_entry(&k.0, &v.0, &buckets).map_err(invalid)?;
+        entries.push((k.0, v.0));
     }
     Ok(Chunk {
         first_bucket: c.first_bucket,

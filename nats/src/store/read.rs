@@ -18,9 +18,11 @@ use futures::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Most fetched blobs checked and decoded by one blocking task: one per lane of the widest
-/// multi-buffer SHA-256 kernel (16 on AVX-512), so their content hashes cost one pass.
-const DECODE_BATCH: usize = 16;
+/// Most fetched blobs checked and decoded by one blocking task, their content hashes computed
+/// in one multi-buffer SHA-256 pass. Half the lanes of the widest kernel (16 on AVX-512): at
+/// 16, a 1M-key bootstrap held ~10 MB more blobs and decoded entries in flight (heaptrack) and
+/// was no faster (`deltasync-consumer run --ephemeral --once`, 6 runs each, alternating).
+const DECODE_BATCH: usize = 8;
 
 /// Decoding tasks in flight while the state applies earlier results: with the applier, that
 /// keeps both cores of a small machine busy without queueing much decoded data.
@@ -232,20 +234,9 @@ async fn rebuild_ranges(
                 (bytes, &shared[r].chunks[c], &shared[r])
             })
             .collect();
-        // Entries built whole here (hashed, allocated, copied), so that the applying thread
-        // only links them into the state's tables; the decoded chunk is freed here too.
-        snapshot::decode_chunks(&refs)
-            .into_iter()
-            .map(|chunk| {
-                let chunk = chunk?;
-                Ok(Prepared::puts(
-                    chunk
-                        .entries
-                        .iter()
-                        .map(|(key, value)| (&**key, &value[..])),
-                ))
-            })
-            .collect()
+        // Entries built whole here (read straight into their allocations, hashed), so that
+        // the applying thread only links them into the state's tables.
+        snapshot::decode_chunks_prepared(&refs)
     };
     let apply = |state: &mut State, prepared: &mut Prepared| state.put_prepared(prepared);
     let mut fetched = fetch_and_apply(kv, state, keys, entries, decode, apply, progress).await?;
