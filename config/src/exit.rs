@@ -31,10 +31,26 @@ pub fn exit(bin: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{bin}: error: {e:#}");
+            eprintln!("{bin}: error: {}", line(&e));
             ExitCode::from(code_of(&e))
         }
     }
+}
+
+/// `e` and its causes joined with ": ", each cause left out when the text before it already
+/// ends with it (an error whose message names its source, as many do, would print it twice).
+pub fn line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// [`FOUND_A_PROBLEM`] when a [`Finding`] is anywhere in the chain, else [`COULD_NOT_RUN`].
@@ -63,6 +79,25 @@ pub fn parse_args<P: clap::Parser>() -> P {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_error_line_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("writing replica /d/log.1: {source}")]
+        struct Write {
+            source: std::io::Error,
+        }
+        let io = || std::io::Error::other("File too large");
+        let e = anyhow::Error::new(Write { source: io() });
+        assert_eq!(line(&e), "writing replica /d/log.1: File too large");
+        let e = anyhow::Error::new(io()).context("opening /d");
+        assert_eq!(line(&e), "opening /d: File too large");
+        let e = anyhow::Error::new(Write { source: io() }).context("running the consumer");
+        assert_eq!(
+            line(&e),
+            "running the consumer: writing replica /d/log.1: File too large"
+        );
+    }
 
     #[test]
     fn a_finding_anywhere_in_the_chain_is_a_problem_found_else_could_not_run() {

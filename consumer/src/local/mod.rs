@@ -36,6 +36,9 @@
 //! - A record cut short by a crash (or damaged) ends its log: it is not applied, and nothing is
 //!   ever appended after it (each open writes to a new generation). The replica then resumes
 //!   from the last whole record, which is never later than what the engine acknowledged.
+//! - A commit whose write fails may leave part of its record, which then ends the log: the
+//!   store refuses every later commit of the process (until a `replace` starts a new log), so
+//!   nothing is acknowledged that would sit unread after it.
 //! - A local snapshot is written to `replica.snap.tmp`, synced, renamed into place and the
 //!   directory synced before the logs it covers are deleted: a crash at any point leaves the
 //!   old snapshot with every log, or the new one (stale logs are deleted at the next open).
@@ -167,6 +170,14 @@ struct Writer {
     /// A local snapshot being written in the background: its generation and thread.
     snapshot: Option<(u64, JoinHandle<Result<u64, LocalError>>)>,
     buf: Vec<u8>,
+    /// Why a commit's write failed: its record may be partly on disk, ending the log, and a
+    /// record appended after it would never be read. Later commits are refused (the engine
+    /// stops at a failed commit; this keeps its commit at exit from claiming a position no
+    /// restart would find). A `replace` starts a new log generation and clears it.
+    failed: Option<String>,
+    /// Tests: the next commit's write fails after this many bytes of its record.
+    #[cfg(test)]
+    fail_after: Option<usize>,
 }
 
 impl LocalStore {
@@ -264,6 +275,9 @@ impl LocalStore {
                 written,
                 snapshot: None,
                 buf: Vec::new(),
+                failed: None,
+                #[cfg(test)]
+                fail_after: None,
             }),
             _lock: lock,
         })))
@@ -317,32 +331,55 @@ impl LocalStore {
             return Ok(());
         };
         let mut w = j.lock();
+        let path = j.log_path(w.generation);
+        if let Some(why) = &w.failed {
+            return Err(LocalError::Writer(format!(
+                "an earlier commit to {} failed ({why}); nothing more is committed by this \
+                 process, a restart resumes from the last whole commit",
+                path.display()
+            )));
+        }
         let count = batches.iter().map(|b| b.changes.len()).sum();
         let mut buf = std::mem::take(&mut w.buf);
-        let path = j.log_path(w.generation);
-        let werr = |source| LocalError::Write {
-            path: path.clone(),
-            source,
-        };
+        #[cfg(test)]
+        let mut fail_after = w.fail_after.take();
         // The record is streamed through a small buffer; its frame's length and checksum are
         // written over their place once known, and the whole synced after.
         let log = &mut w.log;
-        let start = log.stream_position().map_err(werr)?;
-        let head = format::commit_chunked(
-            &mut buf,
-            COMMIT_CHUNK,
-            cursor,
-            count,
-            batches.iter().flat_map(|b| b.changes.iter()),
-            |piece| log.write_all(piece),
-        )
-        .map_err(werr)?;
-        let end = log.stream_position().map_err(werr)?;
-        log.seek(SeekFrom::Start(start)).map_err(werr)?;
-        log.write_all(&head).map_err(werr)?;
-        log.seek(SeekFrom::Start(end)).map_err(werr)?;
-        log.sync_data().map_err(werr)?;
-        let len = end - start;
+        let written: std::io::Result<u64> = (|| {
+            let start = log.stream_position()?;
+            let head = format::commit_chunked(
+                &mut buf,
+                COMMIT_CHUNK,
+                cursor,
+                count,
+                batches.iter().flat_map(|b| b.changes.iter()),
+                |piece| {
+                    #[cfg(test)]
+                    if let Some(left) = &mut fail_after {
+                        if piece.len() > *left {
+                            log.write_all(&piece[..*left])?;
+                            return Err(std::io::Error::other("injected write failure"));
+                        }
+                        *left -= piece.len();
+                    }
+                    log.write_all(piece)
+                },
+            )?;
+            let end = log.stream_position()?;
+            log.seek(SeekFrom::Start(start))?;
+            log.write_all(&head)?;
+            log.seek(SeekFrom::Start(end))?;
+            log.sync_data()?;
+            Ok(end - start)
+        })();
+        let len = match written {
+            Ok(len) => len,
+            Err(source) => {
+                w.failed = Some(source.to_string());
+                return Err(LocalError::Write { path, source });
+            }
+        };
         w.log_bytes += len;
         w.written += len;
         w.appended_bytes += len;
@@ -378,6 +415,9 @@ impl LocalStore {
         w.written += written;
         w.snapshot_bytes = written;
         w.log_bytes = 0;
+        // The replica is now this snapshot with a fresh log: a failed record before it is
+        // behind it.
+        w.failed = None;
         remove_logs_before(&j.dir, generation)?;
         Ok(())
     }

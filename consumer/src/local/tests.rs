@@ -114,6 +114,66 @@ fn commits_load_back_verified_with_their_cursor() {
 }
 
 #[test]
+fn after_a_failed_commit_write_nothing_more_is_committed_until_a_replace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let mut s = State::new(L);
+    let first = vec![Change::put("a", &b"1"[..])];
+    let c1 = apply(&mut s, 1, &first);
+    store.commit(&[batch(1, first)], &c1, None).unwrap();
+    let whole = s.clone();
+
+    // The second commit's record is cut off after 20 bytes, as a full disk cuts it.
+    let LocalStore::Durable(j) = &store else {
+        unreachable!()
+    };
+    j.lock().fail_after = Some(20);
+    let second = vec![Change::put("b", vec![2u8; 300])];
+    let c2 = apply(&mut s, 2, &second);
+    let err = store.commit(&[batch(2, second)], &c2, None).unwrap_err();
+    assert!(
+        matches!(&err, LocalError::Write { path, .. } if path.starts_with(dir.path())),
+        "{err}"
+    );
+    // The disk takes writes again, yet a third commit would follow the partial record, where
+    // no load reads it: refused, and said why.
+    let third = vec![Change::put("c", &b"3"[..])];
+    let c3 = apply(&mut s, 3, &third);
+    let err = store.commit(&[batch(3, third)], &c3, None).unwrap_err();
+    assert!(err.to_string().contains("an earlier commit"), "{err}");
+
+    // What the store holds is the last whole commit.
+    drop(store);
+    assert_eq!(read_cursor(dir.path()).unwrap(), Some(c1));
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let loaded = store.load().unwrap().unwrap();
+    assert!(loaded.intact());
+    assert_eq!((loaded.cursor, &loaded.state), (c1, &whole));
+
+    // In one process, a replace (a re-snapshot) starts a clean log: commits work again.
+    let j = match &store {
+        LocalStore::Durable(j) => j.clone(),
+        LocalStore::Memory => unreachable!(),
+    };
+    j.lock().fail_after = Some(0);
+    let fourth = vec![Change::put("d", &b"4"[..])];
+    let mut t = whole.clone();
+    let c4 = apply(&mut t, 2, &fourth);
+    assert!(store
+        .commit(&[batch(2, fourth.clone())], &c4, None)
+        .is_err());
+    store.replace(&whole, &c1).unwrap();
+    store.commit(&[batch(2, fourth)], &c4, None).unwrap();
+    drop((store, j));
+    let loaded = LocalStore::open_durable(dir.path(), "p")
+        .unwrap()
+        .load()
+        .unwrap()
+        .unwrap();
+    assert_eq!((loaded.cursor, &loaded.state), (c4, &t));
+}
+
+#[test]
 fn a_second_open_of_the_same_directory_is_refused_while_the_first_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let first = LocalStore::open_durable(dir.path(), "p").unwrap();

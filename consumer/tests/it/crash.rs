@@ -6,6 +6,7 @@
 
 use crate::support::*;
 use deltasync_consumer::{BatchKind, Reason};
+use deltasync_core::names;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -264,6 +265,77 @@ async fn sigterm_finishes_the_envelope_in_hand_commits_and_exits_zero() {
     let s = c.wait_for(&p).await;
     assert_eq!(s.decisions.get(Reason::Resume.as_str()), Some(&1));
     assert_eq!(s.envelopes_applied, last - committed.seq);
+    assert_same_state(&c.replica, &p);
+    c.stop().await;
+}
+
+/// A disk that stops taking the log's writes (a per-file size limit here, set with `ulimit -f`
+/// by the shell that starts the binary; a full disk fails the same writes): the consumer exits
+/// with an error naming the log, claims nothing past its last whole commit — its marker on the
+/// server included — and a restart resumes from that commit, without a download.
+#[tokio::test]
+async fn a_consumer_whose_log_cannot_be_written_exits_naming_it_and_resumes_from_its_last_whole_commit(
+) {
+    logs();
+    let mut p = Pipeline::start("fsize", |_| {}).await;
+    p.commit(puts(0, 50, 1)).await;
+    p.snapshot().await;
+    // About 1.4 MB of log against a limit of 128 KiB (dash counts 512-byte blocks; another
+    // sh's 1 KiB blocks make it 256 KiB): the bootstrap's local snapshot of 50 keys fits.
+    p.churn(300, 50, 2000, 2).await;
+    let last = p.state.seq();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("sh")
+        .args(["-c", r#"trap "" XFSZ; ulimit -f 256 && exec "$0" "$@""#])
+        .arg(env!("CARGO_BIN_EXE_deltasync-consumer"))
+        .args(["--nats-url", &p.settings.nats.url])
+        .args(["--pipeline", &p.settings.pipeline])
+        .args(["run", "--once", "--id", "fsize-1", "--data-dir"])
+        .arg(dir.path())
+        .env("DELTASYNC_CONSUMER__COMMIT_EVERY_ENVELOPES", "2")
+        .env("DELTASYNC_CONSUMER__COMMIT_INTERVAL", "5ms")
+        .env_remove("DELTASYNC_CONFIG")
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("sh starts the consumer binary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("deltasync-consumer: error: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(
+        error.contains(&dir.path().join("log.").display().to_string())
+            && error.matches("File too large").count() == 1,
+        "{error}"
+    );
+    assert!(
+        !stderr.contains("Consumer stopped; replica committed"),
+        "{stderr}"
+    );
+    let on_disk = deltasync_consumer::local::read_cursor(dir.path())
+        .unwrap()
+        .expect("the bootstrap's cursor at least");
+    assert!(on_disk.seq < last, "the limit stopped nothing: {on_disk:?}");
+    let stream =
+        p.js.get_stream(names::stream_name(&p.settings.pipeline))
+            .await
+            .unwrap();
+    let name = names::consumer_name(&p.settings.pipeline, "fsize-1");
+    if let Ok(info) = stream.consumer_info(&name).await {
+        assert!(
+            info.ack_floor.stream_sequence <= on_disk.stream_seq,
+            "the marker says {} is committed, the disk holds {}",
+            info.ack_floor.stream_sequence,
+            on_disk.stream_seq
+        );
+    }
+
+    let c = Running::start(p.consumer_settings(), durable("fsize-1", dir.path()));
+    let s = c.wait_for(&p).await;
+    assert_eq!(s.seq, last);
+    assert_eq!(s.decisions.get(Reason::Resume.as_str()), Some(&1));
+    assert_eq!(s.snapshot_bytes_fetched, 0);
     assert_same_state(&c.replica, &p);
     c.stop().await;
 }
