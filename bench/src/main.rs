@@ -76,6 +76,11 @@ struct Args {
     /// Internal: build a replica of N keys and print its memory use (run as a child process).
     #[arg(long, hide = true)]
     memory_probe: Option<usize>,
+    /// Internal: load the latest snapshot of pipeline PIPELINE on the nats-server at URL with
+    /// the snapshot loader alone, print its digest and exit (run as a child process, timed
+    /// spawn to exit beside `deltasync-consumer run --once`).
+    #[arg(long, hide = true, num_args = 2, value_names = ["URL", "PIPELINE"])]
+    loader_probe: Option<Vec<String>>,
 }
 
 /// The scenarios, as `--only` names them.
@@ -118,6 +123,9 @@ fn main() -> Result<()> {
     let mut args = Args::parse();
     if let Some(keys) = args.memory_probe {
         return scenarios::memory_probe(keys, args.value_bytes);
+    }
+    if let Some([url, pipeline]) = args.loader_probe.as_deref() {
+        return paths::loader_probe(url, pipeline);
     }
     if args.quick {
         args.keys = args.keys.min(20_000);

@@ -64,6 +64,10 @@ struct Ran {
     stderr: String,
 }
 
+/// Rounds of each side of the bootstrap rows, each reported by its fastest (RSS by its
+/// largest): one run of a 0.5 s bootstrap varies by ~1.5× on this 2-core VM.
+const BOOT_ROUNDS: usize = 3;
+
 /// The directory holding this benchmark's binary, where `make bench` builds the others.
 fn bin(name: &str) -> Result<PathBuf> {
     let dir = std::env::current_exe()?
@@ -388,59 +392,89 @@ pub async fn bootstrap(s: &Settings, model: &State, rows: &mut Vec<Row>) -> Resu
     let client = deltasync_nats::connect(&s.nats).await?;
     let js = deltasync_nats::jetstream(client, &s.nats);
     let kv = deltasync_nats::ensure_bucket(&js, s).await?;
-    let t = Instant::now();
-    let loaded = store::load_latest(&kv, s)
-        .await?
-        .context("the ingested pipeline has no snapshot")?;
-    let loader = t.elapsed().as_secs_f64();
-    ensure!(
-        loaded.state.digest() == model.digest() && loaded.manifest.seq == seq,
-        "the snapshot at the head is not the model's state at envelope {seq}"
-    );
-    drop(loaded);
+    let mut loader_rounds = Vec::new();
+    for _ in 0..BOOT_ROUNDS {
+        let t = Instant::now();
+        let loaded = store::load_latest(&kv, s)
+            .await?
+            .context("the ingested pipeline has no snapshot")?;
+        loader_rounds.push(t.elapsed().as_secs_f64());
+        ensure!(
+            loaded.state.digest() == model.digest() && loaded.manifest.seq == seq,
+            "the snapshot at the head is not the model's state at envelope {seq}"
+        );
+        drop(loaded);
+        deltasync_core::state::wait_for_background_frees();
+    }
+
+    // The loader again, alone in a process of its own, timed from spawn to exit as the binary
+    // is: its heap starts cold (every entry's page faulted in and zeroed) as the binary's does,
+    // where the rounds above reuse the memory the previous round freed.
+    let mut loader_spawned = Vec::new();
+    for _ in 0..BOOT_ROUNDS {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("--loader-probe").args([&s.nats.url, &s.pipeline]);
+        let ran = run(cmd).await?;
+        ensure!(
+            ran.stdout.trim() == format!("{} {seq}", model.digest()),
+            "the loader probe printed {:?}, the head is {seq} of digest {}",
+            ran.stdout.trim(),
+            model.digest()
+        );
+        loader_spawned.push(ran);
+    }
 
     // The library, as a Rust service runs it: a `Consumer` with `once`, in this process.
-    let consumer = deltasync_consumer::Consumer::new(
-        s.clone(),
-        deltasync_consumer::Options {
-            id: "bench-bootstrap-library".into(),
-            storage: deltasync_consumer::Storage::Memory,
-            http: None,
-            once: true,
-        },
-    )?;
-    let replica = consumer.replica();
-    let t = Instant::now();
-    let outcome = consumer
-        .run(tokio_util::sync::CancellationToken::new())
-        .await?;
-    let library = t.elapsed().as_secs_f64();
-    let view = replica.view();
-    ensure!(
-        outcome.cursor.seq == seq && view.seq() == seq && view.digest() == model.digest(),
-        "the library consumer stopped at {:?} with a view at {} of digest {}, the head is \
-         envelope {seq} of digest {}",
-        outcome.cursor,
-        view.seq(),
-        view.digest(),
-        model.digest()
-    );
-    drop((view, replica));
-    // Its state is freed on a background thread: not while the binary is timed.
-    deltasync_core::state::wait_for_background_frees();
+    let mut library_rounds = Vec::new();
+    for round in 0..BOOT_ROUNDS {
+        let consumer = deltasync_consumer::Consumer::new(
+            s.clone(),
+            deltasync_consumer::Options {
+                id: format!("bench-bootstrap-library-{round}"),
+                storage: deltasync_consumer::Storage::Memory,
+                http: None,
+                once: true,
+            },
+        )?;
+        let replica = consumer.replica();
+        let t = Instant::now();
+        let outcome = consumer
+            .run(tokio_util::sync::CancellationToken::new())
+            .await?;
+        library_rounds.push(t.elapsed().as_secs_f64());
+        let view = replica.view();
+        ensure!(
+            outcome.cursor.seq == seq && view.seq() == seq && view.digest() == model.digest(),
+            "the library consumer stopped at {:?} with a view at {} of digest {}, the head is \
+             envelope {seq} of digest {}",
+            outcome.cursor,
+            view.seq(),
+            view.digest(),
+            model.digest()
+        );
+        drop((view, replica));
+        // Its state is freed on a background thread: not while the next round is timed.
+        deltasync_core::state::wait_for_background_frees();
+    }
 
     // The binary, as a user runs it.
-    let mut cmd = command("deltasync-consumer", s)?;
-    cmd.args(["run", "--ephemeral", "--once", "--id", "bench-bootstrap"]);
-    let ran = run(cmd).await?;
-    let logs = format!("{}{}", ran.stdout, ran.stderr);
-    let stopped = logged(&logs, "Consumer stopped; replica committed")
-        .context("the consumer did not log that it stopped with its replica committed")?;
-    let field = |k: &str| stopped.pointer(&format!("/fields/{k}")).cloned();
-    ensure!(
-        field("seq") == Some(json!(seq)) && field("lineage") == Some(json!(lineage.to_string())),
-        "the consumer stopped at {stopped}, the head is {lineage}:{seq}"
-    );
+    let mut binary_rounds = Vec::new();
+    for round in 0..BOOT_ROUNDS {
+        let mut cmd = command("deltasync-consumer", s)?;
+        let id = format!("bench-bootstrap-{round}");
+        cmd.args(["run", "--ephemeral", "--once", "--id", &id]);
+        let ran = run(cmd).await?;
+        let logs = format!("{}{}", ran.stdout, ran.stderr);
+        let stopped = logged(&logs, "Consumer stopped; replica committed")
+            .context("the consumer did not log that it stopped with its replica committed")?;
+        let field = |k: &str| stopped.pointer(&format!("/fields/{k}")).cloned();
+        ensure!(
+            field("seq") == Some(json!(seq))
+                && field("lineage") == Some(json!(lineage.to_string())),
+            "the consumer stopped at {stopped}, the head is {lineage}:{seq}"
+        );
+        binary_rounds.push(ran);
+    }
 
     // A durable replica through the binary: its bootstrap (which writes the local snapshot),
     // then a restart from the data directory, each with `--once`.
@@ -473,36 +507,59 @@ pub async fn bootstrap(s: &Settings, model: &State, rows: &mut Vec<Row>) -> Resu
     drop(data_dir);
 
     // The baseline: the same keys in a plain KV bucket, read back with watch_with_history.
-    let baseline = kv_watch_baseline(&js, "bench_kv_user", model).await?;
+    let kv_rounds = kv_watch_baseline(&js, "bench_kv_user", model, BOOT_ROUNDS).await?;
 
-    let ours = ran.wall.as_secs_f64();
+    let fastest = |r: &[f64]| r.iter().copied().fold(f64::INFINITY, f64::min);
+    let (loader, library, baseline) = (
+        fastest(&loader_rounds),
+        fastest(&library_rounds),
+        fastest(&kv_rounds),
+    );
+    let binary_s: Vec<f64> = binary_rounds.iter().map(|r| r.wall.as_secs_f64()).collect();
+    let ours = fastest(&binary_s);
+    let spawned_s: Vec<f64> = loader_spawned
+        .iter()
+        .map(|r| r.wall.as_secs_f64())
+        .collect();
+    let loader_cold = fastest(&spawned_s);
+    let loader_cold_rss = loader_spawned.iter().map(|r| r.peak_rss).max().unwrap_or(0);
+    // The largest peak of the rounds: memory is judged by the worst, time by the best.
+    let peak_rss = binary_rounds.iter().map(|r| r.peak_rss).max().unwrap_or(0);
     let speedup = baseline / ours;
     rows.push(Row {
         scenario: format!(
             "bootstrap of {} keys through `deltasync-consumer run --ephemeral --once` \
-             (spawn to exit)",
+             (spawn to exit; each side fastest of {BOOT_ROUNDS} rounds, RSS the largest)",
             model.len()
         ),
         ours: format!(
-            "{}, peak RSS {} ({:.2}× raw); the loader alone {} ({:.2}×)",
+            "{}, peak RSS {} ({:.2}× raw); the loader alone, spawned {} ({:.2}×, RSS {}), \
+             in-process {} ({:.2}×)",
             secs(ours),
-            bytes(ran.peak_rss as f64),
-            ran.peak_rss as f64 / raw_bytes,
+            bytes(peak_rss as f64),
+            peak_rss as f64 / raw_bytes,
+            secs(loader_cold),
+            ours / loader_cold,
+            bytes(loader_cold_rss as f64),
             secs(loader),
             ours / loader
         ),
         baseline: format!("{} (KV watch_with_history)", secs(baseline)),
         ratio: format!("{speedup:.1}× faster"),
-        target: "≥ 5× the KV watcher; ≤ 1.3× the loader; RSS ≤ 2× raw".into(),
-        met: speedup >= 5.0 && ours <= 1.3 * loader && ran.peak_rss as f64 <= 2.0 * raw_bytes,
+        target: "≥ 5× the KV watcher; ≤ 1.3× the loader (spawned); RSS ≤ 2× raw".into(),
+        met: speedup >= 5.0 && ours <= 1.3 * loader_cold && peak_rss as f64 <= 2.0 * raw_bytes,
         check: format!("snapshot digest = model's; the consumer stopped at {lineage}:{seq}"),
         figures: json!({"binary_s": ours, "loader_s": loader, "kv_watch_s": baseline,
-            "peak_rss": ran.peak_rss, "raw_bytes": raw_bytes}),
+            "peak_rss": peak_rss, "raw_bytes": raw_bytes, "binary_rounds_s": binary_s,
+            "binary_rounds_peak_rss": binary_rounds.iter().map(|r| r.peak_rss).collect::<Vec<_>>(),
+            "loader_rounds_s": loader_rounds, "kv_watch_rounds_s": kv_rounds,
+            "loader_spawned_s": loader_cold, "loader_spawned_rounds_s": spawned_s,
+            "loader_spawned_peak_rss": loader_cold_rss}),
     });
     rows.push(Row {
         scenario: format!(
             "bootstrap of {} keys through the library (`Consumer` with `once`, in-process, \
-             memory)",
+             memory; fastest of {BOOT_ROUNDS} rounds)",
             model.len()
         ),
         ours: format!(
@@ -516,7 +573,8 @@ pub async fn bootstrap(s: &Settings, model: &State, rows: &mut Vec<Row>) -> Resu
         target: "≥ 5× the KV watcher; ≤ 1.3× the loader".into(),
         met: baseline / library >= 5.0 && library <= 1.3 * loader,
         check: format!("the consumer stopped at {lineage}:{seq}, its view's digest = the model's"),
-        figures: json!({"library_s": library, "loader_s": loader, "kv_watch_s": baseline}),
+        figures: json!({"library_s": library, "loader_s": loader, "kv_watch_s": baseline,
+            "library_rounds_s": library_rounds}),
     });
     let (boot_s, restart_s) = (durable_boot.wall.as_secs_f64(), restart.wall.as_secs_f64());
     rows.push(Row {
@@ -547,6 +605,26 @@ pub async fn bootstrap(s: &Settings, model: &State, rows: &mut Vec<Row>) -> Resu
             "restart_peak_rss": restart.peak_rss, "durable_bootstrap_peak_rss": durable_boot.peak_rss}),
     });
     Ok(())
+}
+
+/// `--loader-probe URL PIPELINE`: the snapshot loader alone (`store::load_latest`), in a
+/// process of its own; prints the loaded state's digest and sequence.
+pub fn loader_probe(url: &str, pipeline: &str) -> Result<()> {
+    let s = crate::scenarios::settings(url, pipeline)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let loaded = rt.block_on(async {
+        let client = deltasync_nats::connect(&s.nats).await?;
+        let js = deltasync_nats::jetstream(client, &s.nats);
+        let kv = deltasync_nats::ensure_bucket(&js, &s).await?;
+        store::load_latest(&kv, &s)
+            .await?
+            .context("the pipeline has no snapshot")
+    })?;
+    println!("{} {}", loaded.state.digest(), loaded.manifest.seq);
+    // Exit as the consumer does, without freeing the state entry by entry.
+    std::process::exit(0)
 }
 
 /// Publishes `text` (`lines` NDJSON lines) through `deltasync-producer ingest - --receipts`

@@ -193,7 +193,7 @@ pub async fn snapshots(url: &str, sizes: Sizes, rows: &mut Vec<Row>) -> Result<(
     drop(loaded);
 
     // Bootstrap: a plain KV bucket with the same keys, read with watch_with_history.
-    let baseline = kv_watch_baseline(&js, "bench_kv_baseline", &state).await?;
+    let baseline = kv_watch_baseline(&js, "bench_kv_baseline", &state, 1).await?[0];
     let speedup = baseline / ours;
     rows.push(Row {
         scenario: format!("bootstrap of {} keys to a verified replica", sizes.keys),
@@ -302,14 +302,16 @@ pub async fn kv_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Stor
 }
 
 /// The plain NATS baseline of a bootstrap: `state`'s keys put into KV bucket `bucket`
-/// (pipelined), then the seconds a `watch_with_history` takes to deliver them all. What a plain
+/// (pipelined), then the seconds a `watch_with_history` takes to deliver them all, for each of
+/// `rounds` watchers one after another (at least one). What a plain
 /// KV watcher's user keeps is a map with nothing to verify it against; the check (a state built
 /// from the map, its digest) runs after the clock stops.
 pub async fn kv_watch_baseline(
     js: &jetstream::Context,
     bucket: &str,
     state: &State,
-) -> Result<f64> {
+    rounds: usize,
+) -> Result<Vec<f64>> {
     let kvb = kv_bucket(js, bucket).await?;
     let mut acks = futures::stream::FuturesUnordered::new();
     for (k, v) in state.iter() {
@@ -326,30 +328,33 @@ pub async fn kv_watch_baseline(
     while let Some(r) = acks.next().await {
         r?;
     }
-    let t = Instant::now();
-    let mut watch = kvb.watch_with_history(">").await?;
-    let mut seen: HashMap<String, Bytes> = HashMap::with_capacity(state.len());
-    while seen.len() < state.len() {
-        let entry = tokio::time::timeout(Duration::from_secs(30), watch.next())
-            .await
-            .context("KV watcher stalled")?
-            .context("KV watcher ended")??;
-        seen.insert(entry.key, entry.value);
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds.max(1) {
+        let t = Instant::now();
+        let mut watch = kvb.watch_with_history(">").await?;
+        let mut seen: HashMap<String, Bytes> = HashMap::with_capacity(state.len());
+        while seen.len() < state.len() {
+            let entry = tokio::time::timeout(Duration::from_secs(30), watch.next())
+                .await
+                .context("KV watcher stalled")?
+                .context("KV watcher ended")??;
+            seen.insert(entry.key, entry.value);
+        }
+        times.push(t.elapsed().as_secs_f64());
+        drop(watch);
+        let mut baseline_state = State::new(state.lineage());
+        baseline_state.insert_many(
+            seen.into_iter()
+                .map(|(k, v)| (k.as_str().into(), v))
+                .collect(),
+        );
+        ensure!(
+            baseline_state.digest() == state.digest(),
+            "KV watcher state differs"
+        );
     }
-    let baseline = t.elapsed().as_secs_f64();
-    drop(watch);
-    let mut baseline_state = State::new(state.lineage());
-    baseline_state.insert_many(
-        seen.into_iter()
-            .map(|(k, v)| (k.as_str().into(), v))
-            .collect(),
-    );
-    ensure!(
-        baseline_state.digest() == state.digest(),
-        "KV watcher state differs"
-    );
     js.delete_key_value(bucket).await?;
-    Ok(baseline)
+    Ok(times)
 }
 
 /// Digest cost per change on a state of 1k keys vs one of `keys` keys.
