@@ -220,13 +220,6 @@ impl PreparedBuilder {
         ));
     }
 
-    /// The digest bucket and key of each put so far, in order.
-    pub fn keys(&self) -> impl Iterator<Item = (usize, &str)> {
-        self.entries
-            .iter()
-            .map(|(b, _, _, e)| (usize::from(*b), e.key()))
-    }
-
     /// The puts, hashed.
     pub fn finish(mut self) -> Prepared {
         let mut hashes = Vec::with_capacity(self.entries.len());
