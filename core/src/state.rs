@@ -224,7 +224,9 @@ impl PreparedBuilder {
     pub fn finish(mut self) -> Prepared {
         let mut hashes = Vec::with_capacity(self.entries.len());
         entry_hashes(
-            self.entries.iter().map(|(_, _, _, e)| (e.key(), e.value())),
+            self.entries
+                .iter()
+                .map(|(_, _, _, e)| (e.key_bytes(), e.value())),
             &mut hashes,
         );
         for (slot, hash) in self.entries.iter_mut().zip(hashes) {
@@ -740,7 +742,7 @@ impl State {
         olds.clear();
         // The entries in the table that the batch replaces or deletes, in the order of the
         // changes that first touch them.
-        let mut found: Vec<(&str, &[u8])> = Vec::new();
+        let mut found: Vec<(&[u8], &[u8])> = Vec::new();
         let mut puts = 0;
         for (i, ((c, &(_, h)), old)) in changes.iter().zip(&self.slots).zip(&in_table).enumerate() {
             let key = c.key().as_bytes();
@@ -751,7 +753,7 @@ impl State {
                     Change::Delete { .. } => Old::Absent,
                 },
                 (None, Some(e)) => {
-                    found.push((e.key(), e.value()));
+                    found.push((e.key_bytes(), e.value()));
                     Old::Table(found.len() - 1)
                 }
                 (None, None) => Old::Absent,
@@ -799,7 +801,7 @@ impl State {
         self.hashes.clear();
         entry_hashes(
             changes.clone().filter_map(|c| match c {
-                Change::Put { key, value } => Some((&**key, &value[..])),
+                Change::Put { key, value } => Some((key.as_bytes(), &value[..])),
                 Change::Delete { .. } => None,
             }),
             &mut self.hashes,
