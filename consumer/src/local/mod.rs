@@ -50,12 +50,12 @@ pub mod format;
 
 use crate::follower::ChangeBatch;
 use deltasync_core::state::PreparedBuilder;
-use deltasync_core::{Digest, Lineage, Position, Prepared, State};
+use deltasync_core::{Change, Digest, Lineage, Position, Prepared, State};
 use format::{Bad, Header, Records};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// The local snapshot's file name inside the data directory.
@@ -873,7 +873,81 @@ fn read_replica_once(
         },
         None => (State::new(Lineage::default()), None, 0),
     };
-    for (g, path) in files.logs.iter().filter(|(g, _)| *g >= generation) {
+    // The logs are read, checked and decoded on a thread of their own while this one applies
+    // what it decoded (decoding was a third of a replay's time on one thread).
+    let logs: Vec<(u64, PathBuf)> = files
+        .logs
+        .iter()
+        .filter(|(g, _)| *g >= generation)
+        .cloned()
+        .collect();
+    let mut mismatch = false;
+    std::thread::scope(|scope| -> Result<(), LocalError> {
+        let (tx, rx) = mpsc::sync_channel::<Piece>(2);
+        let reader = std::thread::Builder::new()
+            .name("deltasync-replay".into())
+            .spawn_scoped(scope, move || read_logs(&logs, pipeline, &tx))
+            .map_err(read_err(dir))?;
+        for piece in rx.iter() {
+            state.apply_changes(&piece.changes);
+            if let Some(at) = piece.end {
+                state.set_position(at.lineage, at.seq);
+                cursor = Some(at);
+                if state.digest() != at.digest {
+                    mismatch = true;
+                    break;
+                }
+            }
+        }
+        // Stops the reader at its next piece.
+        drop(rx);
+        let read = reader
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // After a record that does not follow, what the reader found later does not matter.
+        if mismatch {
+            Ok(())
+        } else {
+            read
+        }
+    })?;
+    if mismatch {
+        return Ok(cursor.map(|cursor| LoadedReplica {
+            computed: state.digest(),
+            state,
+            cursor,
+            cursor_error: None,
+        }));
+    }
+    Ok(cursor.map(|cursor| LoadedReplica {
+        computed: state.digest(),
+        state,
+        cursor,
+        cursor_error: None,
+    }))
+}
+
+/// Changes a log replay applies at a time: a commit record (up to millions of changes) is
+/// handed over in pieces, so little decoded data waits between the reader and the applier.
+const REPLAY_PIECE: usize = 16 * 1024;
+
+/// Consecutive changes of one commit record; the last piece carries the record's position.
+struct Piece {
+    changes: Vec<Change>,
+    end: Option<Position>,
+}
+
+/// Reads the commit records of `logs` (in order) and sends their changes to the applier.
+/// What ends a log — its end, a record cut short or damaged, an undecodable or unexpected
+/// record — moves on to the next; a file that cannot be read, or a header that is unreadable
+/// or names another pipeline, is an error. Returns early, without error, once the applier
+/// stops listening.
+fn read_logs(
+    logs: &[(u64, PathBuf)],
+    pipeline: Option<&str>,
+    tx: &mpsc::SyncSender<Piece>,
+) -> Result<(), LocalError> {
+    for (g, path) in logs {
         let mut r = open_read(path)?;
         let mut records = 0u64;
         loop {
@@ -898,17 +972,8 @@ fn read_replica_once(
                             break;
                         }
                     };
-                    state.apply_changes(&changes);
-                    state.set_position(at.lineage, at.seq);
-                    cursor = Some(at);
-                    if state.digest() != at.digest {
-                        let computed = state.digest();
-                        return Ok(Some(LoadedReplica {
-                            state,
-                            cursor: at,
-                            computed,
-                            cursor_error: None,
-                        }));
+                    if !send_pieces(tx, at, changes) {
+                        return Ok(());
                     }
                 }
                 Ok(Some((kind, _))) => {
@@ -924,12 +989,30 @@ fn read_replica_once(
             records += 1;
         }
     }
-    Ok(cursor.map(|cursor| LoadedReplica {
-        computed: state.digest(),
-        state,
-        cursor,
-        cursor_error: None,
-    }))
+    Ok(())
+}
+
+/// Sends one record's `changes` in pieces, the last with `at`. False once nobody listens.
+fn send_pieces(tx: &mpsc::SyncSender<Piece>, at: Position, changes: Vec<Change>) -> bool {
+    let mut left = changes.len();
+    let mut changes = changes.into_iter();
+    loop {
+        let piece: Vec<Change> = changes.by_ref().take(REPLAY_PIECE).collect();
+        left -= piece.len();
+        let end = (left == 0).then_some(at);
+        if tx
+            .send(Piece {
+                changes: piece,
+                end,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        if end.is_some() {
+            return true;
+        }
+    }
 }
 
 /// Reads only the cursor of the replica in `dir` (no NATS; the files are read, not changed).

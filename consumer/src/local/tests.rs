@@ -216,6 +216,66 @@ fn a_record_that_does_not_match_its_digest_is_caught() {
 }
 
 #[test]
+fn records_larger_than_a_replay_piece_load_back_whole_and_a_bad_one_after_them_is_caught() {
+    // Two records of 2.5 pieces each, the second overwriting and deleting keys of the first
+    // on both sides of its piece boundaries; then a tampered record and a good one after it.
+    let n = super::REPLAY_PIECE * 5 / 2;
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_durable(dir.path(), "p").unwrap();
+    let mut s = State::new(L);
+    let first: Vec<Change> = (0..n)
+        .map(|i| Change::put(format!("k{i}"), format!("a{i}").into_bytes()))
+        .collect();
+    let c1 = apply(&mut s, 1, &first);
+    store.commit(&[batch(1, first)], &c1, None).unwrap();
+    let second: Vec<Change> = (0..n)
+        .map(|i| {
+            let key = format!("k{}", (i * 7) % n);
+            if i % 5 == 0 {
+                Change::delete(key)
+            } else {
+                Change::put(key, format!("b{i}").into_bytes())
+            }
+        })
+        .collect();
+    let c2 = apply(&mut s, 2, &second);
+    store.commit(&[batch(2, second)], &c2, None).unwrap();
+    let loaded = store.load().unwrap().unwrap();
+    assert!(loaded.intact());
+    assert_eq!(loaded.cursor, c2);
+    assert_eq!(loaded.state, s);
+
+    // A record claiming position 3 with the digest of other entries, then a true record 4:
+    // the load stops at the tampered one, whatever the reader has read past it.
+    let whole = s.clone();
+    let tampered = vec![Change::put("k1", &b"tampered"[..])];
+    let mut other = s.clone();
+    let c3 = apply(&mut other, 3, &[Change::put("k1", &b"true"[..])]);
+    store.commit(&[batch(3, tampered)], &c3, None).unwrap();
+    let fourth = vec![Change::put("k2", &b"after"[..])];
+    let c4 = apply(&mut other, 4, &fourth);
+    store.commit(&[batch(4, fourth)], &c4, None).unwrap();
+    drop(store);
+    let loaded = LocalStore::open_durable(dir.path(), "p")
+        .unwrap()
+        .load()
+        .unwrap()
+        .unwrap();
+    assert!(!loaded.intact());
+    assert_eq!(loaded.cursor, c3);
+    assert_ne!(loaded.computed, c3.digest);
+    assert_eq!(loaded.state.len(), whole.len());
+    assert_eq!(
+        loaded.state.get("k1").map(|v| v.to_vec()),
+        Some(b"tampered".to_vec())
+    );
+    assert_eq!(
+        loaded.state.get("k2").map(|v| v.to_vec()),
+        whole.get("k2").map(|v| v.to_vec())
+    );
+}
+
+#[test]
 fn a_damaged_snapshot_marks_the_replica_for_repair_and_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalStore::open_durable(dir.path(), "p").unwrap();
