@@ -30,4 +30,4 @@ pub use change::{Change, Key};
 pub use digest::Digest;
 pub use envelope::{Envelope, Lineage};
 pub use position::Position;
-pub use state::{diff, Applied, ApplyError, Prepared, State};
+pub use state::{diff, Applied, ApplyError, HashedChanges, Prepared, State};

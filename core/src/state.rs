@@ -254,6 +254,59 @@ impl fmt::Debug for Prepared {
     }
 }
 
+/// Changes hashed away from the thread that applies them, for [`State::apply_hashed`]: each
+/// put's entry hash (one multi-buffer SHA-256 pass) and each change's digest bucket and table
+/// hash, kept with the changes they were computed from. A durable replica's restart hashes
+/// its log's changes on the thread that reads them.
+///
+/// Only for states of this process: the table hash is seeded per process.
+#[derive(Debug, Clone)]
+pub struct HashedChanges {
+    changes: Vec<Change>,
+    hashes: Vec<Digest>,
+    slots: Vec<(u16, u64)>,
+}
+
+impl HashedChanges {
+    /// Hashes `changes`.
+    pub fn new(changes: Vec<Change>) -> HashedChanges {
+        let (mut hashes, mut slots) = (Vec::new(), Vec::new());
+        hash_changes(changes.iter(), &mut hashes, &mut slots);
+        HashedChanges {
+            changes,
+            hashes,
+            slots,
+        }
+    }
+
+    /// The changes, in order.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+}
+
+/// The puts' entry hashes into `hashes`, every change's digest bucket and table hash into
+/// `slots` (both cleared first).
+fn hash_changes<'a>(
+    changes: impl Iterator<Item = &'a Change> + Clone,
+    hashes: &mut Vec<Digest>,
+    slots: &mut Vec<(u16, u64)>,
+) {
+    hashes.clear();
+    entry_hashes(
+        changes.clone().filter_map(|c| match c {
+            Change::Put { key, value } => Some((key.as_bytes(), &value[..])),
+            Change::Delete { .. } => None,
+        }),
+        hashes,
+    );
+    slots.clear();
+    slots.extend(changes.map(|c| {
+        let key = c.key();
+        (bucket_of(key) as u16, key_hash(key.as_bytes()))
+    }));
+}
+
 /// The entry of `key` in `bucket`.
 fn find<'a>(bucket: &'a Bucket, key: &[u8]) -> Option<&'a Entry> {
     bucket.find(key_hash(key), |e| e.key_bytes() == key)
@@ -716,6 +769,11 @@ impl State {
     /// The old entries found are hashed together in one multi-buffer pass, like the new ones.
     fn predict<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) -> Digest {
         self.hash_batch(changes.clone());
+        self.predict_hashed(changes)
+    }
+
+    /// [`State::predict`] after `hashes` and `slots` were filled for these changes.
+    fn predict_hashed<'a>(&mut self, changes: impl Iterator<Item = &'a Change>) -> Digest {
         let changes: Vec<&Change> = changes.collect();
         // The look-ups alone first: each depends on nothing but its key, so the CPU overlaps
         // their cache misses (table control bytes, slot, the old entry: three or four misses
@@ -798,19 +856,19 @@ impl State {
     /// The puts' entry hashes into `hashes`, every change's digest bucket and table hash into
     /// `slots`.
     fn hash_batch<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) {
+        hash_changes(changes, &mut self.hashes, &mut self.slots);
+    }
+
+    /// [`State::apply_changes`] of changes hashed beforehand, on any thread of this process:
+    /// the same entries and digest, without the hashing.
+    pub fn apply_hashed(&mut self, hashed: &HashedChanges) -> Digest {
         self.hashes.clear();
-        entry_hashes(
-            changes.clone().filter_map(|c| match c {
-                Change::Put { key, value } => Some((key.as_bytes(), &value[..])),
-                Change::Delete { .. } => None,
-            }),
-            &mut self.hashes,
-        );
+        self.hashes.extend_from_slice(&hashed.hashes);
         self.slots.clear();
-        self.slots.extend(changes.map(|c| {
-            let key = c.key();
-            (bucket_of(key) as u16, key_hash(key.as_bytes()))
-        }));
+        self.slots.extend_from_slice(&hashed.slots);
+        self.predict_hashed(hashed.changes.iter());
+        self.write(hashed.changes.iter());
+        self.digest()
     }
 
     /// Applies the batch [`State::predict`] just looked at, in order,

@@ -12,7 +12,7 @@ use deltasync_core::change::{Change, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use deltasync_core::codec::{decode_envelope, encode_envelope, HEADER_LEN};
 use deltasync_core::digest::{bucket_of, entry_hash, BucketDigests, Digest, BUCKETS};
 use deltasync_core::envelope::{split_transaction, Envelope, Lineage, MAX_TXN_PARTS};
-use deltasync_core::state::{diff, Applied, ApplyError, Prepared, State};
+use deltasync_core::state::{diff, Applied, ApplyError, HashedChanges, Prepared, State};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
@@ -447,6 +447,8 @@ enum Op {
     ClearAround(String, usize, usize),
     /// `Prepared::puts` then `put_prepared`, the snapshot-restore path.
     Prepared(Vec<(String, Vec<u8>)>),
+    /// `HashedChanges::new` on another thread, then `apply_hashed`: a durable restart's path.
+    Hashed(Vec<Change>),
     /// Keep a clone aside; later writes must not reach it.
     Fork,
 }
@@ -457,6 +459,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (small_key(), small_value()).prop_map(|(k, v)| Op::Insert(k, v)),
         1 => (small_key(), 0usize..3, 0usize..3).prop_map(|(k, l, r)| Op::ClearAround(k, l, r)),
         2 => prop::collection::vec((small_key(), small_value()), 0..8).prop_map(Op::Prepared),
+        3 => small_changes(8).prop_map(Op::Hashed),
         1 => Just(Op::Fork),
     ]
 }
@@ -495,6 +498,18 @@ proptest! {
                     for (k, v) in puts {
                         model.insert(k, v);
                     }
+                }
+                Op::Hashed(changes) => {
+                    let hashed = std::thread::spawn({
+                        let changes = changes.clone();
+                        move || HashedChanges::new(changes)
+                    })
+                    .join()
+                    .unwrap();
+                    prop_assert_eq!(hashed.changes(), &changes[..]);
+                    let digest = state.apply_hashed(&hashed);
+                    prop_assert_eq!(digest, state.digest());
+                    apply_to_model(&mut model, &changes);
                 }
                 Op::Fork => forks.push((state.clone(), model.clone())),
             }
