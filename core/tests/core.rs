@@ -505,7 +505,7 @@ proptest! {
                         move || HashedChanges::new(changes)
                     })
                     .join()
-                    .unwrap();
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                     prop_assert_eq!(hashed.changes(), &changes[..]);
                     let digest = state.apply_hashed(&hashed);
                     prop_assert_eq!(digest, state.digest());
