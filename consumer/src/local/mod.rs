@@ -912,14 +912,7 @@ fn read_replica_once(
             read
         }
     })?;
-    if mismatch {
-        return Ok(cursor.map(|cursor| LoadedReplica {
-            computed: state.digest(),
-            state,
-            cursor,
-            cursor_error: None,
-        }));
-    }
+    // After a mismatch, `computed` differs from the cursor's digest: the caller repairs.
     Ok(cursor.map(|cursor| LoadedReplica {
         computed: state.digest(),
         state,
