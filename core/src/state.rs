@@ -768,7 +768,7 @@ impl State {
     /// costs nothing measurable: `cargo run --release -p deltasync-core --example apply`).
     /// The old entries found are hashed together in one multi-buffer pass, like the new ones.
     fn predict<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) -> Digest {
-        self.hash_batch(changes.clone());
+        hash_changes(changes.clone(), &mut self.hashes, &mut self.slots);
         self.predict_hashed(changes)
     }
 
@@ -851,12 +851,6 @@ impl State {
         self.olds = olds;
         self.found_hashes = found_hashes;
         after
-    }
-
-    /// The puts' entry hashes into `hashes`, every change's digest bucket and table hash into
-    /// `slots`.
-    fn hash_batch<'a>(&mut self, changes: impl Iterator<Item = &'a Change> + Clone) {
-        hash_changes(changes, &mut self.hashes, &mut self.slots);
     }
 
     /// [`State::apply_changes`] of changes hashed beforehand, on any thread of this process:

@@ -631,15 +631,11 @@ pub fn decode_chunk(bytes: &[u8], blob: &BlobRef, range: &RangeRef) -> Result<Ch
     decode_chunk_body(bytes, range)
 }
 
-/// `decode_chunk` of many fetched blobs (each with its reference and range), their content
-/// hashes computed together (`content_hashes`). One result per blob, in order.
-pub fn decode_chunks(blobs: &[(&[u8], &BlobRef, &RangeRef)]) -> Vec<Result<Chunk, DecodeError>> {
-    decode_blobs(blobs, "snapshot chunk", decode_chunk_body)
-}
-
-/// [`decode_chunks`] straight into entries ready for [`State::put_prepared`]: the same
-/// checks and errors, without a decoded copy of each key and value in between (what a
-/// snapshot restore holds in flight, and allocates and frees, per entry).
+/// [`decode_chunk`] of many fetched blobs (each with its reference and range), their content
+/// hashes computed together (`content_hashes`), straight into entries ready for
+/// [`State::put_prepared`]: the same checks and errors, without a decoded copy of each key
+/// and value in between (what a snapshot restore holds in flight, and allocates and frees,
+/// per entry). One result per blob, in order.
 pub fn decode_chunks_prepared(
     blobs: &[(&[u8], &BlobRef, &RangeRef)],
 ) -> Vec<Result<Prepared, DecodeError>> {
@@ -1248,12 +1244,28 @@ mod tests {
         blobs[5].0[last] ^= 1;
         let refs: Vec<(&[u8], &BlobRef, &RangeRef)> =
             blobs.iter().map(|(b, c, r)| (&b[..], *c, *r)).collect();
-        let batched = decode_chunks(&refs);
+        let batched = decode_chunks_prepared(&refs);
         for (i, ((bytes, c, r), got)) in refs.iter().zip(batched).enumerate() {
             let single = decode_chunk(bytes, c, r);
-            assert_eq!(got.as_ref().ok(), single.as_ref().ok(), "chunk {i}");
-            let (e1, e2) = (got.err().map(|e| e.to_string()), single.err());
-            assert_eq!(e1, e2.map(|e| e.to_string()), "chunk {i}");
+            let (e1, e2) = match (got, &single) {
+                // The same entries: as many, and the same state once applied.
+                (Ok(mut got), Ok(single)) => {
+                    assert_eq!(got.len(), single.entries.len(), "chunk {i}");
+                    let mut batched_state = State::new(L);
+                    batched_state.put_prepared(&mut got);
+                    let mut single_state = State::new(L);
+                    single_state.put_prepared(&mut Prepared::puts(
+                        single.entries.iter().map(|(k, v)| (&**k, &v[..])),
+                    ));
+                    assert_eq!(batched_state, single_state, "chunk {i}");
+                    (None, None)
+                }
+                (got, single) => (
+                    got.err().map(|e| e.to_string()),
+                    single.as_ref().err().map(|e| e.to_string()),
+                ),
+            };
+            assert_eq!(e1, e2, "chunk {i}");
             assert_eq!(e1.is_some(), i == 5, "chunk {i}");
         }
 
