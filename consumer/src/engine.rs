@@ -38,7 +38,7 @@
 
 use crate::follower::{
     self, BatchKind, Bounds, ChangeBatch, Continuity, Follower, Judge, LineagePlan, NoSnapshotPlan,
-    Reason, Step,
+    Reason, Refusal, Step,
 };
 use crate::local::{LoadedReplica, LocalError, LocalStore};
 use crate::nats::marker::Marker;
@@ -1032,6 +1032,13 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> Result<(), ConsumerError> {
         self.flush().await?;
+        if let Some(at) = self.follower.hole_to_confirm() {
+            let found = self.message_at(at).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "Could not read the last envelope applied; an older snapshot may be loaded");
+                None
+            });
+            self.follower.confirm_hole(found.as_ref());
+        }
         let max = self.settings.consumer.resync_max_attempts;
         loop {
             self.resync_attempts += 1;
@@ -1048,7 +1055,7 @@ impl Engine {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
             }
-            match self.resync_once(reason, want).await {
+            match self.resync_once(reason, want, attempt >= max).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt >= max => {
                     return Err(ConsumerError::resync_failed(
@@ -1068,6 +1075,7 @@ impl Engine {
         &mut self,
         reason: Reason,
         want: Option<Lineage>,
+        last_attempt: bool,
     ) -> Result<(), ConsumerError> {
         let started = Instant::now();
         let Some(m) = store::latest_manifest(&self.kv).await? else {
@@ -1079,11 +1087,23 @@ impl Engine {
             stream_seq: m.stream_seq,
             digest: m.digest,
         };
-        if !self.follower.snapshot_acceptable(&at, want) {
-            return Err(ConsumerError::SnapshotLineage {
-                wanted: want.map(|w| w.to_hex()).unwrap_or_default(),
-                found: m.lineage.to_hex(),
-            });
+        match self.follower.snapshot_acceptable(&at, want, last_attempt) {
+            Ok(()) => {}
+            Err(Refusal::OtherLineage) => {
+                return Err(ConsumerError::SnapshotLineage {
+                    wanted: want.map(|w| w.to_hex()).unwrap_or_default(),
+                    found: m.lineage.to_hex(),
+                })
+            }
+            Err(Refusal::NotAhead {
+                snapshot_seq,
+                replica_seq,
+            }) => {
+                return Err(ConsumerError::SnapshotNotAhead {
+                    snapshot_seq,
+                    replica_seq,
+                })
+            }
         }
         let mut next = self.follower.state().clone();
         let report = self.resync_reporting(reason, &mut next, &m).await?;

@@ -48,6 +48,10 @@
 //!   snapshot of the replica's own lineage ahead of its position, which fills envelopes of
 //!   the old lineage the replica missed before the marker; see
 //!   [`Follower::snapshot_acceptable`]).
+//! - A re-snapshot for a hole (a gap, or envelopes pruned while following) does not take the
+//!   replica back: when the stream still holds the last envelope applied where it was read, a
+//!   snapshot not past the hole is refused until a newer one lands (or the last attempt; see
+//!   [`Follower::snapshot_acceptable`]).
 //! - A reader that delivers nothing while the stream's last sequence is beyond the read
 //!   position is not assumed stalled: the engine probes for a message after the position
 //!   first. A stream whose tail was deleted (its last sequence holds nothing) is caught up.
@@ -210,6 +214,16 @@ pub enum NoSnapshotPlan {
     NoHistory,
 }
 
+/// Why a re-snapshot refuses the bucket's latest snapshot
+/// ([`Follower::snapshot_acceptable`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// It belongs to another lineage than the one the history continues with.
+    OtherLineage,
+    /// It is not past the replica's verified position: it holds nothing the replica lacks.
+    NotAhead { snapshot_seq: u64, replica_seq: u64 },
+}
+
 /// The decisions, and the in-memory replica they are about.
 #[derive(Debug)]
 pub struct Follower {
@@ -244,6 +258,21 @@ pub struct Follower {
     /// before it (from an older snapshot) is no progress, so a resync that leads back to the
     /// same break counts as another attempt instead of looping forever.
     resync_at: u64,
+    /// The hole a re-snapshot for a gap or a pruned stream was decided for.
+    hole: Option<Hole>,
+}
+
+/// Envelopes the stream no longer holds, found while following: none after the last one the
+/// replica accepted was delivered until a later one. Confirmed once the message at the
+/// accepted envelope's stream position is still that envelope: the stream was not recreated
+/// behind the replica, so what it lacks would lie after that position, and it is gone.
+#[derive(Clone, Copy, Debug)]
+struct Hole {
+    lineage: Lineage,
+    /// Sequence and stream sequence of the last envelope accepted before the hole.
+    after_seq: u64,
+    after_stream_seq: u64,
+    confirmed: bool,
 }
 
 impl Default for Follower {
@@ -269,6 +298,7 @@ impl Follower {
             reread_at: None,
             lost: None,
             resync_at: 0,
+            hole: None,
         }
     }
 
@@ -331,6 +361,38 @@ impl Follower {
         self.accepted_stream_seq > self.resync_at
     }
 
+    /// The hole after the last envelope accepted, to be confirmed (none before the first).
+    fn hole_after(&self, lineage: Lineage) -> Option<Hole> {
+        (self.accepted_stream_seq > 0 && lineage == self.state.lineage()).then_some(Hole {
+            lineage,
+            after_seq: self.accepted_seq,
+            after_stream_seq: self.accepted_stream_seq,
+            confirmed: false,
+        })
+    }
+
+    /// The stream position whose message confirms the hole of the re-snapshot just decided
+    /// (see [`Follower::confirm_hole`]); None when there is nothing to confirm.
+    pub fn hole_to_confirm(&self) -> Option<u64> {
+        self.hole
+            .filter(|h| !h.confirmed)
+            .map(|h| h.after_stream_seq)
+    }
+
+    /// `found` is the message at [`Follower::hole_to_confirm`]'s position (None: deleted, or
+    /// it could not be read). The hole is confirmed when it is still the envelope the replica
+    /// accepted there; otherwise the stream may have been recreated with the envelope at an
+    /// earlier position, and an older snapshot may lead to it: the hole is forgotten.
+    pub fn confirm_hole(&mut self, found: Option<&Classified>) {
+        let Some(h) = self.hole.as_mut() else { return };
+        match found {
+            Some(Classified::Envelope(e)) if e.lineage == h.lineage && e.seq == h.after_seq => {
+                h.confirmed = true;
+            }
+            _ => self.hole = None,
+        }
+    }
+
     fn resync_step(
         &mut self,
         stream_seq: u64,
@@ -339,6 +401,7 @@ impl Follower {
         why: &'static str,
     ) -> Step {
         self.resync_at = self.resync_at.max(stream_seq);
+        self.hole = None;
         Step::Resync { reason, want, why }
     }
 
@@ -355,6 +418,7 @@ impl Follower {
         self.parts_kept = true;
         self.lost = None;
         self.reread_at = None;
+        self.hole = None;
     }
 
     /// No history yet: wait at the empty state of no lineage, after `stream_seq`.
@@ -528,20 +592,24 @@ impl Follower {
                     _ => env.seq,
                 };
                 if let Some(reason) = self.lost.take() {
-                    return self.resync_step(
+                    let step = self.resync_step(
                         stream_seq,
                         reason,
                         Some(env.lineage),
                         "an envelope the replica needs is no longer in the stream",
                     );
+                    self.hole = self.hole_after(env.lineage);
+                    return step;
                 }
                 if self.reread_at == Some(expected) {
-                    return self.resync_step(
+                    let step = self.resync_step(
                         stream_seq,
                         Reason::Gap,
                         Some(env.lineage),
                         "an envelope is missing from the stream (re-reading did not find it)",
                     );
+                    self.hole = self.hole_after(env.lineage);
+                    return step;
                 }
                 self.reread_at = Some(expected);
                 Step::Reread {
@@ -768,25 +836,64 @@ impl Follower {
         }
     }
 
-    /// Whether a snapshot at `m` may be loaded by a re-snapshot that wants lineage `want`:
-    /// one of that lineage, or one whose position covers the message that decided the
-    /// re-snapshot (the history moved on to its lineage there: a new lineage's snapshot is cut
-    /// at the stream's last sequence), or one of the replica's own lineage ahead of it.
+    /// Whether a snapshot at `m` may be loaded by a re-snapshot that wants lineage `want`;
+    /// `Err` says why not (the engine retries with backoff: a newer snapshot
+    /// may land meanwhile).
     ///
-    /// Any other older snapshot of another lineage would lead straight back to the same
-    /// break. One of the replica's lineage ahead of its position need not: a lineage-start
-    /// marker fails to verify on the replica's state also when the replica missed the old
-    /// lineage's last envelopes (deleted or pruned before it read them; the marker hides the
-    /// gap, no envelope of the old lineage follows to reveal it). That snapshot fills the
-    /// hole and the marker is then adopted in place, which matters when the marker's own
-    /// snapshot never lands (the producer stopped between publishing the marker and writing
-    /// it): refusing would stop the consumer on a history it can follow. It never sends the
-    /// replica back, and cannot loop: once loaded, the replica is at its position, and the
-    /// same snapshot is not ahead any more.
-    pub fn snapshot_acceptable(&self, m: &Position, want: Option<Lineage>) -> bool {
-        want.is_none_or(|w| w == m.lineage)
+    /// **Lineage.** One of lineage `want` is taken, or one whose position covers the message
+    /// that decided the re-snapshot (the history moved on to its lineage there: a new
+    /// lineage's snapshot is cut at the stream's last sequence), or one of the replica's own
+    /// lineage ahead of it. Any other older snapshot of another lineage would lead straight
+    /// back to the same break. One of the replica's lineage ahead of its position need not: a
+    /// lineage-start marker fails to verify on the replica's state also when the replica
+    /// missed the old lineage's last envelopes (deleted or pruned before it read them; the
+    /// marker hides the gap, no envelope of the old lineage follows to reveal it). That
+    /// snapshot fills the hole and the marker is then adopted in place, which matters when the
+    /// marker's own snapshot never lands (the producer stopped between publishing the marker
+    /// and writing it): refusing would stop the consumer on a history it can follow. It never
+    /// sends the replica back, and cannot loop: once loaded, the replica is at its position,
+    /// and the same snapshot is not ahead any more.
+    ///
+    /// **Not ahead.** After a gap or a pruned stream found while following and confirmed
+    /// ([`Follower::confirm_hole`]), the replica's state is verified and the envelope after it
+    /// is gone from the stream for good: a snapshot of that lineage not past the hole holds
+    /// nothing the replica lacks, and loading it would move the replica (and everything that
+    /// reads it) back in time only to meet the same hole again. It is refused until a snapshot
+    /// past the hole lands, but only while attempts remain: the `last_attempt` takes it, since
+    /// the replica may hold envelopes of a branch the producer abandoned (a fork not yet
+    /// revealed), and then that older snapshot is the history to follow. An unconfirmed hole
+    /// refuses nothing: the stream may have been
+    /// recreated with the envelope at an earlier position, which an older snapshot reaches.
+    /// (At start-up a stream that holds no envelope after the cursor is judged pruned although
+    /// its tail may only have been deleted: an older snapshot is taken then too, and followed
+    /// back to where the replica was. After a digest mismatch or a fork the replica's own state
+    /// is in doubt, and an older snapshot is what it needs.)
+    pub fn snapshot_acceptable(
+        &self,
+        m: &Position,
+        want: Option<Lineage>,
+        last_attempt: bool,
+    ) -> Result<(), Refusal> {
+        let lineage_ok = want.is_none_or(|w| w == m.lineage)
             || m.stream_seq >= self.resync_at
-            || (m.lineage == self.applied.lineage && m.seq > self.applied.seq)
+            || (m.lineage == self.applied.lineage && m.seq > self.applied.seq);
+        if !lineage_ok {
+            return Err(Refusal::OtherLineage);
+        }
+        match self.hole {
+            Some(h)
+                if h.confirmed
+                    && !last_attempt
+                    && m.lineage == h.lineage
+                    && m.seq <= h.after_seq =>
+            {
+                Err(Refusal::NotAhead {
+                    snapshot_seq: m.seq,
+                    replica_seq: self.applied.seq,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The cursor a snapshot at `m` gives. A snapshot whose stream position is beyond the
@@ -1033,6 +1140,73 @@ mod tests {
     }
 
     /// A lineage-start marker of lineage `l` (envelope 1, no changes) recording `digest`.
+    #[test]
+    fn a_snapshot_not_past_a_confirmed_hole_is_refused_until_the_last_attempt() {
+        // The replica applied envelopes 1 and 2 (stream positions 1, 2); envelope 3 was
+        // deleted from the stream, and envelope 4 arrives at position 4, twice.
+        let (mut f, _, _) = following();
+        let mut producer = f.state().clone();
+        let _e3 = env(&mut producer, 3, "c");
+        let e4 = env(&mut producer, 4, "d");
+        let step = f.on_message(4, 0, Classified::Envelope(e4.clone()), false);
+        assert!(matches!(step, Step::Reread { from: 3, .. }), "{step:?}");
+        let step = f.on_message(4, 0, Classified::Envelope(e4.clone()), false);
+        assert!(
+            matches!(
+                step,
+                Step::Resync {
+                    reason: Reason::Gap,
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+        let snap = |seq: u64| Position {
+            lineage: L,
+            seq,
+            stream_seq: seq,
+            digest: Digest::ZERO,
+        };
+        // Unconfirmed, the hole refuses nothing: the stream may have been recreated.
+        assert_eq!(f.hole_to_confirm(), Some(2));
+        assert_eq!(f.snapshot_acceptable(&snap(1), None, false), Ok(()));
+
+        // The message at position 2 is still envelope 2: the stream lost envelope 3.
+        let (_, _, e2) = following();
+        f.confirm_hole(Some(&Classified::Envelope(e2)));
+        assert_eq!(f.hole_to_confirm(), None);
+        for seq in [0, 1, 2] {
+            assert_eq!(
+                f.snapshot_acceptable(&snap(seq), None, false),
+                Err(Refusal::NotAhead {
+                    snapshot_seq: seq,
+                    replica_seq: 2
+                }),
+                "a snapshot at {seq} holds nothing the replica lacks"
+            );
+            assert_eq!(f.snapshot_acceptable(&snap(seq), None, true), Ok(()));
+        }
+        assert_eq!(f.snapshot_acceptable(&snap(3), None, false), Ok(()));
+        // Another lineage's snapshot is judged by lineage only.
+        let other = Position {
+            lineage: Lineage([9; 16]),
+            ..snap(1)
+        };
+        assert_eq!(f.snapshot_acceptable(&other, None, false), Ok(()));
+        // Loaded, the snapshot clears the hole.
+        f.restore(producer, snap(4));
+        assert_eq!(f.snapshot_acceptable(&snap(1), None, false), Ok(()));
+
+        // Another message at the position (a recreated stream), or none: no hole is kept.
+        for found in [None, Some(Classified::Foreign { reason: "x".into() })] {
+            let (mut f, _, _) = following();
+            let _ = f.on_message(4, 0, Classified::Envelope(e4.clone()), false);
+            let _ = f.on_message(4, 0, Classified::Envelope(e4.clone()), false);
+            f.confirm_hole(found.as_ref());
+            assert_eq!(f.snapshot_acceptable(&snap(1), None, false), Ok(()));
+        }
+    }
+
     fn marker(l: Lineage, digest: Digest) -> Envelope {
         Envelope {
             lineage: l,
@@ -1114,14 +1288,17 @@ mod tests {
             stream_seq: 2,
             digest: Digest::ZERO,
         };
-        assert!(!f.snapshot_acceptable(&old_snap, Some(NEW)));
+        assert_eq!(
+            f.snapshot_acceptable(&old_snap, Some(NEW), false),
+            Err(Refusal::OtherLineage)
+        );
         let new_snap = Position {
             lineage: NEW,
             seq: 1,
             stream_seq: 3,
             ..old_snap
         };
-        assert!(f.snapshot_acceptable(&new_snap, Some(NEW)));
+        assert!(f.snapshot_acceptable(&new_snap, Some(NEW), false).is_ok());
         // A marker of the empty state (`NewLineage::Empty`) is followed from the empty state.
         let empty = marker(NEW, State::new(NEW).digest());
         assert!(matches!(
@@ -1163,14 +1340,16 @@ mod tests {
             stream_seq: 1,
             digest: Digest::ZERO,
         };
-        assert!(!f.snapshot_acceptable(&at_replica, Some(NEW)));
+        assert!(f
+            .snapshot_acceptable(&at_replica, Some(NEW), false)
+            .is_err());
         let ahead = Position {
             lineage: L,
             seq: 2,
             stream_seq: 2,
             digest: producer.digest(),
         };
-        assert!(f.snapshot_acceptable(&ahead, Some(NEW)));
+        assert!(f.snapshot_acceptable(&ahead, Some(NEW), false).is_ok());
         f.restore(producer.clone(), ahead);
         let step = f.on_message(3, 0, Classified::Envelope(m.clone()), false);
         assert!(matches!(step, Step::LineageChange { .. }), "{step:?}");
@@ -1194,7 +1373,7 @@ mod tests {
             again.lineage_plan(&m2, 3, Some(L), true),
             LineagePlan::Resync { .. }
         ));
-        assert!(!again.snapshot_acceptable(&ahead, Some(NEW)));
+        assert!(again.snapshot_acceptable(&ahead, Some(NEW), false).is_err());
     }
 
     #[test]

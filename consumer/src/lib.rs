@@ -204,6 +204,13 @@ pub enum ConsumerError {
     )]
     SnapshotLineage { wanted: String, found: String },
     #[error(
+        "the latest snapshot is at envelope {snapshot_seq}, not past the replica's verified \
+         envelope {replica_seq}: it holds nothing the replica lacks (waiting for a newer one; \
+         the producer writes one every `snapshot.every_envelopes`, or run `deltasync-producer \
+         snapshot`)"
+    )]
+    SnapshotNotAhead { snapshot_seq: u64, replica_seq: u64 },
+    #[error(
         "the bucket has no snapshot and the stream's first envelope is {lineage}:{seq}, not \
          envelope 1: there is nothing to start from"
     )]

@@ -483,6 +483,8 @@ struct Driver {
     at: (u64, u64),
     /// Per envelope 1 (one part) published, orphans included: the producer's entries after it.
     starts: HashMap<(Lineage, Digest), BTreeMap<String, Vec<u8>>>,
+    /// Whether the stream was recreated behind the replica (phase 2 of a `recreate` plan).
+    recreated: bool,
 }
 
 impl Driver {
@@ -500,16 +502,25 @@ impl Driver {
     /// Re-snapshots from the bucket; `Err` when it cannot (the engine retries, then fails).
     fn resync(&mut self, reason: Reason, want: Option<Lineage>) -> Result<(), End> {
         self.resyncs.push(reason);
-        self.attempts += 1;
-        if self.attempts > MAX_ATTEMPTS {
-            return Err(End::Refused(reason));
-        }
         let at = Position {
             stream_seq: self.snap_stream_seq,
             ..self.snap.cursor
         };
-        if !self.f.snapshot_acceptable(&at, want) {
-            return Err(End::Refused(reason));
+        loop {
+            self.attempts += 1;
+            if self.attempts > MAX_ATTEMPTS {
+                return Err(End::Refused(reason));
+            }
+            // The bucket's snapshot never changes here: a refused one is refused again until
+            // the last attempt, which takes one not past a hole.
+            match self
+                .f
+                .snapshot_acceptable(&at, want, self.attempts == MAX_ATTEMPTS)
+            {
+                Ok(()) => break,
+                Err(Refusal::NotAhead { .. }) => continue,
+                Err(Refusal::OtherLineage) => return Err(End::Refused(reason)),
+            }
         }
         let snap = self.snap.clone();
         self.restore(snap.state, snap.cursor, snap.ancestry);
@@ -576,7 +587,32 @@ impl Driver {
             }
             Step::Reread { from, .. } => Ok(Some(from)),
             Step::Resync { reason, want, .. } => {
+                let (lineage, before) = (self.f.applied().lineage, self.at.0);
+                let accepted_at = self.f.accepted_stream_seq() as usize;
+                if let Some(at) = self.f.hole_to_confirm() {
+                    let found = self.stream[at as usize - 1].as_ref().map(classified);
+                    self.f.confirm_hole(found.as_ref());
+                }
                 self.resync(reason, want)?;
+                // The stream kept the last envelope the replica accepted where it read it, so
+                // it holds nothing the replica lacks before that position.
+                let in_place = !self.recreated
+                    && accepted_at > 0
+                    && self
+                        .stream
+                        .get(accepted_at - 1)
+                        .is_some_and(Option::is_some);
+                if matches!(reason, Reason::Gap | Reason::Pruned) && in_place {
+                    // The replica was verified and lacks only what the stream lost: a
+                    // snapshot that would take it back is refused, never loaded.
+                    prop_assert_like(
+                        self.f.applied().lineage != lineage
+                            || self.at.0 >= before
+                            || self.attempts == MAX_ATTEMPTS,
+                        "a re-snapshot for a hole in a stream never recreated moves the replica \
+                         back only at its last attempt",
+                    );
+                }
                 Ok(Some(self.f.resume_from()))
             }
             Step::LineageChange { env, stream_seq } => {
@@ -756,6 +792,7 @@ fn run(p: &Plan) -> Result<(), TestCaseError> {
         attempts: 0,
         at: (0, 0),
         starts: sc.starts.clone(),
+        recreated: false,
     };
     d.restore(start.state.clone(), start.cursor, HashMap::new());
     let end = d.follow(1);
@@ -780,6 +817,7 @@ fn run(p: &Plan) -> Result<(), TestCaseError> {
         && !(p.restart && sc.snap.cursor.lineage != lineage);
     let phase1_resyncs = d.resyncs.len();
     d.stream = sc.stream.clone();
+    d.recreated = p.recreate;
     d.snap = sc.snap.clone();
     d.snap_stream_seq = sc.snap_stream_seq;
     let mut from = d.f.resume_from();
