@@ -167,11 +167,6 @@ async fn a_damaged_chunk(damage: ChunkDamage) {
 }
 
 #[tokio::test]
-#[ignore = "DEFECT (reported): an overwritten chunk keeps its key, so the running producer's \
-            later snapshots keep referencing it and no new replica can bootstrap until the \
-            producer restarts (recovery verifies every blob of the snapshot it starts from, \
-            so the first snapshot after it reuses only verified blobs and writes the rest). \
-            Run with --ignored"]
 async fn an_overwritten_snapshot_chunk_never_reaches_a_replica_and_the_next_snapshot_heals() {
     logs();
     a_damaged_chunk(ChunkDamage::Overwritten).await;

@@ -20,8 +20,10 @@
 //!   stream position must be that part, with the state's digest.
 //! - Everything read is verified (content hashes, range digests, state digest) before it is
 //!   handed out; a failed verification hands out nothing.
-//! - A writer re-checks the blobs it reuses after storing its manifest and before moving
-//!   `latest`, and cuts a new base if another writer's garbage collection removed one.
+//! - A writer reuses a blob of the previous snapshot only while its last write is older than
+//!   that snapshot's manifest (a later write overwrote it, or wrote it again), re-checks the
+//!   blobs it reuses after storing its manifest and before moving `latest`, and cuts a new
+//!   base if one was removed (another writer's garbage collection) or written meanwhile.
 //!   Garbage collection judges ages on the server's clock only and removes a blob only at the
 //!   revision it judged.
 //! - Listings order manifests by what no writer's clock decides: [`list_manifests`] by the
@@ -35,7 +37,7 @@ use bytes::Bytes;
 use deltasync_config::settings::Settings;
 use deltasync_core::names;
 use deltasync_core::snapshot::{decode_manifest, decode_pointer, Manifest, Pointer, LATEST_KEY};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 mod gc;
 mod read;
@@ -197,6 +199,68 @@ async fn list_keys(kv: &kv::Store) -> Result<Vec<String>, StoreError> {
     };
     let keys = kv.keys().await.map_err(|e| read(e.into()))?;
     keys.try_collect().await.map_err(|e| read(e.into()))
+}
+
+/// Every key in the bucket with the revision of its last write (deleted and purged keys left
+/// out), read headers-only like [`list_keys`], so no value is transferred and the same
+/// permissions suffice. Listing stops with an error when nothing arrives for `wait` while
+/// entries are still pending (entries removed while listing leave the count stale).
+async fn list_revisions(
+    js: &jetstream::Context,
+    kv: &kv::Store,
+    wait: std::time::Duration,
+) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy};
+    let read = |e: async_nats::Error| StoreError::Read {
+        key: "(key listing with revisions)".into(),
+        source: e,
+    };
+    let consumer = kv
+        .stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: js.client().new_inbox(),
+            description: Some("deltasync blob revisions".into()),
+            filter_subject: format!("{}>", kv.prefix),
+            headers_only: true,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            replay_policy: async_nats::jetstream::consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| read(e.into()))?;
+    let mut out = std::collections::HashMap::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| read(e.into()))?;
+    loop {
+        let message = match tokio::time::timeout(wait, messages.next()).await {
+            Ok(Some(m)) => m.map_err(|e| read(e.into()))?,
+            Ok(None) => return Err(read("the listing ended before its last entry".into())),
+            Err(_) => {
+                return Err(read(
+                    format!("no entry within {wait:?} while entries were pending").into(),
+                ))
+            }
+        };
+        let info = message.info().map_err(|e| read(e.to_string().into()))?;
+        let (revision, pending) = (info.stream_sequence, info.pending);
+        if let Some(key) = message.subject.strip_prefix(kv.prefix.as_str()) {
+            let removed = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            if removed {
+                out.remove(key);
+            } else {
+                out.insert(key.to_owned(), revision);
+            }
+        }
+        if pending == 0 {
+            return Ok(out);
+        }
+    }
 }
 
 /// Milliseconds since the epoch of a server timestamp (given in nanoseconds).

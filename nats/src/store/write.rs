@@ -7,7 +7,7 @@
 //! `latest`. Planning is `deltasync_core::snapshot::plan`; the fencing rules are
 //! `deltasync_core::snapshot::fence`'s.
 
-use super::{bucket, gc, list_keys, read_manifest, read_pointer, StoreError};
+use super::{bucket, gc, list_revisions, read_manifest, read_pointer, StoreError};
 use async_nats::jetstream::{self, kv};
 use deltasync_config::settings::Settings;
 use deltasync_core::codec::classify;
@@ -18,18 +18,20 @@ use deltasync_core::snapshot::{
 };
 use deltasync_core::state::State;
 use futures::{StreamExt, TryStreamExt};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 
 /// Writes a snapshot of `state` — a consistent cut whose envelope `state.seq()` is stored at
 /// `stream_seq` — and moves `latest` to it. `prev` is the previous snapshot and the state it
 /// describes (both kept by the writer), which lets this one be incremental.
 ///
-/// Blobs of `prev` still in the bucket are reused, not written again. Another writer's
-/// garbage collection may remove them meanwhile (a cron'd `snapshot` next to the producer):
-/// after the manifest is stored and right before `latest` moves, every reused blob is checked
-/// again, and if one is gone the snapshot is cut again as a new base that reuses nothing, so
-/// `latest` never names a manifest whose blobs are not all in the bucket.
+/// Blobs of `prev` the bucket holds as `prev` left them (last written before its manifest)
+/// are reused, not written again; one removed or overwritten since is written again. Another
+/// writer's garbage collection may remove them meanwhile (a cron'd `snapshot` next to the
+/// producer): after the manifest is stored and right before `latest` moves, every reused blob
+/// is checked again, and if one is gone or was written since, the snapshot is cut again as a
+/// new base that reuses nothing, so `latest` never names a manifest whose blobs are not all in
+/// the bucket as it was cut.
 pub async fn write_snapshot(
     js: &jetstream::Context,
     settings: &Settings,
@@ -62,27 +64,32 @@ pub async fn write_snapshot_with_hook(
     check_in_history(js, settings, &cut).await?;
     let (_, latest_rev) = check_not_stale(&kv, &cut).await?;
 
-    // The previous snapshot's blobs are not written again while they are in the bucket. One
-    // that is gone (purged, lost) would stay referenced by every snapshot stacked on that base,
-    // and no replica could load them: cut a new base instead, writing whatever is missing.
-    let present: HashSet<String> = match prev {
-        Some(_) => list_keys(&kv).await?.into_iter().collect(),
-        None => HashSet::new(),
+    // The previous snapshot's blobs are not written again while the bucket holds them as that
+    // snapshot left them. One that is gone (purged, lost), or written since its manifest (an
+    // overwrite: the key no longer names its content), would stay referenced by every
+    // snapshot stacked on that base, and no replica could load them: cut a new base instead,
+    // writing those again.
+    let wait = settings.nats.request_timeout;
+    let listed = match prev {
+        Some(_) => list_revisions(js, &kv, wait).await?,
+        None => HashMap::new(),
     };
     let known: HashSet<String> = prev
-        .map(|(m, _)| m.blob_keys().filter(|k| present.contains(k)).collect())
+        .map(|(m, _)| sound_blobs(m, &listed).collect())
         .unwrap_or_default();
     let prev = match prev {
         Some((m, s)) => {
-            let missing: Vec<String> = m.blob_keys().filter(|k| !present.contains(k)).collect();
-            if missing.is_empty() {
+            let unsound: Vec<String> = m.blob_keys().filter(|k| !known.contains(k)).collect();
+            if unsound.is_empty() {
                 Some((m, s))
             } else {
+                let missing = unsound.iter().filter(|k| !listed.contains_key(*k)).count();
                 tracing::warn!(
-                    missing = missing.len(),
-                    first = %missing[0],
+                    missing,
+                    written_since = unsound.len() - missing,
+                    first = %unsound[0],
                     prev_seq = m.seq,
-                    "Blobs of the previous snapshot are missing from the bucket; cutting a new base that writes them again"
+                    "Blobs of the previous snapshot are missing from the bucket or were written after it; cutting a new base that writes them again"
                 );
                 None
             }
@@ -97,14 +104,17 @@ pub async fn write_snapshot_with_hook(
     // collection: a collection that ran since the reuse decision may have removed some.
     let reused: Vec<String> = manifest.blob_keys().filter(|k| known.contains(k)).collect();
     if !reused.is_empty() {
-        let present: HashSet<String> = list_keys(&kv).await?.into_iter().collect();
-        let gone: Vec<&String> = reused.iter().filter(|k| !present.contains(*k)).collect();
+        let now = list_revisions(js, &kv, wait).await?;
+        let gone: Vec<&String> = reused
+            .iter()
+            .filter(|k| now.get(*k) != listed.get(*k))
+            .collect();
         if !gone.is_empty() {
             tracing::warn!(
                 gone = gone.len(),
                 first = %gone[0],
                 seq = manifest.seq,
-                "Blobs this snapshot reused were removed meanwhile (another writer's garbage collection); cutting it again as a new base"
+                "Blobs this snapshot reused were removed or written again meanwhile (another writer's garbage collection, or an overwrite); cutting it again as a new base"
             );
             manifest = write_blobs(js, settings, state, stream_seq, None, &HashSet::new()).await?;
             put_manifest(&kv, &key, &manifest).await?;
@@ -131,6 +141,22 @@ pub async fn write_snapshot_with_hook(
         tracing::warn!(error = %e, "Snapshot garbage collection failed; it will be retried after the next snapshot");
     }
     Ok(manifest)
+}
+
+/// The blobs of `prev` the bucket holds as `prev` left them: listed (`revisions`: key → the
+/// revision of its last write) at a revision below its manifest's. A blob is written before
+/// the manifests that reference it, so one written after `prev`'s manifest was overwritten,
+/// or written again by another writer (the same bytes, but nothing says so: it is written
+/// once more). Without `prev`'s manifest in the listing (removed by another writer) none is.
+fn sound_blobs<'a>(
+    prev: &'a Manifest,
+    revisions: &'a HashMap<String, u64>,
+) -> impl Iterator<Item = String> + 'a {
+    let bound = revisions
+        .get(&manifest_key(prev.lineage, prev.seq))
+        .copied();
+    prev.blob_keys()
+        .filter(move |k| matches!((revisions.get(k), bound), (Some(r), Some(b)) if *r < b))
 }
 
 /// Blobs encoded ahead of the writes in flight: with [`WRITES_IN_FLIGHT`], what a snapshot
