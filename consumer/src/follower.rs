@@ -268,7 +268,6 @@ pub struct Follower {
 /// behind the replica, so what it lacks would lie after that position, and it is gone.
 #[derive(Clone, Copy, Debug)]
 struct Hole {
-    lineage: Lineage,
     /// Sequence and stream sequence of the last envelope accepted before the hole.
     after_seq: u64,
     after_stream_seq: u64,
@@ -362,9 +361,8 @@ impl Follower {
     }
 
     /// The hole after the last envelope accepted, to be confirmed (none before the first).
-    fn hole_after(&self, lineage: Lineage) -> Option<Hole> {
-        (self.accepted_stream_seq > 0 && lineage == self.state.lineage()).then_some(Hole {
-            lineage,
+    fn hole_after(&self) -> Option<Hole> {
+        (self.accepted_stream_seq > 0).then_some(Hole {
             after_seq: self.accepted_seq,
             after_stream_seq: self.accepted_stream_seq,
             confirmed: false,
@@ -384,9 +382,10 @@ impl Follower {
     /// accepted there; otherwise the stream may have been recreated with the envelope at an
     /// earlier position, and an older snapshot may lead to it: the hole is forgotten.
     pub fn confirm_hole(&mut self, found: Option<&Classified>) {
+        let lineage = self.applied.lineage;
         let Some(h) = self.hole.as_mut() else { return };
         match found {
-            Some(Classified::Envelope(e)) if e.lineage == h.lineage && e.seq == h.after_seq => {
+            Some(Classified::Envelope(e)) if e.lineage == lineage && e.seq == h.after_seq => {
                 h.confirmed = true;
             }
             _ => self.hole = None,
@@ -598,7 +597,7 @@ impl Follower {
                         Some(env.lineage),
                         "an envelope the replica needs is no longer in the stream",
                     );
-                    self.hole = self.hole_after(env.lineage);
+                    self.hole = self.hole_after();
                     return step;
                 }
                 if self.reread_at == Some(expected) {
@@ -608,7 +607,7 @@ impl Follower {
                         Some(env.lineage),
                         "an envelope is missing from the stream (re-reading did not find it)",
                     );
-                    self.hole = self.hole_after(env.lineage);
+                    self.hole = self.hole_after();
                     return step;
                 }
                 self.reread_at = Some(expected);
@@ -884,7 +883,7 @@ impl Follower {
             Some(h)
                 if h.confirmed
                     && !last_attempt
-                    && m.lineage == h.lineage
+                    && m.lineage == self.applied.lineage
                     && m.seq <= h.after_seq =>
             {
                 Err(Refusal::NotAhead {
