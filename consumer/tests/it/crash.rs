@@ -7,17 +7,8 @@
 use crate::support::*;
 use deltasync_consumer::{BatchKind, Reason};
 use deltasync_core::names;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn_consumer(p: &Pipeline, id: &str, dir: &std::path::Path, port: u16) -> Killed {
     spawn_consumer_with(p, id, dir, port, &[])
@@ -30,32 +21,15 @@ fn spawn_consumer_with(
     port: u16,
     env: &[(&str, &str)],
 ) -> Killed {
-    let child = Command::new(env!("CARGO_BIN_EXE_deltasync-consumer"))
-        .args(["--nats-url", &p.settings.nats.url])
-        .args(["--pipeline", &p.settings.pipeline])
-        .arg("run")
-        .args(["--id", id])
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--http", &format!("127.0.0.1:{port}")])
+    let child = consumer_process(p, id, dir, port, env)
         // Small, frequent commits: many commit points to be killed between.
         .env("DELTASYNC_CONSUMER__COMMIT_EVERY_ENVELOPES", "2")
         .env("DELTASYNC_CONSUMER__COMMIT_INTERVAL", "5ms")
-        .env_remove("DELTASYNC_CONFIG")
-        .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
-        .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("the consumer binary starts");
     Killed(child)
-}
-
-async fn status_of(port: u16) -> Option<serde_json::Value> {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
-    tokio::net::TcpStream::connect(addr).await.ok()?;
-    let (code, _, body) = http_get(addr, "/v1/status").await;
-    (code == 200).then(|| serde_json::from_slice(&body).ok())?
 }
 
 #[tokio::test]

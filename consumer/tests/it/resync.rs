@@ -3,8 +3,8 @@
 //! re-snapshot downloads.
 //!
 //! Talks to nats-server through the test producer in `support` (which deletes messages and
-//! publishes garbage where a test needs it) and the consumer library; edits the replica's log
-//! file directly.
+//! publishes garbage where a test needs it), the consumer library and, for a gap, the
+//! `deltasync-consumer` binary; edits the replica's log file directly.
 
 use crate::support::*;
 use deltasync_consumer::local::{format, read_cursor};
@@ -190,6 +190,102 @@ async fn a_message_deleted_from_the_middle_of_the_stream_is_a_gap_that_is_resnap
     );
     assert_same_state(&c.replica, &p);
     c.stop().await;
+}
+
+/// Polls the status of the consumer process on `port` until `done` holds.
+async fn poll_status(port: u16, what: &str, mut done: impl FnMut(&serde_json::Value) -> bool) {
+    let start = std::time::Instant::now();
+    loop {
+        let s = status_of(port).await;
+        if s.as_ref().is_some_and(&mut done) {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "{what}; last status: {s:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn through_the_binary_a_gap_waits_for_a_snapshot_past_it_instead_of_going_back() {
+    logs();
+    let mut p = Pipeline::start("gapwait", |_| {}).await;
+    p.commit(puts(0, 500, 1)).await;
+    let old = p.snapshot().await;
+    for i in 0..5 {
+        p.commit(vec![Change::put(key(i), value(3, i))]).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = deltasync_testkit::free_port();
+    let env = [("DELTASYNC_CONSUMER__RESYNC_MAX_ATTEMPTS", "8")];
+    let head = p.state.seq();
+    {
+        let _first = Killed(
+            consumer_process(&p, "gapwait-1", dir.path(), port, &env)
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .expect("the consumer binary starts"),
+        );
+        poll_status(port, "the first run reaches the head", |s| {
+            s["seq"].as_u64() == Some(head)
+        })
+        .await;
+    } // killed: the status shows only durable positions
+
+    // While it is down: 10 envelopes, the 5th deleted. The only snapshot is older than all.
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        seqs.push(p.commit(vec![Change::put(key(i), value(4, i))]).await);
+    }
+    p.delete_message(seqs[4]).await;
+    let at_hole = head + 4;
+
+    let logs_dir = tempfile::tempdir().unwrap();
+    let log_path = logs_dir.path().join("consumer.stderr");
+    let _second = Killed(
+        consumer_process(&p, "gapwait-1", dir.path(), port, &env)
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("the consumer binary starts"),
+    );
+    // It resumes, meets the hole and refuses the older snapshot, saying why.
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("not past the replica's verified")
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the older snapshot (envelope {}) is refused with a warning; log:\n{}",
+            old.seq,
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let s = status_of(port).await.expect("it serves its status");
+    assert_eq!(
+        s["seq"].as_u64(),
+        Some(at_hole),
+        "it stays where it was: {s:#}"
+    );
+
+    // A snapshot past the hole lands: it takes that one.
+    let m = p.snapshot().await;
+    let last = p.state.seq();
+    poll_status(
+        port,
+        "it resyncs to the new snapshot and reaches the head",
+        |s| s["seq"].as_u64() == Some(last) && s["last_resync"]["reason"] == "gap",
+    )
+    .await;
+    let s = status_of(port).await.unwrap();
+    assert_eq!(
+        s["last_resync"]["from_seq"].as_u64(),
+        Some(at_hole),
+        "{s:#}"
+    );
+    assert_eq!(s["last_resync"]["seq"].as_u64(), Some(m.seq), "{s:#}");
+    assert_eq!(s["decisions"]["gap"].as_u64(), Some(1), "{s:#}");
+    assert_eq!(s["digest"], p.state.digest().to_hex(), "{s:#}");
 }
 
 #[tokio::test]

@@ -518,3 +518,45 @@ impl SseClient {
         }
     }
 }
+
+/// A `deltasync-consumer` child process, killed (SIGKILL) and reaped on Drop.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `deltasync-consumer run` of pipeline `p` as replica `id`, durable in `dir`, serving HTTP on
+/// `port`, with `env` set, logging warnings, stdout discarded; the caller sets stderr.
+pub fn consumer_process(
+    p: &Pipeline,
+    id: &str,
+    dir: &std::path::Path,
+    port: u16,
+    env: &[(&str, &str)],
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_deltasync-consumer"));
+    c.args(["--nats-url", &p.settings.nats.url])
+        .args(["--pipeline", &p.settings.pipeline])
+        .arg("run")
+        .args(["--id", id])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .env_remove("DELTASYNC_CONFIG")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null());
+    c
+}
+
+/// `/v1/status` of a consumer process serving HTTP on `port`; None until it answers.
+pub async fn status_of(port: u16) -> Option<serde_json::Value> {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
+    tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (code, _, body) = http_get(addr, "/v1/status").await;
+    (code == 200).then(|| serde_json::from_slice(&body).ok())?
+}
