@@ -76,6 +76,15 @@ fn snapshot_running(store: &LocalStore) -> bool {
         .is_some_and(|(_, h)| !h.is_finished())
 }
 
+/// The replica of pipeline "p" in `dir`, opened again and loaded (it must hold one).
+fn reopened(dir: &Path) -> LoadedReplica {
+    LocalStore::open_durable(dir, "p")
+        .unwrap()
+        .load()
+        .unwrap()
+        .expect("a replica")
+}
+
 fn logs(dir: &Path) -> Vec<u64> {
     Files::scan(dir)
         .unwrap()
@@ -165,11 +174,7 @@ fn after_a_failed_commit_write_nothing_more_is_committed_until_a_replace() {
     store.replace(&whole, &c1).unwrap();
     store.commit(&[batch(2, fourth)], &c4, None).unwrap();
     drop((store, j));
-    let loaded = LocalStore::open_durable(dir.path(), "p")
-        .unwrap()
-        .load()
-        .unwrap()
-        .unwrap();
+    let loaded = reopened(dir.path());
     assert_eq!((loaded.cursor, &loaded.state), (c4, &t));
 }
 
@@ -256,11 +261,7 @@ fn records_larger_than_a_replay_piece_load_back_whole_and_a_bad_one_after_them_i
     let c4 = apply(&mut other, 4, &fourth);
     store.commit(&[batch(4, fourth)], &c4, None).unwrap();
     drop(store);
-    let loaded = LocalStore::open_durable(dir.path(), "p")
-        .unwrap()
-        .load()
-        .unwrap()
-        .unwrap();
+    let loaded = reopened(dir.path());
     assert!(!loaded.intact());
     assert_eq!(loaded.cursor, c3);
     assert_ne!(loaded.computed, c3.digest);
@@ -319,11 +320,7 @@ fn a_replace_writes_the_snapshot_and_drops_the_logs_before_it() {
     let c3 = apply(&mut next, 10, &more);
     store.commit(&[batch(10, more)], &c3, None).unwrap();
     drop(store);
-    let loaded = LocalStore::open_durable(dir.path(), "p")
-        .unwrap()
-        .load()
-        .unwrap()
-        .unwrap();
+    let loaded = reopened(dir.path());
     assert!(loaded.intact());
     assert_eq!(loaded.cursor, c3);
     assert_eq!(loaded.state, next);
